@@ -1,0 +1,19 @@
+"""captionkit: caption, tag and train the labellers of image datasets for text-to-image training.
+
+Library API (the CLI is a thin layer over it)::
+
+    from captionkit import caption
+    summary = caption("photos/", model="florence-community/Florence-2-base", task="<DETAILED_CAPTION>")
+"""
+
+from captionkit.api import build_captioner, caption, export
+from captionkit.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
+from captionkit.executor import RunSummary
+from captionkit.models import list_backends
+from captionkit.records import Record, open_source
+
+__all__ = [
+    "CaptionkitError", "ImageLoadError", "ModelNotAvailableError", "Record", "RunSummary",
+    "build_captioner", "caption", "export", "list_backends", "open_source",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""The library API. The CLI is a thin layer over these functions (same names, same options)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from captionkit.errors import CaptionkitError
+from captionkit.executor import LocalExecutor, RunOptions, RunSummary
+from captionkit.images import DEFAULT_MAX_PIXELS, parse_color
+from captionkit.progress import Progress
+from captionkit.records import Source, open_source
+from captionkit.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
+from captionkit.store import Store
+
+log = logging.getLogger("captionkit")
+DEFAULT_CAPTION_MODEL = "florence-community/Florence-2-base"
+
+
+def attach_run_log(store: Store) -> logging.Handler:
+    """Append this run's log to ``.captionkit/run.log`` in the output location."""
+    handler = logging.FileHandler(store.folder / "run.log", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("captionkit")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    return handler
+
+
+def build_captioner(
+    model: str = DEFAULT_CAPTION_MODEL,
+    *,
+    task: str = "<CAPTION>",
+    task_input: str | None = None,
+    max_new_tokens: int = 256,
+    num_beams: int = 3,
+    early_stopping: bool = False,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    adapter: str | Path | None = None,
+):
+    """A captioner backend for ``model``, its family read from the model's config."""
+    from captionkit.models import backend_for_model_type, read_model_config
+    from captionkit.models.florence2 import GenerationSettings, native_model_id
+
+    model = native_model_id(str(model))
+    config = read_model_config(model, cache_dir=cache_dir, revision=revision)
+    backend = backend_for_model_type(str(config.get("model_type", "")), "captioner")
+    return backend.factory(
+        model=model, task=task, task_input=task_input,
+        generation=GenerationSettings(
+            max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        ),
+        dtype=dtype, attn_implementation=attn_implementation, device=device, cache_dir=cache_dir,
+        revision=revision, adapter=adapter,
+    )
+
+
+def output_location(source: Source, output_dir: str | Path | None) -> Path:
+    """Where the store, log and (without --output-dir) nothing else lives."""
+    return Path(output_dir).expanduser().resolve() if output_dir else source.root
+
+
+def caption(
+    path: str | Path,
+    *,
+    model: str = DEFAULT_CAPTION_MODEL,
+    task: str = "<CAPTION>",
+    task_input: str | None = None,
+    max_new_tokens: int = 256,
+    num_beams: int = 3,
+    early_stopping: bool = False,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    revision: str | None = None,
+    adapter: str | Path | None = None,
+    batch_size: int = 8,
+    workers: int = 4,
+    recursive: bool = True,
+    include_hidden: bool = False,
+    image_column: str | None = None,
+    base_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    ext: str = ".txt",
+    existing: str = "skip",
+    on_collision: str = "skip",
+    append_separator: str = ", ",
+    prefix: str = "",
+    suffix: str = "",
+    cleanup: bool = True,
+    collapse_loops: bool = True,
+    background: str = "white",
+    max_image_pixels: int = DEFAULT_MAX_PIXELS,
+    keep_results: bool = False,
+    retry_errors: bool = False,
+    write_sidecars: bool = True,
+    export: Sequence[str | Path] = (),
+    progress: str = "quiet",
+    captioner=None,
+) -> RunSummary:
+    """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
+
+    ``captioner`` overrides the backend built from ``model`` and the generation options
+    (for library users with a model already loaded).
+    """
+    from captionkit.steps.captioner import CaptionStep, CaptionText
+
+    if batch_size < 1:
+        raise CaptionkitError("--batch-size must be at least 1.")
+    _check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
+    _check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
+    source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
+                         include_hidden=include_hidden)
+    location = output_location(source, output_dir)
+    reporter = Progress(progress)
+    with Store(location) as store:
+        handler = attach_run_log(store)
+        try:
+            records = list(source)
+            log.info("caption %s: %d images, model %s, task %s", source.description, len(records), model, task)
+            if captioner is None:
+                captioner = build_captioner(
+                    model, task=task, task_input=task_input, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                    early_stopping=early_stopping, repetition_penalty=repetition_penalty,
+                    no_repeat_ngram_size=no_repeat_ngram_size, dtype=dtype,
+                    attn_implementation=attn_implementation, device=device, cache_dir=cache_dir,
+                    revision=revision, adapter=adapter,
+                )
+            step = CaptionStep(
+                captioner,
+                CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops),
+                batch_size=batch_size, background=parse_color(background), max_pixels=max_image_pixels,
+            )
+            sink = None
+            if write_sidecars:
+                sink = SidecarSink(
+                    store, step.field, extension=ext,
+                    output_dir=Path(output_dir).expanduser().resolve() if output_dir else None,
+                    existing=ExistingPolicy(existing), collisions=CollisionPolicy(on_collision),
+                    append_separator=append_separator,
+                )
+            executor = LocalExecutor(RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors), reporter)
+            summary = executor.run(step, records, store, sink)
+            for destination in export:
+                export_results(store, destination, [step.field])
+            log.info("summary: %s", summary.as_dict())
+            reporter.event("summary", **summary.as_dict())
+            return summary
+        finally:
+            logging.getLogger("captionkit").removeHandler(handler)
+            handler.close()
+
+
+def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None) -> int:
+    """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count."""
+    with Store.open_existing(location) as store:
+        return export_results(store, destination, steps)
+
+
+def _check_choice(option: str, value: str, choices: list[str]) -> None:
+    if value not in choices:
+        raise CaptionkitError(f"{option} {value}: use one of {', '.join(choices)}.")

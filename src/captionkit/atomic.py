@@ -1,0 +1,90 @@
+"""Atomic file writes: a reader (or a crash) never sees a half-written file.
+
+Every file captionkit writes goes through here: the bytes land in a temp file in the
+destination folder, are flushed to disk, then renamed over the destination in one step.
+Temp files carry a fixed marker so a run can remove those a killed run left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+TEMP_MARKER = ".ck-tmp-"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    """Write JSON atomically (pretty-printed, UTF-8)."""
+    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> None:
+    """Write lines (each gets a newline) atomically, streaming into the temp file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            for line in lines:
+                stream.write(line)
+                stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def is_temp_file(name: str) -> bool:
+    """True for a temp file made by this module."""
+    return name.startswith(".") and TEMP_MARKER in name
+
+
+def remove_stale_temp_files(paths: Iterable[Path]) -> int:
+    """Delete leftover temp files of killed runs among ``paths``' folders; returns the count."""
+    removed = 0
+    seen: set[Path] = set()
+    for folder in paths:
+        if folder in seen or not folder.is_dir():
+            continue
+        seen.add(folder)
+        for entry in os.scandir(folder):
+            if entry.is_file(follow_symlinks=False) and is_temp_file(entry.name):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed

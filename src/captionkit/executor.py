@@ -1,0 +1,289 @@
+"""The local executor: decode ahead in parallel workers, batch, keep the model busy, save often.
+
+Flow per run: plan sidecars and detect collisions → ask the store what is already done
+(same file, same settings) → render those without the model → stream the rest through a
+thread pool that decodes and preprocesses ahead of the model → run batches on the main
+thread (out-of-memory halves the batch; any other failure is narrowed to the one image
+that caused it) → commit each batch to the store, then write its sidecars. Ctrl-C stops
+after the current batch with everything so far saved.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from captionkit.errors import ImageLoadError
+from captionkit.progress import Progress
+from captionkit.records import Record
+from captionkit.sinks import SidecarSink
+from captionkit.steps.base import Prepared, Step, is_out_of_memory
+from captionkit.store import Result, Store, file_signature, fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOptions:
+    """How the executor schedules work (not what the model does)."""
+
+    workers: int = 4
+    prefetch_batches: int = 4
+    keep_results: bool = False  # reuse stored results made with other settings
+    retry_errors: bool = False  # errors are retried anyway when the file changed
+
+
+@dataclass
+class RunSummary:
+    """What happened, for the CLI summary, the JSON progress stream and library callers."""
+
+    field: str
+    total: int = 0
+    processed: int = 0  # the model ran and succeeded
+    reused: int = 0  # result already in the store with the same settings
+    skipped: int = 0  # left alone by the existing-caption policy
+    failed: int = 0
+    files_written: int = 0
+    elapsed_s: float = 0.0
+    model_load_s: float = 0.0
+    model_busy_s: float = 0.0
+    processing_s: float = 0.0
+    interrupted: bool = False
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped_reasons: dict[str, str] = field(default_factory=dict)
+    collisions: dict[str, list[str]] = field(default_factory=dict)
+    batch_size_final: int = 0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.processing_s if self.processing_s > 0 else 0.0
+
+    @property
+    def model_busy_fraction(self) -> float:
+        return self.model_busy_s / self.processing_s if self.processing_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "field": self.field, "total": self.total, "processed": self.processed, "reused": self.reused,
+            "skipped": self.skipped, "failed": self.failed, "files_written": self.files_written,
+            "elapsed_s": round(self.elapsed_s, 3), "model_load_s": round(self.model_load_s, 3),
+            "processing_s": round(self.processing_s, 3), "images_per_s": round(self.images_per_s, 3),
+            "model_busy_fraction": round(self.model_busy_fraction, 3), "interrupted": self.interrupted,
+            "batch_size_final": self.batch_size_final, "errors": self.errors,
+            "skipped_reasons": self.skipped_reasons, "collisions": self.collisions,
+        }
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current batch and stop; second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Stopping after the current batch (press Ctrl-C again to stop at once).")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class LocalExecutor:
+    """Runs one step over records on this machine."""
+
+    def __init__(self, options: RunOptions | None = None, progress: Progress | None = None) -> None:
+        self.options = options or RunOptions()
+        self.progress = progress or Progress("quiet")
+
+    def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
+        started = time.perf_counter()
+        summary = RunSummary(field=step.field, total=len(records))
+        settings = step.fingerprint()
+        step_fingerprint = fingerprint(settings)
+        if sink is not None:
+            plan = sink.plan(records)
+            summary.collisions = {str(path): ids for path, ids in plan.collisions.items()}
+        stored = store.get_many(step.field, (record.id for record in records))
+        reuse: dict[str, Any] = {}
+        todo: list[Record] = []
+        signatures: dict[str, str | None] = {}
+        for record in records:
+            signature = file_signature(record.path)
+            signatures[record.id] = signature
+            previous = stored.get(record.id)
+            if (
+                previous is not None
+                and previous.status == "ok"
+                and previous.file_signature == signature
+                and (previous.fingerprint == step_fingerprint or self.options.keep_results)
+            ):
+                reuse[record.id] = previous.raw
+            elif previous is not None and previous.status == "error" and not self.options.retry_errors \
+                    and previous.file_signature == signature and previous.fingerprint == step_fingerprint:
+                summary.failed += 1
+                summary.errors[record.id] = previous.error or "failed earlier"
+            else:
+                todo.append(record)
+        if sink is not None and todo:
+            leave = sink.wants_model([record.id for record in todo])
+            summary.skipped = len(leave)
+            summary.skipped_reasons = leave
+            todo = [record for record in todo if record.id not in leave]
+        summary.reused = len(reuse)
+        if reuse:
+            self._render({record_id: raw for record_id, raw in reuse.items()}, step, store, sink, summary)
+        if todo:
+            load_started = time.perf_counter()
+            step.load()
+            summary.model_load_s = time.perf_counter() - load_started
+            self._process(step, todo, store, sink, summary, settings, step_fingerprint, signatures)
+        summary.batch_size_final = step.batch_size
+        summary.elapsed_s = time.perf_counter() - started
+        return summary
+
+    def _render(self, raws: dict[str, Any], step: Step, store: Store, sink: SidecarSink | None,
+                summary: RunSummary) -> None:
+        texts = {record_id: step.render(raw) for record_id, raw in raws.items()}
+        store.set_texts(step.field, texts)
+        if sink is not None:
+            summary.files_written += sink.write(texts)
+
+    def _prepared(self, step: Step, records: list[Record], pool: ThreadPoolExecutor,
+                  stop: _StopFlag) -> Iterator[tuple[Record, Prepared | ImageLoadError]]:
+        """Decode ahead in the pool, in order, keeping a bounded window of work in flight."""
+        window: deque[tuple[Record, Future]] = deque()
+        upcoming = iter(records)
+        ahead = max(1, step.batch_size * self.options.prefetch_batches)
+        for record in upcoming:
+            window.append((record, pool.submit(step.prepare, record)))
+            if len(window) >= ahead:
+                break
+        while window:
+            record, future = window.popleft()
+            try:
+                yield record, future.result()
+            except ImageLoadError as error:
+                yield record, error
+            except Exception as error:  # a preprocessing bug must not end the run either
+                yield record, ImageLoadError(str(record.path), f"preprocessing failed ({error!r})",
+                                             "Report this file to the captionkit developers.")
+            if stop.requested:
+                for _, pending in window:
+                    pending.cancel()
+                return
+            following = next(upcoming, None)
+            if following is not None:
+                window.append((following, pool.submit(step.prepare, following)))
+
+    def _process(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None,
+                 summary: RunSummary, settings: dict, step_fingerprint: str,
+                 signatures: dict[str, str | None]) -> None:
+        self.progress.start(len(records), f"{step.field}")
+        started = time.perf_counter()
+        batch: list[Prepared] = []
+        failures: list[tuple[Record, ImageLoadError]] = []
+
+        def flush() -> None:
+            results: list[Result] = []
+            texts: dict[str, str] = {}
+            for record, error in failures:
+                results.append(self._error_result(step, record, str(error), signatures, step_fingerprint, settings))
+                summary.errors[record.id] = str(error)
+                log.info("failed: %s", error)
+            outcomes = self._run_batch(step, batch, summary) if batch else []
+            for item, (ok, value) in zip(batch, outcomes, strict=True):
+                record = item.record
+                if ok:
+                    text = step.render(value)
+                    texts[record.id] = text
+                    results.append(Result(
+                        step=step.field, record_id=record.id, path=str(record.path),
+                        file_signature=signatures.get(record.id), content_hash=item.content_hash,
+                        fingerprint=step_fingerprint, settings=settings, status="ok", raw=value, text=text,
+                        error=None, notes=item.notes, updated_at=0.0,
+                    ))
+                    log.debug("%s %s: %s", step.field, record.id, text)
+                else:
+                    message = f"{record.path}: {value}"
+                    summary.errors[record.id] = message
+                    log.info("failed: %s", message)
+                    results.append(self._error_result(step, record, message, signatures, step_fingerprint,
+                                                      settings))
+            store.put_results(results)
+            if sink is not None and texts:
+                summary.files_written += sink.write(texts)
+            finished_ok = len(texts)
+            finished_bad = len(results) - finished_ok
+            summary.processed += finished_ok
+            summary.failed += finished_bad
+            self.progress.advance(summary.processed, summary.failed, len(results))
+            batch.clear()
+            failures.clear()
+
+        with _StopFlag() as stop, ThreadPoolExecutor(max(1, self.options.workers),
+                                                     thread_name_prefix="captionkit-decode") as pool:
+            for record, prepared in self._prepared(step, records, pool, stop):
+                if isinstance(prepared, ImageLoadError):
+                    failures.append((record, prepared))
+                else:
+                    batch.append(prepared)
+                if len(batch) >= step.batch_size or len(failures) >= step.batch_size:
+                    flush()
+                if stop.requested:
+                    break
+            if batch or failures:
+                flush()
+            summary.interrupted = stop.requested
+        self.progress.close()
+        summary.processing_s = time.perf_counter() - started
+
+    def _run_batch(self, step: Step, items: list[Prepared], summary: RunSummary) -> list[tuple[bool, Any]]:
+        """Run the model; halve on out-of-memory, and narrow other failures down to single images."""
+        started = time.perf_counter()
+        try:
+            raws = step.run_batch(items)
+            summary.model_busy_s += time.perf_counter() - started
+            return [(True, raw) for raw in raws]
+        except Exception as error:
+            summary.model_busy_s += time.perf_counter() - started
+            if is_out_of_memory(error):
+                step.recover_from_oom()
+                if len(items) == 1:
+                    return [(False, "out of memory even with batch size 1; use a smaller model or dtype")]
+                half = max(1, len(items) // 2)
+                if step.batch_size > half:
+                    log.warning("Out of memory with a batch of %d; retrying with %d (and keeping that size).",
+                                len(items), half)
+                    step.batch_size = half
+                return self._run_batch(step, items[:half], summary) + self._run_batch(step, items[half:], summary)
+            if len(items) == 1:
+                return [(False, f"model failed on this image ({error!r})")]
+            half = len(items) // 2
+            log.warning("A batch of %d failed (%r); retrying in halves to find the image that causes it.",
+                        len(items), error)
+            return self._run_batch(step, items[:half], summary) + self._run_batch(step, items[half:], summary)
+
+    @staticmethod
+    def _error_result(step: Step, record: Record, message: str, signatures: dict[str, str | None],
+                      step_fingerprint: str, settings: dict) -> Result:
+        return Result(
+            step=step.field, record_id=record.id, path=str(record.path),
+            file_signature=signatures.get(record.id), content_hash=None, fingerprint=step_fingerprint,
+            settings=settings, status="error", raw=None, text=None, error=message, notes=[], updated_at=0.0,
+        )

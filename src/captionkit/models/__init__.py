@@ -1,0 +1,160 @@
+"""Model backends register themselves here; callers ask the registry by name or by config.
+
+A model is named by a hub id or a local folder; its family is read from its
+``config.json`` (``model_type``), never guessed from the name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captionkit.errors import CaptionkitError, ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackendInfo:
+    """A registered model family."""
+
+    name: str
+    kind: str  # "captioner" or "tagger"
+    description: str
+    factory: Callable[..., Any]
+    model_types: tuple[str, ...] = ()
+    default_model: str | None = None
+    extras: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, BackendInfo] = {}
+_BUILTIN_MODULES = ("captionkit.models.florence2",)
+
+
+def register_backend(
+    name: str,
+    kind: str,
+    description: str,
+    model_types: tuple[str, ...] = (),
+    default_model: str | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Class decorator: make a backend findable by name and by config ``model_type``."""
+
+    def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
+        _REGISTRY[name] = BackendInfo(name, kind, description, factory, model_types, default_model)
+        return factory
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    import importlib
+
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+def list_backends() -> list[BackendInfo]:
+    """Every registered backend, sorted by kind and name."""
+    _load_builtins()
+    return sorted(_REGISTRY.values(), key=lambda info: (info.kind, info.name))
+
+
+def get_backend(name: str) -> BackendInfo:
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise CaptionkitError(f"no backend named '{name}'; known: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[name]
+
+
+def backend_for_model_type(model_type: str, kind: str) -> BackendInfo:
+    """The backend whose families include ``model_type``."""
+    _load_builtins()
+    for info in _REGISTRY.values():
+        if info.kind == kind and model_type in info.model_types:
+            return info
+    known = sorted(t for info in _REGISTRY.values() if info.kind == kind for t in info.model_types)
+    raise CaptionkitError(
+        f"model type '{model_type}' is not supported for {kind}s; supported: {', '.join(known)}."
+    )
+
+
+def is_local(name_or_path: str | Path) -> bool:
+    return Path(name_or_path).expanduser().exists()
+
+
+def read_model_config(name_or_path: str, cache_dir: str | Path | None = None, revision: str | None = None) -> dict:
+    """``config.json`` of a local folder or hub repo, or a plain error when it cannot be had."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise ModelNotAvailableError(
+                f"{path}: no config.json in this folder; point --model at a saved model folder."
+            )
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    text = str(name_or_path)
+    if text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or "\\" in text:
+        raise ModelNotAvailableError(f"{name_or_path}: no such model folder. Check the path.")
+    config_file = fetch_hub_file(name_or_path, "config.json", cache_dir=cache_dir, revision=revision)
+    return json.loads(Path(config_file).read_text(encoding="utf-8"))
+
+
+def fetch_hub_file(
+    repo_id: str, filename: str, cache_dir: str | Path | None = None, revision: str | None = None
+) -> str:
+    """Download (or find in the cache) one file of a hub repo, with a one-sentence error offline."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo_id, filename, cache_dir=cache_dir, revision=revision, local_files_only=True)
+    except Exception:  # not cached: go online below
+        pass
+    if not hub_reachable():
+        raise ModelNotAvailableError(
+            f"Model '{repo_id}' is not in the local cache and the Hugging Face Hub cannot be reached "
+            "from this machine; download it where you have internet and pass --model LOCAL_FOLDER."
+        )
+    try:
+        return hf_hub_download(repo_id, filename, cache_dir=cache_dir, revision=revision)
+    except Exception as error:  # hub errors vary: 404, auth, rate limits
+        raise model_unavailable(repo_id, error) from error
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection test, so an offline machine gets an answer in seconds, not after retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def model_unavailable(repo_id: str, error: BaseException) -> ModelNotAvailableError:
+    """The one plain sentence users get when a hub model cannot be had."""
+    name = type(error).__name__
+    if "LocalEntryNotFound" in name or "Connection" in name or "Timeout" in name:
+        reason = "the Hugging Face Hub cannot be reached from this machine and it is not in the local cache"
+    elif "NotFound" in name or "404" in str(error):
+        reason = "the hub says it does not exist (check the spelling)"
+    elif "Gated" in name or "401" in str(error) or "403" in str(error):
+        reason = "the hub refused access (log in with `hf auth login` or accept its licence)"
+    else:
+        reason = "the Hugging Face Hub cannot be reached from this machine and it is not in the local cache"
+    return ModelNotAvailableError(
+        f"Model '{repo_id}' is not available: {reason}; download it where you have internet "
+        "and pass --model LOCAL_FOLDER."
+    )

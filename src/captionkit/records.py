@@ -1,0 +1,215 @@
+"""Records and the sources that produce them (folder, single image, manifests).
+
+A record's id is stable across runs and machines: the image path relative to the
+source root, in POSIX form. The store keys everything on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captionkit.errors import SourceError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet"}
+_IMAGE_COLUMN_GUESSES = ("image", "file_name", "path", "image_path", "file", "filename", "img")
+
+
+@dataclass
+class Record:
+    """One image plus named fields written by steps (``caption``, ``tags``) or given by a manifest."""
+
+    id: str
+    path: Path
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def image_extensions() -> frozenset[str]:
+    """Extensions of every format Pillow can open (jpg, png, webp, bmp, gif, tiff, ...)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+@dataclass
+class Source:
+    """Where records come from. ``root`` is what record ids are relative to."""
+
+    root: Path
+    description: str
+
+    def __iter__(self) -> Iterator[Record]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclass
+class FolderSource(Source):
+    """Every image under a folder; recursive by default, hidden entries skipped, symlink loops cut."""
+
+    recursive: bool = True
+    include_hidden: bool = False
+    extensions: frozenset[str] | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        extensions = self.extensions or image_extensions()
+        visited: set[tuple[int, int]] = set()
+        yield from self._walk(self.root, extensions, visited)
+
+    def _walk(self, folder: Path, extensions: frozenset[str], visited: set[tuple[int, int]]) -> Iterator[Record]:
+        try:
+            info = folder.stat()
+        except OSError as error:
+            log.warning("%s: cannot read folder (%s); skipped.", folder, error.strerror or error)
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in visited:
+            log.warning("%s: symlink loop (folder already visited); skipped.", folder)
+            return
+        visited.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            log.warning("%s: cannot list folder (%s); skipped.", folder, error.strerror or error)
+            return
+        subfolders = []
+        for entry in entries:
+            if entry.name.startswith(".") and not self.include_hidden:
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows symlinks; loops are cut by ``visited``
+                is_file = entry.is_file()
+            except OSError:
+                is_dir = is_file = False
+            if is_dir:
+                subfolders.append(Path(entry.path))
+            elif is_file or entry.is_symlink():
+                path = Path(entry.path)
+                if path.suffix.lower() in extensions:
+                    yield Record(id=path.relative_to(self.root).as_posix(), path=path)
+        if self.recursive:
+            for subfolder in subfolders:
+                yield from self._walk(subfolder, extensions, visited)
+
+
+@dataclass
+class SingleImageSource(Source):
+    """One image file; its folder is the root."""
+
+    image: Path = Path()
+
+    def __iter__(self) -> Iterator[Record]:
+        yield Record(id=self.image.name, path=self.image)
+
+
+@dataclass
+class ManifestSource(Source):
+    """Rows of a jsonl/json/csv/tsv/parquet file; one column names the image, others become fields."""
+
+    manifest: Path = Path()
+    image_column: str | None = None
+    base_dir: Path | None = None
+
+    def _rows(self) -> list[dict[str, Any]]:
+        suffix = self.manifest.suffix.lower()
+        try:
+            if suffix == ".jsonl":
+                rows = []
+                with self.manifest.open(encoding="utf-8") as stream:
+                    for number, line in enumerate(stream, 1):
+                        if line.strip():
+                            try:
+                                rows.append(json.loads(line))
+                            except json.JSONDecodeError as error:
+                                raise SourceError(
+                                    f"{self.manifest}:{number}: not valid JSON ({error.msg}). "
+                                    "Fix that line: each line must be one JSON object."
+                                ) from error
+                return rows
+            if suffix == ".json":
+                data = json.loads(self.manifest.read_text(encoding="utf-8"))
+                if isinstance(data, dict):
+                    data = next((value for value in data.values() if isinstance(value, list)), None)
+                if not isinstance(data, list):
+                    raise SourceError(
+                        f"{self.manifest}: expected a list of objects (or an object holding one). "
+                        "Write the manifest as [{\"image\": ...}, ...]."
+                    )
+                return data
+            if suffix in (".csv", ".tsv"):
+                with self.manifest.open(encoding="utf-8", newline="") as stream:
+                    return list(csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ","))
+            if suffix == ".parquet":
+                import pyarrow.parquet as parquet
+
+                return parquet.read_table(self.manifest).to_pylist()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise SourceError(f"{self.manifest}: cannot read manifest ({error}).") from error
+        raise SourceError(f"{self.manifest}: unknown manifest type; use one of {sorted(MANIFEST_SUFFIXES)}.")
+
+    def __iter__(self) -> Iterator[Record]:
+        rows = self._rows()
+        if not rows:
+            return
+        column = self.image_column
+        if column is None:
+            column = next((name for name in _IMAGE_COLUMN_GUESSES if name in rows[0]), None)
+            if column is None:
+                raise SourceError(
+                    f"{self.manifest}: no image column found (looked for {', '.join(_IMAGE_COLUMN_GUESSES)}; "
+                    f"columns are {', '.join(map(str, rows[0]))}). Pass --image-column NAME."
+                )
+        elif column not in rows[0]:
+            raise SourceError(
+                f"{self.manifest}: column '{column}' not found; columns are {', '.join(map(str, rows[0]))}."
+            )
+        base = self.base_dir or self.manifest.parent
+        seen: set[str] = set()
+        for number, row in enumerate(rows, 1):
+            value = row.get(column)
+            if not value:
+                log.warning("%s: row %d has no value in column '%s'; skipped.", self.manifest, number, column)
+                continue
+            path = Path(str(value)).expanduser()
+            if not path.is_absolute():
+                path = base / path
+            try:
+                record_id = path.resolve().relative_to(self.root.resolve()).as_posix()
+            except ValueError:
+                record_id = path.resolve().as_posix()
+            if record_id in seen:
+                log.warning("%s: row %d repeats image %s; skipped.", self.manifest, number, record_id)
+                continue
+            seen.add(record_id)
+            fields = {key: item for key, item in row.items() if key != column}
+            yield Record(id=record_id, path=path, fields=fields)
+
+
+def open_source(
+    path: str | Path,
+    recursive: bool = True,
+    image_column: str | None = None,
+    base_dir: str | Path | None = None,
+    include_hidden: bool = False,
+) -> Source:
+    """A source for a folder, one image, or a manifest file, chosen by what ``path`` is."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or folder. Check the path.")
+    if path.is_dir():
+        root = path.resolve()
+        return FolderSource(root=root, description=str(path), recursive=recursive, include_hidden=include_hidden)
+    if path.suffix.lower() in MANIFEST_SUFFIXES:
+        base = Path(base_dir).expanduser().resolve() if base_dir else path.resolve().parent
+        return ManifestSource(
+            root=base, description=str(path), manifest=path, image_column=image_column, base_dir=base
+        )
+    return SingleImageSource(root=path.resolve().parent, description=str(path), image=path.resolve())

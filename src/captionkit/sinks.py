@@ -1,0 +1,234 @@
+"""Sinks render stored results: sidecar caption files, JSONL and Parquet exports.
+
+Sidecars go beside the images or into a mirrored tree under an output folder. Two
+images that would share one caption file (``a.png`` and ``a.jpg``) are detected before
+anything is written and handled visibly. Existing files follow a policy, and the store's
+ledger tells captionkit's own files from the user's, so hand-written captions are never
+clobbered by ``skip``/``fill-empty`` and ``append`` never appends twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from captionkit.atomic import atomic_write_lines, atomic_write_text, remove_stale_temp_files
+from captionkit.records import Record
+from captionkit.store import OutputRecord, Store, text_hash
+
+log = logging.getLogger(__name__)
+
+
+class ExistingPolicy(str, Enum):
+    """What to do when a caption file is already there and was not written by captionkit."""
+
+    skip = "skip"  # leave it; do not run the model for that image
+    overwrite = "overwrite"
+    append = "append"  # keep the user's text, add ours after a separator
+    fill_empty = "fill-empty"  # write only where the file is missing or blank
+
+
+class CollisionPolicy(str, Enum):
+    """What to do when two images map to one caption file."""
+
+    skip = "skip"  # caption both (results in the store/exports) but write neither sidecar; warn
+    keep_extension = "keep-extension"  # write a.png.txt and a.jpg.txt instead
+
+
+@dataclass
+class SidecarPlan:
+    """Where each record's sidecar goes, and the collisions found."""
+
+    targets: dict[str, Path]  # record id → caption file (absent: no sidecar for it)
+    collisions: dict[Path, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class SidecarSink:
+    """Writes one text file per image, atomically, under an existing-file policy."""
+
+    store: Store
+    step: str
+    extension: str = ".txt"
+    output_dir: Path | None = None
+    existing: ExistingPolicy = ExistingPolicy.skip
+    collisions: CollisionPolicy = CollisionPolicy.skip
+    append_separator: str = ", "
+
+    def __post_init__(self) -> None:
+        if not self.extension.startswith("."):
+            self.extension = "." + self.extension
+        self.existing = ExistingPolicy(self.existing)
+        self.collisions = CollisionPolicy(self.collisions)
+        self.plan_result = SidecarPlan(targets={})
+
+    def _target(self, record: Record, keep_extension: bool) -> Path:
+        name = (record.path.name if keep_extension else record.path.stem) + self.extension
+        if self.output_dir is None:
+            return record.path.parent / name
+        relative_parent = Path(record.id).parent
+        if relative_parent.is_absolute():  # a manifest row outside the root: flatten under "_external"
+            relative_parent = Path("_external") / relative_parent.relative_to(relative_parent.anchor)
+        return self.output_dir / relative_parent / name
+
+    def plan(self, records: list[Record]) -> SidecarPlan:
+        """Map records to caption files, detecting files two images would share."""
+        by_target: dict[Path, list[Record]] = defaultdict(list)
+        for record in records:
+            by_target[self._target(record, keep_extension=False)].append(record)
+        plan = SidecarPlan(targets={})
+        for target, group in by_target.items():
+            if len(group) == 1:
+                plan.targets[group[0].id] = target
+                continue
+            plan.collisions[target] = [record.id for record in group]
+            if self.collisions is CollisionPolicy.keep_extension:
+                for record in group:
+                    plan.targets[record.id] = self._target(record, keep_extension=True)
+        for target, ids in plan.collisions.items():
+            if self.collisions is CollisionPolicy.keep_extension:
+                log.warning("%s would be shared by %s: writing one file per image with its extension "
+                            "kept (e.g. a.png.txt).", target, " and ".join(ids))
+            else:
+                log.warning("%s would be shared by %s: no caption file written for them (results are "
+                            "in the store and exports). Rename one image, or pass --on-collision "
+                            "keep-extension.", target, " and ".join(ids))
+        remove_stale_temp_files({path.parent for path in plan.targets.values()})
+        self.plan_result = plan
+        return plan
+
+    def _is_ours(self, current: str | None, ledger: OutputRecord | None) -> bool:
+        if current is None or ledger is None:
+            return False
+        digest = text_hash(current)
+        return digest in (ledger.written_hash, ledger.pending_hash)
+
+    def wants_model(self, record_ids: list[str]) -> dict[str, str]:
+        """Records the existing-file policy says to leave alone, with the reason."""
+        targets = {rid: self.plan_result.targets[rid] for rid in record_ids if rid in self.plan_result.targets}
+        ledger = self.store.get_outputs(str(path) for path in targets.values())
+        skipped: dict[str, str] = {}
+        for record_id, target in targets.items():
+            current = _read_text(target)
+            if current is None or self._is_ours(current, ledger.get(str(target))):
+                continue
+            if self.existing is ExistingPolicy.skip:
+                skipped[record_id] = f"caption file exists ({target.name}); --existing overwrite to replace"
+            elif self.existing is ExistingPolicy.fill_empty and current.strip():
+                skipped[record_id] = f"caption file is not empty ({target.name})"
+        return skipped
+
+    def write(self, texts: dict[str, str]) -> int:
+        """Write sidecars for ``record id → text``; returns how many files changed."""
+        targets = {rid: self.plan_result.targets[rid] for rid in texts if rid in self.plan_result.targets}
+        if not targets:
+            return 0
+        ledger = self.store.get_outputs(str(path) for path in targets.values())
+        pending: list[tuple[Path, str | None, OutputRecord]] = []
+        for record_id, target in targets.items():
+            current = _read_text(target)
+            entry = ledger.get(str(target))
+            ours = self._is_ours(current, entry)
+            if not ours:
+                if current is not None and self.existing is ExistingPolicy.skip:
+                    continue
+                if current is not None and self.existing is ExistingPolicy.fill_empty and current.strip():
+                    continue
+                base_exists, base_text = current is not None, current
+            else:
+                assert entry is not None
+                base_exists, base_text = entry.base_exists, entry.base_text
+            new_text = texts[record_id]
+            if self.existing is ExistingPolicy.append and base_exists and base_text and base_text.strip():
+                final = base_text.rstrip() + self.append_separator + new_text
+            else:
+                final = new_text
+            if current == final:
+                if not ours or (entry is not None and entry.written_hash != text_hash(final)):
+                    pending.append((target, None, self._ledger(target, record_id, base_exists, base_text, final)))
+                continue
+            pending.append((target, final, self._ledger(target, record_id, base_exists, base_text, final)))
+        if not pending:
+            return 0
+        # Intent first, so a crash between the write and the confirmation still knows the file is ours.
+        self.store.put_outputs(entry for _, _, entry in pending)
+        written = 0
+        for target, final, _ in pending:
+            if final is not None:
+                atomic_write_text(target, final)
+                written += 1
+        for _, _, entry in pending:
+            entry.written_hash = entry.pending_hash
+        self.store.put_outputs(entry for _, _, entry in pending)
+        return written
+
+    def _ledger(
+        self, target: Path, record_id: str, base_exists: bool, base_text: str | None, final: str
+    ) -> OutputRecord:
+        return OutputRecord(
+            output_path=str(target),
+            step=self.step,
+            record_id=record_id,
+            base_exists=base_exists,
+            base_text=base_text,
+            pending_hash=text_hash(final),
+            written_hash=None,
+        )
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
+        return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def export_results(store: Store, destination: str | Path, steps: Iterable[str] | None = None) -> int:
+    """Write every stored result to JSONL or Parquet (by extension), one row per image."""
+    destination = Path(destination)
+    wanted = list(steps) if steps is not None else store.steps()
+    rows: dict[str, dict] = {}
+    for step in wanted:
+        for result in store.iter_results(step):
+            row = rows.setdefault(result.record_id, {"id": result.record_id, "path": result.path})
+            row[step] = result.text if result.status == "ok" else None
+            row[f"{step}_raw"] = result.raw
+            row[f"{step}_status"] = result.status
+            row[f"{step}_error"] = result.error
+            row[f"{step}_fingerprint"] = result.fingerprint
+            row[f"{step}_settings"] = result.settings
+            row["content_hash"] = result.content_hash
+    ordered = [rows[key] for key in sorted(rows)]
+    suffix = destination.suffix.lower()
+    if suffix == ".jsonl":
+        atomic_write_lines(destination, (json.dumps(row, ensure_ascii=False, default=str) for row in ordered))
+    elif suffix == ".parquet":
+        import io
+
+        import pyarrow as pa
+        import pyarrow.parquet as parquet
+
+        from captionkit.atomic import atomic_write_bytes
+
+        flat = [
+            {key: (json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (dict, list)) else value)
+             for key, value in row.items()}
+            for row in ordered
+        ]
+        columns = sorted({key for row in flat for key in row}, key=lambda key: (key not in ("id", "path"), key))
+        table = pa.table({column: [row.get(column) for row in flat] for column in columns})
+        buffer = io.BytesIO()
+        parquet.write_table(table, buffer)
+        atomic_write_bytes(destination, buffer.getvalue())
+    else:
+        from captionkit.errors import CaptionkitError
+
+        raise CaptionkitError(f"{destination}: export format unknown; use a .jsonl or .parquet file name.")
+    return len(ordered)

@@ -1,0 +1,269 @@
+"""The embedded store and ledger: what was done to which image, with which settings.
+
+Resume and re-runs ask the store, never "does a .txt exist". One SQLite file (WAL mode,
+one transaction per batch) in the output location keeps, per step and image: the file
+signature, a content hash, the settings fingerprint, the raw model result, the text last
+rendered from it and any error. A second table remembers every sidecar file captionkit
+wrote (with the text that was there before), so user-written captions are told apart
+from our own and ``append`` stays idempotent across crashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STORE_FOLDER = ".captionkit"
+STORE_FILE = "store.sqlite"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    step TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    file_signature TEXT,
+    content_hash TEXT,
+    fingerprint TEXT,
+    settings TEXT,
+    status TEXT NOT NULL,
+    raw TEXT,
+    text TEXT,
+    error TEXT,
+    notes TEXT,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (step, record_id)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    output_path TEXT PRIMARY KEY,
+    step TEXT NOT NULL,
+    record_id TEXT NOT NULL,
+    base_exists INTEGER NOT NULL,
+    base_text TEXT,
+    pending_hash TEXT,
+    written_hash TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short stable hash of settings (key order does not matter)."""
+    canonical = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+def text_hash(text: str) -> str:
+    """Hash of a sidecar's content, to recognise files captionkit wrote."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def file_signature(path: Path) -> str | None:
+    """Size and modification time: cheap evidence that an image did not change since its result."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+@dataclass
+class Result:
+    """One stored result row."""
+
+    step: str
+    record_id: str
+    path: str
+    file_signature: str | None
+    content_hash: str | None
+    fingerprint: str | None
+    settings: dict[str, Any] | None
+    status: str  # "ok" or "error"
+    raw: Any
+    text: str | None
+    error: str | None
+    notes: list[str]
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Result:
+        return cls(
+            step=row["step"],
+            record_id=row["record_id"],
+            path=row["path"],
+            file_signature=row["file_signature"],
+            content_hash=row["content_hash"],
+            fingerprint=row["fingerprint"],
+            settings=json.loads(row["settings"]) if row["settings"] else None,
+            status=row["status"],
+            raw=json.loads(row["raw"]) if row["raw"] is not None else None,
+            text=row["text"],
+            error=row["error"],
+            notes=json.loads(row["notes"]) if row["notes"] else [],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass
+class OutputRecord:
+    """Bookkeeping for one sidecar file."""
+
+    output_path: str
+    step: str
+    record_id: str
+    base_exists: bool
+    base_text: str | None
+    pending_hash: str | None
+    written_hash: str | None
+
+
+class Store:
+    """Results + ledger in ``<location>/.captionkit/store.sqlite``."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.folder = Path(location) / STORE_FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / STORE_FILE
+        self._connection = sqlite3.connect(self.path, timeout=30)
+        self._connection.row_factory = sqlite3.Row
+        self._connection.execute("PRAGMA journal_mode=WAL")
+        self._connection.execute("PRAGMA synchronous=NORMAL")
+        self._connection.executescript(_SCHEMA)
+        self._connection.commit()
+
+    @classmethod
+    def open_existing(cls, location: str | Path) -> Store:
+        """Open a store that must already exist (for export and render)."""
+        path = Path(location) / STORE_FOLDER / STORE_FILE
+        if not path.exists():
+            from captionkit.errors import CaptionkitError
+
+            raise CaptionkitError(
+                f"{location}: no captionkit store here ({path} is missing). "
+                "Point at the folder you captioned, or at its --output-dir."
+            )
+        return cls(location)
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # results -----------------------------------------------------------------
+    def get_many(self, step: str, record_ids: Iterable[str]) -> dict[str, Result]:
+        """Stored results of ``step`` for the given ids (missing ids are absent)."""
+        wanted = list(record_ids)
+        found: dict[str, Result] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._connection.execute(
+                f"SELECT * FROM results WHERE step = ? AND record_id IN ({marks})", [step, *chunk]
+            )
+            for row in rows:
+                found[row["record_id"]] = Result.from_row(row)
+        return found
+
+    def put_results(self, results: Iterable[Result]) -> None:
+        """Insert or replace results in one transaction."""
+        now = time.time()
+        rows = [
+            (
+                result.step,
+                result.record_id,
+                result.path,
+                result.file_signature,
+                result.content_hash,
+                result.fingerprint,
+                json.dumps(result.settings, sort_keys=True, default=str) if result.settings is not None else None,
+                result.status,
+                json.dumps(result.raw, ensure_ascii=False, default=str) if result.raw is not None else None,
+                result.text,
+                result.error,
+                json.dumps(result.notes) if result.notes else None,
+                now,
+            )
+            for result in results
+        ]
+        with self._connection:
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows
+            )
+
+    def set_texts(self, step: str, texts: dict[str, str]) -> None:
+        """Record the text last rendered from each result."""
+        with self._connection:
+            self._connection.executemany(
+                "UPDATE results SET text = ? WHERE step = ? AND record_id = ?",
+                [(text, step, record_id) for record_id, text in texts.items()],
+            )
+
+    def iter_results(self, step: str | None = None) -> Iterator[Result]:
+        """All results (of one step, or all steps), ordered by id."""
+        if step is None:
+            rows = self._connection.execute("SELECT * FROM results ORDER BY record_id, step")
+        else:
+            rows = self._connection.execute("SELECT * FROM results WHERE step = ? ORDER BY record_id", (step,))
+        for row in rows:
+            yield Result.from_row(row)
+
+    def steps(self) -> list[str]:
+        """Names of the steps that have results here."""
+        return [row[0] for row in self._connection.execute("SELECT DISTINCT step FROM results ORDER BY step")]
+
+    def count(self, step: str, status: str | None = None) -> int:
+        if status is None:
+            query, args = "SELECT COUNT(*) FROM results WHERE step = ?", (step,)
+        else:
+            query, args = "SELECT COUNT(*) FROM results WHERE step = ? AND status = ?", (step, status)
+        return int(self._connection.execute(query, args).fetchone()[0])
+
+    # sidecar ledger ----------------------------------------------------------
+    def get_outputs(self, paths: Iterable[str]) -> dict[str, OutputRecord]:
+        wanted = list(paths)
+        found: dict[str, OutputRecord] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._connection.execute(
+                f"SELECT * FROM outputs WHERE output_path IN ({marks})", chunk
+            ):
+                found[row["output_path"]] = OutputRecord(
+                    output_path=row["output_path"],
+                    step=row["step"],
+                    record_id=row["record_id"],
+                    base_exists=bool(row["base_exists"]),
+                    base_text=row["base_text"],
+                    pending_hash=row["pending_hash"],
+                    written_hash=row["written_hash"],
+                )
+        return found
+
+    def put_outputs(self, outputs: Iterable[OutputRecord]) -> None:
+        now = time.time()
+        with self._connection:
+            self._connection.executemany(
+                "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        output.output_path,
+                        output.step,
+                        output.record_id,
+                        int(output.base_exists),
+                        output.base_text,
+                        output.pending_hash,
+                        output.written_hash,
+                        now,
+                    )
+                    for output in outputs
+                ],
+            )

@@ -1,0 +1,445 @@
+"""Image/caption pairs for captioner training: sources, caption augmentation, batching.
+
+Why this shape: the seed scripts read one layout each, padded every caption to 1024
+tokens and counted the pads in the loss, and parsed augmentation flags that never
+reached the data set. Here every source becomes a list of :class:`CaptionItem`; the
+training set applies augmentation per sample from a seed that depends only on (run
+seed, epoch, index), so a resumed run sees exactly the captions an uninterrupted one
+would; the collator pads to the longest caption of the batch and labels pads ``-100``.
+
+Sources (:class:`DatasetSpec.path`):
+
+- a folder of images with sidecar caption files (kohya layout, recursive, extension
+  configurable);
+- a folder with ``metadata.jsonl`` (``file_name`` + ``text``, the HF imagefolder
+  convention), or that file itself;
+- a ``.jsonl`` or ``.parquet`` manifest with a path column (``path``, ``file_name``,
+  ``image``, ``image_path``) and a caption column (``caption``, ``text``), such as the
+  JSONL/Parquet exports captionkit writes. Relative paths are resolved against the
+  manifest's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+_log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jxl", ".avif"}
+PATH_COLUMNS = ("path", "file_name", "image", "image_path", "file")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+@dataclass
+class DatasetSpec:
+    """One data source and the task prompt its captions answer."""
+
+    path: Path
+    task: str = "<CAPTION>"
+    caption_extension: str = ".txt"
+    recursive: bool = True
+    path_column: str | None = None
+    caption_column: str | None = None
+    repeats: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.caption_extension.startswith("."):
+            raise ValueError(f"caption_extension must start with a dot, e.g. '.txt', got {self.caption_extension!r}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1, got {self.repeats}")
+        if not self.task.strip():
+            raise ValueError("task must be a non-empty prompt such as '<CAPTION>'")
+
+
+@dataclass
+class AugmentConfig:
+    """Caption augmentation for training samples (never applied to validation).
+
+    Captions are split into parts on ``separator``; the first ``keep_first_parts`` stay in
+    place (e.g. a trigger word or the subject), the rest may be shuffled and dropped.
+    """
+
+    shuffle_parts: bool = False
+    keep_first_parts: int = 0
+    part_dropout: float = 0.0
+    caption_dropout: float = 0.0
+    separator: str = ","
+
+    def __post_init__(self) -> None:
+        for name in ("part_dropout", "caption_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
+        if self.keep_first_parts < 0:
+            raise ValueError(f"keep_first_parts must be 0 or more, got {self.keep_first_parts}")
+        if not self.separator:
+            raise ValueError("separator must not be empty")
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle_parts or self.part_dropout > 0 or self.caption_dropout > 0
+
+
+@dataclass
+class CaptionItem:
+    """One training pair."""
+
+    image: Path
+    caption: str
+    task: str
+
+
+@dataclass
+class DataReport:
+    """What loading found, so users see skipped files instead of silently smaller data."""
+
+    items: int = 0
+    missing_captions: list[str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)
+    long_captions: list[str] = field(default_factory=list)
+    long_captions_skipped: int = 0
+
+
+def _open_table(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError as error:  # pragma: no cover - pyarrow is a core dependency
+            raise ValueError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from error
+        return parquet.read_table(path).to_pylist()
+    rows = []
+    with path.open(encoding="utf-8") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error}); fix or remove that line") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: each line must be a JSON object with path and caption fields")
+            rows.append(row)
+    return rows
+
+
+def _pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequence[str], path: Path,
+                 what: str, setting: str) -> str:
+    columns = list(rows[0]) if rows else []
+    if wanted is not None:
+        if rows and wanted not in rows[0]:
+            raise ValueError(f"{path}: no column {wanted!r} for the {what}; columns are {columns}. "
+                             f"Fix {setting} in the data set entry")
+        return wanted
+    for name in candidates:
+        if rows and name in rows[0]:
+            return name
+    raise ValueError(f"{path}: found no {what} column (looked for {', '.join(candidates)}); columns are "
+                     f"{columns}. Set {setting} in the data set entry")
+
+
+def _items_from_table(spec: DatasetSpec, table: Path, report: DataReport) -> list[CaptionItem]:
+    rows = _open_table(table)
+    if not rows:
+        return []
+    path_column = _pick_column(rows, spec.path_column, PATH_COLUMNS, table, "image path", "path_column")
+    caption_column = _pick_column(rows, spec.caption_column, CAPTION_COLUMNS, table, "caption", "caption_column")
+    items = []
+    for row in rows:
+        raw_path, caption = row.get(path_column), row.get(caption_column)
+        if not raw_path:
+            continue
+        image = Path(raw_path)
+        if not image.is_absolute():
+            image = table.parent / image
+        if caption is None or not str(caption).strip():
+            report.missing_captions.append(str(image))
+            continue
+        if not image.exists():
+            report.missing_images.append(str(image))
+            continue
+        items.append(CaptionItem(image=image, caption=str(caption).strip(), task=spec.task))
+    return items
+
+
+def _items_from_folder(spec: DatasetSpec, report: DataReport) -> list[CaptionItem]:
+    pattern = "**/*" if spec.recursive else "*"
+    items = []
+    for image in sorted(spec.path.glob(pattern)):
+        if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
+            continue
+        caption_file = image.with_suffix(spec.caption_extension)
+        if not caption_file.exists():
+            report.missing_captions.append(str(image))
+            continue
+        caption = caption_file.read_text(encoding="utf-8").strip()
+        if not caption:
+            report.missing_captions.append(str(image))
+            continue
+        items.append(CaptionItem(image=image, caption=caption, task=spec.task))
+    return items
+
+
+def load_items(spec: DatasetSpec, report: DataReport | None = None) -> list[CaptionItem]:
+    """Read one data source into caption items (repeated ``spec.repeats`` times)."""
+    report = report if report is not None else DataReport()
+    path = spec.path
+    if not path.exists():
+        raise ValueError(f"{path}: data set path not found; fix 'path' in the data set entry")
+    if path.is_dir():
+        metadata = path / "metadata.jsonl"
+        items = _items_from_table(spec, metadata, report) if metadata.exists() else _items_from_folder(spec, report)
+    elif path.suffix.lower() in (".jsonl", ".parquet"):
+        items = _items_from_table(spec, path, report)
+    else:
+        raise ValueError(f"{path}: unsupported data set file; use a folder, a .jsonl or a .parquet manifest")
+    if not items:
+        raise ValueError(
+            f"{path}: no image/caption pairs found (images without captions: {len(report.missing_captions)}, "
+            f"missing images: {len(report.missing_images)}); check caption_extension and the columns"
+        )
+    items = items * spec.repeats
+    report.items += len(items)
+    return items
+
+
+def split_items(items: list[CaptionItem], ratio: float, seed: int) -> tuple[list[CaptionItem], list[CaptionItem]]:
+    """Hold out ``ratio`` of the distinct images for validation, deterministically by seed.
+
+    Splitting by image (not by item) keeps repeats of one image on the same side.
+    """
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"val_split must be between 0 and 1 (exclusive), got {ratio}")
+    images = sorted({str(item.image) for item in items})
+    random.Random(seed).shuffle(images)
+    count = max(1, round(len(images) * ratio))
+    if count >= len(images):
+        raise ValueError(f"val_split {ratio} leaves no training images out of {len(images)}; lower it")
+    held = set(images[:count])
+    train = [item for item in items if str(item.image) not in held]
+    val = []
+    seen: set[str] = set()
+    for item in items:
+        if str(item.image) in held and str(item.image) not in seen:
+            seen.add(str(item.image))
+            val.append(item)
+    return train, val
+
+
+def augment_caption(caption: str, config: AugmentConfig, rng: random.Random) -> str:
+    """Apply whole-caption dropout, then part shuffle and part dropout past the frozen prefix."""
+    if config.caption_dropout > 0 and rng.random() < config.caption_dropout:
+        return ""
+    if not (config.shuffle_parts or config.part_dropout > 0):
+        return caption
+    parts = [part.strip() for part in caption.split(config.separator)]
+    parts = [part for part in parts if part]
+    frozen, movable = parts[: config.keep_first_parts], parts[config.keep_first_parts :]
+    if config.part_dropout > 0:
+        movable = [part for part in movable if rng.random() >= config.part_dropout]
+    if config.shuffle_parts:
+        rng.shuffle(movable)
+    joiner = config.separator + " " if config.separator.strip() else config.separator
+    return joiner.join(frozen + movable)
+
+
+class CaptionDataset:
+    """Map-style data set of (image, task, caption) with per-(epoch, index) augmentation."""
+
+    def __init__(self, items: list[CaptionItem], augment: AugmentConfig | None = None, seed: int = 0) -> None:
+        self.items = items
+        self.augment = augment if augment is not None and augment.active else None
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def caption_for(self, index: int) -> str:
+        item = self.items[index]
+        if self.augment is None:
+            return item.caption
+        # String seeds hash with SHA-512 in ``random``: stable across processes and runs.
+        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        return augment_caption(item.caption, self.augment, rng)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.items[index]
+        try:
+            from PIL import Image, ImageOps
+
+            with Image.open(item.image) as opened:
+                image = ImageOps.exif_transpose(opened)
+                image = image.convert("RGB")
+        except Exception as error:  # noqa: BLE001 - one bad file must not stop the run
+            _log.warning("skipping %s: cannot decode the image (%s)", item.image, error)
+            return None
+        return {"image": image, "task": item.task, "caption": self.caption_for(index), "index": index}
+
+
+class EpochBatchSampler:
+    """Deterministic batches per epoch that can start part-way through an epoch.
+
+    Why not a DataLoader with ``shuffle=True``: resume must continue with the exact
+    batch an uninterrupted run would see next, without decoding the skipped images.
+    The order is a permutation seeded by (seed, epoch); each process takes every
+    ``num_processes``-th batch.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True,
+                 process_index: int = 0, num_processes: int = 1, drop_last: bool = False) -> None:
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.process_index = process_index
+        self.num_processes = num_processes
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def batches_per_epoch(self) -> int:
+        total = self.size // self.batch_size if self.drop_last else math.ceil(self.size / self.batch_size)
+        return total // self.num_processes if self.num_processes > 1 else total
+
+    def _all_batches(self) -> list[list[int]]:
+        order = list(range(self.size))
+        if self.shuffle:
+            random.Random(f"{self.seed}/order/{self.epoch}").shuffle(order)
+        batches = [order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        per_process = len(batches) // self.num_processes if self.num_processes > 1 else len(batches)
+        return batches[self.process_index :: self.num_processes][:per_process]
+
+    def __iter__(self):
+        yield from self._all_batches()[self.start_batch :]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch() - self.start_batch)
+
+
+class CaptionCollator:
+    """Turns samples into model inputs; caption pads become ``-100`` so they carry no loss.
+
+    Why truncation here too: augmentation never lengthens a caption by much, but BPE
+    merges can shift by a token after shuffling; the limit must hold for every batch.
+    """
+
+    def __init__(self, processor: Any, max_target_tokens: int) -> None:
+        self.processor = processor
+        self.max_target_tokens = max_target_tokens
+
+    def __call__(self, samples: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        samples = [sample for sample in samples if sample is not None]
+        if not samples:
+            return None
+        tokenizer = self.processor.tokenizer
+        inputs = self.processor(
+            text=[sample["task"] for sample in samples],
+            images=[sample["image"] for sample in samples],
+            return_tensors="pt",
+            padding=True,
+        )
+        labels = tokenizer(
+            [sample["caption"] for sample in samples],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_target_tokens,
+        )
+        target = labels["input_ids"].masked_fill(labels["attention_mask"] == 0, -100)
+        return {
+            "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"],
+            "pixel_values": inputs["pixel_values"],
+            "labels": target,
+            "captions": [sample["caption"] for sample in samples],
+            "indices": [sample["index"] for sample in samples],
+        }
+
+
+def check_caption_lengths(items: list[CaptionItem], tokenizer: Any, max_target_tokens: int,
+                          policy: Literal["truncate", "skip"], report: DataReport) -> list[CaptionItem]:
+    """Report captions over the token limit, then truncate them (in the collator) or drop them."""
+    if not items:
+        return items
+    unique = sorted({item.caption for item in items})
+    lengths = dict(zip(unique, (len(ids) for ids in tokenizer(unique)["input_ids"]), strict=True))
+    long = {caption for caption, length in lengths.items() if length > max_target_tokens}
+    if not long:
+        return items
+    long_items = [item for item in items if item.caption in long]
+    report.long_captions.extend(sorted({str(item.image) for item in long_items}))
+    action = "truncated to" if policy == "truncate" else "skipped; over"
+    _log.warning(
+        "%d captions exceed max_target_tokens=%d and are %s the limit (first: %s, %d tokens). "
+        "Raise max_target_tokens or set long_captions: %s to change this.",
+        len(long_items), max_target_tokens, action, long_items[0].image, lengths[long_items[0].caption],
+        "skip" if policy == "truncate" else "truncate",
+    )
+    if policy == "skip":
+        report.long_captions_skipped += len(long_items)
+        return [item for item in items if item.caption not in long]
+    return items
+
+
+# -- a generated data set with known captions, for smoke tests and benchmarks -----------------
+
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (40, 60, 230), "yellow": (240, 220, 30)}
+SHAPE_NAMES = ("circle", "square", "triangle")
+
+
+def write_shapes_dataset(folder: str | Path, count: int, seed: int = 0, size: int = 64,
+                         objects: int = 2) -> list[tuple[Path, str]]:
+    """Write ``count`` PNGs of coloured shapes with captions such as "a red circle and a blue square".
+
+    Why: proving that training works needs a data set whose captions follow from the
+    pixels; a user can also run it to smoke-test their setup. Objects are placed left
+    to right in separate slots and described in that order.
+    """
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    written = []
+    slot = size // objects
+    for number in range(count):
+        image = Image.new("RGB", (size, size), tuple(rng.randint(90, 140) for _ in range(3)))
+        draw = ImageDraw.Draw(image)
+        parts = []
+        for position in range(objects):
+            colour = rng.choice(list(SHAPE_COLOURS))
+            shape = rng.choice(SHAPE_NAMES)
+            extent = rng.randint(max(6, slot * 7 // 16), max(7, min(slot * 13 // 16, slot - 2)))
+            left = rng.randint(position * slot, (position + 1) * slot - extent)
+            top = rng.randint(size // 16, size - size // 16 - extent)
+            box = (left, top, left + extent, top + extent)
+            if shape == "circle":
+                draw.ellipse(box, fill=SHAPE_COLOURS[colour])
+            elif shape == "square":
+                draw.rectangle(box, fill=SHAPE_COLOURS[colour])
+            else:
+                draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])],
+                             fill=SHAPE_COLOURS[colour])
+            parts.append(f"a {colour} {shape}")
+        caption = " and ".join(parts)
+        image_path = folder / f"{number:05d}.png"
+        image.save(image_path)
+        image_path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+        written.append((image_path, caption))
+    return written

@@ -1,0 +1,207 @@
+"""Checkpoint folders that appear atomically, rotate, and never lose the best one.
+
+Why: the seed scripts wrote checkpoints in place (a crash mid-save left a half folder
+that resume then trusted) and rotated by age alone, so ``save_total_limit`` could delete
+the best checkpoint (transformers #15089, #39560). Here every checkpoint is written into
+a temporary folder and renamed into place, a small JSON index (also written atomically)
+records the order and the validation metric of each, and rotation removes the oldest
+checkpoints beyond the limit while always keeping the best and the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+INDEX_NAME = "checkpoints.json"
+_TEMP_PREFIX = ".tmp-"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
+
+    Why: a reader (or a resumed run after a crash) sees the old file or the new one,
+    never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    """Atomically write ``value`` as indented JSON."""
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+class CheckpointManager:
+    """Saves checkpoints as ``root/<tag>`` folders and rotates them by ``save_total_limit``.
+
+    ``metric_name``/``greater_is_better`` define "best"; checkpoints saved without a
+    metric are never the best. With a limit of 1 and a best that is not the newest, two
+    folders remain: deleting either would lose what the user asked to keep.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        save_total_limit: int | None,
+        metric_name: str | None = None,
+        greater_is_better: bool = False,
+    ) -> None:
+        if save_total_limit is not None and save_total_limit < 1:
+            raise ValueError(
+                f"save_total_limit must be at least 1 or None (keep all), got {save_total_limit}"
+            )
+        self.root = Path(root)
+        self.save_total_limit = save_total_limit
+        self.metric_name = metric_name
+        self.greater_is_better = greater_is_better
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._entries: list[dict[str, Any]] = self._read_index()
+        self._remove_stale_temps()
+
+    # -- index -------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / INDEX_NAME
+
+    def _read_index(self) -> list[dict[str, Any]]:
+        if not self.index_path.exists():
+            return []
+        try:
+            data = json.loads(self.index_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{self.index_path}: cannot read the checkpoint index ({error}); "
+                "delete the file to start a fresh index (checkpoint folders are kept)"
+            ) from error
+        entries = data.get("checkpoints", []) if isinstance(data, dict) else []
+        # A folder deleted by hand simply drops out of the index.
+        return [entry for entry in entries if (self.root / entry["tag"]).is_dir()]
+
+    def _write_index(self) -> None:
+        atomic_write_json(
+            self.index_path,
+            {
+                "metric_name": self.metric_name,
+                "greater_is_better": self.greater_is_better,
+                "best": self._best_entry()["tag"] if self._best_entry() else None,
+                "checkpoints": self._entries,
+            },
+        )
+
+    def _remove_stale_temps(self) -> None:
+        for child in self.root.iterdir():
+            if child.name.startswith(_TEMP_PREFIX) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+
+    # -- queries -----------------------------------------------------------------------
+    def _best_entry(self) -> dict[str, Any] | None:
+        scored = [entry for entry in self._entries if entry.get("metric") is not None]
+        if not scored:
+            return None
+        # Ties go to the earliest checkpoint: a later equal score is not an improvement.
+        best = scored[0]
+        for entry in scored[1:]:
+            if self.greater_is_better:
+                better = entry["metric"] > best["metric"]
+            else:
+                better = entry["metric"] < best["metric"]
+            if better:
+                best = entry
+        return best
+
+    def best(self) -> Path | None:
+        """The folder with the best metric, or None when no checkpoint has a metric."""
+        entry = self._best_entry()
+        return self.root / entry["tag"] if entry else None
+
+    def latest(self) -> Path | None:
+        """The most recently saved checkpoint folder."""
+        return self.root / self._entries[-1]["tag"] if self._entries else None
+
+    def all(self) -> list[Path]:
+        """All kept checkpoint folders, oldest first."""
+        return [self.root / entry["tag"] for entry in self._entries]
+
+    def metric_of(self, path: Path) -> float | None:
+        """The metric recorded for a checkpoint folder (None if unknown or unscored)."""
+        for entry in self._entries:
+            if entry["tag"] == Path(path).name:
+                return entry.get("metric")
+        return None
+
+    # -- saving ------------------------------------------------------------------------
+    def save(self, tag: str, write_fn: Callable[[Path], None], metric: float | None = None) -> Path:
+        """Write a checkpoint with ``write_fn(folder)`` and move it to ``root/tag`` atomically.
+
+        Saving an existing tag again replaces it (the old folder is removed only after
+        the new one is complete).
+        """
+        if not tag or "/" in tag or "\\" in tag or tag.startswith(".") or tag == INDEX_NAME:
+            raise ValueError(f"invalid checkpoint tag {tag!r}: use a plain folder name such as 'step-100'")
+        temp = self.root / f"{_TEMP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
+        temp.mkdir(parents=True)
+        try:
+            write_fn(temp)
+            final = self.root / tag
+            if final.exists():
+                trash = self.root / f"{_TEMP_PREFIX}old-{tag}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                os.replace(temp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(temp, final)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+        self._entries = [entry for entry in self._entries if entry["tag"] != tag]
+        score = None if metric is None else float(metric)
+        self._entries.append({"tag": tag, "metric": score, "time": time.time()})
+        self._rotate()
+        self._write_index()
+        return final
+
+    def record_metric(self, path: Path, metric: float) -> None:
+        """Attach a metric to an already saved checkpoint (validation may run after saving)."""
+        for entry in self._entries:
+            if entry["tag"] == Path(path).name:
+                entry["metric"] = float(metric)
+                self._write_index()
+                return
+        raise KeyError(f"{path} is not a checkpoint managed under {self.root}")
+
+    def _rotate(self) -> None:
+        if self.save_total_limit is None:
+            return
+        best = self._best_entry()
+        keep = {self._entries[-1]["tag"]}
+        if best is not None:
+            keep.add(best["tag"])
+        while len(self._entries) > self.save_total_limit:
+            victim = next((entry for entry in self._entries if entry["tag"] not in keep), None)
+            if victim is None:
+                break
+            shutil.rmtree(self.root / victim["tag"], ignore_errors=True)
+            self._entries.remove(victim)
