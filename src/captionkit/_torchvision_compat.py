@@ -20,10 +20,10 @@ import sys
 _log = logging.getLogger(__name__)
 _done = False
 
-_MISSING_OPERATOR_SCHEMAS = {
-    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-}
+_MISSING_OPERATOR_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
 
 
 def ensure_torchvision() -> None:
@@ -45,7 +45,7 @@ def ensure_torchvision() -> None:
     import torch
 
     library = torch.library.Library("torchvision", "FRAGMENT")
-    for name, schema in _MISSING_OPERATOR_SCHEMAS.items():
+    for schema in _MISSING_OPERATOR_SCHEMAS:
         try:
             library.define(schema)
         except RuntimeError:

@@ -151,7 +151,8 @@ def caption(
                     existing=ExistingPolicy(existing), collisions=CollisionPolicy(on_collision),
                     append_separator=append_separator,
                 )
-            executor = LocalExecutor(RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors), reporter)
+            options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors)
+            executor = LocalExecutor(options, reporter)
             summary = executor.run(step, records, store, sink)
             for destination in export:
                 export_results(store, destination, [step.field])

@@ -86,7 +86,7 @@ class SidecarSink:
             if len(group) == 1:
                 plan.targets[group[0].id] = target
                 continue
-            plan.collisions[target] = [record.id for record in group]
+            plan.collisions[target] = sorted(record.id for record in group)
             if self.collisions is CollisionPolicy.keep_extension:
                 for record in group:
                     plan.targets[record.id] = self._target(record, keep_extension=True)

@@ -307,6 +307,9 @@ class Florence2Captioner:
                 **self.generation.kwargs(),
             )
         texts = self.processor.batch_decode(generated, skip_special_tokens=False)
+        pad = self.processor.tokenizer.pad_token
+        if pad:  # shorter sequences of a batch are padded after their end token
+            texts = [text.replace(pad, "") for text in texts]
         results = []
         for text, size in zip(texts, image_sizes, strict=True):
             parsed = self.processor.post_process_generation(text, task=self.task, image_size=size)

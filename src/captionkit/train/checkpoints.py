@@ -205,3 +205,27 @@ class CheckpointManager:
                 break
             shutil.rmtree(self.root / victim["tag"], ignore_errors=True)
             self._entries.remove(victim)
+
+
+def write_folder_atomically(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
+    """Build a folder with ``write_fn`` in a sibling temp folder, then rename it to ``path``.
+
+    An existing folder at ``path`` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f"{_TEMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}"
+    temp.mkdir()
+    try:
+        write_fn(temp)
+        if path.exists():
+            trash = path.parent / f"{_TEMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(path, trash)
+            os.replace(temp, path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,685 @@
+"""Train a multi-label tagger on a timm backbone: ``train_tagger(config) -> TaggerTrainResult``.
+
+What a run does, and why:
+
+* Data: tagged image folders + a ``selected_tags.csv`` vocabulary (or one built from the
+  tags), split by iterative stratification so rare tags appear in validation too
+  (:mod:`captionkit.train.tagger_data`).
+* Model: any timm backbone, pretrained from the hub, a local file, or not at all;
+  ``init_from`` fine-tunes an earlier tagger onto a changed tag set, copying the head
+  rows of tags that survive (timm itself drops the whole head, timm #948).
+* Loop: timm optimizers (AdamW and friends), linear warmup + cosine, accelerate for
+  device and mixed precision, gradient accumulation, optional EMA, one seed.
+* Every epoch: mAP, micro/macro F1 at ``threshold``, per-tag F1-optimal thresholds,
+  logged to TensorBoard; checkpoints ``last`` (every epoch) and ``epoch-NNNN`` (every
+  ``save_every_epochs``, rotated by ``save_total_limit`` but never the best), and the
+  best model exported to ``output_dir/best`` as a folder ``captionkit tag`` loads.
+* Resume from any checkpoint restores model, optimizer, scheduler, AMP scaler, EMA,
+  RNG states, epoch, split and vocabulary; the data order of an epoch depends only on
+  (seed, epoch), so a resumed run repeats what the uninterrupted one would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from captionkit.errors import CaptionkitError
+from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+
+_log = logging.getLogger(__name__)
+
+STATE_FILE = "training_state.json"
+SPLIT_FILE = "split.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+# -- config ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TaggerDataConfig:
+    """Where the images and tags are, the vocabulary, and the validation split."""
+
+    train_dirs: list[Path] = field(default_factory=list)
+    val_dirs: list[Path] = field(default_factory=list)  # empty: split off val_fraction of train_dirs
+    selected_tags: Path | None = None  # None: vocabulary from the training tags
+    min_count: int = 1
+    separator: str = ","
+    caption_extension: str = ".txt"
+    recursive: bool = True
+    val_fraction: float = 0.1
+    split: Literal["auto", "stratified", "random"] = "auto"
+    max_stratified_cells: int = 50_000_000
+    num_workers: int = 2
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train_dirs:
+            raise ValueError("data.train_dirs needs at least one folder of images with tag files")
+        if self.min_count < 0:
+            raise ValueError(f"data.min_count must be 0 or more, got {self.min_count}")
+        if not self.separator:
+            raise ValueError("data.separator must not be empty")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be 0 or more, got {self.num_workers}")
+
+
+@dataclass
+class TaggerModelConfig:
+    """The timm backbone. ``pretrained``: ``none``, ``hub`` or a path to a weights file."""
+
+    backbone: str = "convnext_atto"
+    pretrained: str = "none"
+    image_size: int = 224
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.0
+    init_from: Path | None = None  # an exported tagger folder or checkpoint: fine-tune onto this vocabulary
+
+    def __post_init__(self) -> None:
+        if self.image_size < 16:
+            raise ValueError(f"model.image_size must be at least 16, got {self.image_size}")
+        if not 0 <= self.drop_path_rate < 1 or not 0 <= self.drop_rate < 1:
+            raise ValueError("model.drop_path_rate and model.drop_rate must be in [0, 1)")
+        if self.init_from is not None and self.pretrained != "none":
+            raise ValueError("model.init_from and model.pretrained both load weights; set only one")
+
+
+@dataclass
+class TaggerLossConfig:
+    """``bce`` or ``asl`` (Asymmetric Loss; computed in float32 so fp16/bf16 stay finite)."""
+
+    name: Literal["bce", "asl"] = "bce"
+    gamma_neg: float = 4.0
+    gamma_pos: float = 0.0
+    clip: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.name == "bce" and (self.gamma_neg, self.gamma_pos, self.clip) != (4.0, 0.0, 0.05):
+            raise ValueError("loss.gamma_neg, gamma_pos and clip only apply to loss.name: asl")
+
+
+@dataclass
+class TaggerOptimConfig:
+    """Optimizer (any name ``timm.optim.create_optimizer_v2`` knows) and LR schedule."""
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.01
+    grad_clip: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class TaggerTrainConfig:
+    """Everything a tagger training run needs; load with :func:`load_tagger_config`."""
+
+    output_dir: Path
+    data: TaggerDataConfig
+    model: TaggerModelConfig = field(default_factory=TaggerModelConfig)
+    loss: TaggerLossConfig = field(default_factory=TaggerLossConfig)
+    optim: TaggerOptimConfig = field(default_factory=TaggerOptimConfig)
+    epochs: int = 10
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"
+    ema_decay: float | None = None
+    seed: int = 0
+    threshold: float = 0.5
+    metric: Literal["map", "micro_f1", "macro_f1", "tuned_macro_f1", "val_loss"] = "map"
+    save_every_epochs: int = 1
+    save_total_limit: int | None = 3
+    report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    export_onnx: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1 or (self.eval_batch_size is not None and self.eval_batch_size < 1):
+            raise ValueError("batch_size and eval_batch_size must be at least 1")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be at least 1, got {self.gradient_accumulation_steps}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be between 0 and 1 (e.g. 0.999), got {self.ema_decay}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
+        if self.save_every_epochs < 0:
+            raise ValueError("save_every_epochs must be 0 (only last/best) or more")
+
+
+def load_tagger_config(path: str | Path | None, overrides: list[str] | None = None) -> TaggerTrainConfig:
+    """YAML file + ``--set key=value`` overrides → a validated config (defaults fill only gaps)."""
+    return load_config(TaggerTrainConfig, path, overrides or [])
+
+
+@dataclass
+class TaggerTrainResult:
+    """What a run produced. ``history`` has one metrics dict per epoch run in this process."""
+
+    output_dir: Path
+    best_dir: Path | None
+    final_dir: Path
+    metric_name: str
+    best_metric: float | None
+    final_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    vocabulary_size: int
+    split_method: str
+    start_epoch: int
+    epochs: int
+
+
+class TaggerTrainingError(CaptionkitError):
+    """The run cannot start or continue; the message names the file and the fix."""
+
+
+# -- model helpers --------------------------------------------------------------------------
+
+
+def create_backbone(config: TaggerModelConfig, num_classes: int) -> tuple[Any, dict[str, Any]]:
+    """timm model with ``num_classes`` outputs, and the model_args needed to rebuild it."""
+    from captionkit._torchvision_compat import ensure_torchvision
+
+    ensure_torchvision()
+    import timm
+
+    if not timm.is_model(config.backbone):
+        close = timm.list_models(f"*{config.backbone.split('_')[0]}*")[:8]
+        raise TaggerTrainingError(
+            f"model.backbone {config.backbone!r} is not a timm model; similar names: {close or 'none'}"
+        )
+    pretrained = config.pretrained
+    kwargs: dict[str, Any] = {"num_classes": num_classes}
+    if config.drop_path_rate:
+        kwargs["drop_path_rate"] = config.drop_path_rate
+    if config.drop_rate:
+        kwargs["drop_rate"] = config.drop_rate
+    use_pretrained = pretrained != "none"
+    if use_pretrained and pretrained != "hub":
+        weights = Path(pretrained).expanduser()
+        if not weights.is_file():
+            raise TaggerTrainingError(
+                f"model.pretrained: {weights} is not a file; give 'none', 'hub' or a .safetensors/.pth path"
+            )
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    model_args: dict[str, Any] = {}
+    try:
+        try:
+            model = timm.create_model(config.backbone, pretrained=use_pretrained, img_size=config.image_size,
+                                      **kwargs)
+            model_args["img_size"] = config.image_size
+        except TypeError:
+            model = timm.create_model(config.backbone, pretrained=use_pretrained, **kwargs)
+    except TaggerTrainingError:
+        raise
+    except Exception as error:
+        if pretrained == "hub":
+            raise TaggerTrainingError(
+                f"model.pretrained: hub weights for {config.backbone!r} could not be downloaded "
+                f"({type(error).__name__}: {error}); download them and set model.pretrained to the file, "
+                "or use model.pretrained: none"
+            ) from error
+        raise TaggerTrainingError(f"timm could not build {config.backbone!r}: {error}") from error
+    return model, model_args
+
+
+def preprocessing_for(model: Any, image_size: int) -> Any:
+    """RGB NCHW preprocessing with the backbone's mean/std (pad to square on white, bicubic)."""
+    from captionkit.models.taggers import Preprocessing
+
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return Preprocessing(
+        size=(image_size, image_size),
+        layout="NCHW",
+        channel_order="RGB",
+        scale=1.0 / 255.0,
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation="bicubic",
+    )
+
+
+def remap_head(
+    model: Any, state: dict[str, Any], old_names: list[str], new_names: list[str]
+) -> dict[str, int]:
+    """Load ``state`` (from a model over ``old_names``) into ``model`` (over ``new_names``).
+
+    Every non-head weight is copied; head rows of tags in both vocabularies are copied
+    by name; new tags keep the model's fresh initialisation. Returns counts of kept,
+    new and dropped tags.
+    """
+    import torch
+
+    from captionkit.train.tagger_export import classifier_name
+
+    head = classifier_name(model)
+    target = model.state_dict()
+    head_keys = {f"{head}.weight", f"{head}.bias"}
+    body = {key: value for key, value in state.items() if key not in head_keys}
+    missing, unexpected = model.load_state_dict({**target, **body}, strict=False)[0:2]
+    body_mismatch = [key for key in body if key in target and body[key].shape != target[key].shape]
+    if unexpected or body_mismatch:
+        raise TaggerTrainingError(
+            f"model.init_from weights do not fit the backbone (unexpected {list(unexpected)[:4]}, "
+            f"shape mismatch {body_mismatch[:4]}); use the same model.backbone as the source model"
+        )
+    old_index = {name: i for i, name in enumerate(old_names)}
+    kept = 0
+    with torch.no_grad():
+        for key in head_keys:
+            if key not in state:
+                continue
+            source = state[key]
+            destination = dict(model.named_parameters()).get(key)
+            if destination is None or source.shape[0] != len(old_names):
+                raise TaggerTrainingError(
+                    f"model.init_from head {key} has {source.shape[0]} rows for {len(old_names)} tags; "
+                    "its selected_tags.csv does not belong to its weights"
+                )
+            if source.shape[1:] != destination.shape[1:]:
+                raise TaggerTrainingError(f"model.init_from head {key} has feature size {source.shape[1:]} "
+                                          f"but the backbone has {destination.shape[1:]}; same backbone needed")
+            for row, name in enumerate(new_names):
+                if name in old_index:
+                    destination[row].copy_(source[old_index[name]])
+        kept = sum(1 for name in new_names if name in old_index)
+    return {"kept": kept, "new": len(new_names) - kept, "dropped": len(old_names) - kept}
+
+
+def _load_init_weights(folder: Path) -> tuple[dict[str, Any], list[str]]:
+    """State dict + tag names of an exported tagger folder or a training checkpoint."""
+    from safetensors.torch import load_file
+
+    from captionkit.models.taggers import read_selected_tags
+
+    weights = folder / "model.safetensors"
+    tags = folder / "selected_tags.csv"
+    if not weights.is_file() or not tags.is_file():
+        raise TaggerTrainingError(
+            f"model.init_from: {folder} needs model.safetensors and selected_tags.csv "
+            "(an exported tagger folder such as OUTPUT/best, or a checkpoint folder)"
+        )
+    return load_file(str(weights)), read_selected_tags(tags).names
+
+
+# -- schedule -------------------------------------------------------------------------------
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float):
+    """Multiplier per optimizer step: linear warmup, then cosine down to ``min_ratio`` (or flat)."""
+
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def _resolve_resume(resume: Path) -> Path:
+    """A checkpoint folder, or a run's output folder (then its ``checkpoints/last``)."""
+    resume = Path(resume)
+    if (resume / STATE_FILE).is_file():
+        return resume
+    candidate = resume / "checkpoints" / "last"
+    if (candidate / STATE_FILE).is_file():
+        return candidate
+    raise TaggerTrainingError(
+        f"--resume {resume}: no {STATE_FILE} there or in {candidate}; pass a checkpoint folder "
+        "(OUTPUT/checkpoints/last or OUTPUT/checkpoints/epoch-NNNN)"
+    )
+
+
+def _flat_hparams(config: TaggerTrainConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}{key}.", item)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix[:-1]] = value
+        else:
+            flat[prefix[:-1]] = str(value)
+
+    walk("", config_to_dict(config))
+    return flat
+
+
+def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) -> TaggerTrainResult:
+    """Run (or resume) a tagger training run; see the module docstring for what it writes."""
+    from captionkit._torchvision_compat import ensure_torchvision
+
+    ensure_torchvision()
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from captionkit.train.checkpoints import CheckpointManager
+    from captionkit.train.losses import build_loss
+    from captionkit.train.tagger_data import (
+        EpochSampler,
+        TaggerDataset,
+        Vocabulary,
+        collate_skipping_failures,
+        encode,
+        scan_tagged_folders,
+        split_indices,
+    )
+    from captionkit.train.tagger_export import add_onnx_to_folder, export_tagger
+    from captionkit.train.tagger_metrics import compute_metrics
+
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
+    resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
+
+    try:
+        accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            cpu=config.device == "cpu",
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_dir=str(output),
+        )
+    except ValueError as error:
+        raise TaggerTrainingError(
+            f"mixed_precision={config.mixed_precision!r} is not available here ({error}); "
+            "use bf16 or no on CPU, fp16/bf16 on a GPU"
+        ) from error
+    set_seed(config.seed)
+
+    # -- data and vocabulary --
+    data_cfg = config.data
+    items = scan_tagged_folders(data_cfg.train_dirs, data_cfg.separator, data_cfg.caption_extension,
+                                data_cfg.recursive)
+    val_items = (scan_tagged_folders(data_cfg.val_dirs, data_cfg.separator, data_cfg.caption_extension,
+                                     data_cfg.recursive) if data_cfg.val_dirs else [])
+    if resume_dir is not None:
+        vocabulary = Vocabulary.from_csv(resume_dir / "selected_tags.csv")
+    elif data_cfg.selected_tags is not None:
+        vocabulary = Vocabulary.from_csv(data_cfg.selected_tags, data_cfg.min_count)
+    else:
+        from collections import Counter
+
+        from captionkit.train.tagger_data import normalise_tag
+
+        counts: Counter = Counter(normalise_tag(tag) for item in items for tag in item.tags)
+        vocabulary = Vocabulary.from_counts(counts, data_cfg.min_count)
+    num_tags = len(vocabulary)
+    encoded = encode(items, vocabulary, "training")
+    split_path = output / SPLIT_FILE
+    if data_cfg.val_dirs:
+        val_encoded = encode(val_items, vocabulary, "validation")
+        train_idx, val_idx, split_method = np.arange(len(items)), np.arange(len(val_items)), "folders"
+    else:
+        val_encoded = encoded
+        saved = _read_split(resume_dir / SPLIT_FILE if resume_dir else split_path, encoded.paths)
+        if saved is not None:
+            train_idx, val_idx, split_method = saved
+        else:
+            train_idx, val_idx, split_method = split_indices(
+                encoded.labels, num_tags, data_cfg.val_fraction, data_cfg.split, config.seed,
+                data_cfg.max_stratified_cells,
+            )
+    if accelerator.is_main_process:
+        _write_split(split_path, encoded.paths, train_idx, val_idx, split_method)
+        vocabulary.write_csv(output / "selected_tags.csv")
+        save_config(config, output / "config.yaml")
+    _log.info("tagger data: %d train / %d validation images, %d tags, split %s",
+              len(train_idx), len(val_idx), num_tags, split_method)
+
+    # -- model --
+    model, model_args = create_backbone(config.model, num_tags)
+    if config.model.init_from is not None and resume_dir is None:
+        state, old_names = _load_init_weights(Path(config.model.init_from))
+        counts_info = remap_head(model, state, old_names, vocabulary.names)
+        _log.info("init_from %s: %d head rows kept, %d new tags, %d dropped", config.model.init_from,
+                  counts_info["kept"], counts_info["new"], counts_info["dropped"])
+    preprocessing = preprocessing_for(model, config.model.image_size)
+    train_set = TaggerDataset(encoded, train_idx, num_tags, preprocessing, hflip=data_cfg.hflip)
+    val_set = TaggerDataset(val_encoded, val_idx, num_tags, preprocessing, hflip=False)
+    sampler = EpochSampler(len(train_set), config.seed, True, accelerator.process_index, accelerator.num_processes)
+    val_sampler = EpochSampler(len(val_set), config.seed, False, accelerator.process_index,
+                               accelerator.num_processes)
+    batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+    warmup_steps = int(round(total_steps * config.optim.warmup_fraction))
+
+    from timm.optim import create_optimizer_v2
+
+    try:
+        optimizer = create_optimizer_v2(model, opt=config.optim.optimizer, lr=config.optim.lr,
+                                        weight_decay=config.optim.weight_decay)
+    except (ValueError, AssertionError) as error:
+        raise ConfigError(f"optim.optimizer {config.optim.optimizer!r}: {error}") from error
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(total_steps, warmup_steps, config.optim.schedule, config.optim.min_lr_ratio)
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if config.ema_decay is not None:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+    loss_fn = build_loss(config.loss.name, config.loss.gamma_neg, config.loss.gamma_pos, config.loss.clip)
+
+    manager = CheckpointManager(
+        output / "checkpoints", config.save_total_limit, metric_name=config.metric,
+        greater_is_better=config.metric != "val_loss",
+    )
+    start_epoch, global_step, best_metric = 0, 0, None
+    history: list[dict[str, float]] = []
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        start_epoch = int(resume_state["epoch"])
+        global_step = int(resume_state["global_step"])
+        best_metric = resume_state.get("best_metric")
+        _log.info("resumed from %s after epoch %d (step %d)", resume_dir, start_epoch, global_step)
+        if start_epoch >= config.epochs:
+            raise TaggerTrainingError(
+                f"--resume {resume_dir}: the checkpoint already finished {start_epoch} of {config.epochs} "
+                "epochs; raise epochs with --set epochs=N to train further"
+            )
+
+    if config.report_to != "none":
+        accelerator.init_trackers("tagger", config=_flat_hparams(config))
+
+    def run_validation() -> tuple[dict[str, float], Any]:
+        eval_model = ema.module if ema is not None else model
+        eval_model.eval()
+        loader = torch.utils.data.DataLoader(
+            val_set, batch_size=config.eval_batch_size or config.batch_size, sampler=val_sampler,
+            num_workers=data_cfg.num_workers, collate_fn=collate_skipping_failures,
+            generator=torch.Generator().manual_seed(config.seed),
+        )
+        all_scores, all_targets, losses = [], [], []
+        with torch.inference_mode():
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, targets = (t.to(accelerator.device) for t in batch)
+                with accelerator.autocast():
+                    logits = eval_model(images)
+                losses.append(loss_fn(logits, targets).reshape(1))
+                scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
+                all_scores.append(scores.cpu().numpy())
+                all_targets.append(targets.cpu().numpy())
+        if not all_scores:
+            raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
+        metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
+        values = metrics.as_dict()
+        values["val_loss"] = float(accelerator.gather(torch.cat(losses)).mean().item())
+        return values, metrics
+
+    last_values: dict[str, float] = {}
+    best_dir = output / "best"
+    for epoch in range(start_epoch, config.epochs):
+        model.train()
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(
+            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
+            collate_fn=collate_skipping_failures, drop_last=False,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+            persistent_workers=False,
+        )
+        started, running, seen = time.perf_counter(), 0.0, 0
+        batches = len(loader)
+        group = config.gradient_accumulation_steps
+        for index, batch in enumerate(loader):
+            group_start = index - index % group
+            group_size = min(group, batches - group_start)
+            sync = index - group_start == group_size - 1
+            if batch is not None:
+                images, targets = (t.to(accelerator.device) for t in batch)
+                context = accelerator.no_sync(model) if not sync else _null_context()
+                with context:
+                    loss = loss_fn(model(images), targets)
+                    accelerator.backward(loss / group_size)
+                running += float(loss.detach()) * images.shape[0]
+                seen += images.shape[0]
+            if sync:
+                if config.optim.grad_clip:
+                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                if ema is not None:
+                    ema.update(accelerator.unwrap_model(model), step=global_step)
+        train_loss = running / max(1, seen)
+        values, metrics = run_validation()
+        values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
+                       "epoch_seconds": time.perf_counter() - started})
+        history.append(values)
+        last_values = values
+        if config.report_to != "none":
+            accelerator.log({f"tagger/{key}": value for key, value in values.items()}, step=global_step)
+        current = values[config.metric]
+        improved = best_metric is None or (
+            current < best_metric if config.metric == "val_loss" else current > best_metric
+        )
+        _log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+                  ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
+        export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+        export_kwargs = dict(
+            architecture=config.model.backbone, model_args=model_args, vocabulary=vocabulary,
+            preprocessing=preprocessing, threshold=config.threshold, per_tag_thresholds=metrics.thresholds,
+            training={"epoch": epoch + 1, "global_step": global_step, "config": config_to_dict(config)},
+        )
+        if improved:
+            best_metric = current
+        if accelerator.is_main_process:
+            _append_jsonl(output / METRICS_FILE, values)
+            if improved:
+                export_tagger(export_model, best_dir, metrics=values, **export_kwargs)
+        state = {"epoch": epoch + 1, "global_step": global_step, "best_metric": best_metric,
+                 "metric": config.metric, "metrics": values, "split_method": split_method}
+
+        def write_checkpoint(folder: Path, state: dict = state) -> None:
+            accelerator.save_state(str(folder))
+            vocabulary.write_csv(folder / "selected_tags.csv")
+            (folder / SPLIT_FILE).write_bytes(split_path.read_bytes())
+            save_config(config, folder / "config.yaml")
+            (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            manager.save("last", write_checkpoint)
+            final_epoch = epoch + 1 == config.epochs
+            if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
+                manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)
+        accelerator.wait_for_everyone()
+
+    final_dir = output / "final"
+    if accelerator.is_main_process:
+        if history:
+            export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+            export_tagger(export_model, final_dir, metrics=last_values, onnx=config.export_onnx, **export_kwargs)
+            if config.export_onnx and best_dir.is_dir():
+                add_onnx_to_folder(best_dir)
+    if config.report_to != "none":
+        accelerator.end_training()
+    return TaggerTrainResult(
+        output_dir=output,
+        best_dir=best_dir if best_dir.is_dir() else None,
+        final_dir=final_dir,
+        metric_name=config.metric,
+        best_metric=best_metric,
+        final_metrics=last_values,
+        history=history,
+        vocabulary_size=num_tags,
+        split_method=split_method,
+        start_epoch=start_epoch,
+        epochs=config.epochs,
+    )
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _append_jsonl(path: Path, values: dict[str, Any]) -> None:
+    """Append one line to the metrics log (rewritten atomically, it is small)."""
+    from captionkit.atomic import atomic_write_text
+
+    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
+    atomic_write_text(path, existing + json.dumps(values) + "\n")
+
+
+def _write_split(path: Path, paths: list[Path], train_idx: Any, val_idx: Any, method: str) -> None:
+    from captionkit.atomic import atomic_write_json
+
+    atomic_write_json(path, {
+        "method": method,
+        "count": len(paths),
+        "val": [str(paths[i]) for i in val_idx] if method != "folders" else [],
+    })
+
+
+def _read_split(path: Path, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """A saved split, if it still matches the data (same image list); else None."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("method") == "folders" or data.get("count") != len(paths):
+        return None
+    position = {str(p): i for i, p in enumerate(paths)}
+    try:
+        val = np.array(sorted(position[p] for p in data["val"]), dtype=np.int64)
+    except KeyError:
+        return None
+    mask = np.ones(len(paths), dtype=bool)
+    mask[val] = False
+    return np.nonzero(mask)[0], val, data["method"]
