@@ -132,6 +132,24 @@ def export_command(
     print(f"wrote {count} rows to {destination}", file=sys.stderr)
 
 
+def _register_training_commands() -> None:
+    """Training commands live with the trainers; their modules import heavy packages lazily."""
+    from captionkit.train.captioner_cli import merge_lora_command
+    from captionkit.train.cli import train_app
+    from captionkit.train.tagger_cli import prepare_command
+
+    app.add_typer(train_app, name="train")
+    app.command("merge-lora", help="Merge a LoRA adapter into its base model: a standalone folder.")(
+        merge_lora_command
+    )
+    app.command("prepare", help="Build image/tag pairs and selected_tags.csv from a Danbooru-style parquet.")(
+        prepare_command
+    )
+
+
+_register_training_commands()
+
+
 def main() -> None:
     """Console entry point: user errors become one plain message, not a stack trace."""
     console = logging.StreamHandler(sys.stderr)
