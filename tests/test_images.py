@@ -76,5 +76,6 @@ def test_scaled_jpeg_decode_covers_the_target_and_keeps_orientation(tmp_path):
     full = load_image(tmp_path / "big.jpg")
     assert full.image.size == (512, 1024)
     reduced = full.image.resize(loaded.image.size)
-    difference = sum(abs(a - b) for a, b in zip(reduced.getpixel((10, 10)), loaded.image.getpixel((10, 10))))
+    pairs = zip(reduced.getpixel((10, 10)), loaded.image.getpixel((10, 10)), strict=True)
+    difference = sum(abs(a - b) for a, b in pairs)
     assert difference < 120  # the same picture, not a rotated or mirrored one

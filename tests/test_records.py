@@ -58,7 +58,8 @@ def test_manifests_of_every_kind(tree, kind):
         manifest.write_text(json.dumps(rows))
     elif kind in ("csv", "tsv"):
         with manifest.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=["file_name", "source"], delimiter="\t" if kind == "tsv" else ",")
+            delimiter = "\t" if kind == "tsv" else ","
+            writer = csv.DictWriter(stream, fieldnames=["file_name", "source"], delimiter=delimiter)
             writer.writeheader()
             writer.writerows(rows)
     else:

@@ -580,8 +580,11 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     dataset = CaptionDataset(train_items, config.augment, config.seed)
     sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, shuffle=True,
                                 process_index=accelerator.process_index, num_processes=accelerator.num_processes)
+    # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
+    # the global RNG would shift dropout masks after a resume.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=config.num_workers)
+                                         num_workers=config.num_workers,
+                                         generator=torch.Generator().manual_seed(config.seed))
     batches_per_epoch = sampler.batches_per_epoch()
     if batches_per_epoch == 0:
         raise ConfigError(f"{len(dataset)} training samples make no batch of {config.batch_size} per process")
@@ -640,7 +643,8 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
                                         process_index=accelerator.process_index,
                                         num_processes=accelerator.num_processes)
         val_loader = torch.utils.data.DataLoader(CaptionDataset(val_items), batch_sampler=val_sampler,
-                                                 collate_fn=collator, num_workers=config.num_workers)
+                                                 collate_fn=collator, num_workers=config.num_workers,
+                                                 generator=torch.Generator().manual_seed(config.seed))
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
         predictions: list[str] = []
@@ -687,7 +691,9 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
             and progress.epoch % config.save_every_epochs == 0
         )
         metric = None
-        if run_eval:
+        # A checkpoint is always scored when there is validation data: otherwise "best"
+        # would only be known for saves that happen to fall on an evaluation step.
+        if run_eval or (save and config.has_validation):
             metrics = validate()
             last_metrics, evaluated_at = metrics, step
             reporters.scalars({f"val/{key}": value for key, value in metrics.items()}, step)

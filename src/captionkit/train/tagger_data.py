@@ -33,11 +33,12 @@ from captionkit.errors import CaptionkitError
 _log = logging.getLogger(__name__)
 
 RATING_TAGS = {"g": "general", "s": "sensitive", "q": "questionable", "e": "explicit"}
+#: Column → category, in the order tags are written (rating first, then these).
 DANBOORU_TAG_COLUMNS = {
-    "tag_string_general": 0,
-    "tag_string_artist": 1,
-    "tag_string_copyright": 3,
     "tag_string_character": 4,
+    "tag_string_copyright": 3,
+    "tag_string_artist": 1,
+    "tag_string_general": 0,
     "tag_string_meta": 5,
 }
 RATING_CATEGORY = 9
