@@ -127,3 +127,18 @@ def test_stale_temp_files_are_removed_and_none_are_left(tmp_path):
     assert not stale.exists()
     sink.write({"a.png": "done"})
     assert [p.name for p in tmp_path.iterdir() if TEMP_MARKER in p.name] == []
+
+
+def test_another_steps_file_is_foreign(tmp_path):
+    records = _records(tmp_path, ["a.png"])
+    store = Store(tmp_path)
+    captions = SidecarSink(store, "caption")
+    captions.plan(records)
+    captions.write({"a.png": "a cat"})
+    tags = SidecarSink(store, "tags")
+    tags.plan(records)
+    assert "a.png" in tags.wants_model(["a.png"])  # skip: the caption step's file is left alone
+    appending = SidecarSink(store, "tags", existing="append")
+    appending.plan(records)
+    appending.write({"a.png": "cat, animal"})
+    assert (tmp_path / "a.txt").read_text() == "a cat, cat, animal"

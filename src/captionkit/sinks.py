@@ -103,7 +103,8 @@ class SidecarSink:
         return plan
 
     def _is_ours(self, current: str | None, ledger: OutputRecord | None) -> bool:
-        if current is None or ledger is None:
+        """True when this step wrote the file as it is now (another step's file counts as foreign)."""
+        if current is None or ledger is None or ledger.step != self.step:
             return False
         digest = text_hash(current)
         return digest in (ledger.written_hash, ledger.pending_hash)
