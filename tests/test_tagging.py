@@ -139,3 +139,10 @@ def test_invalid_options_fail_with_the_field_name():
 def test_misaligned_inputs_fail():
     with pytest.raises(ValueError, match="aligned"):
         select_tags(SCORES[:3], TAGS, CATS, TagOptions())
+
+
+def test_score_lines_for_print_mode():
+    from captionkit.tagging import score_lines
+
+    lines = score_lines("a/b.png", [("long_hair", 0.91234), ("^_^", 0.5)], TagOptions())
+    assert lines == ["a/b.png: long hair: 0.9123", "a/b.png: ^_^: 0.5000"]

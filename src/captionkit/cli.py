@@ -108,6 +108,162 @@ def caption(
         raise typer.Exit(130)
 
 
+def _split_list(values: list[str] | None) -> list[str]:
+    """Repeatable options that also accept comma-separated values."""
+    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
+
+
+def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values or []:
+        if "=" not in value:
+            raise CaptionkitError(f"{option} {value!r}: write it as NAME=VALUE.")
+        name, _, target = value.partition("=")
+        pairs[name.strip()] = target.strip()
+    return pairs
+
+
+def _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
+                 include_rating, blacklist, replace, always_first, underscores_to_spaces, escape_parentheses, order,
+                 separator):
+    from captionkit import api
+
+    try:
+        thresholds = {name: float(value) for name, value in _pairs(threshold, "--threshold").items()}
+    except ValueError as error:
+        raise CaptionkitError(f"--threshold: {error}; write it as CATEGORY=0.5") from error
+    return api.tag_options(
+        general_threshold=general_threshold, character_threshold=character_threshold, thresholds=thresholds,
+        use_model_thresholds=use_model_thresholds, mcut=mcut, max_tags=max_tags, include_rating=include_rating,
+        blacklist=_split_list(blacklist), replacements=_pairs(replace, "--replace"),
+        always_first=_split_list(always_first), underscores_to_spaces=underscores_to_spaces,
+        escape_parentheses=escape_parentheses, order=order, separator=separator,
+    )
+
+
+_GENERAL = typer.Option(help="Threshold for general tags.")
+_CHARACTER = typer.Option(help="Threshold for character tags.")
+_THRESHOLD = typer.Option(help="Per-category threshold, e.g. artist=0.5, copyright=0.6, meta=0.4 (repeatable).")
+_MODEL_THRESHOLDS = typer.Option(help="Use the thresholds the model ships (per-tag tuned ones from captionkit training).")
+_MCUT = typer.Option(help="Adaptive MCut threshold for general and character tags.")
+_MAX_TAGS = typer.Option(help="Keep at most this many predicted tags (highest scores).")
+_RATING = typer.Option(help="Add the most likely rating tag.")
+_BLACKLIST = typer.Option(help="Tags never written (repeatable or comma-separated).")
+_REPLACE = typer.Option(help="Rename a tag: OLD=NEW (repeatable; NEW empty removes it).")
+_FIRST = typer.Option(help="Tags written first, added even when not predicted (repeatable or comma-separated).")
+_UNDERSCORES = typer.Option(help="long_hair → long hair (kaomoji like ^_^ are kept).")
+_ESCAPE = typer.Option(help="Escape parentheses: name_(series) → name_\\(series\\).")
+_ORDER = typer.Option(help="score or name.")
+_SEPARATOR = typer.Option(help="Between tags.")
+
+
+@app.command()
+def tag(
+    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
+    model: Annotated[str, typer.Option(help="Tagger: WD-style hub repo or folder (model.onnx or timm weights + selected_tags.csv), or a folder from `captionkit train tagger`.")] = "SmilingWolf/wd-swinv2-tagger-v3",
+    general_threshold: Annotated[float, _GENERAL] = 0.35,
+    character_threshold: Annotated[float, _CHARACTER] = 0.85,
+    threshold: Annotated[list[str] | None, _THRESHOLD] = None,
+    use_model_thresholds: Annotated[bool, _MODEL_THRESHOLDS] = False,
+    mcut: Annotated[bool, _MCUT] = False,
+    max_tags: Annotated[int | None, _MAX_TAGS] = None,
+    include_rating: Annotated[bool, _RATING] = False,
+    blacklist: Annotated[list[str] | None, _BLACKLIST] = None,
+    replace: Annotated[list[str] | None, _REPLACE] = None,
+    always_first: Annotated[list[str] | None, _FIRST] = None,
+    underscores_to_spaces: Annotated[bool, _UNDERSCORES] = True,
+    escape_parentheses: Annotated[bool, _ESCAPE] = False,
+    order: Annotated[str, _ORDER] = "score",
+    separator: Annotated[str, _SEPARATOR] = ", ",
+    print_scores: Annotated[bool, typer.Option("--print", help="Print 'image: tag: score' lines for the chosen tags.")] = False,
+    write: Annotated[bool, typer.Option(help="Write tag files (--no-write with --print only prints).")] = True,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (a GPU asked for never falls back to CPU).")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="Folder for downloaded models.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per model call (halved automatically on out-of-memory).")] = 32,
+    workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
+    include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
+    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
+    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="Write tag files into a mirrored tree here.")] = None,
+    ext: Annotated[str, typer.Option(help="Tag file extension.")] = ".txt",
+    existing: Annotated[str, typer.Option(help="Existing files: skip, overwrite, append or fill-empty.")] = "skip",
+    on_collision: Annotated[str, typer.Option(help="a.png + a.jpg: skip or keep-extension.")] = "skip",
+    append_separator: Annotated[str, typer.Option(help="Between old and new text with --existing append.")] = ", ",
+    background: Annotated[str, typer.Option(help="Colour transparent images are composited on.")] = "white",
+    max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
+    keep_results: Annotated[bool, typer.Option(help="Reuse stored scores even if made by another model version.")] = False,
+    retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if unchanged.")] = False,
+    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to .jsonl or .parquet.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
+) -> None:
+    """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""
+    from captionkit import api
+
+    options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
+                           include_rating, blacklist, replace, always_first, underscores_to_spaces,
+                           escape_parentheses, order, separator)
+    mode = "quiet" if quiet or (print_scores and progress == "bar") else progress
+    summary = api.tag(
+        path, model=model, device=device, cache_dir=cache_dir, options=options, print_scores=print_scores,
+        batch_size=batch_size, workers=workers, recursive=recursive, include_hidden=include_hidden,
+        image_column=image_column, base_dir=base_dir, output_dir=output_dir, ext=ext, existing=existing,
+        on_collision=on_collision, append_separator=append_separator, background=background,
+        max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
+        write_sidecars=write, export=export or (), progress=mode,
+    )
+    _print_summary(summary, mode)
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@app.command()
+def render(
+    path: Annotated[Path, typer.Argument(help="The folder (or manifest) that was tagged or captioned.")],
+    field: Annotated[str, typer.Option(help="tags or caption.")] = "tags",
+    general_threshold: Annotated[float, _GENERAL] = 0.35,
+    character_threshold: Annotated[float, _CHARACTER] = 0.85,
+    threshold: Annotated[list[str] | None, _THRESHOLD] = None,
+    use_model_thresholds: Annotated[bool, _MODEL_THRESHOLDS] = False,
+    mcut: Annotated[bool, _MCUT] = False,
+    max_tags: Annotated[int | None, _MAX_TAGS] = None,
+    include_rating: Annotated[bool, _RATING] = False,
+    blacklist: Annotated[list[str] | None, _BLACKLIST] = None,
+    replace: Annotated[list[str] | None, _REPLACE] = None,
+    always_first: Annotated[list[str] | None, _FIRST] = None,
+    underscores_to_spaces: Annotated[bool, _UNDERSCORES] = True,
+    escape_parentheses: Annotated[bool, _ESCAPE] = False,
+    order: Annotated[str, _ORDER] = "score",
+    separator: Annotated[str, _SEPARATOR] = ", ",
+    prefix: Annotated[str, typer.Option(help="Captions only: text put before every caption.")] = "",
+    suffix: Annotated[str, typer.Option(help="Captions only: text put after every caption.")] = "",
+    cleanup: Annotated[bool, typer.Option(help="Captions only: strip special tokens and whitespace noise.")] = True,
+    collapse_loops: Annotated[bool, typer.Option(help="Captions only: collapse repeated-phrase loops.")] = True,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
+    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
+    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="The --output-dir of the original run.")] = None,
+    ext: Annotated[str, typer.Option(help="File extension.")] = ".txt",
+    existing: Annotated[str, typer.Option(help="Files captionkit did not write: skip, overwrite, append or fill-empty.")] = "skip",
+    on_collision: Annotated[str, typer.Option(help="a.png + a.jpg: skip or keep-extension.")] = "skip",
+    append_separator: Annotated[str, typer.Option(help="Between old and new text with --existing append.")] = ", ",
+) -> None:
+    """Rewrite tag or caption files from the stored results with new settings, without running a model."""
+    from captionkit import api
+
+    options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
+                           include_rating, blacklist, replace, always_first, underscores_to_spaces,
+                           escape_parentheses, order, separator) if field == "tags" else None
+    written = api.render(
+        path, field=field, options=options, prefix=prefix, suffix=suffix, cleanup=cleanup,
+        collapse_loops=collapse_loops, recursive=recursive, image_column=image_column, base_dir=base_dir,
+        output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
+        append_separator=append_separator,
+    )
+    print(f"{written} files rewritten", file=sys.stderr)
+
+
 @app.command()
 def models() -> None:
     """List the registered model backends."""

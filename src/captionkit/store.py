@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS results (
     updated_at REAL NOT NULL,
     PRIMARY KEY (step, record_id)
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outputs (
     output_path TEXT PRIMARY KEY,
     step TEXT NOT NULL,
@@ -226,6 +230,17 @@ class Store:
         else:
             query, args = "SELECT COUNT(*) FROM results WHERE step = ? AND status = ?", (step, status)
         return int(self._connection.execute(query, args).fetchone()[0])
+
+    # metadata shared by many results (e.g. a tagger's vocabulary) ------------
+    def put_meta(self, key: str, value: Any) -> None:
+        with self._connection:
+            self._connection.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, ensure_ascii=False))
+            )
+
+    def get_meta(self, key: str) -> Any:
+        row = self._connection.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row is not None else None
 
     # sidecar ledger ----------------------------------------------------------
     def get_outputs(self, paths: Iterable[str]) -> dict[str, OutputRecord]:

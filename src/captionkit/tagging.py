@@ -306,3 +306,11 @@ def render_tags(selected: Sequence[tuple[str, float]], options: TagOptions) -> s
         seen.add(text)
         written.append(text)
     return options.separator.join(written)
+
+
+def score_lines(image: str, selected: Sequence[tuple[str, float]], options: TagOptions | None = None) -> list[str]:
+    """``image: tag: score`` lines for ``captionkit tag --print`` (tags formatted as in captions)."""
+    return [
+        f"{image}: {format_tag(tag, options) if options is not None else tag}: {score:.4f}"
+        for tag, score in selected
+    ]

@@ -32,7 +32,7 @@ class BackendInfo:
 
 
 _REGISTRY: dict[str, BackendInfo] = {}
-_BUILTIN_MODULES = ("captionkit.models.florence2",)
+_BUILTIN_MODULES = ("captionkit.models.florence2", "captionkit.models.tagger_registry")
 
 
 def register_backend(

@@ -11,9 +11,11 @@ What a run does, and why:
 * Loop: timm optimizers (AdamW and friends), linear warmup + cosine, accelerate for
   device and mixed precision, gradient accumulation, optional EMA, one seed.
 * Every epoch: mAP, micro/macro F1 at ``threshold``, per-tag F1-optimal thresholds,
-  logged to TensorBoard; checkpoints ``last`` (every epoch) and ``epoch-NNNN`` (every
-  ``save_every_epochs``, rotated by ``save_total_limit`` but never the best), and the
-  best model exported to ``output_dir/best`` as a folder ``captionkit tag`` loads.
+  logged to TensorBoard. Checkpoints (full training state): ``output_dir/last`` every
+  epoch, and ``output_dir/checkpoints/epoch-NNNN`` every ``save_every_epochs`` epochs,
+  rotated by ``save_total_limit`` but never deleting the best or the newest. The best
+  model is exported to ``output_dir/best`` and the last to ``output_dir/final``, as
+  folders ``captionkit tag`` loads.
 * Resume from any checkpoint restores model, optimizer, scheduler, AMP scaler, EMA,
   RNG states, epoch, split and vocabulary; the data order of an epoch depends only on
   (seed, epoch), so a resumed run repeats what the uninterrupted one would have done.
@@ -37,6 +39,7 @@ from captionkit.train.config import ConfigError, config_to_dict, load_config, sa
 _log = logging.getLogger(__name__)
 
 STATE_FILE = "training_state.json"
+LAST_DIR = "last"
 SPLIT_FILE = "split.json"
 METRICS_FILE = "metrics.jsonl"
 
@@ -342,17 +345,34 @@ def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: flo
 
 
 def _resolve_resume(resume: Path) -> Path:
-    """A checkpoint folder, or a run's output folder (then its ``checkpoints/last``)."""
+    """A checkpoint folder, or a run's output folder (then its ``last`` checkpoint)."""
     resume = Path(resume)
     if (resume / STATE_FILE).is_file():
         return resume
-    candidate = resume / "checkpoints" / "last"
+    candidate = resume / LAST_DIR
     if (candidate / STATE_FILE).is_file():
         return candidate
     raise TaggerTrainingError(
-        f"--resume {resume}: no {STATE_FILE} there or in {candidate}; pass a checkpoint folder "
-        "(OUTPUT/checkpoints/last or OUTPUT/checkpoints/epoch-NNNN)"
+        f"--resume {resume}: no {STATE_FILE} there or in {candidate}; pass a run's output folder or a "
+        "checkpoint folder (OUTPUT/last or OUTPUT/checkpoints/epoch-NNNN)"
     )
+
+
+def _save_last(folder: Path, write: Any) -> None:
+    """Write the every-epoch checkpoint into a temp folder and swap it in (never half-written)."""
+    import shutil
+    import uuid
+
+    from captionkit.train.tagger_export import _replace_folder
+
+    temp = folder.with_name(f".{folder.name}.ck-tmp-{uuid.uuid4().hex[:8]}")
+    temp.mkdir(parents=True)
+    try:
+        write(temp)
+        _replace_folder(temp, folder)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
 
 
 def _flat_hparams(config: TaggerTrainConfig) -> dict[str, Any]:
@@ -612,7 +632,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            manager.save("last", write_checkpoint)
+            _save_last(output / LAST_DIR, write_checkpoint)
             final_epoch = epoch + 1 == config.epochs
             if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
                 manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)

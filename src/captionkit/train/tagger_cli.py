@@ -29,7 +29,7 @@ def tagger_command(
         Path | None,
         typer.Option(
             "--resume",
-            help="Checkpoint folder (OUTPUT/checkpoints/last or epoch-NNNN) or a run's output folder.",
+            help="A run's output folder (continues from OUTPUT/last) or a checkpoint folder (OUTPUT/checkpoints/epoch-NNNN).",
         ),
     ] = None,
 ) -> None:

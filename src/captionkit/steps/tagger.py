@@ -1,0 +1,161 @@
+"""The tagging step: a multi-label tagger's full score vector per image, rendered by TagOptions.
+
+Every score is kept in the store (float32, compressed, exact), together with the model's
+vocabulary and thresholds in the store's metadata, so ``captionkit render`` can choose
+tags again with new thresholds, blacklists or ordering without loading the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from captionkit.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.records import Record
+from captionkit.steps.base import Prepared
+from captionkit.store import Store
+from captionkit.tagging import TagOptions, render_tags, select_tags
+
+
+def encode_scores(scores: np.ndarray) -> str:
+    """Scores → text for the store (float32, zlib, base64): exact, so re-rendering matches the first run."""
+    return base64.b64encode(zlib.compress(np.asarray(scores, dtype="<f4").tobytes(), 6)).decode("ascii")
+
+
+def decode_scores(text: str) -> np.ndarray:
+    return np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype="<f4").astype(np.float32)
+
+
+def tagger_identity(name_or_path: str, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """What identifies a tagger's scores, read from its files without loading the weights."""
+    from captionkit.models.taggers import _resolve, detect_format
+
+    folder, revision, prefer_onnx = _resolve(str(name_or_path), cache_dir)
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".csv", ".onnx", ".safetensors", ".bin"):
+            info = path.stat()
+            files[path.name] = f"{info.st_size}:{info.st_mtime_ns}"
+    return {
+        "backend": "tagger",
+        "format": detect_format(folder, prefer_onnx=prefer_onnx),
+        "model": str(folder.resolve()) if revision is None else str(name_or_path),
+        "revision": revision,
+        "onnx_file": prefer_onnx,
+        "files": files if revision is None else None,
+    }
+
+
+class TagRenderer:
+    """Raw stored scores → selected tags → text, with the vocabulary kept in the store."""
+
+    def __init__(self, store: Store, options: TagOptions) -> None:
+        self.store = store
+        self.options = options
+        self._vocabularies: dict[str, dict[str, Any]] = {}
+
+    def vocabulary(self, key: str) -> dict[str, Any]:
+        if key not in self._vocabularies:
+            value = self.store.get_meta(key)
+            if value is None:
+                from captionkit.errors import CaptionkitError
+
+                raise CaptionkitError(f"{self.store.path}: the tag vocabulary {key} is missing; tag again.")
+            self._vocabularies[key] = value
+        return self._vocabularies[key]
+
+    def select(self, raw: dict[str, Any]) -> list[tuple[str, float]]:
+        vocabulary = self.vocabulary(raw["vocabulary"])
+        thresholds = dict(vocabulary["default_thresholds"])
+        if thresholds.get("per_tag") is not None:
+            thresholds["per_tag"] = np.asarray(thresholds["per_tag"], dtype=np.float32)
+        return select_tags(decode_scores(raw["scores"]), vocabulary["tags"], vocabulary["categories"],
+                           self.options, thresholds)
+
+    def render(self, raw: dict[str, Any]) -> str:
+        return render_tags(self.select(raw), self.options)
+
+
+class TagStep:
+    """Writes the ``tags`` field with a WD-style or captionkit-trained tagger."""
+
+    field = "tags"
+
+    def __init__(
+        self,
+        model: str,
+        store: Store,
+        options: TagOptions | None = None,
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        batch_size: int = 32,
+        background: tuple[int, int, int] = (255, 255, 255),
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.model_name = model
+        self.device = device
+        self.cache_dir = cache_dir
+        self.batch_size = batch_size
+        self.background = background
+        self.max_pixels = max_pixels
+        self.renderer = TagRenderer(store, options or TagOptions())
+        self.store = store
+        self.tagger: Any = None
+        self._identity = tagger_identity(model, cache_dir)
+        self._vocabulary_key = "vocabulary:" + hashlib.sha256(
+            repr(sorted(self._identity.items())).encode()).hexdigest()[:20]
+        self._target_size: tuple[int, int] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return self._identity
+
+    def render_settings(self) -> dict[str, Any]:
+        return self.renderer.options.fingerprint()
+
+    def load(self) -> None:
+        from captionkit.models.taggers import load_tagger
+
+        if self.tagger is not None:
+            return
+        self.tagger = load_tagger(self.model_name, device=self.device, cache_dir=self.cache_dir)
+        thresholds = dict(self.tagger.default_thresholds)
+        if thresholds.get("per_tag") is not None:
+            thresholds["per_tag"] = [float(v) for v in np.asarray(thresholds["per_tag"]).reshape(-1)]
+        self.store.put_meta(self._vocabulary_key, {
+            "tags": list(self.tagger.tags),
+            "categories": [int(c) for c in self.tagger.categories],
+            "default_thresholds": thresholds,
+        })
+        height, width = self.tagger.preprocessing.size
+        self._target_size = (int(width), int(height))
+
+    def unload(self) -> None:
+        if self.tagger is not None:
+            self.tagger.unload()
+            self.tagger = None
+
+    def prepare(self, record: Record) -> Prepared:
+        loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
+        return Prepared(record, self.tagger.preprocess(loaded.image), loaded.original_size, loaded.content_hash,
+                        loaded.notes)
+
+    def run_batch(self, items: list[Prepared]) -> list[Any]:
+        scores = self.tagger.predict(np.stack([item.payload for item in items]))
+        return [{"scores": encode_scores(row), "vocabulary": self._vocabulary_key} for row in scores]
+
+    def render(self, raw: Any) -> str:
+        return self.renderer.render(raw)
+
+    def recover_from_oom(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
