@@ -194,3 +194,19 @@ def test_task_options_are_validated(tiny_florence):
     grounding = captionkit.build_captioner(str(tiny_florence), task="<CAPTION_TO_PHRASE_GROUNDING>",
                                            task_input="a cat")
     assert grounding.fingerprint()["task_input"] == "a cat"
+
+
+def test_render_captions_with_new_prefix_without_the_model(tmp_path, tiny_florence, monkeypatch):
+    folder = tmp_path / "images"
+    paths = write_good_images(folder, 3)
+    captionkit.caption(folder, model=str(tiny_florence), **FAST)
+    before = {p.name: p.with_suffix(".txt").read_text() for p in paths}
+    import captionkit.models.florence2 as florence2
+
+    monkeypatch.setattr(florence2.Florence2Captioner, "load", lambda self: pytest.fail("no model for render"))
+    assert captionkit.render(folder, field="caption", prefix="ohwx, ") == 3
+    for path in paths:
+        assert path.with_suffix(".txt").read_text() == "ohwx, " + before[path.name]
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(captionkit.CaptionkitError, match="no captionkit store"):
+        captionkit.render(tmp_path / "elsewhere")
