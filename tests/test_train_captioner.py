@@ -159,7 +159,8 @@ def test_lora_default_targets_only_the_language_model(base_model):
     assert any(name.endswith("encoder_attn.q_proj") for name in names) and any(name.endswith("fc2") for name in names)
     everything = matching_modules(model, "all_linear")
     assert any(name.startswith("model.vision_tower.") for name in everything)
-    assert matching_modules(model, ["q_proj"]) and all(n.endswith("q_proj") for n in matching_modules(model, ["q_proj"]))
+    by_name = matching_modules(model, ["q_proj"])
+    assert by_name and all(name.endswith("q_proj") for name in by_name)
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -22,10 +22,20 @@ from captionkit.train.tagger import (
 from captionkit.train.tagger_synthetic import TAGS, make_shapes_image, write_shapes_dataset
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait slow
+    down ~100x when another process holds a core (shared CI runners, parallel test jobs)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    """600 generated 64 px images with tag files (seeded: identical on every run)."""
-    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 600, seed=1)
+    """800 generated 64 px images with tag files (seeded: identical on every run)."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), 800, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +111,7 @@ def test_init_from_a_trained_folder_keeps_surviving_rows(small_shapes, tmp_path)
 @pytest.mark.slow
 def test_tiny_tagger_learns_shapes_and_a_resumed_run_ends_the_same(shapes, tmp_path):
     settings = [f"data.train_dirs=[{shapes}]", "model.backbone=test_resnet", "model.image_size=64",
-                "epochs=6", "batch_size=32", "optim.lr=5e-3", "data.num_workers=0", "data.val_fraction=0.2",
+                "epochs=8", "batch_size=32", "optim.lr=5e-3", "data.num_workers=0", "data.val_fraction=0.2",
                 "save_total_limit=null", "export_onnx=true"]
     full = train_tagger(load_tagger_config(None, [*settings, f"output_dir={tmp_path / 'full'}"]))
     assert full.split_method == "stratified"
@@ -110,14 +120,14 @@ def test_tiny_tagger_learns_shapes_and_a_resumed_run_ends_the_same(shapes, tmp_p
     out = full.output_dir
     assert (out / "last" / "training_state.json").is_file()
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("epoch-")) == [
-        f"epoch-{n:04d}" for n in range(1, 7)]
+        f"epoch-{n:04d}" for n in range(1, 9)]
     assert list(out.rglob("events.out.tfevents.*")), "TensorBoard logs are written by default"
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 6
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 8
 
     resumed = train_tagger(load_tagger_config(None, [*settings, "export_onnx=false",
                                                      f"output_dir={tmp_path / 'resumed'}"]),
-                           resume=out / "checkpoints" / "epoch-0003")
-    assert resumed.start_epoch == 3 and len(resumed.history) == 3
+                           resume=out / "checkpoints" / "epoch-0004")
+    assert resumed.start_epoch == 4 and len(resumed.history) == 4
     for key in ("map", "micro_f1", "macro_f1", "val_loss"):
         assert resumed.final_metrics[key] == pytest.approx(full.final_metrics[key], abs=1e-4), key
 
@@ -128,18 +138,23 @@ def test_tiny_tagger_learns_shapes_and_a_resumed_run_ends_the_same(shapes, tmp_p
     tagger = load_tagger(str(full.best_dir), device="cpu")
     onnx_tagger = load_tagger(str(full.best_dir / "model.onnx"), device="cpu")
     rng = __import__("random").Random(99)
-    samples = [make_shapes_image(rng, (64, 64)) for _ in range(24)]
+    samples = [make_shapes_image(rng, (64, 64)) for _ in range(48)]
     scores = tagger.predict(np.stack([tagger.preprocess(image) for image, _ in samples]))
     onnx_scores = onnx_tagger.predict(np.stack([onnx_tagger.preprocess(image) for image, _ in samples]))
     np.testing.assert_allclose(onnx_scores, scores, atol=1e-4)
     options = TagOptions(use_model_thresholds=True)
-    exact = sum(
-        {tag for tag, _ in select_tags(row, tagger.tags, tagger.categories, options, tagger.default_thresholds)}
-        == set(expected)
-        for row, (_, expected) in zip(scores, samples, strict=True)
-    )
+    true_positives = false_positives = false_negatives = 0
+    for row, (_, expected) in zip(scores, samples, strict=True):
+        chosen = {tag for tag, _ in select_tags(row, tagger.tags, tagger.categories, options,
+                                                tagger.default_thresholds)}
+        true_positives += len(chosen & set(expected))
+        false_positives += len(chosen - set(expected))
+        false_negatives += len(set(expected) - chosen)
+    f1 = 2 * true_positives / (2 * true_positives + false_positives + false_negatives)
     assert set(tagger.tags) == set(TAGS)
-    assert exact >= 12, f"only {exact}/24 new images got exactly their tags"
+    print(f"held-out mAP {full.final_metrics['map']:.4f}, micro F1 {full.final_metrics['micro_f1']:.4f}; "
+          f"resumed mAP {resumed.final_metrics['map']:.4f}; F1 of selected tags on new images {f1:.3f}")
+    assert f1 >= 0.8, f"tags chosen with the shipped thresholds reach only F1 {f1:.3f} on new images"
 
 
 def test_resume_of_a_finished_run_says_how_to_continue(small_shapes, tmp_path):
@@ -176,9 +191,9 @@ def test_cli_trains_from_a_yaml_file_and_reports_config_errors(small_shapes, tmp
     assert bad.exit_code == 2 and "unknown key 'model.size'" in bad.output
 
 
-def test_resume_restores_ema_accumulation_and_mixed_precision_state(small_shapes, tmp_path):
+def test_resume_restores_ema_accumulation_and_dropout_state(small_shapes, tmp_path):
     settings = tiny_settings(small_shapes, tmp_path / "full", "epochs=3", "ema_decay=0.9",
-                             "gradient_accumulation_steps=2", "mixed_precision=bf16", "model.drop_path_rate=0.1",
+                             "gradient_accumulation_steps=2", "model.drop_path_rate=0.1",
                              "loss.name=asl", "save_total_limit=null")
     full = train_tagger(load_tagger_config(None, settings))
     resumed = train_tagger(load_tagger_config(None, [*settings, f"output_dir={tmp_path / 'resumed'}"]),
@@ -189,8 +204,10 @@ def test_resume_restores_ema_accumulation_and_mixed_precision_state(small_shapes
 
 
 def test_rotation_keeps_the_best_and_the_newest_checkpoint(small_shapes, tmp_path):
+    # bf16 here also checks that a second run in one process may change the precision.
     result = train_tagger(load_tagger_config(None, tiny_settings(
-        small_shapes, tmp_path / "run", "epochs=4", "save_total_limit=1", "metric=val_loss")))
+        small_shapes, tmp_path / "run", "epochs=4", "save_total_limit=1", "metric=val_loss",
+        "model.image_size=16", "mixed_precision=bf16")))
     from captionkit.train.checkpoints import CheckpointManager
 
     manager = CheckpointManager(result.output_dir / "checkpoints", 1, "val_loss", greater_is_better=False)

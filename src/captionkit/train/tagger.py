@@ -419,6 +419,12 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
     resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
 
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
+        # accelerate keeps one precision per process; a second run in the same process
+        # (notebook, test suite) with another precision needs the singleton cleared.
+        AcceleratorState._reset_state()
     try:
         accelerator = Accelerator(
             mixed_precision=config.mixed_precision,

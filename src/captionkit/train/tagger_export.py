@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,22 +125,29 @@ def export_onnx(model: Any, preprocessing: Preprocessing, path: str | Path, opse
     model.eval()
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(temp),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_shapes={"image": {0: batch}},
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-        )
+        with warnings.catch_warnings():  # torch.export's own deprecation chatter, not ours to fix
+            warnings.simplefilter("ignore", FutureWarning)
+            _onnx_export(torch, wrapper, example, temp, batch, opset)
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
         model.train(was_training)
     return path
+
+
+def _onnx_export(torch: Any, wrapper: Any, example: Any, temp: Path, batch: Any, opset: int) -> None:
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(temp),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_shapes={"image": {0: batch}},
+        opset_version=opset,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
 
 
 def export_tagger(
