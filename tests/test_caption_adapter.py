@@ -53,6 +53,8 @@ def test_adapter_is_part_of_the_fingerprint_and_checked(tmp_path, tiny_florence)
     plain = captionkit.build_captioner(str(tiny_florence))
     adapted = captionkit.build_captioner(str(tiny_florence), adapter=adapter)
     assert plain.fingerprint()["adapter"] is None
+    from_adapter = captionkit.build_captioner(adapter=adapter)  # the base recorded in the adapter
+    assert from_adapter.fingerprint()["model"] == str(tiny_florence.resolve())
     assert adapted.fingerprint()["adapter"]["path"] == str(adapter.resolve())
     broken = captionkit.build_captioner(str(tiny_florence), adapter=tmp_path)
     with pytest.raises(captionkit.CaptionkitError, match="adapter_config.json"):

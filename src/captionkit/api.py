@@ -30,7 +30,7 @@ def attach_run_log(store: Store) -> logging.Handler:
 
 
 def build_captioner(
-    model: str = DEFAULT_CAPTION_MODEL,
+    model: str | None = None,
     *,
     task: str = "<CAPTION>",
     task_input: str | None = None,
@@ -46,11 +46,14 @@ def build_captioner(
     revision: str | None = None,
     adapter: str | Path | None = None,
 ):
-    """A captioner backend for ``model``, its family read from the model's config."""
+    """A captioner backend for ``model``, its family read from the model's config.
+
+    Without ``model``: the base model an ``adapter`` was trained on, else the default.
+    """
     from captionkit.models import backend_for_model_type, read_model_config
     from captionkit.models.florence2 import GenerationSettings, native_model_id
 
-    model = native_model_id(str(model))
+    model = native_model_id(str(model or adapter_base_model(adapter) or DEFAULT_CAPTION_MODEL))
     config = read_model_config(model, cache_dir=cache_dir, revision=revision)
     backend = backend_for_model_type(str(config.get("model_type", "")), "captioner")
     return backend.factory(
@@ -64,6 +67,18 @@ def build_captioner(
     )
 
 
+def adapter_base_model(adapter: str | Path | None) -> str | None:
+    """The base model recorded in a PEFT adapter folder, if any."""
+    if adapter is None:
+        return None
+    config = Path(adapter).expanduser() / "adapter_config.json"
+    if not config.is_file():
+        return None
+    import json
+
+    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
+
+
 def output_location(source: Source, output_dir: str | Path | None) -> Path:
     """Where the store, log and (without --output-dir) nothing else lives."""
     return Path(output_dir).expanduser().resolve() if output_dir else source.root
@@ -72,7 +87,7 @@ def output_location(source: Source, output_dir: str | Path | None) -> Path:
 def caption(
     path: str | Path,
     *,
-    model: str = DEFAULT_CAPTION_MODEL,
+    model: str | None = None,
     task: str = "<CAPTION>",
     task_input: str | None = None,
     max_new_tokens: int = 256,
@@ -112,8 +127,9 @@ def caption(
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
 
-    ``captioner`` overrides the backend built from ``model`` and the generation options
-    (for library users with a model already loaded).
+    ``model`` defaults to the base model of ``adapter`` when one is given, else to
+    Florence-2-base. ``captioner`` overrides the backend built from ``model`` and the
+    generation options (for library users with a model already loaded).
     """
     from captionkit.steps.captioner import CaptionStep, CaptionText
 
@@ -132,7 +148,7 @@ def caption(
         )
 
     return _run_step(
-        path, make_step, f"model {model}, task {task}", batch_size=batch_size, workers=workers,
+        path, make_step, f"model {model or adapter or DEFAULT_CAPTION_MODEL}, task {task}", batch_size=batch_size, workers=workers,
         recursive=recursive, include_hidden=include_hidden, image_column=image_column, base_dir=base_dir,
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,

@@ -51,7 +51,7 @@ def _print_summary(summary, progress: str) -> None:
 @app.command()
 def caption(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
-    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = "florence-community/Florence-2-base",
+    model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
     task: Annotated[str, typer.Option(help="Florence-2 task: <CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...")] = "<CAPTION>",
     task_input: Annotated[str | None, typer.Option(help="Text for tasks that take one (e.g. <CAPTION_TO_PHRASE_GROUNDING>).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Longest caption in tokens.")] = 256,
