@@ -129,7 +129,7 @@ def main() -> None:
         reference = reference_loop(tagger, paths)
         reference_seconds = time.perf_counter() - started
         reference_rate = len(paths) / reference_seconds
-        print(f"{"reference loop (1 image per call)":38s}: {reference_rate:8.1f} images/s")
+        print(f"{'reference loop (1 image per call)':38s}: {reference_rate:8.1f} images/s")
         for scaled in (False, True):
             started = time.perf_counter()
             scores = batched(tagger, paths, args.batch_size, args.workers, scaled_decode=scaled)

@@ -134,6 +134,9 @@ def test_invalid_options_fail_with_the_field_name():
         TagOptions(order="random")
     with pytest.raises(ValueError, match="general_threshold"):
         TagOptions(general_threshold=1.5)
+    with pytest.raises(ValueError, match="unknown category 'charcter'"):
+        TagOptions(thresholds={"charcter": 0.5})
+    assert TagOptions(thresholds={"7": 0.5}).category_threshold(7) == 0.5
 
 
 def test_misaligned_inputs_fail():

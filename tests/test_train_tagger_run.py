@@ -132,9 +132,11 @@ def test_tiny_tagger_learns_shapes_and_a_resumed_run_ends_the_same(shapes, tmp_p
         assert resumed.final_metrics[key] == pytest.approx(full.final_metrics[key], abs=1e-4), key
 
     # The exported best model tags new images through the public loader, timm and ONNX alike.
-    from captionkit.models.taggers import load_tagger
+    from captionkit.models.taggers import TaggerLoadError, load_tagger
     from captionkit.tagging import TagOptions, select_tags
 
+    with pytest.raises(TaggerLoadError, match="training run, not a model; pass --model .*best"):
+        load_tagger(str(out), device="cpu")
     tagger = load_tagger(str(full.best_dir), device="cpu")
     onnx_tagger = load_tagger(str(full.best_dir / "model.onnx"), device="cpu")
     rng = __import__("random").Random(99)
@@ -218,3 +220,23 @@ def test_rotation_keeps_the_best_and_the_newest_checkpoint(small_shapes, tmp_pat
     assert (result.output_dir / "last" / "training_state.json").is_file()
     best_config = json.loads((result.best_dir / "config.json").read_text())
     assert best_config["captionkit"]["training"]["epoch"] == int(best[-4:])
+
+
+def test_pretrained_weights_from_a_local_file_or_a_clear_error_offline(tmp_path, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    source = timm.create_model("test_resnet")  # a 1000-class "pretrained" model
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    model, _ = create_backbone(TaggerModelConfig(backbone="test_resnet", image_size=32,
+                                                 pretrained=str(tmp_path / "weights.safetensors")), 5)
+    assert model.num_classes == 5
+    assert torch.equal(model.state_dict()["conv1.0.weight"], source.state_dict()["conv1.0.weight"])
+    with pytest.raises(TaggerTrainingError, match="is not a file"):
+        create_backbone(TaggerModelConfig(backbone="test_resnet", pretrained=str(tmp_path / "nope.pth")), 5)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TaggerTrainingError, match="could not be downloaded.*model.pretrained: none"):
+        create_backbone(TaggerModelConfig(backbone="resnet10t", pretrained="hub"), 5)
+    with pytest.raises(TaggerTrainingError, match="not a timm model"):
+        create_backbone(TaggerModelConfig(backbone="resnet_does_not_exist"), 5)

@@ -148,7 +148,8 @@ def caption(
         )
 
     return _run_step(
-        path, make_step, f"model {model or adapter or DEFAULT_CAPTION_MODEL}, task {task}", batch_size=batch_size, workers=workers,
+        path, make_step, f"model {model or adapter or DEFAULT_CAPTION_MODEL}, task {task}", batch_size=batch_size,
+        workers=workers,
         recursive=recursive, include_hidden=include_hidden, image_column=image_column, base_dir=base_dir,
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,

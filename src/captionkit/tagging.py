@@ -88,6 +88,12 @@ class TagOptions:
     def __post_init__(self) -> None:
         if self.order not in ("score", "name"):
             raise ValueError(f"TagOptions.order must be 'score' or 'name', got {self.order!r}.")
+        for key in self.thresholds:
+            if key not in CATEGORY_IDS and not str(key).isdigit():
+                raise ValueError(
+                    f"TagOptions.thresholds has unknown category {key!r}; use one of "
+                    f"{', '.join(sorted(CATEGORY_IDS))} or a category number"
+                )
         if self.max_tags is not None and self.max_tags < 0:
             raise ValueError(f"TagOptions.max_tags must be 0 or more, got {self.max_tags}.")
         for name, value in [("general_threshold", self.general_threshold),

@@ -426,6 +426,11 @@ def detect_format(folder: Path, prefer_onnx: bool = False) -> str:
     if has_onnx:
         return FORMAT_WD_ONNX
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if (folder / "best" / CONFIG_FILE).is_file():
+        raise TaggerLoadError(
+            f"{folder}: this is a tagger training run, not a model; pass --model {folder / 'best'} "
+            f"(best validation score) or --model {folder / 'final'} (last epoch)"
+        )
     raise TaggerLoadError(
         f"{folder}: not a tagger folder (found {present[:12]}); a tagger needs either "
         f"{ONNX_FILE} + {TAGS_FILE} (WD ONNX) or {CONFIG_FILE} with 'architecture' + "

@@ -404,31 +404,56 @@ SHAPE_NAMES = ("circle", "square", "triangle")
 
 
 def write_shapes_dataset(folder: str | Path, count: int, seed: int = 0, size: int = 64,
-                         objects: int = 2) -> list[tuple[Path, str]]:
+                         objects: int = 2, *, extent: int | None = None, jitter: int | None = None,
+                         colours: Sequence[str] | None = None,
+                         shapes: Sequence[str] | None = None) -> list[tuple[Path, str]]:
     """Write ``count`` PNGs of coloured shapes with captions such as "a red circle and a blue square".
 
     Why: proving that training works needs a data set whose captions follow from the
     pixels; a user can also run it to smoke-test their setup. Objects are placed left
     to right in separate slots and described in that order.
+
+    The defaults draw each shape at a random size anywhere in its slot. ``extent`` fixes
+    the shape size in pixels; ``jitter`` centres each shape in its slot and moves it by at
+    most that many pixels; ``colours`` and ``shapes`` restrict the vocabulary (names from
+    :data:`SHAPE_COLOURS` and :data:`SHAPE_NAMES`). Together they give an easier set for
+    learning tests on a tiny model.
     """
     from PIL import Image, ImageDraw
 
+    palette = list(SHAPE_COLOURS) if colours is None else list(colours)
+    kinds = list(SHAPE_NAMES) if shapes is None else list(shapes)
+    unknown = sorted(set(palette) - set(SHAPE_COLOURS)) + sorted(set(kinds) - set(SHAPE_NAMES))
+    if unknown or not palette or not kinds:
+        raise ValueError(f"unknown or empty colours/shapes {unknown}; choose from {list(SHAPE_COLOURS)} and "
+                         f"{list(SHAPE_NAMES)}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     written = []
     slot = size // objects
+    if extent is not None and not 4 <= extent <= min(slot, size - 2):
+        raise ValueError(f"extent must be between 4 and {min(slot, size - 2)} pixels for {objects} objects in "
+                         f"{size} px, got {extent}")
+    if jitter is not None and jitter < 0:
+        raise ValueError(f"jitter must be 0 or more pixels, got {jitter}")
     for number in range(count):
         image = Image.new("RGB", (size, size), tuple(rng.randint(90, 140) for _ in range(3)))
         draw = ImageDraw.Draw(image)
         parts = []
         for position in range(objects):
-            colour = rng.choice(list(SHAPE_COLOURS))
-            shape = rng.choice(SHAPE_NAMES)
-            extent = rng.randint(max(6, slot * 7 // 16), max(7, min(slot * 13 // 16, slot - 2)))
-            left = rng.randint(position * slot, (position + 1) * slot - extent)
-            top = rng.randint(size // 16, size - size // 16 - extent)
-            box = (left, top, left + extent, top + extent)
+            colour = rng.choice(palette)
+            shape = rng.choice(kinds)
+            side = extent if extent is not None else rng.randint(
+                max(6, slot * 7 // 16), max(7, min(slot * 13 // 16, slot - 2)))
+            if jitter is None:
+                left = rng.randint(position * slot, (position + 1) * slot - side)
+                top = rng.randint(size // 16, size - size // 16 - side)
+            else:
+                low, high = position * slot, (position + 1) * slot - side
+                left = min(high, max(low, (low + high) // 2 + rng.randint(-jitter, jitter)))
+                top = min(size - side, max(0, (size - side) // 2 + rng.randint(-jitter, jitter)))
+            box = (left, top, left + side, top + side)
             if shape == "circle":
                 draw.ellipse(box, fill=SHAPE_COLOURS[colour])
             elif shape == "square":

@@ -19,6 +19,26 @@ What a run does, and why:
 * Resume from any checkpoint restores model, optimizer, scheduler, AMP scaler, EMA,
   RNG states, epoch, split and vocabulary; the data order of an epoch depends only on
   (seed, epoch), so a resumed run repeats what the uninterrupted one would have done.
+
+A config (every key but ``output_dir`` and ``data.train_dirs`` has a default)::
+
+    output_dir: runs/tagger
+    data:
+      train_dirs: [datasets/danbooru/images]   # a.png + a.txt ("tag1, tag2")
+      selected_tags: datasets/danbooru/selected_tags.csv
+      min_count: 50
+      split: auto            # stratified (iterstrat) while N x tags fits, random beyond
+    model: {backbone: convnext_tiny, pretrained: hub, image_size: 448, drop_path_rate: 0.1}
+    loss: {name: asl, gamma_neg: 4, clip: 0.05}
+    optim: {optimizer: adamw, lr: 3.0e-4, weight_decay: 0.05, warmup_fraction: 0.05}
+    epochs: 20
+    batch_size: 64
+    mixed_precision: bf16
+    ema_decay: 0.9998
+    metric: map
+    export_onnx: true
+
+``captionkit train tagger --config tagger.yaml --set optim.lr=1e-4 [--resume runs/tagger]``
 """
 
 from __future__ import annotations
@@ -421,6 +441,13 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
     from accelerate.state import AcceleratorState
 
+    from captionkit.errors import require
+
+    if config.report_to == "tensorboard":
+        require("tensorboard", "report_to: tensorboard", extra="train")
+    elif config.report_to == "wandb":
+        require("wandb", "report_to: wandb")
+
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
         # accelerate keeps one precision per process; a second run in the same process
         # (notebook, test suite) with another precision needs the singleton cleared.
@@ -464,7 +491,12 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
         train_idx, val_idx, split_method = np.arange(len(items)), np.arange(len(val_items)), "folders"
     else:
         val_encoded = encoded
-        saved = _read_split(resume_dir / SPLIT_FILE if resume_dir else split_path, encoded.paths)
+        saved_path = resume_dir / SPLIT_FILE if resume_dir else split_path
+        saved = _read_split(saved_path, encoded.paths)
+        if saved is None and saved_path.is_file():
+            _log.warning("%s no longer matches the images in data.train_dirs (images were added or removed); "
+                         "a new train/validation split is drawn, so metrics are not comparable with before",
+                         saved_path)
         if saved is not None:
             train_idx, val_idx, split_method = saved
         else:
