@@ -13,45 +13,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from captionkit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
 INDEX_NAME = "checkpoints.json"
 _TEMP_PREFIX = ".tmp-"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename.
-
-    Why: a reader (or a resumed run after a crash) sees the old file or the new one,
-    never a truncated one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, value: Any) -> None:
-    """Atomically write ``value`` as indented JSON."""
-    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
 class CheckpointManager:
