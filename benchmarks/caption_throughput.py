@@ -139,7 +139,8 @@ def main() -> None:
         print(f"reference loop         : {reference_rate:8.2f} images/s")
         overall = summary.processed / (summary.elapsed_s - summary.model_load_s)
         print(f"captionkit pipeline    : {pipeline_rate:8.2f} images/s "
-              f"(model busy {summary.model_busy_fraction:.0%}; incl. planning+store {overall:.2f}/s)")
+              f"(model busy {summary.model_busy_fraction:.0%}; incl. planning+store {overall:.2f}/s; "
+              f"model CPU threads chosen: {summary.model_cpu_threads})")
         print(f"ratio pipeline/reference: {pipeline_rate / reference_rate:.2f}x")
         print(f"ratio pipeline/decode   : {pipeline_rate / decode_rate:.2f}x")
     finally:

@@ -19,8 +19,12 @@ TEMP_MARKER = ".ck-tmp-"
 
 
 @contextmanager
-def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success it is flushed, synced and renamed over ``path``."""
+def atomic_open(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success it is flushed (synced if ``durable``) and renamed over ``path``.
+
+    The rename alone protects against crashes of the process; ``durable`` also waits for
+    the disk, which protects against power loss and costs a millisecond or more per file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
@@ -28,22 +32,23 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as stream:
             yield stream
             stream.flush()
-            os.fsync(stream.fileno())
+            if durable:
+                os.fsync(stream.fileno())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via temp file + fsync + rename."""
-    with atomic_open(path, "wb") as stream:
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` via temp file (+ fsync when ``durable``) + rename."""
+    with atomic_open(path, "wb", durable) as stream:
         stream.write(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
     """Write UTF-8 text atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
 def atomic_write_json(path: str | Path, value: Any) -> None:

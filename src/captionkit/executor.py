@@ -26,6 +26,7 @@ from captionkit.records import Record
 from captionkit.sinks import SidecarSink
 from captionkit.steps.base import Prepared, Step, is_out_of_memory
 from captionkit.store import Result, Store, file_signature, fingerprint
+from captionkit.thread_tuning import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 class RunOptions:
     """How the executor schedules work (not what the model does)."""
 
-    workers: int = 4
+    workers: int = 4  # decode/preprocess threads
     prefetch_batches: int = 4
+    saves_in_flight: int = 1  # batches whose store commit + sidecar writes may lag behind the model
     keep_results: bool = False  # reuse stored results made with other settings
     retry_errors: bool = False  # errors are retried anyway when the file changed
 
@@ -60,6 +62,7 @@ class RunSummary:
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     collisions: dict[str, list[str]] = field(default_factory=dict)
     batch_size_final: int = 0
+    model_cpu_threads: int | None = None  # chosen by measurement when the model runs on a CPU
 
     @property
     def images_per_s(self) -> float:
@@ -76,7 +79,8 @@ class RunSummary:
             "elapsed_s": round(self.elapsed_s, 3), "model_load_s": round(self.model_load_s, 3),
             "processing_s": round(self.processing_s, 3), "images_per_s": round(self.images_per_s, 3),
             "model_busy_fraction": round(self.model_busy_fraction, 3), "interrupted": self.interrupted,
-            "batch_size_final": self.batch_size_final, "errors": self.errors,
+            "batch_size_final": self.batch_size_final, "model_cpu_threads": self.model_cpu_threads,
+            "errors": self.errors,
             "skipped_reasons": self.skipped_reasons, "collisions": self.collisions,
         }
 
@@ -170,8 +174,16 @@ class LocalExecutor:
         window: deque[tuple[Record, Future]] = deque()
         upcoming = iter(records)
         ahead = max(1, step.batch_size * self.options.prefetch_batches)
+
+        def timed_prepare(record: Record) -> Prepared:
+            started = time.perf_counter()
+            try:
+                return step.prepare(record)
+            finally:
+                self._decode_seconds.append(time.perf_counter() - started)
+
         for record in upcoming:
-            window.append((record, pool.submit(step.prepare, record)))
+            window.append((record, pool.submit(timed_prepare, record)))
             if len(window) >= ahead:
                 break
         while window:
@@ -189,7 +201,7 @@ class LocalExecutor:
                 return
             following = next(upcoming, None)
             if following is not None:
-                window.append((following, pool.submit(step.prepare, following)))
+                window.append((following, pool.submit(timed_prepare, following)))
 
     def _process(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None,
                  summary: RunSummary, settings: dict, step_fingerprint: str,
@@ -198,16 +210,21 @@ class LocalExecutor:
         started = time.perf_counter()
         batch: list[Prepared] = []
         failures: list[tuple[Record, ImageLoadError]] = []
+        self._decode_seconds: list[float] = []
+        candidates = step.cpu_thread_candidates() if hasattr(step, "cpu_thread_candidates") else []
+        tuner = ThreadTuner(candidates, step.set_cpu_threads if candidates else lambda threads: None)
+        last_flush = [time.perf_counter()]
 
-        def flush() -> None:
+        def save(items: list[Prepared], outcomes: list[tuple[bool, Any]],
+                 bad: list[tuple[Record, ImageLoadError]]) -> None:
+            """Render, commit to the store, then write sidecars (on the writer thread)."""
             results: list[Result] = []
             texts: dict[str, str] = {}
-            for record, error in failures:
+            for record, error in bad:
                 results.append(self._error_result(step, record, str(error), signatures, step_fingerprint, settings))
                 summary.errors[record.id] = str(error)
                 log.info("failed: %s", error)
-            outcomes = self._run_batch(step, batch, summary) if batch else []
-            for item, (ok, value) in zip(batch, outcomes, strict=True):
+            for item, (ok, value) in zip(items, outcomes, strict=True):
                 record = item.record
                 if ok:
                     text = step.render(value)
@@ -228,30 +245,52 @@ class LocalExecutor:
             store.put_results(results)
             if sink is not None and texts:
                 summary.files_written += sink.write(texts)
-            finished_ok = len(texts)
-            finished_bad = len(results) - finished_ok
-            summary.processed += finished_ok
-            summary.failed += finished_bad
+            summary.processed += len(texts)
+            summary.failed += len(results) - len(texts)
             self.progress.advance(summary.processed, summary.failed, len(results))
+
+        saving: deque[Future] = deque()
+
+        def flush() -> None:
+            """Run the model on the batch on this thread; hand saving to the writer thread."""
+            tuner.before_batch()
+            busy_before = summary.model_busy_s
+            outcomes = self._run_batch(step, batch, summary) if batch else []
+            saving.append(writer.submit(save, list(batch), outcomes, list(failures)))
+            while len(saving) > self.options.saves_in_flight or (saving and saving[0].done()):
+                saving.popleft().result()  # bounded: a kill loses at most the batches in flight
+            now = time.perf_counter()
+            decoded = self._decode_seconds[-len(batch):] if batch else []
+            tuner.after_batch(len(batch), now - last_flush[0], summary.model_busy_s - busy_before,
+                              sum(decoded) / len(decoded) if decoded else 0.0)
+            last_flush[0] = now
             batch.clear()
             failures.clear()
 
         with _StopFlag() as stop, ThreadPoolExecutor(max(1, self.options.workers),
-                                                     thread_name_prefix="captionkit-decode") as pool:
-            for record, prepared in self._prepared(step, records, pool, stop):
-                if isinstance(prepared, ImageLoadError):
-                    failures.append((record, prepared))
-                else:
-                    batch.append(prepared)
-                if len(batch) >= step.batch_size or len(failures) >= step.batch_size:
+                                                     thread_name_prefix="captionkit-decode") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
+            try:
+                for record, prepared in self._prepared(step, records, pool, stop):
+                    if isinstance(prepared, ImageLoadError):
+                        failures.append((record, prepared))
+                    else:
+                        batch.append(prepared)
+                    if len(batch) >= step.batch_size or len(failures) >= step.batch_size:
+                        flush()
+                    if stop.requested:
+                        break
+                if batch or failures:
                     flush()
-                if stop.requested:
-                    break
-            if batch or failures:
-                flush()
+            finally:
+                while saving:
+                    saving.popleft().result()
             summary.interrupted = stop.requested
         self.progress.close()
         summary.processing_s = time.perf_counter() - started
+        summary.model_cpu_threads = tuner.chosen
+        if candidates:
+            step.set_cpu_threads(candidates[0])  # leave the process as it was
 
     def _run_batch(self, step: Step, items: list[Prepared], summary: RunSummary) -> list[tuple[bool, Any]]:
         """Run the model; halve on out-of-memory, and narrow other failures down to single images."""

@@ -106,6 +106,8 @@ class SidecarSink:
         """True when this step wrote the file as it is now (another step's file counts as foreign)."""
         if current is None or ledger is None or ledger.step != self.step:
             return False
+        if current == "" and ledger.pending_hash:
+            return True  # a file we were writing when the machine lost power: ours, write it again
         digest = text_hash(current)
         return digest in (ledger.written_hash, ledger.pending_hash)
 
@@ -161,7 +163,9 @@ class SidecarSink:
         written = 0
         for target, final, _ in pending:
             if final is not None:
-                atomic_write_text(target, final)
+                # Not fsynced one by one: the store (SQLite) is the durable record and any
+                # sidecar can be rendered again from it; see _is_ours for power-loss leftovers.
+                atomic_write_text(target, final, durable=False)
                 written += 1
         for _, _, entry in pending:
             entry.written_hash = entry.pending_hash

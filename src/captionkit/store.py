@@ -133,7 +133,8 @@ class Store:
         self.folder = Path(location) / STORE_FOLDER
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / STORE_FILE
-        self._connection = sqlite3.connect(self.path, timeout=30)
+        # One thread at a time uses it (the executor's writer thread while a run saves batches).
+        self._connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
         self._connection.row_factory = sqlite3.Row
         self._connection.execute("PRAGMA journal_mode=WAL")
         self._connection.execute("PRAGMA synchronous=NORMAL")

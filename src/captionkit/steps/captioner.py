@@ -78,5 +78,16 @@ class CaptionStep:
             text = clean_caption(text, collapse_loops=self.text.collapse_loops)
         return f"{self.text.prefix}{text}{self.text.suffix}"
 
+    def cpu_thread_candidates(self) -> list[int]:
+        """Thread counts the executor may measure when the model runs on the CPU (after load)."""
+        from captionkit.thread_tuning import torch_thread_candidates
+
+        return torch_thread_candidates(getattr(self.captioner, "device", "cpu"))
+
+    def set_cpu_threads(self, count: int) -> None:
+        from captionkit.thread_tuning import set_torch_threads
+
+        set_torch_threads(count)
+
     def recover_from_oom(self) -> None:
         self.captioner.recover_from_oom()

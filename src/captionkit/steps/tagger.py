@@ -151,6 +151,19 @@ class TagStep:
     def render(self, raw: Any) -> str:
         return self.renderer.render(raw)
 
+    def cpu_thread_candidates(self) -> list[int]:
+        """Thread counts the executor may measure when the model runs on the CPU (after load)."""
+        from captionkit.thread_tuning import torch_thread_candidates
+
+        if self.tagger is None or self.tagger.format == "wd-onnx":
+            return []  # onnxruntime schedules its own threads
+        return torch_thread_candidates(self.tagger.device)
+
+    def set_cpu_threads(self, count: int) -> None:
+        from captionkit.thread_tuning import set_torch_threads
+
+        set_torch_threads(count)
+
     def recover_from_oom(self) -> None:
         try:
             import torch
