@@ -21,3 +21,15 @@ def tiny_florence(tmp_path_factory) -> Path:
     from captionkit.testing import build_tiny_florence2
 
     return build_tiny_florence2(tmp_path_factory.mktemp("tiny-florence2"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For training tests: tiny models gain nothing from a second thread, and a parallel
+    operator that waits for a core another process holds runs up to ~100x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

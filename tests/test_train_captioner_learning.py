@@ -25,14 +25,7 @@ from captionkit.train.lora import LoraSettings
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait slow
-    down ~100x when another process holds a core (shared CI runners, parallel test jobs)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_split(root: Path, count: int, image_size: int, **layout) -> tuple[Path, Path, Path]:

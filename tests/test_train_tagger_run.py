@@ -21,15 +21,7 @@ from captionkit.train.tagger import (
 )
 from captionkit.train.tagger_synthetic import TAGS, make_shapes_image, write_shapes_dataset
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models gain nothing from a second thread, and OpenMP threads that spin-wait slow
-    down ~100x when another process holds a core (shared CI runners, parallel test jobs)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
