@@ -128,3 +128,12 @@ def test_models_lists_registered_backends():
     result = subprocess.run([*CLI, "models"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "florence2" in result.stdout and "florence-community/Florence-2-base" in result.stdout
+
+
+def test_an_unusable_output_location_is_a_plain_error(tmp_path, tiny_florence):
+    write_good_images(tmp_path, 1)
+    (tmp_path / ".captionkit").write_text("a file where the store folder should be")
+    result = subprocess.run(_caption_command(tmp_path, tiny_florence, "-q"), env=_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "--output-dir" in result.stderr and ".captionkit" in result.stderr

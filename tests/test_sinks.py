@@ -142,3 +142,14 @@ def test_another_steps_file_is_foreign(tmp_path):
     appending.plan(records)
     appending.write({"a.png": "cat, animal"})
     assert (tmp_path / "a.txt").read_text() == "a cat, cat, animal"
+
+
+def test_an_unwritable_target_is_reported_and_the_rest_written(tmp_path):
+    records = _records(tmp_path, ["a.png", "b.png"])
+    (tmp_path / "a.txt").mkdir()  # a folder where the file should go: the write fails
+    sink, store = _sink(tmp_path, existing="overwrite")
+    sink.plan(records)
+    assert sink.write({"a.png": "one", "b.png": "two"}) == 1
+    assert "a.txt" in sink.write_errors["a.png"] and "cannot write" in sink.write_errors["a.png"]
+    assert (tmp_path / "b.txt").read_text() == "two"
+    assert store.get_outputs([str(tmp_path / "a.txt")])[str(tmp_path / "a.txt")].written_hash is None

@@ -46,6 +46,8 @@ def _print_summary(summary, progress: str) -> None:
               "fill-empty to change that)", file=out)
     for target, ids in data["collisions"].items():
         print(f"  collision  {target} would be shared by {' and '.join(ids)}", file=out)
+    for record_id, reason in list(data["write_errors"].items())[:20]:
+        print(f"  not written  {record_id}: {reason}", file=out)
 
 
 @app.command()
@@ -318,6 +320,11 @@ def main() -> None:
         app()
     except CaptionkitError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # e.g. a read-only folder for the store, a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}. Check the path's permissions and free space, "
+              "or write elsewhere with --output-dir.", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -61,6 +61,7 @@ class RunSummary:
     errors: dict[str, str] = field(default_factory=dict)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     collisions: dict[str, list[str]] = field(default_factory=dict)
+    write_errors: dict[str, str] = field(default_factory=dict)  # results stored, file not written
     batch_size_final: int = 0
     model_cpu_threads: int | None = None  # chosen by measurement when the model runs on a CPU
 
@@ -82,6 +83,7 @@ class RunSummary:
             "batch_size_final": self.batch_size_final, "model_cpu_threads": self.model_cpu_threads,
             "errors": self.errors,
             "skipped_reasons": self.skipped_reasons, "collisions": self.collisions,
+            "write_errors": self.write_errors,
         }
 
 
@@ -158,6 +160,8 @@ class LocalExecutor:
             summary.model_load_s = time.perf_counter() - load_started
             self._process(step, todo, store, sink, summary, settings, step_fingerprint, signatures)
         summary.batch_size_final = step.batch_size
+        if sink is not None:
+            summary.write_errors = dict(sink.write_errors)
         summary.elapsed_s = time.perf_counter() - started
         return summary
 

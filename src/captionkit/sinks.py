@@ -66,6 +66,7 @@ class SidecarSink:
         self.existing = ExistingPolicy(self.existing)
         self.collisions = CollisionPolicy(self.collisions)
         self.plan_result = SidecarPlan(targets={})
+        self.write_errors: dict[str, str] = {}  # record id → why its file could not be written
 
     def _target(self, record: Record, keep_extension: bool) -> Path:
         name = (record.path.name if keep_extension else record.path.stem) + self.extension
@@ -161,15 +162,23 @@ class SidecarSink:
         # Intent first, so a crash between the write and the confirmation still knows the file is ours.
         self.store.put_outputs(entry for _, _, entry in pending)
         written = 0
-        for target, final, _ in pending:
+        confirmed = []
+        for target, final, entry in pending:
             if final is not None:
-                # Not fsynced one by one: the store (SQLite) is the durable record and any
-                # sidecar can be rendered again from it; see _is_ours for power-loss leftovers.
-                atomic_write_text(target, final, durable=False)
+                try:
+                    # Not fsynced one by one: the store (SQLite) is the durable record and any
+                    # sidecar can be rendered again from it; see _is_ours for power-loss leftovers.
+                    atomic_write_text(target, final, durable=False)
+                except OSError as error:
+                    message = (f"{target}: cannot write ({error.strerror or error}); the result is in the "
+                               "store: fix the folder's permissions or space, or use --output-dir, then run again")
+                    self.write_errors[entry.record_id] = message
+                    log.warning("%s", message)
+                    continue
                 written += 1
-        for _, _, entry in pending:
             entry.written_hash = entry.pending_hash
-        self.store.put_outputs(entry for _, _, entry in pending)
+            confirmed.append(entry)
+        self.store.put_outputs(confirmed)
         return written
 
     def _ledger(
@@ -186,13 +195,19 @@ class SidecarSink:
         )
 
 
+_UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
+
+
 def _read_text(path: Path) -> str | None:
+    """A sidecar's text; None when there is no file (a folder in its place is not one)."""
     try:
         return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
     except UnicodeDecodeError:
         return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return _UNREADABLE
 
 
 def export_results(store: Store, destination: str | Path, steps: Iterable[str] | None = None) -> int:
