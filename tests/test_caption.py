@@ -95,7 +95,7 @@ def test_bad_input_is_reported_per_file_and_the_rest_is_captioned(tmp_path, tiny
     assert any("first frame" in note for note in stored["animated.gif"].notes)
     # unchanged bad files are not retried (no model load), fixed ones are
     again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST)
-    assert again.model_load_s == 0.0 and again.failed == len(bad)
+    assert again.model_load_s == 0.0 and again.failed == again.failed_earlier == len(bad)
     write_good_images(folder, 1)[0].replace(folder / "text.jpg")
     fixed = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST)
     assert fixed.processed == 1 and "text.jpg" not in fixed.errors
@@ -145,6 +145,9 @@ def test_a_model_failure_on_one_image_costs_only_that_image(tmp_path, tiny_flore
     summary = captionkit.caption(folder, captioner=captioner, batch_size=6, progress="quiet")
     assert summary.processed == 5 and list(summary.errors) == ["img003.png"]
     assert "kernel failed" in summary.errors["img003.png"]
+    captioner.caption_batch = real  # a model failure is about the run, not the file: retried next time
+    again = captionkit.caption(folder, captioner=captioner, batch_size=6, progress="quiet")
+    assert (again.processed, again.reused, again.failed) == (1, 5, 0)
 
 
 def test_exports_jsonl_and_parquet(tmp_path, tiny_florence):

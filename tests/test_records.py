@@ -84,3 +84,9 @@ def test_manifest_with_named_column_and_base_folder(tmp_path, tree):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(SourceError, match="no such file or folder"):
         open_source(tmp_path / "nothing")
+
+
+def test_csv_with_a_byte_order_mark(tree):
+    manifest = tree / "excel.csv"
+    manifest.write_text("image,caption\na.jpg,x\n", encoding="utf-8-sig")
+    assert [r.id for r in open_source(manifest)] == ["a.jpg"]

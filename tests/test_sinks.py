@@ -153,3 +153,84 @@ def test_an_unwritable_target_is_reported_and_the_rest_written(tmp_path):
     assert "a.txt" in sink.write_errors["a.png"] and "cannot write" in sink.write_errors["a.png"]
     assert (tmp_path / "b.txt").read_text() == "two"
     assert store.get_outputs([str(tmp_path / "a.txt")])[str(tmp_path / "a.txt")].written_hash is None
+
+
+def _failing_writes(monkeypatch):
+    import captionkit.sinks as sinks
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sinks, "atomic_write_text", full_disk)
+
+
+@pytest.mark.parametrize("policy, expected", [("append", "user text, cap2"), ("skip", "cap2")])
+def test_a_failed_rewrite_keeps_ownership(tmp_path, monkeypatch, policy, expected):
+    records = _records(tmp_path, ["a.png"])
+    if policy == "append":
+        (tmp_path / "a.txt").write_text("user text")
+    sink, store = _sink(tmp_path, existing=policy)
+    sink.plan(records)
+    sink.write({"a.png": "cap1"})
+    with monkeypatch.context() as patch:
+        _failing_writes(patch)
+        sink.write({"a.png": "cap2"})  # disk full (or kill -9 after the intent was committed)
+        assert "No space left" in sink.write_errors["a.png"]
+    again = SidecarSink(store, "caption", existing=policy)
+    again.plan(records)
+    assert again.wants_model(["a.png"]) == {}
+    again.write({"a.png": "cap2"})
+    assert (tmp_path / "a.txt").read_text() == expected
+
+
+def test_keep_extension_rechecks_renamed_files(tmp_path):
+    records = _records(tmp_path, ["a.png", "a.jpg", "a.png.jpg"])
+    sink, _ = _sink(tmp_path, collisions="keep-extension")
+    plan = sink.plan(records)
+    assert len(set(plan.targets.values())) == len(plan.targets)
+    assert tmp_path / "a.png.txt" in plan.collisions  # a.png → a.png.txt meets a.png.jpg → a.png.txt
+    assert plan.targets == {"a.jpg": tmp_path / "a.jpg.txt"}
+
+
+def test_a_file_the_user_emptied_is_left_empty(tmp_path):
+    records = _records(tmp_path, ["a.png"])
+    sink, store = _sink(tmp_path)
+    sink.plan(records)
+    sink.write({"a.png": "cap1"})
+    (tmp_path / "a.txt").write_text("")  # blanked on purpose (caption dropout)
+    again = SidecarSink(store, "caption")
+    again.plan(records)
+    assert "a.png" in again.wants_model(["a.png"])
+    again.write({"a.png": "cap2"})
+    assert (tmp_path / "a.txt").read_text() == ""
+
+
+def test_an_unreadable_caption_is_never_replaced(tmp_path, monkeypatch):
+    records = _records(tmp_path, ["a.png"])
+    (tmp_path / "a.txt").write_text("precious user caption")
+    real = Path.read_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == "a.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    sink, _ = _sink(tmp_path, existing="append")
+    sink.plan(records)
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "read_text", denied)
+        assert "cannot be read" in sink.wants_model(["a.png"])["a.png"]
+        assert sink.write({"a.png": "cap"}) == 0
+    assert (tmp_path / "a.txt").read_text() == "precious user caption"
+    assert "cannot be read" in sink.write_errors["a.png"]
+
+
+def test_a_file_written_before_a_collision_appeared_is_removed(tmp_path):
+    records = _records(tmp_path, ["a.png"])
+    sink, store = _sink(tmp_path)
+    sink.plan(records)
+    sink.write({"a.png": "caption of a.png"})
+    records += _records(tmp_path, ["a.jpg"])
+    again = SidecarSink(store, "caption")
+    plan = again.plan(records)
+    assert tmp_path / "a.txt" in plan.collisions and not (tmp_path / "a.txt").exists()

@@ -122,3 +122,13 @@ def test_cli_tag_print_no_write(tmp_path, tagger_folder):
     assert not list(folder.glob("*.txt"))
     scores = [float(line.rsplit(": ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("img000")]
     assert scores == sorted(scores, reverse=True) and np.all(np.asarray(scores) >= 0)
+
+
+def test_render_never_writes_a_file_two_images_share(tmp_path, tagger_folder):
+    folder = tmp_path / "images"
+    write_good_images(folder, 1)
+    (folder / "img000.jpg").write_bytes(b"")  # fails to decode, but still shares img000.txt
+    summary = captionkit.tag(folder, model=str(tagger_folder), device="cpu")
+    assert summary.failed == 1 and summary.collisions
+    captionkit.render(folder, field="tags", options=TagOptions(general_threshold=0.0))
+    assert not (folder / "img000.txt").exists()

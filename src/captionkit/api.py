@@ -373,5 +373,5 @@ def render(
             existing=ExistingPolicy(existing), collisions=CollisionPolicy(on_collision),
             append_separator=append_separator,
         )
-        sink.plan([record for record in records if record.id in texts])
+        sink.plan(records)  # every record: a failed image still shares its file name with the others
         return sink.write(texts)

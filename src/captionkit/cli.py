@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +42,9 @@ def _print_summary(summary, progress: str) -> None:
         print(f"  failed  {record_id}: {reason}", file=out)
     if len(data["errors"]) > 50:
         print(f"  ... and {len(data['errors']) - 50} more failures (see .captionkit/run.log)", file=out)
+    if summary.failed_earlier:
+        print(f"  {summary.failed_earlier} of the failures are unchanged files that failed before and were not "
+              "tried again (--retry-errors to try them)", file=out)
     if summary.skipped and progress != "quiet":
         print(f"  {summary.skipped} images kept their existing caption file (--existing overwrite|append|"
               "fill-empty to change that)", file=out)
@@ -320,6 +324,10 @@ def main() -> None:
         app()
     except CaptionkitError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
+        print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
+              "Check free space and permissions, or write elsewhere with --output-dir.", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # e.g. a read-only folder for the store, a full disk
         where = f"{error.filename}: " if error.filename else ""

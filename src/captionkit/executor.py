@@ -29,6 +29,7 @@ from captionkit.store import Result, Store, file_signature, fingerprint
 from captionkit.thread_tuning import ThreadTuner
 
 log = logging.getLogger(__name__)
+MODEL_ERROR = "model-error"
 
 
 @dataclass
@@ -52,6 +53,7 @@ class RunSummary:
     reused: int = 0  # result already in the store with the same settings
     skipped: int = 0  # left alone by the existing-caption policy
     failed: int = 0
+    failed_earlier: int = 0  # bad files from an earlier run, unchanged since: not retried
     files_written: int = 0
     elapsed_s: float = 0.0
     model_load_s: float = 0.0
@@ -76,7 +78,8 @@ class RunSummary:
     def as_dict(self) -> dict[str, Any]:
         return {
             "field": self.field, "total": self.total, "processed": self.processed, "reused": self.reused,
-            "skipped": self.skipped, "failed": self.failed, "files_written": self.files_written,
+            "skipped": self.skipped, "failed": self.failed, "failed_earlier": self.failed_earlier,
+            "files_written": self.files_written,
             "elapsed_s": round(self.elapsed_s, 3), "model_load_s": round(self.model_load_s, 3),
             "processing_s": round(self.processing_s, 3), "images_per_s": round(self.images_per_s, 3),
             "model_busy_fraction": round(self.model_busy_fraction, 3), "interrupted": self.interrupted,
@@ -141,8 +144,10 @@ class LocalExecutor:
             ):
                 reuse[record.id] = previous.raw
             elif previous is not None and previous.status == "error" and not self.options.retry_errors \
+                    and MODEL_ERROR not in previous.notes \
                     and previous.file_signature == signature and previous.fingerprint == step_fingerprint:
                 summary.failed += 1
+                summary.failed_earlier += 1
                 summary.errors[record.id] = previous.error or "failed earlier"
             else:
                 todo.append(record)
@@ -190,22 +195,25 @@ class LocalExecutor:
             window.append((record, pool.submit(timed_prepare, record)))
             if len(window) >= ahead:
                 break
-        while window:
-            record, future = window.popleft()
-            try:
-                yield record, future.result()
-            except ImageLoadError as error:
-                yield record, error
-            except Exception as error:  # a preprocessing bug must not end the run either
-                yield record, ImageLoadError(str(record.path), f"preprocessing failed ({error!r})",
+        try:
+            while window:
+                record, future = window.popleft()
+                try:
+                    outcome: Prepared | ImageLoadError = future.result()
+                except ImageLoadError as error:
+                    outcome = error
+                except Exception as error:  # a preprocessing bug must not end the run either
+                    outcome = ImageLoadError(str(record.path), f"preprocessing failed ({error!r})",
                                              "Report this file to the captionkit developers.")
-            if stop.requested:
-                for _, pending in window:
-                    pending.cancel()
-                return
-            following = next(upcoming, None)
-            if following is not None:
-                window.append((following, pool.submit(timed_prepare, following)))
+                yield record, outcome
+                if stop.requested:
+                    return
+                following = next(upcoming, None)
+                if following is not None:
+                    window.append((following, pool.submit(timed_prepare, following)))
+        finally:
+            for _, pending in window:
+                pending.cancel()
 
     def _process(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None,
                  summary: RunSummary, settings: dict, step_fingerprint: str,
@@ -244,8 +252,9 @@ class LocalExecutor:
                     message = f"{record.path}: {value}"
                     summary.errors[record.id] = message
                     log.info("failed: %s", message)
-                    results.append(self._error_result(step, record, message, signatures, step_fingerprint,
-                                                      settings))
+                    error = self._error_result(step, record, message, signatures, step_fingerprint, settings)
+                    error.notes = [MODEL_ERROR]  # about the run, not the file: retried next time
+                    results.append(error)
             store.put_results(results)
             if sink is not None and texts:
                 summary.files_written += sink.write(texts)
@@ -274,8 +283,9 @@ class LocalExecutor:
         with _StopFlag() as stop, ThreadPoolExecutor(max(1, self.options.workers),
                                                      thread_name_prefix="captionkit-decode") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
+            stream = self._prepared(step, records, pool, stop)
             try:
-                for record, prepared in self._prepared(step, records, pool, stop):
+                for record, prepared in stream:
                     if isinstance(prepared, ImageLoadError):
                         failures.append((record, prepared))
                     else:
@@ -287,6 +297,7 @@ class LocalExecutor:
                 if batch or failures:
                     flush()
             finally:
+                stream.close()  # cancels decoding that is queued but not started
                 while saving:
                     saving.popleft().result()
             summary.interrupted = stop.requested

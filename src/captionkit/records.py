@@ -123,7 +123,7 @@ class ManifestSource(Source):
         try:
             if suffix == ".jsonl":
                 rows = []
-                with self.manifest.open(encoding="utf-8") as stream:
+                with self.manifest.open(encoding="utf-8-sig") as stream:  # -sig: tolerate a byte-order mark
                     for number, line in enumerate(stream, 1):
                         if line.strip():
                             try:
@@ -135,7 +135,7 @@ class ManifestSource(Source):
                                 ) from error
                 return rows
             if suffix == ".json":
-                data = json.loads(self.manifest.read_text(encoding="utf-8"))
+                data = json.loads(self.manifest.read_text(encoding="utf-8-sig"))
                 if isinstance(data, dict):
                     data = next((value for value in data.values() if isinstance(value, list)), None)
                 if not isinstance(data, list):
@@ -145,7 +145,7 @@ class ManifestSource(Source):
                     )
                 return data
             if suffix in (".csv", ".tsv"):
-                with self.manifest.open(encoding="utf-8", newline="") as stream:
+                with self.manifest.open(encoding="utf-8-sig", newline="") as stream:  # Excel writes a BOM
                     return list(csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ","))
             if suffix == ".parquet":
                 import pyarrow.parquet as parquet

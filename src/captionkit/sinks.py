@@ -22,6 +22,7 @@ from captionkit.records import Record
 from captionkit.store import OutputRecord, Store, text_hash
 
 log = logging.getLogger(__name__)
+_UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
 
 
 class ExistingPolicy(str, Enum):
@@ -78,23 +79,44 @@ class SidecarSink:
         return self.output_dir / relative_parent / name
 
     def plan(self, records: list[Record]) -> SidecarPlan:
-        """Map records to caption files, detecting files two images would share."""
-        by_target: dict[Path, list[Record]] = defaultdict(list)
-        for record in records:
-            by_target[self._target(record, keep_extension=False)].append(record)
+        """Map records to caption files, detecting files two images would share.
+
+        With ``keep-extension`` the renamed files are checked again (``a.png`` → ``a.png.txt``
+        can meet ``a.png.jpg`` → ``a.png.txt``). A shared file that captionkit wrote before
+        the collision appeared is removed, so no training tool pairs it with the wrong image.
+        """
+        def group(items: list[tuple[Record, Path]]) -> dict[Path, list[Record]]:
+            grouped: dict[Path, list[Record]] = defaultdict(list)
+            for record, target in items:
+                grouped[target].append(record)
+            return grouped
+
         plan = SidecarPlan(targets={})
-        for target, group in by_target.items():
-            if len(group) == 1:
-                plan.targets[group[0].id] = target
+        first = group([(record, self._target(record, keep_extension=False)) for record in records])
+        renamed: list[tuple[Record, Path]] = []
+        for target, members in first.items():
+            if len(members) == 1:
+                renamed.append((members[0], target))
                 continue
-            plan.collisions[target] = sorted(record.id for record in group)
+            plan.collisions[target] = sorted(record.id for record in members)
             if self.collisions is CollisionPolicy.keep_extension:
-                for record in group:
-                    plan.targets[record.id] = self._target(record, keep_extension=True)
+                renamed.extend((record, self._target(record, keep_extension=True)) for record in members)
+        for target, members in group(renamed).items():
+            if len(members) == 1:
+                plan.targets[members[0].id] = target
+            else:  # a second-order collision: nobody gets this file
+                plan.collisions[target] = sorted(record.id for record in members)
+        ledger = self.store.get_outputs(str(target) for target in plan.collisions)
         for target, ids in plan.collisions.items():
-            if self.collisions is CollisionPolicy.keep_extension:
+            entry = ledger.get(str(target))
+            if entry is not None and self._is_ours(_read_text(target), entry, entry.record_id):
+                target.unlink(missing_ok=True)
+                log.warning("%s was written for %s before %s appeared; removed, since it no longer says "
+                            "which image it describes.", target, entry.record_id, " and ".join(ids))
+            if self.collisions is CollisionPolicy.keep_extension and not any(
+                    plan.targets.get(record_id) == target for record_id in ids):
                 log.warning("%s would be shared by %s: writing one file per image with its extension "
-                            "kept (e.g. a.png.txt).", target, " and ".join(ids))
+                            "kept (e.g. a.png.txt) where that name is free.", target, " and ".join(ids))
             else:
                 log.warning("%s would be shared by %s: no caption file written for them (results are "
                             "in the store and exports). Rename one image, or pass --on-collision "
@@ -103,14 +125,18 @@ class SidecarSink:
         self.plan_result = plan
         return plan
 
-    def _is_ours(self, current: str | None, ledger: OutputRecord | None) -> bool:
-        """True when this step wrote the file as it is now (another step's file counts as foreign)."""
-        if current is None or ledger is None or ledger.step != self.step:
+    def _is_ours(self, current: str | None, ledger: OutputRecord | None, record_id: str) -> bool:
+        """True when this step wrote the file, for this image, as it is now.
+
+        Another step's file, or one written for another image, counts as foreign.
+        """
+        if current is None or current is _UNREADABLE or ledger is None:
             return False
-        if current == "" and ledger.pending_hash:
-            return True  # a file we were writing when the machine lost power: ours, write it again
-        digest = text_hash(current)
-        return digest in (ledger.written_hash, ledger.pending_hash)
+        if ledger.step != self.step or ledger.record_id != record_id:
+            return False
+        if current == "" and ledger.pending_hash and ledger.pending_hash != ledger.written_hash:
+            return True  # a write that was never confirmed (power loss): ours, write it again
+        return text_hash(current) in (ledger.written_hash, ledger.pending_hash)
 
     def wants_model(self, record_ids: list[str]) -> dict[str, str]:
         """Records the existing-file policy says to leave alone, with the reason."""
@@ -119,9 +145,11 @@ class SidecarSink:
         skipped: dict[str, str] = {}
         for record_id, target in targets.items():
             current = _read_text(target)
-            if current is None or self._is_ours(current, ledger.get(str(target))):
+            if current is None or self._is_ours(current, ledger.get(str(target)), record_id):
                 continue
-            if self.existing is ExistingPolicy.skip:
+            if current is _UNREADABLE:
+                skipped[record_id] = f"caption file exists but cannot be read ({target.name}); check permissions"
+            elif self.existing is ExistingPolicy.skip:
                 skipped[record_id] = f"caption file exists ({target.name}); --existing overwrite to replace"
             elif self.existing is ExistingPolicy.fill_empty and current.strip():
                 skipped[record_id] = f"caption file is not empty ({target.name})"
@@ -136,33 +164,43 @@ class SidecarSink:
         pending: list[tuple[Path, str | None, OutputRecord]] = []
         for record_id, target in targets.items():
             current = _read_text(target)
+            if current is _UNREADABLE:
+                self.write_errors[record_id] = (f"{target}: exists but cannot be read, so it was left alone; "
+                                                "fix its permissions and run again")
+                continue
             entry = ledger.get(str(target))
-            ours = self._is_ours(current, entry)
+            ours = self._is_ours(current, entry, record_id)
             if not ours:
                 if current is not None and self.existing is ExistingPolicy.skip:
                     continue
                 if current is not None and self.existing is ExistingPolicy.fill_empty and current.strip():
                     continue
-                base_exists, base_text = current is not None, current
+                base_exists, base_text, confirmed = current is not None, current, None
             else:
                 assert entry is not None
-                base_exists, base_text = entry.base_exists, entry.base_text
+                base_exists, base_text, confirmed = entry.base_exists, entry.base_text, entry.written_hash
             new_text = texts[record_id]
             if self.existing is ExistingPolicy.append and base_exists and base_text and base_text.strip():
                 final = base_text.rstrip() + self.append_separator + new_text
             else:
                 final = new_text
+            intent = OutputRecord(
+                output_path=str(target), step=self.step, record_id=record_id, base_exists=base_exists,
+                base_text=base_text, pending_hash=text_hash(final),
+                # until the new write is confirmed, the file as it is now is still recognised as ours
+                written_hash=confirmed if confirmed is not None else (text_hash(current) if ours else None),
+            )
             if current == final:
-                if not ours or (entry is not None and entry.written_hash != text_hash(final)):
-                    pending.append((target, None, self._ledger(target, record_id, base_exists, base_text, final)))
+                if not ours or (entry is not None and entry.written_hash != intent.pending_hash):
+                    pending.append((target, None, intent))
                 continue
-            pending.append((target, final, self._ledger(target, record_id, base_exists, base_text, final)))
+            pending.append((target, final, intent))
         if not pending:
             return 0
         # Intent first, so a crash between the write and the confirmation still knows the file is ours.
         self.store.put_outputs(entry for _, _, entry in pending)
         written = 0
-        confirmed = []
+        confirmed_entries = []
         for target, final, entry in pending:
             if final is not None:
                 try:
@@ -177,25 +215,9 @@ class SidecarSink:
                     continue
                 written += 1
             entry.written_hash = entry.pending_hash
-            confirmed.append(entry)
-        self.store.put_outputs(confirmed)
+            confirmed_entries.append(entry)
+        self.store.put_outputs(confirmed_entries)
         return written
-
-    def _ledger(
-        self, target: Path, record_id: str, base_exists: bool, base_text: str | None, final: str
-    ) -> OutputRecord:
-        return OutputRecord(
-            output_path=str(target),
-            step=self.step,
-            record_id=record_id,
-            base_exists=base_exists,
-            base_text=base_text,
-            pending_hash=text_hash(final),
-            written_hash=None,
-        )
-
-
-_UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
 
 
 def _read_text(path: Path) -> str | None:
