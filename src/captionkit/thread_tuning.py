@@ -16,7 +16,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 DECODE_SHARE_WORTH_TUNING = 0.1
-BATCHES_PER_TRIAL = 2  # per candidate; batch 1 (the default's first measured batch) counts for the default
+ROUNDS = 3  # candidates alternate batch by batch (A B A B A B), so drift and noise hit all of them alike
 
 
 def torch_thread_candidates(device: str) -> list[int]:
@@ -36,7 +36,7 @@ def set_torch_threads(count: int) -> None:
 
 
 class ThreadTuner:
-    """Batch 0 warms up; batch 1 measures the default and whether decoding competes; then the others try."""
+    """Batch 0 warms up; batch 1 measures the default and whether decoding competes; then all alternate."""
 
     def __init__(self, candidates: list[int], apply: Callable[[int], None]) -> None:
         self.candidates = candidates
@@ -47,11 +47,8 @@ class ThreadTuner:
         self.chosen: int | None = candidates[0] if candidates else None
 
     def _schedule(self, batch: int) -> int:
-        """The candidate a batch (from batch 1 on) runs with: the default once, then each other in turn."""
-        if batch <= 1:
-            return self.candidates[0]
-        index = 1 + (batch - 2) // BATCHES_PER_TRIAL
-        return self.candidates[min(index, len(self.candidates) - 1)]
+        """The candidate a batch (from batch 1 on) runs with: the default first, then each in turn."""
+        return self.candidates[(max(batch, 1) - 1) % len(self.candidates)]
 
     def before_batch(self) -> None:
         if not self.done and self.batch >= 2:
@@ -71,7 +68,7 @@ class ThreadTuner:
             log.info("decoding costs %.0f%% of model time: measuring CPU threads %s", 100 * share,
                      self.candidates)
         self.trial.append((self._schedule(measured), wall_s, images))
-        if len(self.trial) == 1 + BATCHES_PER_TRIAL * (len(self.candidates) - 1):
+        if len(self.trial) == ROUNDS * len(self.candidates):
             self._finish()
 
     def _finish(self) -> None:
