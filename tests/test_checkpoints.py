@@ -103,3 +103,25 @@ def test_atomic_writes(tmp_path):
     assert (tmp_path / "a" / "b.txt").read_text() == "hello"
     assert json.loads((tmp_path / "c.json").read_text()) == {"x": 1}
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_resume_with_another_metric_does_not_compare_old_scores(tmp_path):
+    def write(folder):
+        (folder / "weights.bin").write_bytes(b"w")
+
+    old = CheckpointManager(tmp_path, save_total_limit=2, metric_name="val_loss", greater_is_better=False)
+    old.save("step-0", write, metric=2.5)
+    old.save("step-1", write, metric=2.0)
+    new = CheckpointManager(tmp_path, save_total_limit=2, metric_name="cider", greater_is_better=True)
+    new.save("step-2", write, metric=0.9)
+    new.save("step-3", write, metric=1.1)
+    assert new.best() == tmp_path / "step-3"
+    assert (tmp_path / "step-3").is_dir() and new.latest() == tmp_path / "step-3"
+
+
+def test_a_damaged_index_is_a_clear_error(tmp_path):
+    from captionkit.errors import CaptionkitError
+
+    (tmp_path / "checkpoints.json").write_text('{"checkpoints": [{"no-tag": 1}]')
+    with pytest.raises(CaptionkitError, match="delete"):
+        CheckpointManager(tmp_path, save_total_limit=2)

@@ -149,3 +149,14 @@ def test_score_lines_for_print_mode():
 
     lines = score_lines("a/b.png", [("long_hair", 0.91234), ("^_^", 0.5)], TagOptions())
     assert lines == ["a/b.png: long hair: 0.9123", "a/b.png: ^_^: 0.5000"]
+
+
+def test_threshold_keys_may_be_category_numbers_and_rating_is_refused():
+    import pytest
+
+    from captionkit.tagging import TagOptions
+
+    assert TagOptions(thresholds={"4": 0.1}).category_threshold(4) == 0.1
+    assert TagOptions(thresholds={"character": 0.2}).category_threshold(4) == 0.2
+    with pytest.raises(ValueError, match="include-rating"):
+        TagOptions(thresholds={"rating": 0.9})

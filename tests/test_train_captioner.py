@@ -259,3 +259,10 @@ def test_cli_runs_with_overrides_and_resume_latest(base_model, shapes, tmp_path)
     assert "trained 3 steps" in result.output
     result = runner.invoke(train_app, ["captioner", "-c", str(file), "--set", "batch_sise=2"])
     assert result.exit_code == 2 and "batch_size" in result.output
+
+
+def test_save_every_epochs_counts_epochs_from_one(base_model, shapes, tmp_path):
+    config = make_config(base_model, shapes, tmp_path / "run", batch_size=12, epochs=4, save_every_epochs=2)
+    train_captioner(config)  # 24 images, batch 12: 2 steps per epoch
+    saved = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert saved == ["step-0000004", "step-0000008"]

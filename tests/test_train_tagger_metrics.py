@@ -65,3 +65,14 @@ def test_best_threshold_never_splits_equal_scores():
     targets = np.array([[1], [0], [0]])
     thresholds, f1 = best_thresholds(scores, targets)
     assert 0.1 < thresholds[0] <= 0.5 and f1[0] == pytest.approx(2 / 3)
+
+
+def test_average_precision_groups_tied_scores_like_sklearn():
+    import numpy as np
+
+    from captionkit.train.tagger_metrics import average_precision
+
+    constant = np.full(4, 0.5)
+    assert average_precision(constant, np.array([1, 0, 0, 0])) == 0.25
+    assert average_precision(constant, np.array([0, 0, 0, 1])) == 0.25  # order does not matter
+    assert abs(average_precision(np.array([0.9, 0.8, 0.7]), np.array([1, 0, 1])) - (0.5 + 0.5 * 2 / 3)) < 1e-12

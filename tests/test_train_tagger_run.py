@@ -232,3 +232,30 @@ def test_pretrained_weights_from_a_local_file_or_a_clear_error_offline(tmp_path,
         create_backbone(TaggerModelConfig(backbone="resnet10t", pretrained="hub"), 5)
     with pytest.raises(TaggerTrainingError, match="not a timm model"):
         create_backbone(TaggerModelConfig(backbone="resnet_does_not_exist"), 5)
+
+
+def test_missing_training_extras_give_install_hints(tmp_path, monkeypatch):
+    import sys
+
+    from captionkit.errors import MissingDependencyError
+    from captionkit.train.captioner import CaptionerTrainConfig, train_captioner
+    from captionkit.train.captioner_data import DatasetSpec
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    config = load_tagger_config(None, [f"output_dir={tmp_path / 'run'}", f"data.train_dirs=[{tmp_path}]",
+                                       "export_onnx=true"])
+    with pytest.raises(MissingDependencyError, match=r"captionkit\[onnx\]"):
+        train_tagger(config)  # before any epoch is spent
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(MissingDependencyError, match=r"captionkit\[train\]"):
+        train_captioner(CaptionerTrainConfig(model="m", output_dir=tmp_path / "c", data=[DatasetSpec(path=tmp_path)]))
+
+
+def test_leftover_temp_folders_of_a_crashed_run_are_removed(tmp_path):
+    from captionkit.train.tagger import _remove_leftovers
+
+    (tmp_path / ".last.ck-tmp-1234").mkdir()
+    (tmp_path / ".final.ck-old-5678").mkdir()
+    (tmp_path / "best").mkdir()
+    _remove_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

@@ -88,12 +88,18 @@ class TagOptions:
     def __post_init__(self) -> None:
         if self.order not in ("score", "name"):
             raise ValueError(f"TagOptions.order must be 'score' or 'name', got {self.order!r}.")
-        for key in self.thresholds:
-            if key not in CATEGORY_IDS and not str(key).isdigit():
+        named: dict[str, float] = {}
+        for key, value in self.thresholds.items():
+            name = category_name(int(key)) if str(key).isdigit() else str(key)
+            if name not in CATEGORY_IDS and not name.isdigit():
                 raise ValueError(
                     f"TagOptions.thresholds has unknown category {key!r}; use one of "
                     f"{', '.join(sorted(CATEGORY_IDS))} or a category number"
                 )
+            if name == "rating":
+                raise ValueError("rating tags are not thresholded: --include-rating adds the most likely one")
+            named[name] = value
+        self.thresholds = named
         if self.max_tags is not None and self.max_tags < 0:
             raise ValueError(f"TagOptions.max_tags must be 0 or more, got {self.max_tags}.")
         for name, value in [("general_threshold", self.general_threshold),

@@ -557,6 +557,13 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
+    from captionkit.errors import require
+
+    require("accelerate", "captionkit train captioner", extra="train")
+    if config.mode in ("lora", "qlora"):
+        require("peft", f"mode: {config.mode}", extra="train")
+    if "tensorboard" in config.report_to:
+        require("tensorboard", "report_to: tensorboard", extra="train")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
@@ -688,7 +695,7 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
         )
         save = (config.save_every_steps is not None and step % config.save_every_steps == 0) or (
             end_of_epoch and config.save_every_epochs is not None
-            and progress.epoch % config.save_every_epochs == 0
+            and (progress.epoch + 1) % config.save_every_epochs == 0  # epoch is still 0-based here
         )
         metric = None
         # A checkpoint is always scored when there is validation data: otherwise "best"

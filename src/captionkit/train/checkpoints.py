@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from captionkit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from captionkit.errors import CaptionkitError
 
 __all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 
@@ -65,11 +66,20 @@ class CheckpointManager:
         try:
             data = json.loads(self.index_path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(
+            raise CaptionkitError(
                 f"{self.index_path}: cannot read the checkpoint index ({error}); "
                 "delete the file to start a fresh index (checkpoint folders are kept)"
             ) from error
-        entries = data.get("checkpoints", []) if isinstance(data, dict) else []
+        if not isinstance(data, dict) or not all(
+                isinstance(entry, dict) and "tag" in entry for entry in data.get("checkpoints", [])):
+            raise CaptionkitError(f"{self.index_path}: not a captionkit checkpoint index; delete it to start a "
+                                  "fresh one (checkpoint folders are kept)")
+        entries = data.get("checkpoints", [])
+        if (data.get("metric_name"), data.get("greater_is_better")) != (self.metric_name, self.greater_is_better):
+            # Scores of another metric (a resume with a new best_metric) cannot be compared with
+            # the new ones: keep the folders, forget their scores, so rotation cannot pick by them.
+            for entry in entries:
+                entry["metric"] = None
         # A folder deleted by hand simply drops out of the index.
         return [entry for entry in entries if (self.root / entry["tag"]).is_dir()]
 

@@ -161,7 +161,14 @@ def merge_lora(base: str | Path | None, adapter: str | Path, output: str | Path,
         raise ValueError(f"{adapter}: the adapter records no base model; pass --base")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"{output}: already exists and is not empty; choose another --output or remove it")
-    model = Florence2ForConditionalGeneration.from_pretrained(base_name, revision=revision)
+    try:
+        model = Florence2ForConditionalGeneration.from_pretrained(base_name, revision=revision)
+    except OSError as error:
+        from captionkit.models import is_local, model_unavailable
+
+        if is_local(base_name):
+            raise ValueError(f"{base_name}: not a loadable Florence-2 folder ({error}); pass --base FOLDER") from error
+        raise model_unavailable(base_name, error) from error
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     processor_source = adapter if (adapter / "tokenizer_config.json").exists() else base_name
     processor = AutoProcessor.from_pretrained(processor_source)

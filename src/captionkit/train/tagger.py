@@ -378,6 +378,18 @@ def _resolve_resume(resume: Path) -> Path:
     )
 
 
+def _remove_leftovers(output: Path) -> None:
+    """Temp and replaced folders a crashed run left beside ``last``/``best``/``final`` (each checkpoint-sized)."""
+    import shutil
+
+    for child in output.iterdir():
+        if child.name.startswith(".") and (".ck-tmp-" in child.name or ".ck-old-" in child.name):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+
+
 def _save_last(folder: Path, write: Any) -> None:
     """Write the every-epoch checkpoint into a temp folder and swap it in (never half-written)."""
     import shutil
@@ -416,6 +428,12 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
+    from captionkit.errors import require
+
+    require("accelerate", "captionkit train tagger", extra="train")
+    if config.export_onnx:  # checked now, not after the last epoch
+        require("onnx", "export_onnx: true", extra="onnx")
+        require("onnxscript", "export_onnx: true", extra="onnx")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -436,6 +454,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(output)
     resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
     resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
 
@@ -586,7 +605,9 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
                 images, targets = (t.to(accelerator.device) for t in batch)
                 with accelerator.autocast():
                     logits = eval_model(images)
-                losses.append(loss_fn(logits, targets).reshape(1))
+                # weighted by images, so a short last batch counts for what it holds
+                losses.append(torch.stack([loss_fn(logits, targets).float() * targets.shape[0],
+                                           torch.tensor(float(targets.shape[0]), device=targets.device)]))
                 scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
                 all_scores.append(scores.cpu().numpy())
                 all_targets.append(targets.cpu().numpy())
@@ -594,7 +615,8 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
             raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
         metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
         values = metrics.as_dict()
-        values["val_loss"] = float(accelerator.gather(torch.cat(losses)).mean().item())
+        totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
+        values["val_loss"] = float((totals[0] / totals[1]).item())
         return values, metrics
 
     last_values: dict[str, float] = {}

@@ -13,14 +13,23 @@ import numpy as np
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """AP of one tag: mean precision at the rank of each positive (ties broken by order)."""
+    """AP of one tag: sum over score thresholds of precision × recall gained (sklearn's definition).
+
+    Tied scores form one threshold, so the result does not depend on the order of the
+    data (low-precision logits tie often).
+    """
     positives = int(targets.sum())
     if positives == 0:
         return float("nan")
     order = np.argsort(-scores, kind="mergesort")
+    sorted_scores = scores[order]
     hits = targets[order].astype(np.float64)
-    precision = np.cumsum(hits) / np.arange(1, hits.size + 1)
-    return float((precision * hits).sum() / positives)
+    true_positives = np.cumsum(hits)
+    ranks = np.arange(1, hits.size + 1)
+    last_of_tie = np.r_[np.nonzero(np.diff(sorted_scores))[0], hits.size - 1]
+    true_positives, ranks = true_positives[last_of_tie], ranks[last_of_tie]
+    recall_gain = np.diff(np.r_[0.0, true_positives]) / positives
+    return float((true_positives / ranks * recall_gain).sum())
 
 
 def per_tag_average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
