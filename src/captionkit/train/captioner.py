@@ -565,8 +565,9 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     if "tensorboard" in config.report_to:
         require("tensorboard", "report_to: tensorboard", extra="train")
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import gather_object, set_seed
+
+    from captionkit.train.accelerator import new_accelerator
 
     if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
         raise ConfigError("mixed_precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' (if the CPU supports it) "
@@ -574,7 +575,7 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     resume_path = Path(resume_from) if resume_from is not None else None
     resume_state = _check_resume(config, resume_path) if resume_path is not None else None
     set_seed(config.seed)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
+    accelerator = new_accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     output_dir = config.output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ class CheckpointManager:
         self.greater_is_better = greater_is_better
         self.root.mkdir(parents=True, exist_ok=True)
         self._entries: list[dict[str, Any]] = self._read_index()
-        self._remove_stale_temps()
+        remove_stale_temp_folders(self.root)
 
     # -- index -------------------------------------------------------------------------
     @property
@@ -93,11 +93,6 @@ class CheckpointManager:
                 "checkpoints": self._entries,
             },
         )
-
-    def _remove_stale_temps(self) -> None:
-        for child in self.root.iterdir():
-            if child.name.startswith(_TEMP_PREFIX) and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
 
     # -- queries -----------------------------------------------------------------------
     def _best_entry(self) -> dict[str, Any] | None:
@@ -144,21 +139,7 @@ class CheckpointManager:
         """
         if not tag or "/" in tag or "\\" in tag or tag.startswith(".") or tag == INDEX_NAME:
             raise ValueError(f"invalid checkpoint tag {tag!r}: use a plain folder name such as 'step-100'")
-        temp = self.root / f"{_TEMP_PREFIX}{tag}-{uuid.uuid4().hex[:8]}"
-        temp.mkdir(parents=True)
-        try:
-            write_fn(temp)
-            final = self.root / tag
-            if final.exists():
-                trash = self.root / f"{_TEMP_PREFIX}old-{tag}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, trash)
-                os.replace(temp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(temp, final)
-        except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
-            raise
+        final = write_folder_atomically(self.root / tag, write_fn)
         self._entries = [entry for entry in self._entries if entry["tag"] != tag]
         score = None if metric is None else float(metric)
         self._entries.append({"tag": tag, "metric": score, "time": time.time()})
@@ -212,3 +193,14 @@ def write_folder_atomically(path: str | Path, write_fn: Callable[[Path], None]) 
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return path
+
+
+def remove_stale_temp_folders(folder: str | Path) -> None:
+    """Remove what a crashed save left in ``folder``: half-built and replaced folders (checkpoint-sized)."""
+    for child in Path(folder).iterdir():
+        name = child.name
+        if name.startswith(_TEMP_PREFIX) or (name.startswith(".") and (".ck-tmp-" in name or ".ck-old-" in name)):
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)

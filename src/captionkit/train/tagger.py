@@ -54,6 +54,9 @@ from typing import Any, Literal
 import numpy as np
 
 from captionkit.errors import CaptionkitError
+from captionkit.train.accelerator import new_accelerator
+from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers
+from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
 
 _log = logging.getLogger(__name__)
@@ -378,35 +381,6 @@ def _resolve_resume(resume: Path) -> Path:
     )
 
 
-def _remove_leftovers(output: Path) -> None:
-    """Temp and replaced folders a crashed run left beside ``last``/``best``/``final`` (each checkpoint-sized)."""
-    import shutil
-
-    for child in output.iterdir():
-        if child.name.startswith(".") and (".ck-tmp-" in child.name or ".ck-old-" in child.name):
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-
-
-def _save_last(folder: Path, write: Any) -> None:
-    """Write the every-epoch checkpoint into a temp folder and swap it in (never half-written)."""
-    import shutil
-    import uuid
-
-    from captionkit.train.tagger_export import _replace_folder
-
-    temp = folder.with_name(f".{folder.name}.ck-tmp-{uuid.uuid4().hex[:8]}")
-    temp.mkdir(parents=True)
-    try:
-        write(temp)
-        _replace_folder(temp, folder)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-
-
 def _flat_hparams(config: TaggerTrainConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
 
@@ -435,7 +409,6 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
         require("onnx", "export_onnx: true", extra="onnx")
         require("onnxscript", "export_onnx: true", extra="onnx")
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from captionkit.train.checkpoints import CheckpointManager
@@ -458,8 +431,6 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
     resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
 
-    from accelerate.state import AcceleratorState
-
     from captionkit.errors import require
 
     if config.report_to == "tensorboard":
@@ -467,12 +438,8 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     elif config.report_to == "wandb":
         require("wandb", "report_to: wandb")
 
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != config.mixed_precision:
-        # accelerate keeps one precision per process; a second run in the same process
-        # (notebook, test suite) with another precision needs the singleton cleared.
-        AcceleratorState._reset_state()
     try:
-        accelerator = Accelerator(
+        accelerator = new_accelerator(
             mixed_precision=config.mixed_precision,
             cpu=config.device == "cpu",
             log_with=None if config.report_to == "none" else config.report_to,
@@ -692,7 +659,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _save_last(output / LAST_DIR, write_checkpoint)
+            write_folder_atomically(output / LAST_DIR, write_checkpoint)  # never half-written
             final_epoch = epoch + 1 == config.epochs
             if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
                 manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)

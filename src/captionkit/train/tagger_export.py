@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -41,6 +40,7 @@ from captionkit.models.taggers import (
     Preprocessing,
 )
 from captionkit.tagging import category_name
+from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.tagger_data import Vocabulary
 
 EXPORT_VERSION = 1
@@ -175,9 +175,8 @@ def export_tagger(
     destination.parent.mkdir(parents=True, exist_ok=True)
     if model.num_classes != len(vocabulary):
         raise ValueError(f"the model has {model.num_classes} outputs but the vocabulary {len(vocabulary)} tags")
-    temp = destination.with_name(f".{destination.name}.ck-tmp-{uuid.uuid4().hex[:8]}")
-    temp.mkdir()
-    try:
+
+    def build(temp: Path) -> None:
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
         extra = {"metrics": metrics or {}, "training": training or {}}
@@ -196,22 +195,8 @@ def export_tagger(
         atomic_write_json(temp / PREPROCESS_FILE, preprocessing.to_dict())
         if onnx:
             export_onnx(model, preprocessing, temp / ONNX_FILE)
-        _replace_folder(temp, destination)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return destination
 
-
-def _replace_folder(new: Path, destination: Path) -> None:
-    """Swap a finished folder into place; the old one is removed only after the swap."""
-    if destination.exists():
-        old = destination.with_name(f".{destination.name}.ck-old-{uuid.uuid4().hex[:8]}")
-        os.replace(destination, old)
-        os.replace(new, destination)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, destination)
+    return write_folder_atomically(destination, build)
 
 
 def add_onnx_to_folder(folder: str | Path) -> Path:
