@@ -110,11 +110,11 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tmp_path, tiny_florenc
     real = captioner.caption_batch
     sizes = []
 
-    def limited(pixel_values, image_sizes):
-        sizes.append(len(pixel_values))
-        if len(pixel_values) > 2:
+    def limited(requests):
+        sizes.append(len(requests))
+        if len(requests) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(pixel_values, image_sizes)
+        return real(requests)
 
     captioner.caption_batch = limited
     with caplog.at_level(logging.WARNING, logger="captionkit"):
@@ -132,10 +132,10 @@ def test_a_model_failure_on_one_image_costs_only_that_image(tmp_path, tiny_flore
     real = captioner.caption_batch
     poisoned = {}
 
-    def fragile(pixel_values, image_sizes):
-        if any(float(p.sum()) == poisoned["sum"] for p in pixel_values):
+    def fragile(requests):
+        if any(float(request.payload.sum()) == poisoned["sum"] for request in requests):
             raise RuntimeError("kernel failed")
-        return real(pixel_values, image_sizes)
+        return real(requests)
 
     captioner.load()
     from PIL import Image

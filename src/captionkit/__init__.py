@@ -6,14 +6,14 @@ Library API (the CLI is a thin layer over it)::
     summary = caption("photos/", model="florence-community/Florence-2-base", task="<DETAILED_CAPTION>")
 """
 
-from captionkit.api import build_captioner, caption, export, render, tag, tag_options
+from captionkit.api import ModelOptions, build_captioner, caption, export, render, tag, tag_options
 from captionkit.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
 from captionkit.executor import RunSummary
 from captionkit.models import list_backends
 from captionkit.records import Record, open_source
 
 __all__ = [
-    "CaptionkitError", "ImageLoadError", "ModelNotAvailableError", "Record", "RunSummary",
+    "CaptionkitError", "ImageLoadError", "ModelNotAvailableError", "ModelOptions", "Record", "RunSummary",
     "build_captioner", "caption", "export", "list_backends", "open_source", "render", "tag", "tag_options",
 ]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from captionkit.errors import CaptionkitError
@@ -29,41 +30,157 @@ def attach_run_log(store: Store) -> logging.Handler:
     return handler
 
 
-def build_captioner(
-    model: str | None = None,
-    *,
-    task: str = "<CAPTION>",
-    task_input: str | None = None,
-    max_new_tokens: int = 256,
-    num_beams: int = 3,
-    early_stopping: bool = False,
-    repetition_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    dtype: str = "auto",
-    attn_implementation: str = "sdpa",
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    revision: str | None = None,
-    adapter: str | Path | None = None,
-):
-    """A captioner backend for ``model``, its family read from the model's config.
+BACKENDS = ("auto", "transformers", "openai", "vllm")
 
-    Without ``model``: the base model an ``adapter`` was trained on, else the default.
+
+@dataclass
+class ModelOptions:
+    """Everything that picks and configures a captioner; one object so CLI, pipelines and UI share it.
+
+    Options a family does not use are left as ``None``; giving one to a family that
+    would ignore it is an error, never silently dropped.
     """
-    from captionkit.models import backend_for_model_type, read_model_config
+
+    model: str | None = None
+    backend: str = "auto"
+    # Florence-2
+    task: str | None = None
+    task_input: str | None = None
+    num_beams: int | None = None
+    early_stopping: bool | None = None
+    no_repeat_ngram_size: int | None = None
+    adapter: str | Path | None = None
+    # chat models (transformers, vLLM, servers)
+    prompt: str | None = None
+    system_prompt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    samples: int | None = None
+    seed: int | None = None
+    max_image_side: int | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    trust_remote_code: bool = False
+    # both
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    dtype: str = "auto"
+    attn_implementation: str = "sdpa"
+    device: str = "auto"
+    cache_dir: str | Path | None = None
+    revision: str | None = None
+    # OpenAI-compatible servers
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    request_timeout: float = 120.0
+    max_retries: int = 5
+    # vLLM engines
+    tensor_parallel_size: int | None = None
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    gpu_memory_utilization: float | None = None
+
+    def given(self, *names: str) -> list[str]:
+        """CLI spellings of the options among ``names`` that were set."""
+        return [f"--{name.replace('_', '-')}" for name in names if getattr(self, name) not in (None, False)]
+
+    def chat_settings(self):
+        from captionkit.models.base import DEFAULT_CHAT_PROMPT, ChatSettings
+
+        return ChatSettings(
+            prompt=self.prompt if self.prompt is not None else DEFAULT_CHAT_PROMPT,
+            system_prompt=self.system_prompt, temperature=self.temperature or 0.0, top_p=self.top_p,
+            top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+            max_new_tokens=self.max_new_tokens or 256, samples=self.samples or 1, seed=self.seed,
+        )
+
+
+_FLORENCE_ONLY = ("task", "task_input", "num_beams", "early_stopping", "no_repeat_ngram_size", "adapter")
+_CHAT_ONLY = ("prompt", "system_prompt", "temperature", "top_p", "top_k", "samples", "seed", "max_image_side",
+              "min_pixels", "max_pixels", "trust_remote_code")
+_SERVER_ONLY = ("base_url",)
+_VLLM_ONLY = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
+
+
+def _refuse(options: ModelOptions, names: tuple[str, ...], why: str) -> None:
+    given = options.given(*names)
+    if given:
+        raise CaptionkitError(f"{', '.join(given)}: {why}")
+
+
+def build_captioner(model: str | None = None, options: ModelOptions | None = None, **option_values):
+    """A captioner backend for ``model``; the family is read from the model's config, never its name.
+
+    ``options`` (or keyword arguments named like :class:`ModelOptions` fields) pick the
+    backend (``auto``/``transformers`` local, ``openai`` server, ``vllm`` engine) and its settings.
+    """
+    from captionkit.models import backend_for_model_type, get_backend, read_model_config
     from captionkit.models.florence2 import GenerationSettings, native_model_id
 
-    model = native_model_id(str(model or adapter_base_model(adapter) or DEFAULT_CAPTION_MODEL))
-    config = read_model_config(model, cache_dir=cache_dir, revision=revision)
-    backend = backend_for_model_type(str(config.get("model_type", "")), "captioner")
-    return backend.factory(
-        model=model, task=task, task_input=task_input,
-        generation=GenerationSettings(
-            max_new_tokens=max_new_tokens, num_beams=num_beams, early_stopping=early_stopping,
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        ),
-        dtype=dtype, attn_implementation=attn_implementation, device=device, cache_dir=cache_dir,
-        revision=revision, adapter=adapter,
+    if options is None:
+        options = ModelOptions(model=model, **option_values)
+    elif model is not None or option_values:
+        raise CaptionkitError("build_captioner: pass either options or keyword arguments, not both.")
+    _check_choice("--backend", options.backend, list(BACKENDS))
+    if options.backend != "vllm":
+        _refuse(options, _VLLM_ONLY, "these are vLLM engine options; add --backend vllm.")
+    if options.backend != "openai":
+        _refuse(options, _SERVER_ONLY, "--base-url is for --backend openai (an OpenAI-compatible server).")
+    if options.backend == "openai":
+        if not options.model:
+            raise CaptionkitError("--backend openai needs --model NAME (the model name the server serves).")
+        if not options.base_url:
+            raise CaptionkitError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
+        _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to a chat server; use --prompt.")
+        _refuse(options, ("min_pixels", "max_pixels", "trust_remote_code"), "the server decides these.")
+        factory = get_backend("openai").factory
+        return factory(
+            model=options.model, base_url=options.base_url, chat=options.chat_settings(),
+            api_key_env=options.api_key_env, concurrency=options.concurrency, timeout_s=options.request_timeout,
+            max_retries=options.max_retries, max_image_side=options.max_image_side,
+        )
+    name = native_model_id(str(options.model or adapter_base_model(options.adapter) or DEFAULT_CAPTION_MODEL))
+    config = read_model_config(name, cache_dir=options.cache_dir, revision=options.revision)
+    model_type = str(config.get("model_type", ""))
+    if options.backend == "vllm":
+        _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to the vLLM backend; use --prompt.")
+        _refuse(options, ("min_pixels", "max_pixels"), "not passed to vLLM engines; use --max-image-side.")
+        return get_backend("vllm").factory(
+            model=name, chat=options.chat_settings(), dtype=options.dtype, trust_remote_code=options.trust_remote_code,
+            cache_dir=options.cache_dir, revision=options.revision, max_image_side=options.max_image_side,
+            **{key: getattr(options, key) for key in _VLLM_ONLY if getattr(options, key) is not None},
+        )
+    try:
+        info = backend_for_model_type(model_type, "captioner")
+    except CaptionkitError:
+        if config.get("auto_map") and not options.trust_remote_code:
+            from captionkit.models.chat_vlm import remote_code_error
+
+            raise remote_code_error(name, model_type) from None
+        raise
+    if info.style == "florence":
+        _refuse(options, _CHAT_ONLY, "Florence-2 takes a --task, not a chat prompt or sampling options.")
+        return info.factory(
+            model=name, task=options.task or "<CAPTION>", task_input=options.task_input,
+            generation=GenerationSettings(
+                max_new_tokens=options.max_new_tokens or 256,
+                num_beams=options.num_beams if options.num_beams is not None else 3,
+                early_stopping=bool(options.early_stopping), repetition_penalty=options.repetition_penalty,
+                no_repeat_ngram_size=options.no_repeat_ngram_size,
+            ),
+            dtype=options.dtype, attn_implementation=options.attn_implementation, device=options.device,
+            cache_dir=options.cache_dir, revision=options.revision, adapter=options.adapter,
+        )
+    _refuse(options, _FLORENCE_ONLY, f"Florence-2 options do not apply to {model_type} models; use --prompt.")
+    family_options = {key: getattr(options, key) for key in ("min_pixels", "max_pixels")
+                      if getattr(options, key) is not None}
+    return info.factory(
+        model=name, chat=options.chat_settings(), dtype=options.dtype,
+        attn_implementation=options.attn_implementation, device=options.device, cache_dir=options.cache_dir,
+        revision=options.revision, trust_remote_code=options.trust_remote_code,
+        max_image_side=options.max_image_side, model_type=model_type, **family_options,
     )
 
 
@@ -84,23 +201,27 @@ def output_location(source: Source, output_dir: str | Path | None) -> Path:
     return Path(output_dir).expanduser().resolve() if output_dir else source.root
 
 
+def _model_options(options: ModelOptions | None, values: dict) -> ModelOptions:
+    """ModelOptions from an object or keyword arguments; an unknown keyword gets a did-you-mean."""
+    import difflib
+
+    known = {item.name for item in fields(ModelOptions)}
+    for name in values:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise CaptionkitError(f"caption(): unknown option '{name}'.{hint}")
+    if options is not None:
+        if values:
+            raise CaptionkitError("caption(): pass either options= or model keyword arguments, not both.")
+        return options
+    return ModelOptions(**values)
+
+
 def caption(
     path: str | Path,
     *,
-    model: str | None = None,
-    task: str = "<CAPTION>",
-    task_input: str | None = None,
-    max_new_tokens: int = 256,
-    num_beams: int = 3,
-    early_stopping: bool = False,
-    repetition_penalty: float | None = None,
-    no_repeat_ngram_size: int | None = None,
-    dtype: str = "auto",
-    attn_implementation: str = "sdpa",
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    revision: str | None = None,
-    adapter: str | Path | None = None,
+    options: ModelOptions | None = None,
     batch_size: int = 8,
     workers: int = 4,
     recursive: bool = True,
@@ -116,6 +237,9 @@ def caption(
     suffix: str = "",
     cleanup: bool = True,
     collapse_loops: bool = True,
+    strip_openers: bool = False,
+    sample_choice: str = "first",
+    sample_separator: str = "\n",
     background: str = "white",
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     keep_results: bool = False,
@@ -124,37 +248,58 @@ def caption(
     export: Sequence[str | Path] = (),
     progress: str = "quiet",
     captioner=None,
+    **model_options,
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
 
-    ``model`` defaults to the base model of ``adapter`` when one is given, else to
-    Florence-2-base. ``captioner`` overrides the backend built from ``model`` and the
-    generation options (for library users with a model already loaded).
+    Model options are :class:`ModelOptions` fields, given as ``options=`` or as keywords
+    (``model=``, ``prompt=``, ``task=``, ``backend=``, ...). ``model`` defaults to the base
+    model of ``adapter`` when one is given, else to Florence-2-base. ``captioner``
+    overrides the backend built from them (for library users with a model already loaded).
+    A ``prompt`` may name record fields, e.g. ``"Its tags: {tags}"``, filled per image
+    from the store or the manifest.
     """
     from captionkit.steps.captioner import CaptionStep, CaptionText
 
+    chosen = _model_options(options, model_options)
+    text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
+                       strip_openers=strip_openers, sample_choice=sample_choice, sample_separator=sample_separator)
+    if captioner is None:  # build (and validate every option) before any file or store is touched
+        captioner = build_captioner(options=chosen)
+    prompt = chosen.prompt if chosen.prompt is not None else getattr(getattr(captioner, "chat", None), "prompt", None)
+
     def make_step(store: Store):
-        nonlocal captioner
-        if captioner is None:
-            captioner = build_captioner(
-                model, task=task, task_input=task_input, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                early_stopping=early_stopping, repetition_penalty=repetition_penalty,
-                no_repeat_ngram_size=no_repeat_ngram_size, dtype=dtype, attn_implementation=attn_implementation,
-                device=device, cache_dir=cache_dir, revision=revision, adapter=adapter,
-            )
+        def field_values(records, names):
+            return stored_field_values(store, records, names)
+
         return CaptionStep(
-            captioner, CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops),
-            batch_size=batch_size, background=parse_color(background), max_pixels=max_image_pixels,
+            captioner, text, batch_size=batch_size, background=parse_color(background), max_pixels=max_image_pixels,
+            prompt=prompt, field_values=field_values,
         )
 
+    model_name = chosen.model or chosen.adapter or DEFAULT_CAPTION_MODEL
+    what = f"task {chosen.task or '<CAPTION>'}" if prompt is None else f"prompt {prompt!r}"
     return _run_step(
-        path, make_step, f"model {model or adapter or DEFAULT_CAPTION_MODEL}, task {task}", batch_size=batch_size,
+        path, make_step, f"model {model_name}, {what}", batch_size=batch_size,
         workers=workers,
         recursive=recursive, include_hidden=include_hidden, image_column=image_column, base_dir=base_dir,
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,
         write_sidecars=write_sidecars, export=export, progress=progress,
     )
+
+
+def stored_field_values(store: Store, records, names: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per record id, the stored text of other steps' fields (``tags``, ``caption``) named in a prompt."""
+    values: dict[str, dict[str, str]] = {}
+    ids = [record.id for record in records]
+    for name in names:
+        if name not in store.steps():
+            continue
+        for record_id, result in store.get_many(name, ids).items():
+            if result.status == "ok" and result.text is not None:
+                values.setdefault(record_id, {})[name] = result.text
+    return values
 
 
 def _run_step(
@@ -334,6 +479,9 @@ def render(
     suffix: str = "",
     cleanup: bool = True,
     collapse_loops: bool = True,
+    strip_openers: bool = False,
+    sample_choice: str = "first",
+    sample_separator: str = "\n",
     recursive: bool = True,
     include_hidden: bool = False,
     image_column: str | None = None,
@@ -345,7 +493,7 @@ def render(
     append_separator: str = ", ",
 ) -> int:
     """Rewrite caption files from stored results with new settings; no model runs. Returns files written."""
-    from captionkit.steps.captioner import CaptionStep, CaptionText
+    from captionkit.steps.captioner import CaptionText
     from captionkit.steps.tagger import TagRenderer
 
     _check_choice("--field", field, ["tags", "caption"])
@@ -359,11 +507,18 @@ def render(
             renderer = TagRenderer(store, options if options is not None else tag_options())
             render_one = renderer.render
         else:
-            render_one = CaptionStep(None, CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup,
-                                                       collapse_loops=collapse_loops)).render
+            from captionkit.models import stored_texts
+
+            caption_text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
+                                       strip_openers=strip_openers, sample_choice=sample_choice,
+                                       sample_separator=sample_separator)
         records = list(source)
         stored = store.get_many(field, (record.id for record in records))
-        texts = {rid: render_one(result.raw) for rid, result in stored.items() if result.status == "ok"}
+        if field == "tags":
+            texts = {rid: render_one(result.raw) for rid, result in stored.items() if result.status == "ok"}
+        else:
+            texts = {rid: caption_text.render(stored_texts(result.settings, result.raw))
+                     for rid, result in stored.items() if result.status == "ok"}
         if not texts:
             raise CaptionkitError(f"{location}: no stored '{field}' results for these images; run that step first.")
         store.set_texts(field, texts)

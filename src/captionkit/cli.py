@@ -54,23 +54,53 @@ def _print_summary(summary, progress: str) -> None:
         print(f"  not written  {record_id}: {reason}", file=out)
 
 
+_FLORENCE = "Florence-2 options"
+_CHAT = "Chat model options (BLIP-2, LLaVA, Qwen2-VL, ...; also servers and vLLM)"
+_SERVER = "OpenAI-compatible server (--backend openai)"
+_VLLM = "vLLM engine (--backend vllm)"
+
+
 @app.command()
 def caption(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
-    model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
-    task: Annotated[str, typer.Option(help="Florence-2 task: <CAPTION>, <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...")] = "<CAPTION>",
-    task_input: Annotated[str | None, typer.Option(help="Text for tasks that take one (e.g. <CAPTION_TO_PHRASE_GROUNDING>).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest caption in tokens.")] = 256,
-    num_beams: Annotated[int, typer.Option(help="Beam search width (1 = greedy, fastest).")] = 3,
-    early_stopping: Annotated[bool, typer.Option(help="Stop beam search when num_beams candidates are done.")] = False,
+    model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " The family comes from its config.json. Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
+    backend: Annotated[str, typer.Option(help="auto (transformers, in this process), openai (an OpenAI-compatible server) or vllm (a vLLM engine).")] = "auto",
+    task: Annotated[str | None, typer.Option(help="Florence-2 task: <CAPTION> (default), <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...", rich_help_panel=_FLORENCE)] = None,
+    task_input: Annotated[str | None, typer.Option(help="Text for tasks that take one (e.g. <CAPTION_TO_PHRASE_GROUNDING>).", rich_help_panel=_FLORENCE)] = None,
+    num_beams: Annotated[int | None, typer.Option(help="Beam search width (default 3; 1 = greedy, fastest).", rich_help_panel=_FLORENCE)] = None,
+    early_stopping: Annotated[bool, typer.Option(help="Stop beam search when num_beams candidates are done.", rich_help_panel=_FLORENCE)] = False,
+    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Forbid repeating n-grams of this size.", rich_help_panel=_FLORENCE)] = None,
+    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder from `captionkit train captioner`.", rich_help_panel=_FLORENCE)] = None,
+    prompt: Annotated[str | None, typer.Option(help="What to ask the model. May name fields of the image: 'Its tags: {tags}' (filled from `captionkit tag` results or manifest columns).", rich_help_panel=_CHAT)] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="System instructions, for families that have a system role.", rich_help_panel=_CHAT)] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default); above 0 samples.", rich_help_panel=_CHAT)] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (with --temperature > 0).", rich_help_panel=_CHAT)] = None,
+    top_k: Annotated[int | None, typer.Option(help="Top-k sampling (with --temperature > 0).", rich_help_panel=_CHAT)] = None,
+    samples: Annotated[int | None, typer.Option(help="Captions per image, all kept in the store (see --sample-choice).", rich_help_panel=_CHAT)] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed: the same command with the same seed gives the same captions.", rich_help_panel=_CHAT)] = None,
+    sample_choice: Annotated[str, typer.Option(help="With --samples: first, longest or all (joined by --sample-separator).", rich_help_panel=_CHAT)] = "first",
+    sample_separator: Annotated[str, typer.Option(help="Between samples with --sample-choice all.", rich_help_panel=_CHAT)] = "\n",
+    strip_openers: Annotated[bool, typer.Option(help="Remove filler openers ('The image shows', 'In this image,').", rich_help_panel=_CHAT)] = False,
+    max_image_side: Annotated[int | None, typer.Option(help="Downscale images so the longest side is at most this (also for servers).", rich_help_panel=_CHAT)] = None,
+    min_pixels: Annotated[int | None, typer.Option(help="Qwen2-VL family: smallest image area the processor resizes to.", rich_help_panel=_CHAT)] = None,
+    max_pixels: Annotated[int | None, typer.Option(help="Qwen2-VL family: largest image area (fewer image tokens, faster).", rich_help_panel=_CHAT)] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the model's own Python code (Phi-3-vision); only for models you trust. Recorded in the results.", rich_help_panel=_CHAT)] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 256).")] = None,
     repetition_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens (>1.0).")] = None,
-    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Forbid repeating n-grams of this size.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, fp16, bf16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, fp16, bf16. Part of the settings: a change re-captions.")] = "auto",
     attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2.")] = "sdpa",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for downloaded models.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder from `captionkit train captioner`.")] = None,
+    base_url: Annotated[str | None, typer.Option(help="Server address, e.g. http://127.0.0.1:8000/v1.", rich_help_panel=_SERVER)] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable that holds the API key (never stored or logged).", rich_help_panel=_SERVER)] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.", rich_help_panel=_SERVER)] = 8,
+    request_timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.", rich_help_panel=_SERVER)] = 120.0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request on 429, 5xx, timeouts and dropped connections.", rich_help_panel=_SERVER)] = 5,
+    tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per engine.", rich_help_panel=_VLLM)] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length of the engine.", rich_help_panel=_VLLM)] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences the engine runs at once.", rich_help_panel=_VLLM)] = None,
+    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Fraction of GPU memory the engine may take (default 0.9).", rich_help_panel=_VLLM)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per model call (halved automatically on out-of-memory).")] = 8,
     workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
@@ -94,20 +124,29 @@ def caption(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
 ) -> None:
-    """Caption every image with Florence-2 and write caption files; safe to stop and run again."""
+    """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
     from captionkit import api
 
     mode = "quiet" if quiet else progress
+    options = api.ModelOptions(
+        model=model, backend=backend, task=task, task_input=task_input, num_beams=num_beams,
+        early_stopping=early_stopping or None, no_repeat_ngram_size=no_repeat_ngram_size, adapter=adapter,
+        prompt=prompt, system_prompt=system_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
+        samples=samples, seed=seed, max_image_side=max_image_side, min_pixels=min_pixels, max_pixels=max_pixels,
+        trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+        dtype=dtype, attn_implementation=attn_implementation, device=device, cache_dir=cache_dir, revision=revision,
+        base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, request_timeout=request_timeout,
+        max_retries=max_retries, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+    )
     summary = api.caption(
-        path, model=model, task=task, task_input=task_input, max_new_tokens=max_new_tokens,
-        num_beams=num_beams, early_stopping=early_stopping, repetition_penalty=repetition_penalty,
-        no_repeat_ngram_size=no_repeat_ngram_size, dtype=dtype, attn_implementation=attn_implementation,
-        device=device, cache_dir=cache_dir, revision=revision, adapter=adapter, batch_size=batch_size,
-        workers=workers, recursive=recursive, include_hidden=include_hidden, image_column=image_column,
-        base_dir=base_dir, output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
-        append_separator=append_separator, prefix=prefix, suffix=suffix, cleanup=cleanup,
-        collapse_loops=collapse_loops, background=background, max_image_pixels=max_image_pixels,
-        keep_results=keep_results, retry_errors=retry_errors, export=export or (), progress=mode,
+        path, options=options, batch_size=batch_size, workers=workers, recursive=recursive,
+        include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, output_dir=output_dir, ext=ext,
+        existing=existing, on_collision=on_collision, append_separator=append_separator, prefix=prefix,
+        suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops, strip_openers=strip_openers,
+        sample_choice=sample_choice, sample_separator=sample_separator, background=background,
+        max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
+        export=export or (), progress=mode,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -246,6 +285,9 @@ def render(
     suffix: Annotated[str, typer.Option(help="Captions only: text put after every caption.")] = "",
     cleanup: Annotated[bool, typer.Option(help="Captions only: strip special tokens and whitespace noise.")] = True,
     collapse_loops: Annotated[bool, typer.Option(help="Captions only: collapse repeated-phrase loops.")] = True,
+    strip_openers: Annotated[bool, typer.Option(help="Captions only: remove filler openers ('The image shows').")] = False,
+    sample_choice: Annotated[str, typer.Option(help="Captions only, with several samples: first, longest or all.")] = "first",
+    sample_separator: Annotated[str, typer.Option(help="Captions only: between samples with --sample-choice all.")] = "\n",
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
     image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
     base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
@@ -263,7 +305,8 @@ def render(
                            escape_parentheses, order, separator) if field == "tags" else None
     written = api.render(
         path, field=field, options=options, prefix=prefix, suffix=suffix, cleanup=cleanup,
-        collapse_loops=collapse_loops, recursive=recursive, image_column=image_column, base_dir=base_dir,
+        collapse_loops=collapse_loops, strip_openers=strip_openers, sample_choice=sample_choice,
+        sample_separator=sample_separator, recursive=recursive, image_column=image_column, base_dir=base_dir,
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator,
     )
@@ -276,9 +319,14 @@ def models() -> None:
     from captionkit.models import list_backends
 
     for info in list_backends():
-        default = f" (default model: {info.default_model})" if info.default_model else ""
-        types = ", ".join(info.model_types)
-        print(f"{info.kind:10} {info.name:12} {info.description}; model types: {types}{default}")
+        default = f"; default model: {info.default_model}" if info.default_model else ""
+        types = f"; model types: {', '.join(info.model_types)}" if info.model_types else ""
+        if info.extras:
+            state = "installed" if info.installed() else f"not installed: pip install 'captionkit[{','.join(info.extras)}]'"
+            needs = f"; needs captionkit[{','.join(info.extras)}] ({state})"
+        else:
+            needs = "; included in the base install"
+        print(f"{info.kind:10} {info.name:16} {info.description}{types}{default}{needs}")
 
 
 @app.command("export")

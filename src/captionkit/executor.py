@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from captionkit.errors import ImageLoadError
+from captionkit.models.base import ItemFailure
 from captionkit.progress import Progress
 from captionkit.records import Record
 from captionkit.sinks import SidecarSink
@@ -125,6 +126,15 @@ class LocalExecutor:
         summary = RunSummary(field=step.field, total=len(records))
         settings = step.fingerprint()
         step_fingerprint = fingerprint(settings)
+        # Per-record settings (a prompt filled from the record's fields) join that record's fingerprint.
+        per_record = step.record_settings(records) if hasattr(step, "record_settings") else {}
+        self._record_settings: dict[str, tuple[dict, str]] = {}
+        unfillable: list[Record] = []
+        for record_id, extra in per_record.items():
+            if isinstance(extra, str):
+                continue
+            merged = {**settings, "record": extra}
+            self._record_settings[record_id] = (merged, fingerprint(merged))
         if sink is not None:
             plan = sink.plan(records)
             summary.collisions = {str(path): ids for path, ids in plan.collisions.items()}
@@ -135,22 +145,36 @@ class LocalExecutor:
         for record in records:
             signature = file_signature(record.path)
             signatures[record.id] = signature
+            if isinstance(per_record.get(record.id), str):
+                unfillable.append(record)
+                continue
+            record_fingerprint = self._record_settings.get(record.id, (settings, step_fingerprint))[1]
             previous = stored.get(record.id)
             if (
                 previous is not None
                 and previous.status == "ok"
                 and previous.file_signature == signature
-                and (previous.fingerprint == step_fingerprint or self.options.keep_results)
+                and (previous.fingerprint == record_fingerprint or self.options.keep_results)
             ):
                 reuse[record.id] = previous.raw
             elif previous is not None and previous.status == "error" and not self.options.retry_errors \
                     and MODEL_ERROR not in previous.notes \
-                    and previous.file_signature == signature and previous.fingerprint == step_fingerprint:
+                    and previous.file_signature == signature and previous.fingerprint == record_fingerprint:
                 summary.failed += 1
                 summary.failed_earlier += 1
                 summary.errors[record.id] = previous.error or "failed earlier"
             else:
                 todo.append(record)
+        if unfillable:
+            failures = []
+            for record in unfillable:
+                error = self._error_result(step, record, str(per_record[record.id]), signatures, step_fingerprint,
+                                           settings)
+                error.notes = [MODEL_ERROR]  # about the record's fields, not the file: tried again next run
+                failures.append(error)
+                summary.errors[record.id] = str(per_record[record.id])
+            store.put_results(failures)
+            summary.failed += len(failures)
         if sink is not None and todo:
             leave = sink.wants_model([record.id for record in todo])
             summary.skipped = len(leave)
@@ -233,26 +257,34 @@ class LocalExecutor:
             results: list[Result] = []
             texts: dict[str, str] = {}
             for record, error in bad:
-                results.append(self._error_result(step, record, str(error), signatures, step_fingerprint, settings))
+                record_settings, record_fingerprint = self._record_settings.get(
+                    record.id, (settings, step_fingerprint))
+                results.append(self._error_result(step, record, str(error), signatures, record_fingerprint,
+                                                  record_settings))
                 summary.errors[record.id] = str(error)
                 log.info("failed: %s", error)
             for item, (ok, value) in zip(items, outcomes, strict=True):
                 record = item.record
+                record_settings, record_fingerprint = self._record_settings.get(
+                    record.id, (settings, step_fingerprint))
+                if ok and isinstance(value, ItemFailure):  # the batch ran; this one image did not succeed
+                    ok, value = False, value.message
                 if ok:
                     text = step.render(value)
                     texts[record.id] = text
                     results.append(Result(
                         step=step.field, record_id=record.id, path=str(record.path),
                         file_signature=signatures.get(record.id), content_hash=item.content_hash,
-                        fingerprint=step_fingerprint, settings=settings, status="ok", raw=value, text=text,
-                        error=None, notes=item.notes, updated_at=0.0,
+                        fingerprint=record_fingerprint, settings=record_settings, status="ok", raw=value,
+                        text=text, error=None, notes=item.notes, updated_at=0.0,
                     ))
                     log.debug("%s %s: %s", step.field, record.id, text)
                 else:
                     message = f"{record.path}: {value}"
                     summary.errors[record.id] = message
                     log.info("failed: %s", message)
-                    error = self._error_result(step, record, message, signatures, step_fingerprint, settings)
+                    error = self._error_result(step, record, message, signatures, record_fingerprint,
+                                               record_settings)
                     error.notes = [MODEL_ERROR]  # about the run, not the file: retried next time
                     results.append(error)
             store.put_results(results)

@@ -63,3 +63,33 @@ def clean_caption(text: str, collapse_loops: bool = True) -> str:
     if collapse_loops:
         text = collapse_repetitions(text)
     return text
+
+
+_FILLER_OPENERS = re.compile(
+    r"^\s*(?:"
+    r"(?:in|on)\s+(?:this|the)\s+(?:image|picture|photo(?:graph)?|scene)\s*,?\s*(?:we\s+(?:can\s+)?see\s+|there\s+(?:is|are)\s+)?"
+    r"|(?:this|the)\s+(?:image|picture|photo(?:graph)?|scene)\s+(?:shows|depicts|features|displays|presents|captures|"
+    r"showcases|is\s+of|contains)\s+"
+    r"|(?:here\s+is|this\s+is)\s+(?:an?\s+)?(?:image|picture|photo(?:graph)?)\s+(?:of|showing)\s+"
+    r"|the\s+image\s+is\s+an?\s+"
+    r")",
+    re.IGNORECASE,
+)
+_REFUSALS = re.compile(
+    r"^\s*(?:i'?m\s+(?:sorry|unable|not\s+able)|i\s+am\s+(?:sorry|unable|not\s+able)|sorry,|i\s+(?:can(?:no|')t|cannot|"
+    r"won'?t)\s+(?:help|assist|provide|describe|caption|comply|identify|do\s+that)|as\s+an\s+ai\b|i\s+apologi[sz]e)",
+    re.IGNORECASE,
+)
+
+
+def strip_filler_openers(text: str) -> str:
+    """'The image shows a cat.' → 'A cat.': openers that every caption would share teach a model nothing."""
+    stripped = _FILLER_OPENERS.sub("", text, count=1)
+    if stripped == text or not stripped:
+        return text
+    return stripped[0].upper() + stripped[1:]
+
+
+def is_refusal(text: str) -> bool:
+    """True for a model's refusal ("I'm sorry, but I can't ...") rather than a caption."""
+    return bool(_REFUSALS.match(text))

@@ -28,11 +28,19 @@ class BackendInfo:
     factory: Callable[..., Any]
     model_types: tuple[str, ...] = ()
     default_model: str | None = None
-    extras: tuple[str, ...] = field(default_factory=tuple)
+    extras: tuple[str, ...] = field(default_factory=tuple)  # captionkit extras it needs beyond the base install
+    modules: tuple[str, ...] = field(default_factory=tuple)  # importable modules that show the extras are installed
+    style: str = "chat"  # how build_captioner constructs it: "florence", "chat" or "tagger"
+
+    def installed(self) -> bool:
+        """True when every module this backend imports at load time is importable."""
+        import importlib.util
+
+        return all(importlib.util.find_spec(module) is not None for module in self.modules)
 
 
 _REGISTRY: dict[str, BackendInfo] = {}
-_BUILTIN_MODULES = ("captionkit.models.florence2", "captionkit.models.tagger_registry")
+_HELPER_MODULES = {"base", "chat_vlm", "taggers"}  # shared code, no backends of their own
 
 
 def register_backend(
@@ -41,21 +49,30 @@ def register_backend(
     description: str,
     model_types: tuple[str, ...] = (),
     default_model: str | None = None,
+    extras: tuple[str, ...] = (),
+    modules: tuple[str, ...] = (),
+    style: str = "chat",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Class decorator: make a backend findable by name and by config ``model_type``."""
 
     def wrap(factory: Callable[..., Any]) -> Callable[..., Any]:
-        _REGISTRY[name] = BackendInfo(name, kind, description, factory, model_types, default_model)
+        _REGISTRY[name] = BackendInfo(name, kind, description, factory, model_types, default_model, extras,
+                                      modules, style)
+        if isinstance(factory, type):
+            factory.backend_name = name  # fingerprints name the backend, so stored results can be re-rendered
         return factory
 
     return wrap
 
 
 def _load_builtins() -> None:
+    """Import every module of this package: each family file registers itself (no list kept by hand)."""
     import importlib
+    import pkgutil
 
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_") and module.name not in _HELPER_MODULES:
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def list_backends() -> list[BackendInfo]:
@@ -158,3 +175,16 @@ def model_unavailable(repo_id: str, error: BaseException) -> ModelNotAvailableEr
         f"Model '{repo_id}' is not available: {reason}; download it where you have internet "
         "and pass --model LOCAL_FOLDER."
     )
+
+
+def stored_texts(settings: dict[str, Any] | None, raw: Any) -> list[str]:
+    """Candidate texts of a stored caption result, rendered by the backend that made it (no model loaded)."""
+    from captionkit.models.base import render_chat_texts
+
+    name = (settings or {}).get("backend")
+    _load_builtins()
+    info = _REGISTRY.get(str(name))
+    renderer = getattr(info.factory, "render_texts", None) if info is not None else None
+    if renderer is None:
+        return render_chat_texts(raw)
+    return renderer(raw)

@@ -18,6 +18,7 @@ from typing import Any
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.errors import CaptionkitError, MissingDependencyError
 from captionkit.models import is_local, model_unavailable, register_backend
+from captionkit.models.base import CaptionRequest
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str):
+def resolve_dtype(dtype: str, device: str, warn: bool = True):
     """'auto' → bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU."""
     import torch
 
@@ -87,7 +88,7 @@ def resolve_dtype(dtype: str, device: str):
         return torch.float32
     if dtype not in names:
         raise CaptionkitError(f"--dtype {dtype}: use auto, fp32, fp16 or bf16.")
-    if device == "cpu" and names[dtype] is not torch.float32:
+    if warn and device == "cpu" and names[dtype] is not torch.float32:
         log.warning("--dtype %s on CPU is usually slower than fp32 (most CPUs lack half-precision units).", dtype)
     return names[dtype]
 
@@ -136,6 +137,7 @@ class GenerationSettings:
     description="Florence-2 (native transformers classes): captions, OCR, detection tasks; LoRA adapters",
     model_types=("florence2",),
     default_model=DEFAULT_MODEL,
+    style="florence",
 )
 class Florence2Captioner:
     """Batch captioning with Florence-2. ``preprocess`` is thread-safe; ``caption_batch`` is not."""
@@ -179,7 +181,7 @@ class Florence2Captioner:
 
     # identity ----------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
-        """Everything that changes the raw output (not dtype/device: those are numerics, not settings)."""
+        """Everything that changes the raw output, precision included (fp16 captions differ from fp32 ones)."""
         if is_local(self.model_name):
             revision = _folder_revision(Path(self.model_name).expanduser())
             model_id = str(Path(self.model_name).expanduser().resolve())
@@ -196,6 +198,8 @@ class Florence2Captioner:
             "task": self.task,
             "task_input": self.task_input,
             "generation": self.generation.kwargs(),
+            "dtype": str(resolve_dtype(self.dtype_name, resolve_device(self.device_name), warn=False)).removeprefix(
+                "torch."),
         }
 
     # lifetime ----------------------------------------------------------------
@@ -292,12 +296,13 @@ class Florence2Captioner:
         assert self.processor is not None, "load() first"
         return self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
 
-    def caption_batch(self, pixel_values: list[Any], image_sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    def caption_batch(self, requests: list[CaptionRequest]) -> list[dict[str, Any]]:
         """Generate for a batch of preprocessed images; one raw result per image."""
         import torch
 
         assert self.model is not None and self._prompt_inputs is not None, "load() first"
-        batch = torch.stack(pixel_values).to(self.device, dtype=self.dtype)
+        image_sizes = [request.original_size for request in requests]
+        batch = torch.stack([request.payload for request in requests]).to(self.device, dtype=self.dtype)
         count = batch.shape[0]
         input_ids = self._prompt_inputs["input_ids"].expand(count, -1)
         attention_mask = self._prompt_inputs["attention_mask"].expand(count, -1)
@@ -315,6 +320,10 @@ class Florence2Captioner:
             parsed = self.processor.post_process_generation(text, task=self.task, image_size=size)
             results.append({"text": text, "parsed": parsed.get(self.task, parsed)})
         return results
+
+    @staticmethod
+    def render_texts(raw: dict[str, Any]) -> list[str]:
+        return [render_result(raw)]
 
 
 def render_result(raw: dict[str, Any]) -> str:

@@ -1,14 +1,26 @@
-"""The captioning step: any registered captioner backend + deterministic text post-processing."""
+"""The captioning step: any registered captioner backend + deterministic text post-processing.
+
+The backend renders its own raw result into candidate texts (one, or several with
+``--samples``); this step cleans them, drops refusals, picks or joins samples, and adds
+the verbatim prefix/suffix. Prompts may name the record's other fields (``{tags}``):
+they are filled per image, and the filled prompt joins that image's fingerprint.
+"""
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from captionkit.errors import CaptionkitError
 from captionkit.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.models.base import CaptionRequest, ItemFailure
 from captionkit.records import Record
 from captionkit.steps.base import Prepared
-from captionkit.text import clean_caption
+from captionkit.text import clean_caption, is_refusal, strip_filler_openers
+
+SAMPLE_CHOICES = ("first", "longest", "all")
 
 
 @dataclass
@@ -19,16 +31,55 @@ class CaptionText:
     suffix: str = ""
     cleanup: bool = True
     collapse_loops: bool = True
+    strip_openers: bool = False
+    sample_choice: str = "first"
+    sample_separator: str = "\n"
+
+    def __post_init__(self) -> None:
+        if self.sample_choice not in SAMPLE_CHOICES:
+            raise CaptionkitError(f"--sample-choice {self.sample_choice}: use one of {', '.join(SAMPLE_CHOICES)}.")
 
     def settings(self) -> dict[str, Any]:
         return {
-            "prefix": self.prefix, "suffix": self.suffix,
-            "cleanup": self.cleanup, "collapse_loops": self.collapse_loops,
+            "prefix": self.prefix, "suffix": self.suffix, "cleanup": self.cleanup,
+            "collapse_loops": self.collapse_loops, "strip_openers": self.strip_openers,
+            "sample_choice": self.sample_choice, "sample_separator": self.sample_separator,
         }
+
+    def clean(self, text: str) -> str:
+        if self.cleanup:
+            text = clean_caption(text, collapse_loops=self.collapse_loops)
+        if self.strip_openers:
+            text = strip_filler_openers(text)
+        return text
+
+    def render(self, texts: list[str]) -> str:
+        """Clean every candidate, leave out refusals and empties, then choose (first, longest or all)."""
+        cleaned = [self.clean(text) for text in texts]
+        kept = [text for text in cleaned if text and not is_refusal(text)] or cleaned[:1]
+        if not kept:
+            body = ""
+        elif self.sample_choice == "longest":
+            body = max(kept, key=len)
+        elif self.sample_choice == "all":
+            body = self.sample_separator.join(kept)
+        else:
+            body = kept[0]
+        return f"{self.prefix}{body}{self.suffix}"
+
+
+def prompt_fields(template: str) -> list[str]:
+    """Names of the ``{field}`` placeholders in a prompt; ``{{`` and ``}}`` are literal braces."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as error:
+        raise CaptionkitError(
+            f"--prompt {template!r}: {error}. Fields are written {{tags}}; write {{{{ and }}}} for literal braces."
+        ) from error
 
 
 class CaptionStep:
-    """Writes the ``caption`` field with a captioner backend (e.g. Florence-2)."""
+    """Writes the ``caption`` field with a captioner backend (Florence-2, chat VLMs, servers)."""
 
     field = "caption"
 
@@ -39,20 +90,48 @@ class CaptionStep:
         batch_size: int = 8,
         background: tuple[int, int, int] = (255, 255, 255),
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        render_raw: Any = None,
+        prompt: str | None = None,
+        field_values: Callable[[list[Record], list[str]], dict[str, dict[str, str]]] | None = None,
     ) -> None:
-        from captionkit.models.florence2 import render_result
-
         self.captioner = captioner
         self.text = text or CaptionText()
         self.batch_size = batch_size
         self.background = background
         self.max_pixels = max_pixels
-        self._render_raw = render_raw or render_result
+        self.prompt = prompt
+        self.fields = prompt_fields(prompt) if prompt else []
+        for name in self.fields:
+            if not name.isidentifier():
+                raise CaptionkitError(f"--prompt: '{{{name}}}' is not a field name; write fields like {{tags}}.")
+        self._field_values = field_values
+        self._prompts: dict[str, str] = {}
         self._target_size: tuple[int, int] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.captioner.fingerprint()
+        settings = self.captioner.fingerprint()
+        if self.prompt is not None and not self.fields:
+            settings["prompt"] = self.prompt
+        return settings
+
+    def record_settings(self, records: list[Record]) -> dict[str, dict[str, Any] | str]:
+        """Per image: the filled prompt (part of its fingerprint), or why it cannot be filled."""
+        if not self.fields:
+            return {}
+        values = self._field_values(records, self.fields) if self._field_values else {}
+        settings: dict[str, dict[str, Any] | str] = {}
+        for record in records:
+            known = {**{k: str(v) for k, v in record.fields.items() if v is not None}, **values.get(record.id, {})}
+            missing = [name for name in self.fields if name not in known]
+            if missing:
+                settings[record.id] = (
+                    f"{record.path}: the prompt uses {{{missing[0]}}}, but this image has no '{missing[0]}' "
+                    f"(run the step that writes it first, e.g. `captionkit tag`, or give it a manifest column)"
+                )
+                continue
+            filled = self.prompt.format(**{name: known[name] for name in self.fields})
+            self._prompts[record.id] = filled
+            settings[record.id] = {"prompt": filled}
+        return settings
 
     def render_settings(self) -> dict[str, Any]:
         return self.text.settings()
@@ -67,21 +146,32 @@ class CaptionStep:
     def prepare(self, record: Record) -> Prepared:
         loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
         payload = self.captioner.preprocess(loaded.image)
-        return Prepared(record, payload, loaded.original_size, loaded.content_hash, loaded.notes)
+        request = CaptionRequest(payload, loaded.original_size, self._prompts.get(record.id, self.prompt))
+        return Prepared(record, request, loaded.original_size, loaded.content_hash, loaded.notes)
 
     def run_batch(self, items: list[Prepared]) -> list[Any]:
-        return self.captioner.caption_batch([item.payload for item in items], [item.original_size for item in items])
+        raws = self.captioner.caption_batch([item.payload for item in items])
+        return [self._refused(raw) or raw for raw in raws]
+
+    def _refused(self, raw: Any) -> ItemFailure | None:
+        """A result whose every sample is a refusal is that image's error (retried next run), never a caption."""
+        if isinstance(raw, ItemFailure):
+            return raw
+        texts = [self.text.clean(text) for text in self.captioner.render_texts(raw)]
+        if texts and all(is_refusal(text) for text in texts):
+            return ItemFailure(f"the model refused to caption this image ({texts[0][:80]!r}); it is tried again on "
+                               "the next run; a different --prompt or model may help")
+        return None
 
     def render(self, raw: Any) -> str:
-        text = self._render_raw(raw)
-        if self.text.cleanup:
-            text = clean_caption(text, collapse_loops=self.text.collapse_loops)
-        return f"{self.text.prefix}{text}{self.text.suffix}"
+        return self.text.render(self.captioner.render_texts(raw))
 
     def cpu_thread_candidates(self) -> list[int]:
         """Thread counts the executor may measure when the model runs on the CPU (after load)."""
         from captionkit.thread_tuning import torch_thread_candidates
 
+        if not hasattr(self.captioner, "model"):  # servers: nothing runs in this process
+            return []
         return torch_thread_candidates(getattr(self.captioner, "device", "cpu"))
 
     def set_cpu_threads(self, count: int) -> None:

@@ -1,0 +1,270 @@
+"""Chat vision-language captioners on native transformers classes (no remote code by default).
+
+One implementation drives every family: the processor's chat template builds the prompt,
+the processor batches images of different sizes with left padding, ``generate`` decodes,
+and only the new tokens are kept. A family module (``llava.py``, ``qwen_vl.py`` ...)
+subclasses :class:`ChatVLMCaptioner` and overrides the few hooks where its family differs
+(how images are nested, a prompt without a chat template, resolution limits), then
+registers itself. Adding a family is one new file.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from pathlib import Path
+from typing import Any
+
+from captionkit._torchvision_compat import ensure_torchvision
+from captionkit.errors import CaptionkitError, MissingDependencyError
+from captionkit.models import is_local, model_unavailable
+from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
+
+log = logging.getLogger(__name__)
+
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
+
+
+def model_identity(model: str, revision: str | None) -> tuple[str, str]:
+    """(model id, revision) for fingerprints: a local folder is identified by its files, a hub id by revision."""
+    from captionkit.models.florence2 import _folder_revision
+
+    if is_local(model):
+        folder = Path(model).expanduser()
+        return str(folder.resolve()), _folder_revision(folder)
+    return model, revision or "main"
+
+
+def remote_code_error(model: str, model_type: str) -> CaptionkitError:
+    return CaptionkitError(
+        f"{model}: model type '{model_type}' needs the model's own Python code (remote code), which captionkit "
+        "does not run unless you pass --trust-remote-code (only do that for a model you trust)."
+    )
+
+
+class ChatVLMCaptioner:
+    """Batch captioning with a chat VLM. ``preprocess`` is thread-safe; ``caption_batch`` is not."""
+
+    backend_name = "transformers"  # replaced by the registered name of each family
+    family = "chat"
+    model_class: str = "AutoModelForImageTextToText"
+    supports_system_prompt = True
+    nested_images = False  # processors such as Mllama/Idefics3 take one list of images per prompt
+    uses_chat_template = True
+
+    def __init__(
+        self,
+        model: str,
+        chat: ChatSettings | None = None,
+        dtype: str = "auto",
+        attn_implementation: str = "sdpa",
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        max_image_side: int | None = None,
+        model_type: str | None = None,
+        **family_options: Any,
+    ) -> None:
+        if attn_implementation not in ATTENTION_CHOICES:
+            raise CaptionkitError(
+                f"--attn-implementation {attn_implementation}: use {', '.join(ATTENTION_CHOICES)}."
+            )
+        if max_image_side is not None and max_image_side < 16:
+            raise CaptionkitError("--max-image-side must be at least 16 pixels.")
+        self.model_name = str(model)
+        self.chat = chat or ChatSettings()
+        if self.chat.system_prompt and not self.supports_system_prompt:
+            raise CaptionkitError(
+                f"{self.model_name}: this model family ({model_type or self.family}) has no system role; "
+                "put the instructions in --prompt instead of --system-prompt."
+            )
+        self.dtype_name = dtype
+        self.attn_implementation = attn_implementation
+        self.device_name = device
+        self.cache_dir = cache_dir
+        self.revision = revision
+        self.trust_remote_code = trust_remote_code
+        self.max_image_side = max_image_side
+        self.model_type = model_type or self.family
+        self.family_options = self.check_family_options(family_options)
+        self.model = None
+        self.processor = None
+        self.device = "cpu"
+        self.dtype = None
+
+    # hooks for family modules -------------------------------------------------------
+    def check_family_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Validate family-specific options (e.g. Qwen2-VL min/max pixels); unknown ones are an error."""
+        if options:
+            names = ", ".join(f"--{name.replace('_', '-')}" for name in options)
+            raise CaptionkitError(f"{names}: not an option of the {self.family} family ({self.model_type}).")
+        return {}
+
+    def processor_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``AutoProcessor.from_pretrained``."""
+        return {}
+
+    def messages(self, prompt: str) -> list[dict[str, Any]]:
+        """The chat for one image: optional system turn, then the image and the prompt."""
+        turns: list[dict[str, Any]] = []
+        if self.chat.system_prompt:
+            turns.append({"role": "system", "content": [{"type": "text", "text": self.chat.system_prompt}]})
+        turns.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        return turns
+
+    def prompt_text(self, prompt: str) -> str:
+        """The model's input text for one image (the chat template, unless the family has none)."""
+        assert self.processor is not None
+        return self.processor.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False)
+
+    def processor_inputs(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
+        """Batched model inputs: left-padded texts and the images (nested per prompt where needed)."""
+        assert self.processor is not None
+        batch_images = [[image] for image in images] if self.nested_images else images
+        return self.processor(text=texts, images=batch_images, padding=True, return_tensors="pt")
+
+    def new_tokens(self, generated: Any, inputs: dict[str, Any]) -> Any:
+        """The generated continuation without the prompt (decoder-only models echo the prompt)."""
+        return generated[:, inputs["input_ids"].shape[1]:]
+
+    # identity ------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        from captionkit.models.florence2 import resolve_device, resolve_dtype
+
+        model_id, revision = model_identity(self.model_name, self.revision)
+        device = resolve_device(self.device_name)
+        return {
+            "backend": self.backend_name,
+            "family": self.model_type,
+            "model": model_id,
+            "revision": revision,
+            "trust_remote_code": self.trust_remote_code,
+            "dtype": str(resolve_dtype(self.dtype_name, device, warn=False)).removeprefix("torch."),
+            "chat": self.chat.fingerprint(),
+            "max_image_side": self.max_image_side,
+            "family_options": self.family_options,
+        }
+
+    # lifetime ------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load processor and model on the chosen device and dtype (once)."""
+        if self.model is not None:
+            return
+        ensure_torchvision()
+        import torch
+        import transformers
+
+        from captionkit.models.florence2 import resolve_device, resolve_dtype
+
+        transformers.utils.logging.disable_progress_bar()
+        self.device = resolve_device(self.device_name)
+        self.dtype = resolve_dtype(self.dtype_name, self.device)
+        if self.attn_implementation == "flash_attention_2":
+            import importlib.util
+
+            if importlib.util.find_spec("flash_attn") is None:
+                raise MissingDependencyError("flash-attn", "--attn-implementation flash_attention_2")
+            if not self.device.startswith("cuda") or self.dtype is torch.float32:
+                raise CaptionkitError("flash_attention_2 needs a CUDA GPU and --dtype fp16 or bf16.")
+        options = {"cache_dir": self.cache_dir, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
+        model_class = getattr(transformers, self.model_class)
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(
+                self.model_name, **options, **self.processor_options()
+            )
+            model = model_class.from_pretrained(
+                self.model_name, dtype=self.dtype, attn_implementation=self.attn_implementation, **options
+            )
+        except OSError as error:
+            if is_local(self.model_name):
+                raise CaptionkitError(
+                    f"{self.model_name}: not a loadable {self.model_type} folder ({error}). It needs config.json, "
+                    "weights and the processor and tokenizer files (as saved by save_pretrained)."
+                ) from error
+            raise model_unavailable(self.model_name, error) from error
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        tokenizer.padding_side = "left"  # generation continues from the right edge of every row
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if self.uses_chat_template and not getattr(self.processor, "chat_template", None):
+            raise CaptionkitError(
+                f"{self.model_name}: the processor has no chat template (chat_template.jinja or "
+                "chat_template.json), so captionkit cannot build the prompt. Use the model's instruct/chat release."
+            )
+        self.model = model.to(self.device).eval()
+
+    def unload(self) -> None:
+        """Free the model, the processor and cached accelerator memory."""
+        self.model = None
+        self.processor = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+    def recover_from_oom(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # work ----------------------------------------------------------------------------
+    def image_size(self) -> tuple[int, int] | None:
+        """Decode JPEGs at a reduced scale only when --max-image-side bounds what the model sees."""
+        return (self.max_image_side, self.max_image_side) if self.max_image_side else None
+
+    def preprocess(self, image: Any) -> Any:
+        """Downscale to --max-image-side (the processor does the rest on the main thread, batched)."""
+        if self.max_image_side and max(image.size) > self.max_image_side:
+            from PIL import Image
+
+            image = image.copy()
+            image.thumbnail((self.max_image_side, self.max_image_side), Image.Resampling.LANCZOS)
+        return image
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        chat = self.chat
+        options: dict[str, Any] = {"max_new_tokens": chat.max_new_tokens, "num_return_sequences": chat.samples}
+        if chat.greedy:
+            options.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
+        else:
+            options.update(do_sample=True, temperature=chat.temperature, top_p=chat.top_p, top_k=chat.top_k)
+        if chat.repetition_penalty is not None:
+            options["repetition_penalty"] = chat.repetition_penalty
+        return options
+
+    def caption_batch(self, requests: list[CaptionRequest]) -> list[dict[str, Any] | ItemFailure]:
+        """Generate for a batch of images (mixed sizes); one raw result per image."""
+        import torch
+
+        assert self.model is not None and self.processor is not None, "load() first"
+        texts = [self.prompt_text(request.prompt or self.chat.prompt) for request in requests]
+        inputs = self.processor_inputs(texts, [request.payload for request in requests])
+        inputs = {
+            name: (value.to(self.device, dtype=self.dtype) if torch.is_floating_point(value)
+                   else value.to(self.device)) if hasattr(value, "to") else value
+            for name, value in inputs.items()
+        }
+        if self.chat.seed is not None and not self.chat.greedy:
+            torch.manual_seed(self.chat.seed)
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs, **self.generation_kwargs(), pad_token_id=tokenizer.pad_token_id,
+            )
+        continuations = self.new_tokens(generated, inputs)
+        decoded = self.processor.batch_decode(continuations, skip_special_tokens=True)
+        samples = self.chat.samples
+        return [
+            {"texts": [text.strip() for text in decoded[index * samples:(index + 1) * samples]]}
+            for index in range(len(requests))
+        ]
+
+    @staticmethod
+    def render_texts(raw: Any) -> list[str]:
+        return render_chat_texts(raw)
