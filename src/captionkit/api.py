@@ -13,7 +13,7 @@ from captionkit.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.progress import Progress
 from captionkit.records import Source, open_source
 from captionkit.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
-from captionkit.store import Store
+from captionkit.store import STORE_FOLDER, Store
 
 log = logging.getLogger("captionkit")
 DEFAULT_CAPTION_MODEL = "florence-community/Florence-2-base"
@@ -332,12 +332,18 @@ def _run_step(
     _check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
+    records = list(source)
+    if not records:
+        raise CaptionkitError(no_images_message(source))
     location = output_location(source, output_dir)
     reporter = Progress(progress)
-    with Store(location) as store:
-        handler = attach_run_log(store)
-        try:
-            records = list(source)
+    new_store = not (location / STORE_FOLDER).exists()
+    store = Store(location)
+    handler = attach_run_log(store)
+    if new_store:
+        log.info("created the captionkit store %s", store.path)
+    try:
+        with store:
             step = make_step(store)
             log.info("%s %s: %d images, %s", step.field, source.description, len(records), description)
             sink = None
@@ -357,9 +363,52 @@ def _run_step(
             log.info("summary: %s", summary.as_dict())
             reporter.event("summary", **summary.as_dict())
             return summary
-        finally:
+    except BaseException:
+        if new_store and not store_has_results(store.path):
+            remove_store_folder(store.folder, handler)  # a run that failed before its first image leaves nothing
+            handler = None
+        raise
+    finally:
+        if handler is not None:
             logging.getLogger("captionkit").removeHandler(handler)
             handler.close()
+
+
+def no_images_message(source: Source) -> str:
+    """Why a source gave no records, with what was looked for."""
+    from captionkit.records import FolderSource, ManifestSource, image_extensions
+
+    if isinstance(source, FolderSource):
+        extensions = set(source.extensions or image_extensions())
+        common = [ext for ext in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+                  if ext in extensions]
+        rest = len(extensions) - len(common)
+        shown = ", ".join(common) + (f" and {rest} more formats Pillow reads" if rest else "")
+        hidden = ("hidden files and folders (names starting with '.') were skipped; --include-hidden takes them"
+                  if not source.include_hidden else "hidden files were included")
+        depth = "sub-folders included" if source.recursive else "sub-folders not searched (--recursive to search)"
+        return f"{source.root}: no images found (looked for {shown}; {depth}; {hidden})."
+    if isinstance(source, ManifestSource):
+        return f"{source.manifest}: the manifest has no rows."
+    return f"{source.description}: no images found."
+
+
+def store_has_results(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(path) as connection:
+            return connection.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return True  # unsure: keep it
+
+
+def remove_store_folder(folder: Path, handler: logging.Handler) -> None:
+    import shutil
+
+    logging.getLogger("captionkit").removeHandler(handler)
+    handler.close()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None) -> int:

@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 TEMP_MARKER = ".ck-tmp-"
+
+
+_umask_lock = threading.Lock()
+_umask: int | None = None
+
+
+def current_umask() -> int:
+    """The process umask (read once; reading it means setting it, so under a lock)."""
+    global _umask
+    with _umask_lock:
+        if _umask is None:
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+        return _umask
+
+
+def file_mode(path: Path) -> int:
+    """The mode a replaced file keeps, or the mode ``open()`` would give a new one (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
 
 
 @contextmanager
@@ -29,6 +53,7 @@ def atomic_open(path: str | Path, mode: str = "wb", durable: bool = True) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}{TEMP_MARKER}", dir=path.parent)
     try:
+        os.chmod(temp_name, file_mode(path))  # mkstemp makes 0600; the result must look like a plain open()
         with os.fdopen(handle, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as stream:
             yield stream
             stream.flush()

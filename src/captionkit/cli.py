@@ -21,6 +21,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
+def _version(value: bool) -> None:
+    if value:
+        from captionkit import __version__
+
+        print(f"captionkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", callback=_version,
+                                          is_eager=True)] = False,
+) -> None:
+    """Caption, tag and train the labellers of image datasets for text-to-image training."""
+
+
 _MODEL_HELP = "Hub id or local folder (a model downloaded elsewhere, or trained with captionkit)."
 
 
@@ -39,7 +55,7 @@ def _print_summary(summary, progress: str) -> None:
     if summary.interrupted:
         print("Stopped early (Ctrl-C): everything finished so far is saved; run again to continue.", file=out)
     for record_id, reason in list(data["errors"].items())[:50]:
-        print(f"  failed  {record_id}: {reason}", file=out)
+        print(f"  failed  {_failure_line(record_id, reason)}", file=out)
     if len(data["errors"]) > 50:
         print(f"  ... and {len(data['errors']) - 50} more failures (see .captionkit/run.log)", file=out)
     if summary.failed_earlier:
@@ -51,7 +67,15 @@ def _print_summary(summary, progress: str) -> None:
     for target, ids in data["collisions"].items():
         print(f"  collision  {target} would be shared by {' and '.join(ids)}", file=out)
     for record_id, reason in list(data["write_errors"].items())[:20]:
-        print(f"  not written  {record_id}: {reason}", file=out)
+        print(f"  not written  {_failure_line(record_id, reason)}", file=out)
+
+
+def _failure_line(record_id: str, reason: str) -> str:
+    """'img.png: reason' once: most reasons already start with the file's path."""
+    path, separator, _ = reason.partition(": ")
+    if separator and (path == record_id or path.replace("\\", "/").endswith("/" + record_id)):
+        return reason
+    return f"{record_id}: {reason}"
 
 
 _FLORENCE = "Florence-2 options"
@@ -360,6 +384,35 @@ def _register_training_commands() -> None:
 _register_training_commands()
 
 
+def _plain_metavars(command) -> None:
+    """Help shows `--batch-size INTEGER` and bare flags, not Typer's `<int>` and `--help <bool>` labels."""
+    from typer.core import TyperArgument
+
+    labels = {bool: "", int: "INTEGER", float: "NUMBER", str: "TEXT"}
+    help_option = command.get_help_option(typer.Context(command))
+    if help_option is not None:
+        help_option.metavar = ""
+    for param in command.params:
+        if isinstance(param, TyperArgument):
+            param.display_type_rich = lambda ctx: None  # its name already says what it is
+            continue
+        if param.metavar is not None:
+            continue
+        if getattr(param, "is_flag", False) or getattr(param, "count", False):
+            param.metavar = ""
+            continue
+        descriptor = getattr(param, "type_descriptor", None)
+        if descriptor is None:
+            continue
+        annotation = descriptor.annotation
+        if descriptor.is_list:
+            annotation = getattr(annotation, "__args__", (str,))[0]
+        label = "PATH" if descriptor.is_path else labels.get(annotation, "VALUE")
+        param.metavar = f"{label}..." if descriptor.is_list else label
+    for child in getattr(command, "commands", {}).values():
+        _plain_metavars(child)
+
+
 def main() -> None:
     """Console entry point: user errors become one plain message, not a stack trace."""
     console = logging.StreamHandler(sys.stderr)
@@ -369,7 +422,12 @@ def main() -> None:
     for noisy in ("httpx", "httpcore", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        app()
+        command = typer.main.get_command(app)
+        try:
+            _plain_metavars(command)
+        except (AttributeError, ImportError, TypeError):  # another Typer version: its own labels are fine
+            pass
+        command(prog_name="captionkit")
     except CaptionkitError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,10 +103,14 @@ def load_image(
     width, height = image.size
     if width * height > max_pixels:
         raise ImageLoadError(name, f"too many pixels ({width}x{height})", _bomb_fix(max_pixels))
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    try:  # reading EXIF or counting frames may read (and trip over) the rest of the file, e.g. a truncated PNG
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        frames = getattr(image, "n_frames", 1)
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+        raise _truncated(name, error) from error
     original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-    if getattr(image, "n_frames", 1) > 1:
-        notes.append(f"animated ({image.n_frames} frames): first frame used")
+    if frames > 1:
+        notes.append(f"animated ({frames} frames): first frame used")
     decoded = None
     if (
         _simplejpeg is not None
@@ -119,13 +124,17 @@ def load_image(
             image.seek(0)
             image.load()
             decoded = _to_rgb(ImageOps.exif_transpose(image), background)
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise ImageLoadError(
-            name, f"truncated or corrupt image data ({error})", "Re-export or re-download it; it is incomplete."
-        ) from error
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as error:
+        raise _truncated(name, error) from error
     except Image.DecompressionBombError as error:
         raise ImageLoadError(name, f"too many pixels ({error})", _bomb_fix(max_pixels)) from error
     return LoadedImage(image=decoded, original_size=original_size, content_hash=content_hash, notes=notes)
+
+
+def _truncated(name: str, error: BaseException) -> ImageLoadError:
+    return ImageLoadError(
+        name, f"truncated or corrupt image data ({error})", "Re-export or re-download it; it is incomplete."
+    )
 
 
 def _bomb_fix(max_pixels: int) -> str:

@@ -115,10 +115,10 @@ class SidecarSink:
                             "which image it describes.", target, entry.record_id, " and ".join(ids))
             if self.collisions is CollisionPolicy.keep_extension and not any(
                     plan.targets.get(record_id) == target for record_id in ids):
-                log.warning("%s would be shared by %s: writing one file per image with its extension "
+                log.info("%s would be shared by %s: writing one file per image with its extension "
                             "kept (e.g. a.png.txt) where that name is free.", target, " and ".join(ids))
             else:
-                log.warning("%s would be shared by %s: no caption file written for them (results are "
+                log.info("%s would be shared by %s: no caption file written for them (results are "
                             "in the store and exports). Rename one image, or pass --on-collision "
                             "keep-extension.", target, " and ".join(ids))
         remove_stale_temp_files({path.parent for path in plan.targets.values()})
@@ -211,7 +211,7 @@ class SidecarSink:
                     message = (f"{target}: cannot write ({error.strerror or error}); the result is in the "
                                "store: fix the folder's permissions or space, or use --output-dir, then run again")
                     self.write_errors[entry.record_id] = message
-                    log.warning("%s", message)
+                    log.info("%s", message)  # the run's summary lists it; the log keeps it
                     continue
                 written += 1
             entry.written_hash = entry.pending_hash
