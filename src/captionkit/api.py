@@ -222,7 +222,7 @@ def caption(
     path: str | Path,
     *,
     options: ModelOptions | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     workers: int = 4,
     recursive: bool = True,
     include_hidden: bool = False,
@@ -262,6 +262,8 @@ def caption(
     from captionkit.steps.captioner import CaptionStep, CaptionText
 
     chosen = _model_options(options, model_options)
+    if batch_size is None:  # a server batch waits for its slowest reply: keep several per connection in flight
+        batch_size = chosen.concurrency * 4 if chosen.backend == "openai" else 8
     text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
                        strip_openers=strip_openers, sample_choice=sample_choice, sample_separator=sample_separator)
     if captioner is None:  # build (and validate every option) before any file or store is touched

@@ -125,7 +125,7 @@ def caption(
     max_model_len: Annotated[int | None, typer.Option(help="Context length of the engine.", rich_help_panel=_VLLM)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences the engine runs at once.", rich_help_panel=_VLLM)] = None,
     gpu_memory_utilization: Annotated[float | None, typer.Option(help="Fraction of GPU memory the engine may take (default 0.9).", rich_help_panel=_VLLM)] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call (halved automatically on out-of-memory).")] = 8,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call, halved automatically on out-of-memory (default 8; 4 x --concurrency for servers).")] = None,
     workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
     recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
     include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
