@@ -59,8 +59,11 @@ class ModelOptions:
     samples: int | None = None
     seed: int | None = None
     max_image_side: int | None = None
-    min_pixels: int | None = None
-    max_pixels: int | None = None
+    min_pixels: int | None = None  # Qwen2-VL family
+    max_pixels: int | None = None  # Qwen2-VL family
+    anyres: bool | None = None  # LLaVA-NeXT / OneVision: False = one tile per image
+    pan_and_scan: bool | None = None  # Gemma 3
+    longest_edge: int | None = None  # Idefics3 / SmolVLM
     trust_remote_code: bool = False
     # both
     max_new_tokens: int | None = None
@@ -98,8 +101,9 @@ class ModelOptions:
 
 
 _FLORENCE_ONLY = ("task", "task_input", "num_beams", "early_stopping", "no_repeat_ngram_size", "adapter")
+FAMILY_OPTIONS = ("min_pixels", "max_pixels", "anyres", "pan_and_scan", "longest_edge")
 _CHAT_ONLY = ("prompt", "system_prompt", "temperature", "top_p", "top_k", "samples", "seed", "max_image_side",
-              "min_pixels", "max_pixels", "trust_remote_code")
+              "trust_remote_code", *FAMILY_OPTIONS)
 _SERVER_ONLY = ("base_url",)
 _VLLM_ONLY = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
 
@@ -134,7 +138,7 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
         if not options.base_url:
             raise CaptionkitError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
         _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to a chat server; use --prompt.")
-        _refuse(options, ("min_pixels", "max_pixels", "trust_remote_code"), "the server decides these.")
+        _refuse(options, (*FAMILY_OPTIONS, "trust_remote_code"), "the server decides these.")
         factory = get_backend("openai").factory
         return factory(
             model=options.model, base_url=options.base_url, chat=options.chat_settings(),
@@ -146,7 +150,7 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
     model_type = str(config.get("model_type", ""))
     if options.backend == "vllm":
         _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to the vLLM backend; use --prompt.")
-        _refuse(options, ("min_pixels", "max_pixels"), "not passed to vLLM engines; use --max-image-side.")
+        _refuse(options, FAMILY_OPTIONS, "not passed to vLLM engines; use --max-image-side.")
         return get_backend("vllm").factory(
             model=name, chat=options.chat_settings(), dtype=options.dtype, trust_remote_code=options.trust_remote_code,
             cache_dir=options.cache_dir, revision=options.revision, max_image_side=options.max_image_side,
@@ -174,8 +178,7 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
             cache_dir=options.cache_dir, revision=options.revision, adapter=options.adapter,
         )
     _refuse(options, _FLORENCE_ONLY, f"Florence-2 options do not apply to {model_type} models; use --prompt.")
-    family_options = {key: getattr(options, key) for key in ("min_pixels", "max_pixels")
-                      if getattr(options, key) is not None}
+    family_options = {key: getattr(options, key) for key in FAMILY_OPTIONS if getattr(options, key) is not None}
     return info.factory(
         model=name, chat=options.chat_settings(), dtype=options.dtype,
         attn_implementation=options.attn_implementation, device=options.device, cache_dir=options.cache_dir,
