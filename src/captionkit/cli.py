@@ -71,10 +71,10 @@ def _print_summary(summary, progress: str) -> None:
 
 
 def _failure_line(record_id: str, reason: str) -> str:
-    """'img.png: reason' once: most reasons already start with the file's path."""
-    path, separator, _ = reason.partition(": ")
+    """'img.png: reason', naming the file once: most reasons already start with the file's full path."""
+    path, separator, rest = reason.partition(": ")
     if separator and (path == record_id or path.replace("\\", "/").endswith("/" + record_id)):
-        return reason
+        return f"{record_id}: {rest}"
     return f"{record_id}: {reason}"
 
 
