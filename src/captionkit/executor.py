@@ -45,6 +45,20 @@ class RunOptions:
 
 
 @dataclass
+class WorkPlan:
+    """What a run will do, decided from the store before any model loads."""
+
+    settings: dict[str, Any]
+    step_fingerprint: str
+    record_settings: dict[str, tuple[dict, str]] = field(default_factory=dict)  # id → (settings, fingerprint)
+    signatures: dict[str, str | None] = field(default_factory=dict)
+    reuse: dict[str, Any] = field(default_factory=dict)  # id → stored raw result
+    todo: list[Record] = field(default_factory=list)
+    failed_earlier: dict[str, str] = field(default_factory=dict)
+    unfillable: dict[str, str] = field(default_factory=dict)  # id → why its per-record settings cannot be made
+
+
+@dataclass
 class RunSummary:
     """What happened, for the CLI summary, the JSON progress stream and library callers."""
 
@@ -91,6 +105,15 @@ class RunSummary:
         }
 
 
+def _where(record: Record) -> str:
+    """How messages name a record: its image, or its id when it has none (text-only)."""
+    return str(record.path) if record.path is not None else record.id
+
+
+def _stored_path(record: Record) -> str:
+    return str(record.path) if record.path is not None else ""
+
+
 class _StopFlag:
     """First Ctrl-C: finish the current batch and stop; second: stop at once."""
 
@@ -121,34 +144,25 @@ class LocalExecutor:
         self.options = options or RunOptions()
         self.progress = progress or Progress("quiet")
 
-    def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
-        started = time.perf_counter()
-        summary = RunSummary(field=step.field, total=len(records))
+    def classify(self, step: Step, records: list[Record], store: Store) -> WorkPlan:
+        """Which records need the model, which stored results are reused, which failed before (no writes)."""
         settings = step.fingerprint()
         step_fingerprint = fingerprint(settings)
         # Per-record settings (a prompt filled from the record's fields) join that record's fingerprint.
         per_record = step.record_settings(records) if hasattr(step, "record_settings") else {}
-        self._record_settings: dict[str, tuple[dict, str]] = {}
-        unfillable: list[Record] = []
+        plan = WorkPlan(settings=settings, step_fingerprint=step_fingerprint)
         for record_id, extra in per_record.items():
-            if isinstance(extra, str):
-                continue
-            merged = {**settings, "record": extra}
-            self._record_settings[record_id] = (merged, fingerprint(merged))
-        if sink is not None:
-            plan = sink.plan(records)
-            summary.collisions = {str(path): ids for path, ids in plan.collisions.items()}
+            if not isinstance(extra, str):
+                merged = {**settings, "record": extra}
+                plan.record_settings[record_id] = (merged, fingerprint(merged))
         stored = store.get_many(step.field, (record.id for record in records))
-        reuse: dict[str, Any] = {}
-        todo: list[Record] = []
-        signatures: dict[str, str | None] = {}
         for record in records:
             signature = file_signature(record.path)
-            signatures[record.id] = signature
+            plan.signatures[record.id] = signature
             if isinstance(per_record.get(record.id), str):
-                unfillable.append(record)
+                plan.unfillable[record.id] = str(per_record[record.id])
                 continue
-            record_fingerprint = self._record_settings.get(record.id, (settings, step_fingerprint))[1]
+            record_fingerprint = plan.record_settings.get(record.id, (settings, step_fingerprint))[1]
             previous = stored.get(record.id)
             if (
                 previous is not None
@@ -156,15 +170,31 @@ class LocalExecutor:
                 and previous.file_signature == signature
                 and (previous.fingerprint == record_fingerprint or self.options.keep_results)
             ):
-                reuse[record.id] = previous.raw
+                plan.reuse[record.id] = previous.raw
             elif previous is not None and previous.status == "error" and not self.options.retry_errors \
                     and MODEL_ERROR not in previous.notes \
                     and previous.file_signature == signature and previous.fingerprint == record_fingerprint:
-                summary.failed += 1
-                summary.failed_earlier += 1
-                summary.errors[record.id] = previous.error or "failed earlier"
+                plan.failed_earlier[record.id] = previous.error or "failed earlier"
             else:
-                todo.append(record)
+                plan.todo.append(record)
+        return plan
+
+    def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
+        started = time.perf_counter()
+        summary = RunSummary(field=step.field, total=len(records))
+        plan = self.classify(step, records, store)
+        settings, step_fingerprint, signatures = plan.settings, plan.step_fingerprint, plan.signatures
+        self._record_settings = plan.record_settings
+        if sink is not None:
+            placed = sink.plan(records)
+            summary.collisions = {str(path): ids for path, ids in placed.collisions.items()}
+        reuse, todo = plan.reuse, plan.todo
+        summary.failed += len(plan.failed_earlier)
+        summary.failed_earlier += len(plan.failed_earlier)
+        summary.errors.update(plan.failed_earlier)
+        by_id = {record.id: record for record in records}
+        unfillable = [by_id[record_id] for record_id in plan.unfillable]
+        per_record = plan.unfillable
         if unfillable:
             failures = []
             for record in unfillable:
@@ -227,7 +257,7 @@ class LocalExecutor:
                 except ImageLoadError as error:
                     outcome = error
                 except Exception as error:  # a preprocessing bug must not end the run either
-                    outcome = ImageLoadError(str(record.path), f"preprocessing failed ({error!r})",
+                    outcome = ImageLoadError(_where(record), f"preprocessing failed ({error!r})",
                                              "Report this file to the captionkit developers.")
                 yield record, outcome
                 if stop.requested:
@@ -273,14 +303,14 @@ class LocalExecutor:
                     text = step.render(value)
                     texts[record.id] = text
                     results.append(Result(
-                        step=step.field, record_id=record.id, path=str(record.path),
+                        step=step.field, record_id=record.id, path=_stored_path(record),
                         file_signature=signatures.get(record.id), content_hash=item.content_hash,
                         fingerprint=record_fingerprint, settings=record_settings, status="ok", raw=value,
                         text=text, error=None, notes=item.notes, updated_at=0.0,
                     ))
                     log.debug("%s %s: %s", step.field, record.id, text)
                 else:
-                    message = f"{record.path}: {value}"
+                    message = f"{_where(record)}: {value}"
                     summary.errors[record.id] = message
                     log.info("failed: %s", message)
                     error = self._error_result(step, record, message, signatures, record_fingerprint,
@@ -369,7 +399,7 @@ class LocalExecutor:
     def _error_result(step: Step, record: Record, message: str, signatures: dict[str, str | None],
                       step_fingerprint: str, settings: dict) -> Result:
         return Result(
-            step=step.field, record_id=record.id, path=str(record.path),
+            step=step.field, record_id=record.id, path=_stored_path(record),
             file_signature=signatures.get(record.id), content_hash=None, fingerprint=step_fingerprint,
             settings=settings, status="error", raw=None, text=None, error=message, notes=[], updated_at=0.0,
         )

@@ -25,10 +25,13 @@ _IMAGE_COLUMN_GUESSES = ("image", "file_name", "path", "image_path", "file", "fi
 
 @dataclass
 class Record:
-    """One image plus named fields written by steps (``caption``, ``tags``) or given by a manifest."""
+    """One image plus named fields written by steps (``caption``, ``tags``) or given by a manifest.
+
+    ``path`` is None for a text-only record (a prompt to generate an image from, in a pipeline).
+    """
 
     id: str
-    path: Path
+    path: Path | None
     fields: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,6 +120,7 @@ class ManifestSource(Source):
     manifest: Path = Path()
     image_column: str | None = None
     base_dir: Path | None = None
+    text_only: bool = False  # rows without images: ids from an `id` column or the row number
 
     def _rows(self) -> list[dict[str, Any]]:
         suffix = self.manifest.suffix.lower()
@@ -159,6 +163,9 @@ class ManifestSource(Source):
         rows = self._rows()
         if not rows:
             return
+        if self.text_only:
+            yield from self._text_records(rows)
+            return
         column = self.image_column
         if column is None:
             column = next((name for name in _IMAGE_COLUMN_GUESSES if name in rows[0]), None)
@@ -193,14 +200,29 @@ class ManifestSource(Source):
             yield Record(id=record_id, path=path, fields=fields)
 
 
+    def _text_records(self, rows: list[dict[str, Any]]) -> Iterator[Record]:
+        width = len(str(len(rows)))
+        seen: set[str] = set()
+        for number, row in enumerate(rows, 1):
+            record_id = str(row["id"]) if row.get("id") not in (None, "") else f"row-{number:0{width}d}"
+            if record_id in seen:
+                raise SourceError(f"{self.manifest}: row {number} repeats id '{record_id}'; ids must be unique.")
+            seen.add(record_id)
+            yield Record(id=record_id, path=None, fields=dict(row))
+
+
 def open_source(
     path: str | Path,
     recursive: bool = True,
     image_column: str | None = None,
     base_dir: str | Path | None = None,
     include_hidden: bool = False,
+    text_only: bool = False,
 ) -> Source:
-    """A source for a folder, one image, or a manifest file, chosen by what ``path`` is."""
+    """A source for a folder, one image, or a manifest file, chosen by what ``path`` is.
+
+    ``text_only``: a manifest whose rows have no image (prompts for image generation).
+    """
     path = Path(path).expanduser()
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder. Check the path.")
@@ -210,6 +232,7 @@ def open_source(
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         base = Path(base_dir).expanduser().resolve() if base_dir else path.resolve().parent
         return ManifestSource(
-            root=base, description=str(path), manifest=path, image_column=image_column, base_dir=base
+            root=base, description=str(path), manifest=path, image_column=image_column, base_dir=base,
+            text_only=text_only,
         )
     return SingleImageSource(root=path.resolve().parent, description=str(path), image=path.resolve())

@@ -67,8 +67,10 @@ def text_hash(text: str) -> str:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def file_signature(path: Path) -> str | None:
+def file_signature(path: Path | None) -> str | None:
     """Size and modification time: cheap evidence that an image did not change since its result."""
+    if path is None:  # a text-only record: its inputs are in the step's per-record settings
+        return None
     try:
         info = path.stat()
     except OSError:

@@ -293,6 +293,34 @@ class OpenAICaptioner:
                 })
         return results
 
+    def complete_texts(self, conversations: list[list[dict[str, Any]]]) -> list[dict[str, Any] | ItemFailure]:
+        """Text-only chat requests: one whole ``messages`` list per item (× ``samples``), with the pool,
+        retries and error handling of ``caption_batch``; one raw result or ItemFailure per item, in order."""
+        pool = self._pool
+        if pool is None or self._client is None:
+            raise CaptionkitError("the openai backend is not loaded; call load() first.")
+        futures = [
+            [pool.submit(self._request, messages, sample) for sample in range(self.chat.samples)]
+            for messages in conversations
+        ]
+        results: list[dict[str, Any] | ItemFailure] = []
+        for item_futures in futures:
+            attempts: list[_Attempt] = []
+            for future in item_futures:
+                try:
+                    attempts.append(future.result())
+                except Exception as error:  # one item's bug must not sink the batch
+                    attempts.append(_Attempt(error=self._scrub(f"{type(error).__name__}: {error}")))
+            failed = next((attempt for attempt in attempts if attempt.error is not None), None)
+            if failed is not None:
+                results.append(ItemFailure(failed.error or "request failed"))
+            else:
+                results.append({
+                    "texts": [(attempt.text or "").strip() for attempt in attempts],
+                    "finish_reasons": [attempt.finish_reason for attempt in attempts],
+                })
+        return results
+
     @staticmethod
     def render_texts(raw: Any) -> list[str]:
         return render_chat_texts(raw)

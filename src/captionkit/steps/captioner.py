@@ -105,6 +105,8 @@ class CaptionStep:
                 raise CaptionkitError(f"--prompt: '{{{name}}}' is not a field name; write fields like {{tags}}.")
         self._field_values = field_values
         self._prompts: dict[str, str] = {}
+        if prompt is None:  # a chat backend's own prompt is part of what it was asked
+            self.prompt = getattr(getattr(captioner, "chat", None), "prompt", None)
         self._target_size: tuple[int, int] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
@@ -181,3 +183,73 @@ class CaptionStep:
 
     def recover_from_oom(self) -> None:
         self.captioner.recover_from_oom()
+
+
+_TEXT_KEYS = {"prefix": str, "suffix": str, "cleanup": bool, "collapse_loops": bool, "strip_openers": bool,
+              "sample_choice": str, "sample_separator": str}
+_VLLM_ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
+
+
+def _captioner_keys() -> dict[str, Any]:
+    from dataclasses import fields
+
+    from captionkit.api import ModelOptions
+
+    types = {"str": str, "int": int, "float": float, "bool": bool}
+    keys: dict[str, Any] = {}
+    for item in fields(ModelOptions):
+        annotation = str(item.type)
+        keys[item.name] = next((kind for name, kind in types.items() if annotation.startswith(name)), str)
+    keys.update({"cache_dir": str, "adapter": str, "temperature": (int, float), "top_p": (int, float),
+                 "repetition_penalty": (int, float), "request_timeout": (int, float),
+                 "gpu_memory_utilization": (int, float)})
+    return {**keys, **_TEXT_KEYS, "batch_size": int, "background": str, "max_image_pixels": int}
+
+
+def build_pipeline_captioner(config: dict[str, Any], context: Any) -> CaptionStep:
+    """A pipeline ``captioner`` step: every backend `captionkit caption` has (Florence-2, chat VLMs, vLLM, servers)."""
+    from captionkit.api import ModelOptions, build_captioner
+    from captionkit.images import parse_color
+
+    options = {key: value for key, value in config.items() if key not in (*_TEXT_KEYS, "batch_size", "background",
+                                                                          "max_image_pixels")}
+    if options.get("backend", "auto") != "vllm":
+        engine = [key for key in _VLLM_ENGINE_KEYS if key in options]
+        if engine:
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is not None and options.get("backend", "auto") == "auto":
+                options["backend"] = "vllm"  # Dataflow-Gen engine options, and vLLM is here: use it
+            else:
+                import logging
+
+                for key in engine:
+                    options.pop(key)
+                logging.getLogger("captionkit").warning(
+                    "step %s: %s only apply to vLLM engines, and vLLM is not installed here; running on "
+                    "transformers without them (see docs/vllm.md to use vLLM).", context.name, ", ".join(engine))
+    captioner = build_captioner(options=ModelOptions(**options))
+    text = CaptionText(**{key: config[key] for key in _TEXT_KEYS if key in config})
+    # A list of samples stays a list in the store; the field later steps read is the rendered text.
+    return CaptionStep(
+        captioner, text, batch_size=int(config.get("batch_size", 8)),
+        background=parse_color(config.get("background", "white")),
+        max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+        prompt=options.get("prompt") or getattr(getattr(captioner, "chat", None), "prompt", None),
+    )
+
+
+def _register() -> None:
+    from captionkit.steps.registry import register_step
+
+    register_step(
+        "captioner",
+        description="caption images with Florence-2, a chat VLM (transformers or vLLM) or an OpenAI-compatible server",
+        keys=_captioner_keys(),
+        aliases=("ImageCaptioner", "BLIPCaptioner", "LLaVACaptioner", "LLaVANeXTCaptioner",
+                 "LLaVAOneVisionCaptioner", "MLLamaCaptioner", "Phi3VCaptioner", "QwenVLCaptioner"),
+        key_aliases={"model_path": "model", "repeat_time": "samples", "sys_prompt": "system_prompt"},
+    )(build_pipeline_captioner)
+
+
+_register()
