@@ -356,6 +356,43 @@ def models() -> None:
         print(f"{info.kind:10} {info.name:16} {info.description}{types}{default}{needs}")
 
 
+@app.command("run")
+def run_command(
+    pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML file (captionkit's or Dataflow-Gen's spelling).")],
+    dry_run: Annotated[bool, typer.Option(help="Validate and show the plan: steps, records, what is already done.")] = False,
+    from_step: Annotated[int | None, typer.Option(help="Start at this step (1-based); earlier steps' stored results are used.")] = None,
+    only_step: Annotated[str | None, typer.Option(help="Run only the step with this name.")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
+) -> None:
+    """Run a multi-step pipeline (caption, tag, template, filter, generate, export); resumable per step and record."""
+    from captionkit.pipeline import run_pipeline
+
+    report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
+                          progress="quiet" if quiet else progress, workers=workers)
+    out = sys.stderr
+    for step in report.steps:
+        head = f"step {step.index} {step.name} ({step.type} -> {step.output_field})"
+        if step.skipped:
+            print(f"{head}: not run (--from-step/--only-step)", file=out)
+        elif report.dry_run:
+            print(f"{head}: {step.total} records, {step.done} done, {step.todo} to run, {step.failed} failed before"
+                  + (f", {step.dropped} dropped by a filter" if step.dropped else ""), file=out)
+        else:
+            print(f"{head}: {step.processed} done, {step.done} already done, {step.failed} failed of {step.total} "
+                  f"in {step.elapsed_s:.1f}s" + (f" ({step.dropped} dropped by a filter)" if step.dropped else ""),
+                  file=out)
+        for record_id, reason in list(step.errors.items())[:20]:
+            print(f"  failed  {_failure_line(record_id, reason)}", file=out)
+        if len(step.errors) > 20:
+            print(f"  ... and {len(step.errors) - 20} more (see the run log in base_folder/.captionkit)", file=out)
+    if report.table is not None:
+        print(f"final table: {report.table}", file=out)
+    if report.interrupted:
+        raise typer.Exit(130)
+
+
 @app.command("export")
 def export_command(
     location: Annotated[Path, typer.Argument(help="The captioned folder (or the --output-dir used).")],

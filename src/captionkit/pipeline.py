@@ -1,0 +1,550 @@
+"""YAML pipelines: read a data job, validate all of it, then run its steps on the one executor.
+
+A pipeline file names an input (an image folder or a manifest), where intermediate and
+final results go, and a list of steps. Each step is built from the step registry
+(:mod:`captionkit.steps.registry`) and run by :class:`captionkit.executor.LocalExecutor`,
+the same objects `captionkit caption` and `captionkit tag` use. Each step writes its own
+field; the store in ``base_folder`` keeps every result with a per-record fingerprint
+that includes the step's inputs, so a rerun does only what changed.
+
+Dataflow-Gen files run as written: ``meta_path``, ``meta_folder``, ``base_folder``,
+``save_folder``, ``image_key``, ``text_key`` and steps of ``type`` / ``name`` / ``config``,
+with its step names (``LLaVACaptioner``, ``FLUXGenerator``, ``GPTTextGenerator`` ...)
+and keys (``model_path``, ``repeat_time``, ``sys_prompt`` ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from captionkit.errors import CaptionkitError
+from captionkit.records import MANIFEST_SUFFIXES, Record, open_source
+from captionkit.steps.registry import StepContext, StepType, find_step_type
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = {
+    "input": "an image folder or a manifest (jsonl, json, csv, tsv, parquet)",
+    "meta_path": "Dataflow-Gen spelling of input",
+    "meta_folder": "the folder image paths in the manifest start from",
+    "base_dir": "captionkit spelling of meta_folder",
+    "base_folder": "intermediate results and the store",
+    "save_folder": "final results",
+    "image_key": "the manifest column with image paths",
+    "text_key": "the manifest column with text (prompts, captions)",
+    "output_format": "jsonl, json, csv, tsv or parquet for the final table",
+    "steps": "the list of steps",
+    "name": "a name for the pipeline",
+    "recursive": "search sub-folders of an input folder",
+}
+STEP_KEYS = ("type", "name", "config", "output_field", "image_field", "input_field")
+OUTPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+_SECRET_KEYS = ("api_key", "openai_api_key", "token", "hf_token", "password")
+
+
+@dataclass
+class PipelineStep:
+    """One validated step: its type, its config in captionkit's spelling, and where it reads and writes."""
+
+    index: int
+    name: str
+    step_type: StepType
+    config: dict[str, Any]
+    output_field: str
+    image_field: str | None = None  # read images from this field (e.g. an image_generator's output)
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index + 1} ({self.name})"
+
+
+@dataclass
+class Pipeline:
+    """A validated pipeline file."""
+
+    path: Path
+    input: Path
+    meta_folder: Path | None
+    base_folder: Path
+    save_folder: Path
+    image_key: str | None
+    text_key: str | None
+    output_format: str
+    steps: list[PipelineStep]
+    recursive: bool = True
+    text_only: bool = False
+
+
+@dataclass
+class StepReport:
+    """What one step did (or, in a dry run, would do)."""
+
+    index: int
+    name: str
+    type: str
+    output_field: str
+    total: int = 0
+    done: int = 0  # already in the store with the same settings and inputs
+    todo: int = 0
+    processed: int = 0
+    failed: int = 0
+    dropped: int = 0  # filter steps: records removed from later steps
+    errors: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    skipped: bool = False  # left out by --from-step / --only-step
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PipelineReport:
+    steps: list[StepReport]
+    table: Path | None = None
+    dry_run: bool = False
+    interrupted: bool = False
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _fail(where: str, message: str) -> CaptionkitError:
+    return CaptionkitError(f"{where}: {message}")
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+_KNOWN_FIELD_NAMES = {  # Dataflow-Gen's class names, whose mixed capitals no rule splits well
+    "BLIPCaptioner": "blip_captioner", "LLaVACaptioner": "llava_captioner",
+    "LLaVANeXTCaptioner": "llava_next_captioner", "LLaVAOneVisionCaptioner": "llava_onevision_captioner",
+    "MLLamaCaptioner": "mllama_captioner", "Phi3VCaptioner": "phi3v_captioner", "QwenVLCaptioner": "qwen_vl_captioner",
+    "FLUXGenerator": "flux_generator", "StableDiffusionGenerator": "stable_diffusion_generator",
+    "GPTTextGenerator": "gpt_text_generator",
+}
+
+
+def snake_case(name: str) -> str:
+    """'LLaVACaptioner' → 'llava_captioner', 'my step' → 'my_step': field names from step names."""
+    if name in _KNOWN_FIELD_NAMES:
+        return _KNOWN_FIELD_NAMES[name]
+    text = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name))
+    return re.sub(r"[^0-9a-zA-Z]+", "_", text).strip("_").lower() or "field"
+
+
+def _check_type(where: str, key: str, value: Any, expected: Any) -> None:
+    kinds = expected if isinstance(expected, tuple) else (expected,)
+    if value is None:
+        return
+    if bool in kinds or not isinstance(value, bool):
+        if isinstance(value, kinds):
+            return
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        return
+    names = " or ".join(kind.__name__ for kind in kinds)
+    raise _fail(where, f"'{key}' must be {names}, not {type(value).__name__} ({value!r}).")
+
+
+def _refuse_secrets(where: str, config: dict[str, Any]) -> None:
+    for key in config:
+        if key.lower() in _SECRET_KEYS:
+            raise _fail(where, f"'{key}' holds a secret, and a pipeline file is no place for one (files get "
+                               "committed and shared). Put it in an environment variable and name that variable "
+                               "with 'api_key_env' (default OPENAI_API_KEY).")
+
+
+def load_pipeline(path: str | Path) -> Pipeline:
+    """Read and validate a whole pipeline file before anything runs; errors name the step, the key and the fix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CaptionkitError(f"{path}: no such pipeline file.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise CaptionkitError(f"{path}: not valid YAML ({error}).") from error
+    if not isinstance(data, dict):
+        raise CaptionkitError(f"{path}: the top level must be a mapping (input:, steps: ...).")
+    for key in data:
+        if key not in TOP_LEVEL_KEYS:
+            raise _fail(str(path), f"unknown key '{key}'.{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))} "
+                                   f"Allowed: {', '.join(TOP_LEVEL_KEYS)}.")
+    here = path.resolve().parent
+
+    def location(*names: str, default: str | None = None) -> Path | None:
+        given = [name for name in names if data.get(name) not in (None, "")]
+        if len(given) > 1:
+            raise _fail(str(path), f"'{given[0]}' and '{given[1]}' mean the same thing; keep one.")
+        value = data[given[0]] if given else default
+        if value is None:
+            return None
+        folder = Path(str(value)).expanduser()
+        return folder if folder.is_absolute() else (here / folder)
+
+    source = location("input", "meta_path")
+    if source is None:
+        raise _fail(str(path), "no input: set 'input' (or Dataflow-Gen's 'meta_path') to an image folder or a "
+                               "manifest.")
+    if not source.exists():
+        raise _fail(str(path), f"input {source} does not exist.")
+    output_format = data.get("output_format")
+    if output_format is None:
+        output_format = source.suffix.lower().lstrip(".") if source.suffix.lower() in MANIFEST_SUFFIXES else "jsonl"
+    if output_format not in OUTPUT_FORMATS:
+        raise _fail(str(path), f"output_format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}.")
+    steps_data = data.get("steps")
+    if not isinstance(steps_data, list) or not steps_data:
+        raise _fail(str(path), "'steps' must be a non-empty list of steps (each with 'type').")
+    pipeline = Pipeline(
+        path=path, input=source, meta_folder=location("meta_folder", "base_dir"),
+        base_folder=location("base_folder", default="pipeline-work"),
+        save_folder=location("save_folder", default="pipeline-output"),
+        image_key=data.get("image_key"), text_key=data.get("text_key"), output_format=output_format, steps=[],
+        recursive=bool(data.get("recursive", True)),
+    )
+    pipeline.text_only = _is_text_only(pipeline)
+    available = _manifest_columns(pipeline)
+    used_names: set[str] = set()
+    used_fields: set[str] = set(available)
+    for index, raw in enumerate(steps_data):
+        step = _read_step(path, index, raw, used_names, used_fields, available, pipeline)
+        pipeline.steps.append(step)
+    return pipeline
+
+
+def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fields: set[str],
+               available: list[str], pipeline: Pipeline) -> PipelineStep:
+    where = f"{path}: step {index + 1}"
+    if not isinstance(raw, dict):
+        raise _fail(where, "each step must be a mapping with 'type' (and 'name', 'config').")
+    if "type" not in raw:
+        raise _fail(where, "no 'type'. Give a step type such as captioner, tagger, template, filter, "
+                           "text_generator, image_generator or export.")
+    type_name, given_name = str(raw["type"]), raw.get("name")
+    # Dataflow-Gen: `type: ImageCaptioner, name: LLaVACaptioner` — the name picks the class.
+    step_type = None
+    if given_name is not None:
+        try:
+            step_type = find_step_type(str(given_name))
+        except CaptionkitError:
+            step_type = None
+    if step_type is None:
+        try:
+            step_type = find_step_type(type_name)
+        except CaptionkitError as error:
+            raise _fail(where, str(error)) from None
+    name = str(given_name) if given_name else step_type.name
+    unique = name
+    counter = 2
+    while unique in used_names:
+        unique, counter = f"{name}_{counter}", counter + 1
+    used_names.add(unique)
+    where = f"{path}: step {index + 1} ({unique})"
+    inline = {key: value for key, value in raw.items() if key not in STEP_KEYS}
+    config = raw.get("config") or {}
+    if not isinstance(config, dict):
+        raise _fail(where, "'config' must be a mapping of keys to values.")
+    _refuse_secrets(where, {**inline, **config})
+    merged: dict[str, Any] = {}
+    for key, value in {**inline, **config}.items():
+        target = step_type.key_aliases.get(key, key)
+        if target in merged:
+            raise _fail(where, f"'{key}' and '{target}' set the same thing; keep one.")
+        merged[target] = value
+    for key in ("input_field",):
+        if raw.get(key) is not None:
+            merged[key] = raw[key]
+    allowed = sorted(step_type.keys)
+    for key, value in merged.items():
+        if key not in step_type.keys:
+            raise _fail(where, f"unknown key '{key}' for a {step_type.name} step.{_did_you_mean(key, allowed)} "
+                               f"Allowed: {', '.join(allowed)}.")
+        _check_type(where, key, value, step_type.keys[key])
+    for key in step_type.required:
+        if merged.get(key) in (None, ""):
+            raise _fail(where, f"'{key}' is required for a {step_type.name} step.")
+    output_field = str(raw.get("output_field") or snake_case(unique))
+    if output_field in used_fields:
+        raise _fail(where, f"output_field '{output_field}' is already a manifest column or another step's output; "
+                           "each step writes its own field (set output_field).")
+    image_field = raw.get("image_field")
+    earlier_images = [step.output_field for step in pipeline.steps if step.step_type.writes_images]
+    if step_type.needs_images:
+        if image_field is None and pipeline.text_only:
+            if not earlier_images:
+                raise _fail(where, f"a {step_type.name} step needs images, but the input has no image column "
+                                   f"('{pipeline.image_key or 'image'}') and no earlier step generates images.")
+            image_field = earlier_images[-1]  # generate → caption round trip
+        if image_field is not None and image_field not in earlier_images:
+            raise _fail(where, f"image_field '{image_field}' is not written by an earlier image_generator step"
+                               f"{_did_you_mean(str(image_field), earlier_images)}.")
+    if "input_field" in step_type.keys and not merged.get("input_field"):
+        texts = [step.output_field for step in pipeline.steps
+                 if step.step_type.name in ("captioner", "text_generator", "template")]
+        default = texts[-1] if texts else (pipeline.text_key or ("caption" if "caption" in available else None))
+        if default is not None:
+            merged["input_field"] = default
+    elif merged.get("input_field") and merged["input_field"] not in used_fields:
+        raise _fail(where, f"input_field '{merged['input_field']}' is neither a manifest column nor an earlier "
+                           f"step's output.{_did_you_mean(str(merged['input_field']), sorted(used_fields))}")
+    used_fields.add(output_field)
+    return PipelineStep(index, unique, step_type, merged, output_field, image_field)
+
+
+def _is_text_only(pipeline: Pipeline) -> bool:
+    """A manifest without an image column holds prompts (text-only records)."""
+    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+        return False
+    columns = _manifest_columns(pipeline)
+    key = pipeline.image_key
+    if key is not None:
+        return key not in columns
+    from captionkit.records import _IMAGE_COLUMN_GUESSES
+
+    return not any(name in columns for name in _IMAGE_COLUMN_GUESSES)
+
+
+def _manifest_columns(pipeline: Pipeline) -> list[str]:
+    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+        return []
+    source = open_source(pipeline.input, image_column=pipeline.image_key, base_dir=pipeline.meta_folder,
+                         text_only=True)
+    rows = source._rows()
+    return list(rows[0]) if rows else []
+
+
+# ---------------------------------------------------------------------------------------------- running
+def _records(pipeline: Pipeline) -> list[Record]:
+    source = open_source(pipeline.input, recursive=pipeline.recursive, image_column=pipeline.image_key,
+                         base_dir=pipeline.meta_folder, text_only=pipeline.text_only)
+    records = list(source)
+    if not records:
+        from captionkit.api import no_images_message
+
+        raise CaptionkitError(no_images_message(source))
+    return records
+
+
+def _step_records(step: PipelineStep, base: list[Record], outputs: dict[str, dict[str, Any]],
+                  dropped: set[str]) -> tuple[list[Record], dict[str, str]]:
+    """Records as this step sees them: manifest columns plus earlier steps' outputs; images from image_field."""
+    records: list[Record] = []
+    missing: dict[str, str] = {}
+    for record in base:
+        if record.id in dropped:
+            continue
+        fields = dict(record.fields)
+        fields.update(outputs.get(record.id, {}))
+        path = record.path
+        if step.image_field is not None:
+            value = fields.get(step.image_field)
+            if not value:
+                missing[record.id] = f"{record.id}: no image in '{step.image_field}' (its generation failed?)"
+                continue
+            path = Path(str(value))
+        records.append(Record(record.id, path, fields))
+    return records, missing
+
+
+def _collect_outputs(store, steps: list[PipelineStep], records: list[Record]) -> tuple[dict[str, dict], set[str]]:
+    """Earlier steps' stored outputs per record, and the records a drop filter removed."""
+    outputs: dict[str, dict[str, Any]] = {}
+    dropped: set[str] = set()
+    ids = [record.id for record in records]
+    for step in steps:
+        for record_id, result in store.get_many(step.output_field, ids).items():
+            if result.status != "ok":
+                continue
+            outputs.setdefault(record_id, {})[step.output_field] = result.text
+            raw = result.raw if isinstance(result.raw, dict) else {}
+            if step.step_type.name == "filter" and raw.get("action") == "drop" and not raw.get("keep", True):
+                dropped.add(record_id)
+    return outputs, dropped
+
+
+def run_pipeline(
+    pipeline: Pipeline | str | Path,
+    *,
+    dry_run: bool = False,
+    from_step: int | None = None,
+    only_step: str | None = None,
+    progress: str = "quiet",
+    workers: int = 4,
+) -> PipelineReport:
+    """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time."""
+    from captionkit.api import attach_run_log
+    from captionkit.executor import LocalExecutor, RunOptions
+    from captionkit.progress import Progress
+    from captionkit.store import Store
+
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load_pipeline(pipeline)
+    count = len(pipeline.steps)
+    if from_step is not None and not 1 <= from_step <= count:
+        raise CaptionkitError(f"--from-step {from_step}: the pipeline has steps 1 to {count}.")
+    names = [step.name for step in pipeline.steps]
+    if only_step is not None and only_step not in names:
+        raise CaptionkitError(f"--only-step {only_step}: no such step.{_did_you_mean(only_step, names)} "
+                              f"Steps: {', '.join(names)}.")
+    base = _records(pipeline)
+    pipeline.base_folder.mkdir(parents=True, exist_ok=True)
+    report = PipelineReport(steps=[], dry_run=dry_run)
+    with Store(pipeline.base_folder) as store:
+        handler = attach_run_log(store)
+        try:
+            log.info("pipeline %s: %d records, %d steps%s", pipeline.path, len(base), count,
+                     " (dry run)" if dry_run else "")
+            for step in pipeline.steps:
+                step_report = StepReport(step.index + 1, step.name, step.step_type.name, step.output_field)
+                report.steps.append(step_report)
+                wanted = (from_step is None or step.index + 1 >= from_step) and (only_step in (None, step.name))
+                outputs, dropped = _collect_outputs(store, pipeline.steps[: step.index], base)
+                records, missing = _step_records(step, base, outputs, dropped)
+                step_report.total, step_report.dropped = len(records) + len(missing), len(dropped)
+                step_report.errors.update(missing)
+                context = StepContext(
+                    index=step.index, name=step.name, output_field=step.output_field,
+                    base_folder=pipeline.base_folder, save_folder=pipeline.save_folder,
+                    input_fields=sorted({key for record in records for key in record.fields}), store=store,
+                )
+                if not wanted:
+                    step_report.skipped = True
+                    continue
+                if step.step_type.name == "export":
+                    built = step.step_type.builder(dict(step.config), context)
+                    if not dry_run:
+                        step_report.processed = built.export(records, store, pipeline)
+                    continue
+                built = step.step_type.builder(dict(step.config), context)
+                built.field = step.output_field  # each step writes its own field, whatever its class default
+                executor = LocalExecutor(RunOptions(workers=workers), Progress(progress))
+                if dry_run:
+                    plan = executor.classify(built, records, store)
+                    step_report.done = len(plan.reuse)
+                    step_report.todo = len(plan.todo)
+                    step_report.failed = len(plan.failed_earlier) + len(plan.unfillable)
+                    step_report.errors.update({**plan.failed_earlier, **plan.unfillable})
+                    continue
+                try:
+                    summary = executor.run(built, records, store, None)
+                finally:
+                    built.unload()  # one model resident at a time
+                step_report.done, step_report.processed = summary.reused, summary.processed
+                step_report.failed = summary.failed + len(missing)
+                step_report.errors.update(summary.errors)
+                step_report.elapsed_s = summary.elapsed_s
+                log.info("%s: %s", step.label, step_report.as_dict())
+                _write_step_results(pipeline, step, store, records)
+                if summary.interrupted:
+                    report.interrupted = True
+                    return report
+            if not dry_run:
+                report.table = write_final_table(pipeline, store, base)
+            return report
+        finally:
+            import logging as logging_module
+
+            logging_module.getLogger("captionkit").removeHandler(handler)
+            handler.close()
+
+
+def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: list[Record]) -> Path:
+    """``<base_folder>/step_<i>_<type>_<name>/result.jsonl``: this step's results, as the seed lays them out."""
+    from captionkit.atomic import atomic_write_lines
+
+    folder = pipeline.base_folder / f"step_{step.index}_{step.step_type.name}_{snake_case(step.name)}"
+    stored = store.get_many(step.output_field, [record.id for record in records])
+    rows = []
+    for record in records:
+        result = stored.get(record.id)
+        if result is None:
+            continue
+        rows.append({"id": record.id, "path": str(record.path) if record.path else None, **record.fields,
+                     step.output_field: result.text if result.status == "ok" else None,
+                     f"{step.output_field}_raw": result.raw, f"{step.output_field}_error": result.error})
+    target = folder / "result.jsonl"
+    atomic_write_lines(target, (json.dumps(row, ensure_ascii=False, default=str) for row in rows))
+    return target
+
+
+def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, Any]]:
+    """Every record that was not dropped: the user's columns, then each step's field (and all samples)."""
+    outputs, dropped = _collect_outputs(store, pipeline.steps, base)
+    rows = []
+    ids = [record.id for record in base]
+    samples: dict[str, dict[str, list]] = {}
+    for step in pipeline.steps:
+        for record_id, result in store.get_many(step.output_field, ids).items():
+            raw = result.raw if isinstance(result.raw, dict) else {}
+            many = raw.get("texts") or raw.get("images")
+            if result.status == "ok" and isinstance(many, list) and len(many) > 1:
+                samples.setdefault(record_id, {})[f"{step.output_field}_all"] = many
+    for record in base:
+        if record.id in dropped:
+            continue
+        row = dict(record.fields)
+        if not pipeline.text_only:  # the image column first, as the user's manifest had it
+            row = {pipeline.image_key or "image": _image_value(pipeline, record), **row}
+        for step in pipeline.steps:
+            if step.step_type.name != "export":
+                row[step.output_field] = outputs.get(record.id, {}).get(step.output_field)
+        row.update(samples.get(record.id, {}))
+        rows.append(row)
+    return rows
+
+
+def _image_value(pipeline: Pipeline, record: Record) -> str:
+    """The image as the user's manifest named it (relative to meta_folder), or relative to the input folder."""
+    root = pipeline.meta_folder or (pipeline.input if pipeline.input.is_dir() else pipeline.input.parent)
+    try:
+        return record.path.resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, AttributeError):
+        return str(record.path)
+
+
+def write_table(rows: list[dict[str, Any]], target: Path, fmt: str) -> Path:
+    """Write rows as jsonl, json, csv, tsv or parquet, atomically."""
+    import io
+
+    from captionkit.atomic import atomic_write_bytes, atomic_write_lines, atomic_write_text
+
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    if fmt == "jsonl":
+        atomic_write_lines(target, (json.dumps(row, ensure_ascii=False, default=str) for row in rows))
+    elif fmt == "json":
+        atomic_write_text(target, json.dumps(rows, ensure_ascii=False, indent=2, default=str) + "\n")
+    elif fmt in ("csv", "tsv"):
+        import csv
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+                             for key, value in row.items()})
+        atomic_write_text(target, buffer.getvalue())
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as parquet
+
+        table = pa.Table.from_pylist([{column: row.get(column) for column in columns} for row in rows])
+        buffer = io.BytesIO()
+        parquet.write_table(table, buffer)
+        atomic_write_bytes(target, buffer.getvalue())
+    else:  # pragma: no cover - validated when the file is read
+        raise CaptionkitError(f"output format {fmt}: use one of {', '.join(OUTPUT_FORMATS)}.")
+    return target
+
+
+def write_final_table(pipeline: Pipeline, store, base: list[Record]) -> Path:
+    target = pipeline.save_folder / f"result.{pipeline.output_format}"
+    return write_table(final_rows(pipeline, store, base), target, pipeline.output_format)

@@ -1,0 +1,120 @@
+"""The ``export`` step: write the records' fields as sidecar files, a table, or a Hugging Face imagefolder.
+
+It runs no model, so the pipeline calls its ``export`` directly after the earlier steps.
+Sidecars go through the core's sink (skip / overwrite / append / fill-empty, collision
+checks, atomic writes, the ledger that tells our files from the user's).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from captionkit.errors import CaptionkitError
+from captionkit.records import Record
+from captionkit.steps.registry import StepContext, register_step
+
+FORMATS = ("sidecar", "jsonl", "json", "csv", "tsv", "parquet", "imagefolder")
+
+
+class ExportStep:
+    """Writes what earlier steps produced; returns the number of records (or files) written."""
+
+    def __init__(self, context: StepContext, fmt: str, path: str | None, fields: list[str] | None,
+                 field: str | None, ext: str, existing: str, on_collision: str, append_separator: str,
+                 copy_images: bool) -> None:
+        if fmt not in FORMATS:
+            raise CaptionkitError(f"format '{fmt}': use one of {', '.join(FORMATS)}.")
+        if fmt == "sidecar" and not field:
+            raise CaptionkitError("format sidecar needs 'field': the record field to write beside each image.")
+        self.context = context
+        self.format = fmt
+        self.path = path
+        self.fields = fields
+        self.field = field
+        self.ext = ext
+        self.existing = existing
+        self.on_collision = on_collision
+        self.append_separator = append_separator
+        self.copy_images = copy_images
+
+    def _destination(self, default: str) -> Path:
+        target = Path(self.path or default).expanduser()
+        return target if target.is_absolute() else self.context.save_folder / target
+
+    def _row(self, record: Record) -> dict[str, Any]:
+        fields = record.fields if self.fields is None else {key: record.fields.get(key) for key in self.fields}
+        return {"id": record.id, **({"image": str(record.path)} if record.path else {}), **fields}
+
+    def export(self, records: list[Record], store: Any, pipeline: Any) -> int:
+        if self.format == "sidecar":
+            return self._sidecars(records, store)
+        if self.format == "imagefolder":
+            return self._imagefolder(records)
+        from captionkit.pipeline import write_table
+
+        write_table([self._row(record) for record in records], self._destination(f"export.{self.format}"),
+                    self.format)
+        return len(records)
+
+    def _sidecars(self, records: list[Record], store: Any) -> int:
+        from captionkit.sinks import CollisionPolicy, ExistingPolicy, SidecarSink
+
+        with_images = [record for record in records if record.path is not None]
+        output_dir = self._destination(self.path).resolve() if self.path else None
+        sink = SidecarSink(store, self.field, extension=self.ext, output_dir=output_dir,
+                           existing=ExistingPolicy(self.existing), collisions=CollisionPolicy(self.on_collision),
+                           append_separator=self.append_separator)
+        sink.plan(with_images)
+        texts = {record.id: str(record.fields[self.field]) for record in with_images
+                 if record.fields.get(self.field) not in (None, "")}
+        leave = sink.wants_model(list(texts))
+        return sink.write({key: value for key, value in texts.items() if key not in leave})
+
+    def _imagefolder(self, records: list[Record]) -> int:
+        """``metadata.jsonl`` with ``file_name`` beside the images, as `datasets`' imagefolder loader reads it."""
+        from captionkit.atomic import atomic_open
+        from captionkit.pipeline import write_table
+
+        folder = self._destination("imagefolder")
+        rows = []
+        for record in records:
+            if record.path is None:
+                continue
+            name = Path(record.id).as_posix()
+            if Path(name).suffix.lower() != record.path.suffix.lower():
+                name = f"{name}{record.path.suffix}"
+            target = folder / name
+            if self.copy_images and not target.exists():
+                with record.path.open("rb") as source, atomic_open(target, "wb", durable=False) as stream:
+                    shutil.copyfileobj(source, stream)
+            file_name = name if self.copy_images else os.path.relpath(record.path, folder)
+            row = self._row(record)
+            row.pop("image", None)
+            row.pop("id", None)
+            rows.append({"file_name": Path(file_name).as_posix(), **row})
+        write_table(rows, folder / "metadata.jsonl", "jsonl")
+        return len(rows)
+
+    # The executor never runs an export step; these satisfy code that inspects steps generically.
+    def unload(self) -> None:
+        pass
+
+
+@register_step(
+    "export",
+    description="write fields as sidecar files (core policies), jsonl/json/csv/tsv/parquet, or an HF imagefolder",
+    keys={"format": str, "path": str, "fields": list, "field": str, "ext": str, "existing": str,
+          "on_collision": str, "append_separator": str, "copy_images": bool},
+    aliases=("Export", "Exporter"),
+    required=("format",),
+    needs_images=False,
+)
+def build_export(config: dict[str, Any], context: StepContext) -> ExportStep:
+    return ExportStep(
+        context, str(config["format"]), config.get("path"), config.get("fields"), config.get("field"),
+        str(config.get("ext", ".txt")), str(config.get("existing", "skip")), str(config.get("on_collision", "skip")),
+        str(config.get("append_separator", ", ")), bool(config.get("copy_images", True)),
+    )
