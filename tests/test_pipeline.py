@@ -1,0 +1,250 @@
+"""`captionkit run`: validation, every input format, fields per step, resume per step and record, kill -9."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captionkit.errors import CaptionkitError
+from captionkit.pipeline import load_pipeline, run_pipeline
+from tests.images import write_good_images
+
+CLI = [sys.executable, "-m", "captionkit.cli"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _florence(model: Path, name: str = "florence", **extra) -> dict:
+    return {"type": "captioner", "name": name,
+            "config": {"model": str(model), "num_beams": 1, "max_new_tokens": 6, **extra}}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _manifest(folder: Path, fmt: str, count: int = 3) -> Path:
+    write_good_images(folder / "images", count)
+    rows = [{"file": f"images/img{index:03d}.png", "trigger": "ohwx", "score": index} for index in range(count)]
+    path = folder / f"meta.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt in ("csv", "tsv"):
+        with path.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as parquet
+
+        parquet.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _read_table(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    if path.suffix in (".csv", ".tsv"):
+        with path.open(newline="") as stream:
+            return list(csv.DictReader(stream, delimiter="\t" if path.suffix == ".tsv" else ","))
+    import pyarrow.parquet as parquet
+
+    return parquet.read_table(path).to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "tsv", "parquet"])
+def test_every_manifest_format_round_trips_with_the_users_columns(tmp_path, tiny_florence, fmt):
+    manifest = _manifest(tmp_path / "data", fmt)
+    pipeline = _write(tmp_path / "p.yaml", {
+        "input": str(manifest), "image_key": "file", "base_folder": "work", "save_folder": "out",
+        "steps": [_florence(tiny_florence),
+                  {"type": "template", "name": "final",
+                   "config": {"template": "{trigger}, {florence}", "cleanup": False}}],
+    })
+    report = run_pipeline(pipeline)
+    assert report.table == tmp_path / "out" / f"result.{fmt}"
+    rows = _read_table(report.table)
+    assert [row["file"] for row in rows] == [f"images/img{index:03d}.png" for index in range(3)]
+    assert all(str(row["score"]) in "012" and row["trigger"] == "ohwx" for row in rows)
+    assert all(row["final"] == f"ohwx, {row['florence']}" for row in rows)
+    assert (tmp_path / "work" / "step_0_captioner_florence" / "result.jsonl").is_file()
+
+
+def test_a_folder_input_two_captioners_keep_two_fields_and_export_sidecars(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 3)
+    pipeline = _write(tmp_path / "p.yaml", {
+        "input": "images", "base_folder": "work", "save_folder": "out",
+        "steps": [_florence(tiny_florence, "short"), _florence(tiny_florence, "detailed", task="<DETAILED_CAPTION>"),
+                  {"type": "export", "name": "files", "config": {"format": "sidecar", "field": "detailed"}},
+                  {"type": "export", "name": "hf", "config": {"format": "imagefolder", "fields": ["short"]}}],
+    })
+    report = run_pipeline(pipeline)
+    rows = _read_table(report.table)
+    assert {"short", "detailed"} <= set(rows[0])
+    assert (tmp_path / "images" / "img000.txt").read_text() == rows[0]["detailed"]
+    metadata = [json.loads(line) for line in (tmp_path / "out" / "imagefolder" / "metadata.jsonl").read_text()
+                .splitlines()]
+    assert metadata[0] == {"file_name": "img000.png", "short": rows[0]["short"]}
+    assert (tmp_path / "out" / "imagefolder" / "img000.png").read_bytes() == (tmp_path / "images" / "img000.png") \
+        .read_bytes()
+
+
+def test_validation_names_the_step_the_key_and_a_suggestion(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 1)
+    base = {"input": "images", "base_folder": "work"}
+    typo = _write(tmp_path / "typo.yaml", {**base, "steps": [
+        _florence(tiny_florence), {"type": "template", "name": "final", "config": {"templte": "{florence}"}}]})
+    with pytest.raises(CaptionkitError) as caught:
+        load_pipeline(typo)
+    assert "step 2 (final)" in str(caught.value) and "'templte'" in str(caught.value)
+    assert "Did you mean 'template'" in str(caught.value)
+    secret = _write(tmp_path / "secret.yaml", {**base, "steps": [
+        {"type": "TextGenerator", "name": "GPTTextGenerator",
+         "config": {"model": "gpt-4o", "prompt": "x", "api_key": "sk-live-123456"}}]})
+    with pytest.raises(CaptionkitError) as caught:
+        load_pipeline(secret)
+    assert "environment variable" in str(caught.value) and "sk-live-123456" not in str(caught.value)
+    unknown = _write(tmp_path / "unknown.yaml", {**base, "steps": [{"type": "captionr", "config": {}}]})
+    with pytest.raises(CaptionkitError, match="Did you mean 'captioner'"):
+        load_pipeline(unknown)
+    top = _write(tmp_path / "top.yaml", {**base, "save_fodler": "x", "steps": [_florence(tiny_florence)]})
+    with pytest.raises(CaptionkitError, match="Did you mean 'save_folder'"):
+        load_pipeline(top)
+    assert not (tmp_path / "work").exists()  # nothing created before validation passes
+
+
+def test_rerun_reuses_and_a_changed_step_reruns_downstream_only_where_inputs_changed(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 3)
+    steps = [_florence(tiny_florence),
+             {"type": "template", "name": "final", "config": {"template": "ohwx, {florence}"}},
+             {"type": "filter", "name": "check", "config": {"input_field": "final", "min_words": 1}}]
+    data = {"input": "images", "base_folder": "work", "save_folder": "out", "steps": steps}
+    first = run_pipeline(_write(tmp_path / "p.yaml", data))
+    assert [step.processed for step in first.steps] == [3, 3, 3]
+    again = run_pipeline(tmp_path / "p.yaml")
+    assert [(step.processed, step.done) for step in again.steps] == [(0, 3), (0, 3), (0, 3)]
+    # A changed template reruns the template and, through its changed output, the filter; not the captioner.
+    steps[1]["config"]["template"] = "sks, {florence}"
+    changed = run_pipeline(_write(tmp_path / "p.yaml", data))
+    assert [(step.processed, step.done) for step in changed.steps] == [(0, 3), (3, 0), (3, 0)]
+    plan = run_pipeline(tmp_path / "p.yaml", dry_run=True)
+    assert [(step.done, step.todo) for step in plan.steps] == [(3, 0), (3, 0), (3, 0)]
+
+
+def test_a_changed_upstream_field_reruns_downstream_for_that_record_only(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 3)
+    manifest = tmp_path / "meta.jsonl"
+
+    def write_notes(notes):
+        manifest.write_text("".join(json.dumps({"image": f"images/img{index:03d}.png", "note": note}) + "\n"
+                                    for index, note in enumerate(notes)))
+
+    write_notes(["a red one", "a blue one", "a green one"])
+    data = {"input": "meta.jsonl", "base_folder": "work", "save_folder": "out", "steps": [
+        _florence(tiny_florence),
+        {"type": "template", "name": "final", "config": {"template": "{note}: {florence}"}},
+        {"type": "filter", "name": "check", "config": {"input_field": "final", "min_words": 1}}]}
+    first = run_pipeline(_write(tmp_path / "p.yaml", data))
+    assert [step.processed for step in first.steps] == [3, 3, 3]
+    write_notes(["a red one", "a purple one", "a green one"])
+    plan = run_pipeline(tmp_path / "p.yaml", dry_run=True)
+    assert [(step.done, step.todo) for step in plan.steps[:2]] == [(3, 0), (2, 1)]
+    partial = run_pipeline(tmp_path / "p.yaml")
+    assert [(step.processed, step.done) for step in partial.steps] == [(0, 3), (1, 2), (1, 2)]
+    assert _read_table(partial.table)[1]["final"].startswith("a purple one")
+
+
+def test_from_step_and_only_step(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 2)
+    data = {"input": "images", "base_folder": "work", "save_folder": "out",
+            "steps": [_florence(tiny_florence), {"type": "template", "name": "final",
+                                                 "config": {"template": "x {florence}"}}]}
+    pipeline = _write(tmp_path / "p.yaml", data)
+    report = run_pipeline(pipeline, only_step="florence")
+    assert not report.steps[1].processed and report.steps[1].skipped
+    later = run_pipeline(pipeline, from_step=2)
+    assert later.steps[0].skipped and later.steps[1].processed == 2
+    with pytest.raises(CaptionkitError, match="Did you mean 'final'"):
+        run_pipeline(pipeline, only_step="fnal")
+
+
+def test_filter_drops_records_from_later_steps_and_the_table(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 3)
+    manifest = tmp_path / "meta.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"images/img{index:03d}.png", "note": note}) + "\n"
+                                for index, note in enumerate(["keep me please", "", "also keep this"])))
+    report = run_pipeline(_write(tmp_path / "p.yaml", {
+        "input": "meta.jsonl", "base_folder": "work", "save_folder": "out",
+        "steps": [{"type": "filter", "name": "has_note", "config": {"input_field": "note", "min_words": 2}},
+                  _florence(tiny_florence)],
+    }))
+    assert report.steps[1].total == 2 and report.steps[1].dropped == 1
+    assert [row["note"] for row in _read_table(report.table)] == ["keep me please", "also keep this"]
+
+
+def _committed(database: Path, step: str) -> int:
+    if not database.exists():
+        return 0
+    try:
+        with sqlite3.connect(database, timeout=1) as connection:
+            return connection.execute("SELECT COUNT(*) FROM results WHERE step = ? AND status = 'ok'",
+                                      (step,)).fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_follows(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 24)
+    pipeline = _write(tmp_path / "p.yaml", {
+        "input": "images", "base_folder": "work", "save_folder": "out",
+        "steps": [{"type": "template", "name": "first", "config": {"template": "{trigger}", "values":
+                                                                   {"trigger": "ohwx"}}},
+                  _florence(tiny_florence, "slow", batch_size=2, max_new_tokens=20),
+                  {"type": "template", "name": "final", "config": {"template": "{first}, {slow}"}}],
+    })
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([*CLI, "run", str(pipeline), "--quiet", "--workers", "1"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    database = tmp_path / "work" / ".captionkit" / "store.sqlite"
+    deadline = time.time() + 180
+    while _committed(database, "slow") < 4:
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    done_before = _committed(database, "slow")
+    assert 4 <= done_before < 24 and _committed(database, "final") == 0
+    rerun = subprocess.run([*CLI, "run", str(pipeline), "--quiet"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    lines = rerun.stderr.splitlines()
+    assert "0 done, 24 already done" in lines[0]
+    done_now, reused_now = (int(part.split()[0]) for part in lines[1].split(": ", 1)[1].split(", ")[:2])
+    assert reused_now == done_before and done_now == 24 - done_before
+    assert "24 done, 0 already done" in lines[2]
+    assert len(_read_table(tmp_path / "out" / "result.jsonl")) == 24
+    assert not [path for path in tmp_path.rglob("*") if ".ck-tmp-" in path.name]
+
+
+def test_the_example_pipeline_is_valid(tmp_path):
+    data = yaml.safe_load((ROOT / "examples" / "pipeline.yaml").read_text())
+    write_good_images(tmp_path / "datasets" / "my-images", 1)
+    pipeline = load_pipeline(_write(tmp_path / "pipeline.yaml", data))
+    assert [step.step_type.name for step in pipeline.steps] == [
+        "tagger", "captioner", "captioner", "template", "filter", "export", "export"]
