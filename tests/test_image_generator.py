@@ -81,8 +81,8 @@ def test_registered_with_aliases_and_keys():
 def test_flux_writes_images_of_the_requested_size(flux_step):
     raws = generate(flux_step, [RED, CAT])
     folder = flux_step.save_folder
-    assert raws[0]["images"] == ["generated_images/r1.png"]
-    assert raws[1]["images"][0].startswith("generated_images/pets/cat_1_jpg-")  # sub-folder kept, name made safe
+    assert raws[0]["images"] == ["generated_images/image/r1.png"]
+    assert raws[1]["images"][0].startswith("generated_images/image/pets/cat_1_jpg-")  # sub-folder kept, name made safe
     for raw in raws:
         path = Path(flux_step.render(raw))
         assert path.is_absolute() and path.is_file() and path.is_relative_to(folder / "generated_images")
@@ -119,11 +119,11 @@ def test_samples_give_several_images_and_jpg(tiny_flux, tmp_path):
     step = make_step({"model": str(tiny_flux), "repeat_time": 2, "image_format": "jpg", "batch_size": 2}, tmp_path)
     step.load()
     raws = generate(step, [RED, BLUE])
-    assert raws[0]["images"] == ["generated_images/r1_0.jpg", "generated_images/r1_1.jpg"]
+    assert raws[0]["images"] == ["generated_images/image/r1_0.jpg", "generated_images/image/r1_1.jpg"]
     assert len(set(raws[0]["seeds"])) == 2
     first, second = (pixels(tmp_path, raws[0], index) for index in (0, 1))
     assert first.shape == (HEIGHT, WIDTH, 3) and not np.array_equal(first, second)
-    assert step.render(raws[0]) == str(tmp_path / "generated_images/r1_0.jpg")
+    assert step.render(raws[0]) == str(tmp_path / "generated_images/image/r1_0.jpg")
     assert no_temp_files(tmp_path)
     step.unload()
 

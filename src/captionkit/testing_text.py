@@ -27,6 +27,7 @@ def build_tiny_chat_lm(
     seed: int = 0,
     hidden: int = 48,
     layers: int = 2,
+    context: int = 512,
     init_std: float | None = 0.3,
     max_new_tokens: int = 20,
 ) -> Path:
@@ -50,7 +51,7 @@ def build_tiny_chat_lm(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,

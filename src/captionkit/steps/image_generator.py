@@ -182,7 +182,8 @@ class ImageGeneratorStep:
         self.model_name, defaults = resolve_model(model)
         self.field = field
         self.save_folder = Path(save_folder)
-        self.output_folder = self.save_folder / OUTPUT_FOLDER
+        # one sub-folder per step: two generator steps in a pipeline never write the same file
+        self.output_folder = self.save_folder / OUTPUT_FOLDER / image_stem(field)
         self.input_field = input_field
         self.prompt_template = prompt_template
         self.fields = _template_fields(prompt_template) if prompt_template is not None else [input_field]
@@ -396,11 +397,11 @@ class ImageGeneratorStep:
 
     def image_paths(self, record_id: str) -> list[str]:
         """Paths relative to save_folder (POSIX) of a record's images."""
-        stem = image_stem(record_id)
+        stem = f"{OUTPUT_FOLDER}/{image_stem(self.field)}/{image_stem(record_id)}"
         suffix = f".{self.image_format}"
         if self.samples == 1:
-            return [f"{OUTPUT_FOLDER}/{stem}{suffix}"]
-        return [f"{OUTPUT_FOLDER}/{stem}_{sample}{suffix}" for sample in range(self.samples)]
+            return [f"{stem}{suffix}"]
+        return [f"{stem}_{sample}{suffix}" for sample in range(self.samples)]
 
     def _call_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"output_type": "pil"}
