@@ -248,3 +248,40 @@ def test_the_example_pipeline_is_valid(tmp_path):
     pipeline = load_pipeline(_write(tmp_path / "pipeline.yaml", data))
     assert [step.step_type.name for step in pipeline.steps] == [
         "tagger", "captioner", "captioner", "template", "filter", "export", "export"]
+
+
+def _peak_rss_mb(pipeline: Path) -> float:
+    """Run a pipeline in a fresh process and return its peak resident memory."""
+    code = ("import resource, sys; from captionkit.pipeline import run_pipeline; "
+            "report = run_pipeline(sys.argv[1]); assert all(not step.failed for step in report.steps); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    done = subprocess.run([sys.executable, "-c", code, str(pipeline)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_one_model_resident_at_a_time(tmp_path):
+    """A two-model pipeline peaks near its larger step, not at the sum of both models."""
+    from captionkit.testing_vlms.llava import build_llava
+
+    # bf16 makes each load a real copy in memory (fp32 weights would stay memory-mapped from the files)
+    first = build_llava(tmp_path / "first", hidden=1024, layers=8, seed=1)
+    second = build_llava(tmp_path / "second", hidden=1024, layers=8, seed=2)
+    write_good_images(tmp_path / "images", 2)
+
+    def captioner(name, model):
+        return {"type": "captioner", "name": name,
+                "config": {"model": str(model), "dtype": "bf16", "prompt": "Hi", "max_new_tokens": 2}}
+
+    def pipeline(name, steps):
+        return _write(tmp_path / f"{name}.yaml", {"input": "images", "base_folder": f"work-{name}",
+                                                   "save_folder": f"out-{name}", "steps": steps})
+
+    no_model = _peak_rss_mb(pipeline("none", [{"type": "template", "name": "t", "config": {"template": "x"}}]))
+    only_first = _peak_rss_mb(pipeline("first", [captioner("a", first)]))
+    only_second = _peak_rss_mb(pipeline("second", [captioner("b", second)]))
+    both = _peak_rss_mb(pipeline("both", [captioner("a", first), captioner("b", second)]))
+    model_cost = min(only_first, only_second) - no_model
+    assert model_cost > 100, f"the test models are too small to measure ({model_cost:.0f} MB)"
+    assert both < max(only_first, only_second) + 0.5 * model_cost, (no_model, only_first, only_second, both)
