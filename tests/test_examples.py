@@ -15,6 +15,6 @@ def test_captioner_example_loads_and_overrides_apply():
 
 
 def test_tagger_example_loads_and_overrides_apply():
-    config = load_tagger_config(EXAMPLES / "tagger.yaml", ["optim.lr=1e-4"])
-    assert config.model.backbone == "convnext_tiny" and config.loss.name == "asl" and config.optim.lr == 1e-4
+    config = load_tagger_config(EXAMPLES / "tagger.yaml", ["optimizer.lr=1e-4"])
+    assert config.model.backbone == "convnext_tiny" and config.loss.name == "asl" and config.optimizer.lr == 1e-4
     assert config.data.min_count == 50

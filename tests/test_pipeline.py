@@ -285,3 +285,42 @@ def test_one_model_resident_at_a_time(tmp_path):
     model_cost = min(only_first, only_second) - no_model
     assert model_cost > 100, f"the test models are too small to measure ({model_cost:.0f} MB)"
     assert both < max(only_first, only_second) + 0.5 * model_cost, (no_model, only_first, only_second, both)
+
+
+def test_the_example_pipeline_runs_on_tiny_models(tmp_path, tiny_florence):
+    """examples/pipeline.yaml as shipped, with only its model names pointed at tiny local models."""
+    from safetensors.torch import save_file
+
+    from captionkit.testing_vlms.llava import build_llava
+    from tests.test_taggers_formats import SIZE, TAG_ROWS, tiny_model, write_tags_csv
+
+    tagger = tmp_path / "tagger"
+    tagger.mkdir()
+    (tagger / "config.json").write_text(json.dumps({
+        "architecture": "test_convnext", "num_classes": len(TAG_ROWS), "model_args": {},
+        "pretrained_cfg": {"input_size": [3, SIZE, SIZE], "interpolation": "bicubic", "crop_pct": 1.0,
+                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "num_classes": len(TAG_ROWS)}}))
+    save_file({key: value.contiguous() for key, value in tiny_model(5).state_dict().items()},
+              str(tagger / "model.safetensors"))
+    write_tags_csv(tagger / "selected_tags.csv")
+    tiny = {"SmilingWolf/wd-swinv2-tagger-v3": str(tagger), "florence-community/Florence-2-base": str(tiny_florence),
+            "llava-hf/llava-1.5-7b-hf": str(build_llava(tmp_path / "llava"))}
+    data = yaml.safe_load((ROOT / "examples" / "pipeline.yaml").read_text())
+    for step in data["steps"]:
+        if "model" in step["config"]:
+            step["config"]["model"] = tiny[step["config"]["model"]]
+        if step["type"] == "captioner":
+            step["config"]["max_new_tokens"] = 8
+    write_good_images(tmp_path / "datasets" / "my-images", 3)
+    for step in data["steps"]:
+        if step["type"] == "tagger":
+            step["config"]["general_threshold"] = 0.0  # random weights: keep every tag so {tags} is filled
+    report = run_pipeline(_write(tmp_path / "pipeline.yaml", data))
+    assert all(not step.failed for step in report.steps), [step.errors for step in report.steps]
+    rows = _read_table(report.table)
+    kept = list(rows)
+    assert kept and all(row["training_caption"].startswith("ohwx, ") for row in kept)
+    for row in kept:
+        assert (tmp_path / "datasets" / "my-images" / Path(row["image"]).with_suffix(".txt")).read_text() == \
+            row["training_caption"]
+    assert (tmp_path / "runs" / "pipeline-output" / "imagefolder" / "metadata.jsonl").is_file()

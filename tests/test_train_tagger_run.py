@@ -47,10 +47,10 @@ def test_config_file_values_survive_defaults_and_overrides(tmp_path):
         "output_dir: out\nepochs: 3\ndata:\n  train_dirs: [imgs]\n  separator: '|'\n"
         "optim:\n  lr: 2.0e-4\n", encoding="utf-8")
     config = load_tagger_config(path, ["optim.weight_decay=0.1", "model.backbone=resnet10t"])
-    assert config.epochs == 3 and config.data.separator == "|" and config.optim.lr == 2e-4
-    assert config.optim.weight_decay == 0.1 and config.model.backbone == "resnet10t"
+    assert config.epochs == 3 and config.data.separator == "|" and config.optimizer.lr == 2e-4
+    assert config.optimizer.weight_decay == 0.1 and config.model.backbone == "resnet10t"
     assert config.batch_size == 32  # a default fills only what neither gave
-    with pytest.raises(ConfigError, match="unknown key 'optim.weight_decy'.*Did you mean 'optim.weight_decay'"):
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.weight_decy'.*Did you mean 'optimizer.weight_decay'"):
         load_tagger_config(path, ["optim.weight_decy=1"])
     with pytest.raises(ConfigError, match="--set 'epochs=many'.*'epochs' must be an integer"):
         load_tagger_config(path, ["epochs=many"])

@@ -246,7 +246,10 @@ class Florence2Captioner:
                     f"{self.adapter}: no adapter_config.json; point --adapter at a LoRA adapter folder "
                     "saved by `captionkit train captioner`."
                 )
-            model = PeftModel.from_pretrained(model, str(self.adapter))
+            from captionkit._warnings import peft_wrapping_quietly
+
+            with peft_wrapping_quietly():
+                model = PeftModel.from_pretrained(model, str(self.adapter))
         self.model = model.to(self.device).eval()
         prompt = self.task + (self.task_input or "")
         from PIL import Image

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from captionkit._warnings import peft_wrapping_quietly
 from captionkit.train.captioner_data import (
     AugmentConfig,
     CaptionCollator,
@@ -213,6 +214,9 @@ class TrainResult:
     samples_per_second: float
     data_report: DataReport
     sample_captions: list[tuple[str, str]] = field(default_factory=list)
+    images_used: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out
+    log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped file
 
 
 # -- model set-up -------------------------------------------------------------------------
@@ -278,12 +282,21 @@ def enable_vision_checkpointing(model: Any) -> int:
     return wrapped
 
 
-def _load_model(config: CaptionerTrainConfig, accelerator: Any, resume_from: Path | None) -> tuple[Any, Any]:
-    """The processor and the model to train (LoRA-wrapped when asked), on CPU."""
+def _load_model(config: CaptionerTrainConfig, accelerator: Any, resume_from: Path | None,
+                offline: bool = False) -> tuple[Any, Any]:
+    """The processor and the model to train (LoRA-wrapped when asked), on CPU.
+
+    ``offline``: the Hub is out of reach (see :func:`.preflight.check_hub_model`), so only
+    cached files are used instead of waiting on download retries.
+    """
     import torch
     from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
+    from captionkit.train.preflight import model_load_failed
+
     kwargs: dict[str, Any] = {"revision": config.revision}
+    if offline:
+        kwargs["local_files_only"] = True
     if config.attn_implementation:
         kwargs["attn_implementation"] = config.attn_implementation
     if config.mode == "qlora":
@@ -302,12 +315,16 @@ def _load_model(config: CaptionerTrainConfig, accelerator: Any, resume_from: Pat
     source = str(resume_from) if (resume_from is not None and config.mode == "full") else config.model
     try:
         model = Florence2ForConditionalGeneration.from_pretrained(source, **kwargs)
-        processor = AutoProcessor.from_pretrained(config.model, revision=config.revision)
+        processor = AutoProcessor.from_pretrained(config.model, revision=config.revision,
+                                                  local_files_only=offline)
     except OSError as error:
-        raise ConfigError(f"cannot load the model {source!r} ({error}); check 'model' (a hub id or a folder "
-                          "with config.json) and that it is downloaded when offline") from error
+        raise model_load_failed(source, error) from None
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5 renamed it
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         enable_vision_checkpointing(model)
     if config.mode == "full":
         groups = freeze_groups(model)
@@ -326,7 +343,8 @@ def _load_model(config: CaptionerTrainConfig, accelerator: Any, resume_from: Pat
     if resume_from is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        with peft_wrapping_quietly():
+            model = PeftModel.from_pretrained(model, resume_from, is_trainable=True)
         if config.gradient_checkpointing:
             model.enable_input_require_grads()
         return processor, model
@@ -433,9 +451,6 @@ class _Reporters:
         self.jsonl = config.output_dir / "metrics.jsonl"
         if not enabled:
             return
-        if "wandb" in config.report_to and importlib.util.find_spec("wandb") is None:
-            raise ConfigError("report_to includes 'wandb' but wandb is not installed: pip install wandb "
-                              "(then `wandb login`), or remove it from report_to")
         if "tensorboard" in config.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -512,27 +527,80 @@ class _Progress:
 # -- the run ------------------------------------------------------------------------------
 
 
-def _build_data(config: CaptionerTrainConfig, processor: Any) -> tuple[list[CaptionItem], list[CaptionItem],
-                                                                      DataReport]:
-    report = DataReport()
+SKIPPED_NO_CAPTION = "with no caption file or an empty caption"
+SKIPPED_NO_IMAGE = "listed in a manifest whose image file is missing"
+SKIPPED_LONG = "with a caption over max_target_tokens (long_captions: skip)"
+
+
+@dataclass
+class _Data:
+    """The caption pairs read from ``data``/``val_data`` and what was left out of each."""
+
+    items: list[CaptionItem]
+    val: list[CaptionItem]
+    report: DataReport
+    val_report: DataReport
+    long_captions_skipped: list[str] = field(default_factory=list)
+    images_used: int = 0  # distinct images in training and validation after every check
+
+    def skipped(self) -> dict[str, list[str]]:
+        """Left-out files by reason (training and validation sources together)."""
+        both = (self.report, self.val_report)
+        return {
+            SKIPPED_NO_CAPTION: [path for report in both for path in report.missing_captions],
+            SKIPPED_NO_IMAGE: [path for report in both for path in report.missing_images],
+            SKIPPED_LONG: list(self.long_captions_skipped),
+        }
+
+
+def _check_settings(config: CaptionerTrainConfig) -> None:
+    """Settings that need the machine (a GPU, optional packages): checked before anything loads."""
+    import torch
+
+    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
+        raise ConfigError("mixed_precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' (if the CPU supports it) "
+                          "or 'no'")
+    if config.mode == "qlora":
+        if not torch.cuda.is_available() or config.cpu:
+            raise ConfigError("mode 'qlora' loads the base in 4 bits with bitsandbytes, which needs a CUDA GPU; "
+                              "use mode 'lora' on CPU")
+        _require_bitsandbytes("mode 'qlora'")
+    if config.optimizer.name == "adamw8bit":
+        _require_bitsandbytes("optimizer 'adamw8bit'")
+    if "wandb" in config.report_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("report_to includes 'wandb' but wandb is not installed: pip install wandb "
+                          "(then `wandb login`), or remove it from report_to")
+
+
+def _read_data(config: CaptionerTrainConfig) -> _Data:
+    """Every data path read into caption pairs (a missing path or an empty source fails here)."""
+    report, val_report = DataReport(), DataReport()
     items: list[CaptionItem] = []
-    for spec in config.data:
-        try:
-            items += load_items(spec, report)
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
     val: list[CaptionItem] = []
-    if config.val_split:
-        items, val = split_items(items, config.val_split, config.seed)
-    for spec in config.val_data:
-        try:
-            val += load_items(dataclasses.replace(spec, repeats=1), DataReport())
-        except ValueError as error:
-            raise ConfigError(str(error)) from error
-    items = check_caption_lengths(items, processor.tokenizer, config.max_target_tokens, config.long_captions,
-                                  report)
-    val = check_caption_lengths(val, processor.tokenizer, config.max_target_tokens, config.long_captions,
-                                DataReport())
+    try:
+        for spec in config.data:
+            items += load_items(spec, report)
+        if config.val_split:
+            items, val = split_items(items, config.val_split, config.seed)
+        for spec in config.val_data:
+            val += load_items(dataclasses.replace(spec, repeats=1), val_report)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    return _Data(items, val, report, val_report)
+
+
+def _check_lengths(config: CaptionerTrainConfig, processor: Any,
+                   data: _Data) -> tuple[list[CaptionItem], list[CaptionItem], DataReport]:
+    """Apply the long-caption policy (it needs the tokenizer) to the pairs :func:`_read_data` found."""
+    report = data.report
+    before = {str(item.image) for item in data.items} | {str(item.image) for item in data.val}
+    items = check_caption_lengths(data.items, processor.tokenizer, config.max_target_tokens,
+                                  config.long_captions, report)
+    val = check_caption_lengths(data.val, processor.tokenizer, config.max_target_tokens, config.long_captions,
+                                data.val_report)
+    after = {str(item.image) for item in items} | {str(item.image) for item in val}
+    data.long_captions_skipped = sorted(before - after)
+    data.images_used = len(after)
     if not items:
         raise ConfigError("no training samples left after skipping long captions; raise max_target_tokens")
     if config.eval_max_samples is not None:
@@ -553,7 +621,12 @@ def _check_resume(config: CaptionerTrainConfig, resume_from: Path) -> dict[str, 
 
 
 def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None = None) -> TrainResult:
-    """Train a Florence-2 captioner as ``config`` says; resume from a checkpoint folder if given."""
+    """Train a Florence-2 captioner as ``config`` says; resume from a checkpoint folder if given.
+
+    Everything that can be checked is checked before the model loads or a file is written:
+    the settings, the data paths (read into caption pairs), then the model (cached or the
+    Hub reachable). A run that fails these leaves no output folder behind.
+    """
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
@@ -568,22 +641,18 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     from accelerate.utils import gather_object, set_seed
 
     from captionkit.train.accelerator import new_accelerator
+    from captionkit.train.preflight import check_hub_model
+    from captionkit.train.runlog import log_skipped, run_log
 
-    if config.mixed_precision == "fp16" and (config.cpu or not torch.cuda.is_available()):
-        raise ConfigError("mixed_precision 'fp16' needs a CUDA GPU; on CPU use 'bf16' (if the CPU supports it) "
-                          "or 'no'")
+    _check_settings(config)
     resume_path = Path(resume_from) if resume_from is not None else None
     resume_state = _check_resume(config, resume_path) if resume_path is not None else None
+    data = _read_data(config)  # the data paths, before any model is loaded
+    offline = check_hub_model(config.model, config.revision)
     set_seed(config.seed)
     accelerator = new_accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
-    output_dir = config.output_dir
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / CONFIG_FILE)
-    reporters = _Reporters(config, accelerator.is_main_process)
-
-    processor, model = _load_model(config, accelerator, resume_path)
-    train_items, val_items, report = _build_data(config, processor)
+    processor, model = _load_model(config, accelerator, resume_path, offline=offline)
+    train_items, val_items, report = _check_lengths(config, processor, data)
     collator = CaptionCollator(processor, config.max_target_tokens)
     dataset = CaptionDataset(train_items, config.augment, config.seed)
     sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, shuffle=True,
@@ -598,198 +667,207 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
         raise ConfigError(f"{len(dataset)} training samples make no batch of {config.batch_size} per process")
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps or (config.epochs or 1) * steps_per_epoch
-
     optimizer = _build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config.scheduler, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    progress = _Progress()
-    if resume_path is not None and resume_state is not None:
-        state_dir = resume_path / STATE_DIR
-        optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
-        scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-        scaler_file = state_dir / "scaler.pt"
-        if accelerator.scaler is not None and scaler_file.exists():
-            accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
-        progress = _Progress(**{key: resume_state[key] for key in dataclasses.asdict(_Progress())})
-        _set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False))
-        _log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.global_step,
-                  progress.epoch, progress.batch_in_epoch)
-
-    metric_name = config.best_metric if config.has_validation else None
-    greater = metric_name not in (None, "val_loss")
-    manager = CheckpointManager(output_dir / "checkpoints", config.save_total_limit, metric_name, greater)
-    unwrapped = accelerator.unwrap_model(model)
-
-    def write_model(folder: Path) -> None:
-        accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
-        processor.save_pretrained(folder)
-        save_config(config, folder / CONFIG_FILE)
-
-    def write_checkpoint(folder: Path) -> None:
-        write_model(folder)
-        state_dir = folder / STATE_DIR
-        state_dir.mkdir()
-        torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
-        torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
-        torch.save(_rng_state(), state_dir / "rng.pt")
-        atomic_write_json(state_dir / "trainer_state.json",
-                          {**dataclasses.asdict(progress), "mode": config.mode, "total_steps": total_steps})
-
-    last_metrics: dict[str, float] = {}
-    last_samples: list[tuple[str, str]] = []
-    evaluated_at = -1
-
-    def validate() -> dict[str, float]:
-        nonlocal last_samples
-        from captionkit.train.caption_metrics import caption_metrics
-
-        model.eval()
-        val_sampler = EpochBatchSampler(len(val_items), config.batch_size, 0, shuffle=False,
-                                        process_index=accelerator.process_index,
-                                        num_processes=accelerator.num_processes)
-        val_loader = torch.utils.data.DataLoader(CaptionDataset(val_items), batch_sampler=val_sampler,
-                                                 collate_fn=collator, num_workers=config.num_workers,
-                                                 generator=torch.Generator().manual_seed(config.seed))
-        loss_sum = torch.zeros((), device=accelerator.device)
-        tokens = torch.zeros((), device=accelerator.device)
-        predictions: list[str] = []
-        references: list[str] = []
-        with torch.no_grad():
-            for batch in val_loader:
-                if batch is None:
-                    continue
-                batch = _to_device(batch, accelerator.device)
-                with accelerator.autocast():
-                    losses = token_losses(model, batch)
-                loss_sum += losses.sum()
-                tokens += (batch["labels"] != -100).sum()
-                with accelerator.autocast():
-                    generated = unwrapped.generate(
-                        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                        attention_mask=batch["attention_mask"], max_new_tokens=config.max_target_tokens,
-                        num_beams=config.eval_num_beams, do_sample=False,
-                        # Florence's default n-gram blocking corrupts repetitive captions (tags).
-                        no_repeat_ngram_size=0,
-                    )
-                predictions += [text.strip() for text in
-                                processor.batch_decode(generated, skip_special_tokens=True)]
-                references += batch["captions"]
-        loss_sum = accelerator.reduce(loss_sum, "sum")
-        tokens = accelerator.reduce(tokens, "sum")
-        predictions = gather_object(predictions)
-        references = gather_object(references)
-        model.train()
-        metrics = {"val_loss": float(loss_sum / tokens.clamp(min=1))}
-        metrics.update(caption_metrics(predictions, references) if predictions else {})
-        last_samples = list(zip(predictions, references, strict=True))[: config.sample_captions]
-        return metrics
-
-    def maybe_validate_and_save(end_of_epoch: bool) -> None:
-        nonlocal last_metrics, evaluated_at
-        step = progress.global_step
-        run_eval = config.has_validation and (
-            (config.eval_every_steps is not None and step % config.eval_every_steps == 0)
-            or (config.eval_every_steps is None and end_of_epoch)
-        )
-        save = (config.save_every_steps is not None and step % config.save_every_steps == 0) or (
-            end_of_epoch and config.save_every_epochs is not None
-            and (progress.epoch + 1) % config.save_every_epochs == 0  # epoch is still 0-based here
-        )
-        metric = None
-        # A checkpoint is always scored when there is validation data: otherwise "best"
-        # would only be known for saves that happen to fall on an evaluation step.
-        if run_eval or (save and config.has_validation):
-            metrics = validate()
-            last_metrics, evaluated_at = metrics, step
-            reporters.scalars({f"val/{key}": value for key, value in metrics.items()}, step)
-            reporters.samples(last_samples, step)
-            metric = metrics.get(config.best_metric)
-            if metric is not None:
-                better = progress.best_metric is None or (
-                    metric > progress.best_metric if greater else metric < progress.best_metric)
-                if better:
-                    progress.best_metric = metric
-        if save:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                manager.save(f"step-{step:07d}", write_checkpoint, metric=metric)
-
-    model.train()
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    start_time = time.perf_counter()
-    start_samples = progress.samples_seen
-    window_loss = 0.0
-    window_tokens = 0
-    last_train_loss: float | None = None
-    while progress.global_step < total_steps:
-        if progress.batch_in_epoch >= batches_per_epoch:
-            progress.epoch += 1
-            progress.batch_in_epoch = 0
-        dataset.set_epoch(progress.epoch)
-        sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-        iterator = iter(loader)
-        while progress.batch_in_epoch < batches_per_epoch and progress.global_step < total_steps:
-            wanted = min(config.gradient_accumulation_steps, batches_per_epoch - progress.batch_in_epoch)
-            window = [next(iterator) for _ in range(wanted)]
-            progress.batch_in_epoch += wanted
-            window = [_to_device(batch, accelerator.device) for batch in window if batch is not None]
-            local_tokens = sum(int((batch["labels"] != -100).sum()) for batch in window)
-            all_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
-            denominator = float(all_tokens) / accelerator.num_processes
-            for position, batch in enumerate(window):
-                last = position == len(window) - 1
-                sync = nullcontext() if last else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    loss_sum = token_losses(model, batch).sum()
-                    accelerator.backward(loss_sum / max(denominator, 1.0))
-                window_loss += float(loss_sum.detach())
-                progress.samples_seen += len(batch["captions"])
-            window_tokens += local_tokens
-            grad_norm = None
-            if config.optimizer.max_grad_norm is not None and window:
-                grad_norm = accelerator.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.global_step += 1
-            if progress.global_step % config.log_every_steps == 0 or progress.global_step == total_steps:
-                elapsed = max(time.perf_counter() - start_time, 1e-9)
-                last_train_loss = window_loss / max(window_tokens, 1)
-                values = {"train/loss": last_train_loss, "train/lr": scheduler.get_last_lr()[0],
-                          "train/epoch": progress.epoch + progress.batch_in_epoch / batches_per_epoch,
-                          "train/samples_per_second": (progress.samples_seen - start_samples) / elapsed}
-                if grad_norm is not None:
-                    values["train/grad_norm"] = float(grad_norm)
-                reporters.scalars(values, progress.global_step)
-                window_loss, window_tokens = 0.0, 0
-            end_of_epoch = progress.batch_in_epoch >= batches_per_epoch
-            maybe_validate_and_save(end_of_epoch)
-        # Release the iterator's workers before the next epoch creates new ones.
-        del iterator
-    elapsed = max(time.perf_counter() - start_time, 1e-9)
-    samples_per_second = (progress.samples_seen - start_samples) / elapsed
-    if config.has_validation and evaluated_at != progress.global_step:
-        last_metrics = validate()
-        reporters.scalars({f"val/{key}": value for key, value in last_metrics.items()}, progress.global_step)
-        reporters.samples(last_samples, progress.global_step)
-    accelerator.wait_for_everyone()
-    final_path = output_dir / "final"
+    output_dir = config.output_dir  # validation passed: from here on the run writes files
     if accelerator.is_main_process:
-        write_folder_atomically(final_path, write_model)
-    reporters.close()
-    if last_train_loss is None and window_tokens:
-        last_train_loss = window_loss / window_tokens
-    return TrainResult(
-        output_dir=output_dir, final_path=final_path, best_checkpoint=manager.best(),
-        global_step=progress.global_step, epochs_completed=progress.epoch + int(
-            progress.batch_in_epoch >= batches_per_epoch),
-        train_loss=last_train_loss, metrics=last_metrics, samples_per_second=samples_per_second,
-        data_report=report, sample_captions=last_samples,
-    )
+        output_dir.mkdir(parents=True, exist_ok=True)
+    with run_log(output_dir, accelerator.is_main_process) as log_file:
+        if accelerator.is_main_process:
+            save_config(config, output_dir / CONFIG_FILE)
+            log_skipped(data.images_used, data.skipped(), log_file)
+        reporters = _Reporters(config, accelerator.is_main_process)
+
+        progress = _Progress()
+        if resume_path is not None and resume_state is not None:
+            state_dir = resume_path / STATE_DIR
+            optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
+            scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
+            scaler_file = state_dir / "scaler.pt"
+            if accelerator.scaler is not None and scaler_file.exists():
+                accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
+            progress = _Progress(**{key: resume_state[key] for key in dataclasses.asdict(_Progress())})
+            _set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False))
+            _log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.global_step,
+                      progress.epoch, progress.batch_in_epoch)
+
+        metric_name = config.best_metric if config.has_validation else None
+        greater = metric_name not in (None, "val_loss")
+        manager = CheckpointManager(output_dir / "checkpoints", config.save_total_limit, metric_name, greater)
+        unwrapped = accelerator.unwrap_model(model)
+
+        def write_model(folder: Path) -> None:
+            accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
+            processor.save_pretrained(folder)
+            save_config(config, folder / CONFIG_FILE)
+
+        def write_checkpoint(folder: Path) -> None:
+            write_model(folder)
+            state_dir = folder / STATE_DIR
+            state_dir.mkdir()
+            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
+            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
+            torch.save(_rng_state(), state_dir / "rng.pt")
+            atomic_write_json(state_dir / "trainer_state.json",
+                              {**dataclasses.asdict(progress), "mode": config.mode, "total_steps": total_steps})
+
+        last_metrics: dict[str, float] = {}
+        last_samples: list[tuple[str, str]] = []
+        evaluated_at = -1
+
+        def validate() -> dict[str, float]:
+            nonlocal last_samples
+            from captionkit.train.caption_metrics import caption_metrics
+
+            model.eval()
+            val_sampler = EpochBatchSampler(len(val_items), config.batch_size, 0, shuffle=False,
+                                            process_index=accelerator.process_index,
+                                            num_processes=accelerator.num_processes)
+            val_loader = torch.utils.data.DataLoader(CaptionDataset(val_items), batch_sampler=val_sampler,
+                                                     collate_fn=collator, num_workers=config.num_workers,
+                                                     generator=torch.Generator().manual_seed(config.seed))
+            loss_sum = torch.zeros((), device=accelerator.device)
+            tokens = torch.zeros((), device=accelerator.device)
+            predictions: list[str] = []
+            references: list[str] = []
+            with torch.no_grad():
+                for batch in val_loader:
+                    if batch is None:
+                        continue
+                    batch = _to_device(batch, accelerator.device)
+                    with accelerator.autocast():
+                        losses = token_losses(model, batch)
+                    loss_sum += losses.sum()
+                    tokens += (batch["labels"] != -100).sum()
+                    with accelerator.autocast():
+                        generated = unwrapped.generate(
+                            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                            attention_mask=batch["attention_mask"], max_new_tokens=config.max_target_tokens,
+                            num_beams=config.eval_num_beams, do_sample=False,
+                            # Florence's default n-gram blocking corrupts repetitive captions (tags).
+                            no_repeat_ngram_size=0,
+                        )
+                    predictions += [text.strip() for text in
+                                    processor.batch_decode(generated, skip_special_tokens=True)]
+                    references += batch["captions"]
+            loss_sum = accelerator.reduce(loss_sum, "sum")
+            tokens = accelerator.reduce(tokens, "sum")
+            predictions = gather_object(predictions)
+            references = gather_object(references)
+            model.train()
+            metrics = {"val_loss": float(loss_sum / tokens.clamp(min=1))}
+            metrics.update(caption_metrics(predictions, references) if predictions else {})
+            last_samples = list(zip(predictions, references, strict=True))[: config.sample_captions]
+            return metrics
+
+        def maybe_validate_and_save(end_of_epoch: bool) -> None:
+            nonlocal last_metrics, evaluated_at
+            step = progress.global_step
+            run_eval = config.has_validation and (
+                (config.eval_every_steps is not None and step % config.eval_every_steps == 0)
+                or (config.eval_every_steps is None and end_of_epoch)
+            )
+            save = (config.save_every_steps is not None and step % config.save_every_steps == 0) or (
+                end_of_epoch and config.save_every_epochs is not None
+                and (progress.epoch + 1) % config.save_every_epochs == 0  # epoch is still 0-based here
+            )
+            metric = None
+            # A checkpoint is always scored when there is validation data: otherwise "best"
+            # would only be known for saves that happen to fall on an evaluation step.
+            if run_eval or (save and config.has_validation):
+                metrics = validate()
+                last_metrics, evaluated_at = metrics, step
+                reporters.scalars({f"val/{key}": value for key, value in metrics.items()}, step)
+                reporters.samples(last_samples, step)
+                metric = metrics.get(config.best_metric)
+                if metric is not None:
+                    better = progress.best_metric is None or (
+                        metric > progress.best_metric if greater else metric < progress.best_metric)
+                    if better:
+                        progress.best_metric = metric
+            if save:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    manager.save(f"step-{step:07d}", write_checkpoint, metric=metric)
+
+        model.train()
+        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        start_time = time.perf_counter()
+        start_samples = progress.samples_seen
+        window_loss = 0.0
+        window_tokens = 0
+        last_train_loss: float | None = None
+        while progress.global_step < total_steps:
+            if progress.batch_in_epoch >= batches_per_epoch:
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+            dataset.set_epoch(progress.epoch)
+            sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
+            iterator = iter(loader)
+            while progress.batch_in_epoch < batches_per_epoch and progress.global_step < total_steps:
+                wanted = min(config.gradient_accumulation_steps, batches_per_epoch - progress.batch_in_epoch)
+                window = [next(iterator) for _ in range(wanted)]
+                progress.batch_in_epoch += wanted
+                window = [_to_device(batch, accelerator.device) for batch in window if batch is not None]
+                local_tokens = sum(int((batch["labels"] != -100).sum()) for batch in window)
+                all_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
+                denominator = float(all_tokens) / accelerator.num_processes
+                for position, batch in enumerate(window):
+                    last = position == len(window) - 1
+                    sync = nullcontext() if last else accelerator.no_sync(model)
+                    with sync, accelerator.autocast():
+                        loss_sum = token_losses(model, batch).sum()
+                        accelerator.backward(loss_sum / max(denominator, 1.0))
+                    window_loss += float(loss_sum.detach())
+                    progress.samples_seen += len(batch["captions"])
+                window_tokens += local_tokens
+                grad_norm = None
+                if config.optimizer.max_grad_norm is not None and window:
+                    grad_norm = accelerator.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
+                optimizer.step()
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                progress.global_step += 1
+                if progress.global_step % config.log_every_steps == 0 or progress.global_step == total_steps:
+                    elapsed = max(time.perf_counter() - start_time, 1e-9)
+                    last_train_loss = window_loss / max(window_tokens, 1)
+                    values = {"train/loss": last_train_loss, "train/lr": scheduler.get_last_lr()[0],
+                              "train/epoch": progress.epoch + progress.batch_in_epoch / batches_per_epoch,
+                              "train/samples_per_second": (progress.samples_seen - start_samples) / elapsed}
+                    if grad_norm is not None:
+                        values["train/grad_norm"] = float(grad_norm)
+                    reporters.scalars(values, progress.global_step)
+                    window_loss, window_tokens = 0.0, 0
+                end_of_epoch = progress.batch_in_epoch >= batches_per_epoch
+                maybe_validate_and_save(end_of_epoch)
+            # Release the iterator's workers before the next epoch creates new ones.
+            del iterator
+        elapsed = max(time.perf_counter() - start_time, 1e-9)
+        samples_per_second = (progress.samples_seen - start_samples) / elapsed
+        if config.has_validation and evaluated_at != progress.global_step:
+            last_metrics = validate()
+            reporters.scalars({f"val/{key}": value for key, value in last_metrics.items()}, progress.global_step)
+            reporters.samples(last_samples, progress.global_step)
+        accelerator.wait_for_everyone()
+        final_path = output_dir / "final"
+        if accelerator.is_main_process:
+            write_folder_atomically(final_path, write_model)
+        reporters.close()
+        if last_train_loss is None and window_tokens:
+            last_train_loss = window_loss / window_tokens
+        return TrainResult(
+            output_dir=output_dir, final_path=final_path, best_checkpoint=manager.best(),
+            global_step=progress.global_step, epochs_completed=progress.epoch + int(
+                progress.batch_in_epoch >= batches_per_epoch),
+            train_loss=last_train_loss, metrics=last_metrics, samples_per_second=samples_per_second,
+            data_report=report, sample_captions=last_samples, images_used=data.images_used,
+            skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=log_file,
+        )
 
 
 def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:

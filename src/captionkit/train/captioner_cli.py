@@ -16,7 +16,7 @@ def captioner_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config (see docs).")],
     set: Annotated[
         Optional[list[str]],  # noqa: UP045 - typer needs typing.Optional on Python 3.10
-        typer.Option("--set", help="Override a config key, e.g. --set optimizer.lr=1e-4 (repeatable)."),
+        typer.Option("--set", help="Override a config key, e.g. --set optimizer.lr=1e-4 or --set data.0.path=images/ (repeatable)."),
     ] = None,
     resume: Annotated[
         Optional[Path],  # noqa: UP045
@@ -24,6 +24,7 @@ def captioner_command(
     ] = None,
 ) -> None:
     """Fine-tune Florence-2 on image/caption pairs (full, LoRA or QLoRA)."""
+    from captionkit.errors import CaptionkitError
     from captionkit.train.captioner import load_captioner_config, train_captioner
     from captionkit.train.config import ConfigError
 
@@ -31,10 +32,13 @@ def captioner_command(
         settings = load_captioner_config(config, list(set or []))
         resume_from = _resolve_resume(resume, settings.output_dir)
         result = train_captioner(settings, resume_from=resume_from)
-    except ConfigError as error:
+    except (ConfigError, CaptionkitError) as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from error
-    typer.echo(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s)")
+        raise typer.Exit(code=2) from None
+    skipped = sum(len(paths) for paths in result.skipped.values())
+    typer.echo(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s) on "
+               f"{result.images_used} images"
+               + (f" ({skipped} skipped: see {result.log_file})" if skipped else ""))
     if result.metrics:
         typer.echo("validation: " + ", ".join(f"{key}={value:.4f}" for key, value in result.metrics.items()))
     if result.best_checkpoint is not None:

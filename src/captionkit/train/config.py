@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import logging
 import types
 import typing
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ import yaml
 from captionkit.train.checkpoints import atomic_write_text
 
 T = TypeVar("T")
+_log = logging.getLogger(__name__)
 
 __all__ = ["ConfigError", "load_config", "save_config", "config_to_dict", "parse_override"]
 
@@ -70,27 +72,179 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
-    """Build ``cls`` from a YAML file plus ``--set`` overrides, validating every key and type."""
+    """Build ``cls`` from a YAML file plus ``--set`` overrides, validating every key and type.
+
+    An override key may index a list: ``data.0.path=x`` changes the first data set, and an
+    index equal to the list's length appends a new entry (``data.1.path=y`` on a one-entry
+    list adds a second data set). Keys a config class renamed (its ``renamed_keys``
+    mapping, old dotted key -> new one) are still read, with a logged note.
+    """
     file_label = str(path) if path is not None else "<no config file>"
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    renamed: Mapping[str, str] = getattr(cls, "renamed_keys", {}) or {}
+    notes: dict[str, str] = {}
+    if renamed:
+        data = _rename_file_keys(data, renamed, file_label, notes)
     sources: dict[tuple[str, ...], str] = {}
     for text in overrides or []:
         keys, value = parse_override(text)
-        cursor: dict[str, Any] = data
-        for depth, key in enumerate(keys[:-1]):
+        keys = _renamed(keys, renamed, notes)
+        _apply_override(cls, data, keys, value, text)
+        sources[_coerce_path(keys)] = sources[tuple(keys)] = f"--set {text!r}"
+    for old, new in notes.items():
+        _log.warning("config: %r is now spelled %r (the old spelling is still read); please update it", old, new)
+    return _build_dataclass(cls, data, (), file_label, sources)
+
+
+def _renamed(keys: list[Any], renamed: Mapping[str, str], notes: dict[str, str]) -> list[Any]:
+    """``keys`` with the longest renamed prefix replaced by its new spelling."""
+    for length in range(len(keys), 0, -1):
+        old = ".".join(str(key) for key in keys[:length])
+        if old in renamed:
+            new = renamed[old]
+            notes[old] = new
+            return [*new.split("."), *keys[length:]]
+    return keys
+
+
+def _rename_file_keys(data: dict[str, Any], renamed: Mapping[str, str], file_label: str,
+                      notes: dict[str, str]) -> dict[str, Any]:
+    """Move the file's old-spelling keys to their new places; one key given in both spellings fails."""
+    leaves: list[tuple[list[Any], Any]] = []
+
+    def walk(prefix: list[Any], value: Any) -> None:
+        if isinstance(value, dict) and (value or not prefix):
+            for key, item in value.items():
+                walk([*prefix, key], item)
+        else:
+            leaves.append((prefix, value))
+
+    walk([], data)
+    if not any(_renamed(keys, renamed, {}) != keys for keys, _ in leaves):
+        return data
+    result: dict[Any, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for keys, value in leaves:
+        new_keys = _renamed(keys, renamed, notes)
+        spelled = ".".join(str(key) for key in keys)
+        cursor: Any = result
+        for depth, key in enumerate(new_keys):
+            here = tuple(str(part) for part in new_keys[: depth + 1])
+            if depth == len(new_keys) - 1:
+                clash = key in cursor
+            else:
+                clash = key in cursor and not isinstance(cursor[key], dict)
+                if not clash:
+                    cursor = cursor.setdefault(key, {})
+                    origin.setdefault(here, spelled)
+                    continue
+            if clash:
+                first = origin.get(here, ".".join(here))
+                raise ConfigError(
+                    f"{file_label}: {spelled!r} and {first!r} both set {'.'.join(here)!r} "
+                    f"(one is the old spelling); keep only {'.'.join(str(k) for k in new_keys)!r}"
+                )
+            cursor[key] = value
+            origin[here] = spelled
+    return result
+
+
+def _index(key: str) -> int | None:
+    return int(key) if key.isdigit() else None
+
+
+def _apply_override(cls: Any, data: dict[str, Any], keys: list[str], value: Any, text: str) -> None:
+    """Set ``value`` at ``keys`` in the raw config ``data``, walking into sections and lists."""
+    cursor: Any = data
+    for depth, key in enumerate(keys):
+        dotted = ".".join(keys[:depth])
+        last = depth == len(keys) - 1
+        if isinstance(cursor, list):
+            position = _index(key)
+            size = len(cursor)
+            if position is None or position > size:
+                entries = f"{size} entr{'y' if size == 1 else 'ies'}"
+                indices = f"0 to {size - 1}" if size > 1 else "0"
+                raise ConfigError(
+                    f"--set {text!r}: {dotted!r} is a list with {entries}; after {dotted!r} give an index: "
+                    f"{indices} to change an entry, or {size} to append one" if size else
+                    f"--set {text!r}: {dotted!r} is an empty list; give index 0 to add its first entry"
+                )
+            if position == size:
+                cursor.append(value if last else _empty_container(cls, keys[: depth + 2]))
+            elif last:
+                cursor[position] = value
+            child = cursor[position]
+        elif isinstance(cursor, dict):
+            if last:
+                cursor[key] = value
+                return
             child = cursor.get(key)
             if child is None:
-                child = cursor[key] = {}
-            elif not isinstance(child, dict):
-                dotted = ".".join(keys[: depth + 1])
-                raise ConfigError(
-                    f"--set {text!r}: {dotted!r} is a value, not a section, "
-                    f"so {'.'.join(keys)!r} cannot be set"
-                )
-            cursor = child
-        cursor[keys[-1]] = value
-        sources[tuple(keys)] = f"--set {text!r}"
-    return _build_dataclass(cls, data, (), file_label, sources)
+                child = cursor[key] = _empty_container(cls, keys[: depth + 2])
+        else:
+            raise ConfigError(
+                f"--set {text!r}: {dotted!r} is a value, not a section or a list, "
+                f"so {'.'.join(keys)!r} cannot be set"
+            )
+        if last:
+            return
+        if not isinstance(child, (dict, list)):
+            raise ConfigError(
+                f"--set {text!r}: {'.'.join(keys[: depth + 1])!r} is a value, not a section or a list, "
+                f"so {'.'.join(keys)!r} cannot be set"
+            )
+        cursor = child
+
+
+def _empty_container(cls: Any, keys: list[str]) -> dict | list:
+    """A new list where the config class declares a list at ``keys[:-1]``, else a new section.
+
+    ``keys`` ends with the key that will be set inside the new container: a number there
+    on a list-typed field (``data.0.path`` with no ``data`` yet) starts a list.
+    """
+    annotation = _annotation_at(cls, keys[:-1])
+    if get_origin(annotation) in (list, tuple) and _index(keys[-1]) is not None:
+        return []
+    return {}
+
+
+def _annotation_at(cls: Any, keys: list[str]) -> Any:
+    """The declared type at a dotted path of ``cls`` (None when it is not known)."""
+    annotation: Any = cls
+    for key in keys:
+        annotation = _without_none(annotation)
+        if dataclasses.is_dataclass(annotation):
+            annotation = typing.get_type_hints(annotation).get(key)
+        elif get_origin(annotation) in (list, tuple):
+            args = [arg for arg in get_args(annotation) if arg is not Ellipsis]
+            annotation = args[0] if len(args) == 1 else None
+        elif get_origin(annotation) in (dict, Mapping):
+            args = get_args(annotation)
+            annotation = args[1] if args else None
+        else:
+            return None
+        if annotation is None:
+            return None
+    return _without_none(annotation)
+
+
+def _without_none(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _coerce_path(keys: list[str]) -> tuple[str, ...]:
+    """Override keys in the form error messages use: ``data.0.path`` -> ("data[0]", "path")."""
+    path: list[str] = []
+    for key in keys:
+        if path and key.isdigit():
+            path[-1] = f"{path[-1]}[{key}]"
+        else:
+            path.append(key)
+    return tuple(path)
 
 
 def _source_of(path: tuple[str, ...], file_label: str, sources: dict[tuple[str, ...], str]) -> str:
@@ -197,6 +351,11 @@ def _coerce(value: Any, annotation: Any, path: tuple[str, ...], file_label: str,
         bool_mismatch = isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)
         if value in choices and not bool_mismatch:
             return value
+        if bool_mismatch:
+            # YAML 1.1 reads a bare no/yes/off/on as false/true: `--set mixed_precision=no` means "no".
+            for word in (("no", "off", "false") if value is False else ("yes", "on", "true")):
+                if word in choices:
+                    return word
         close = difflib.get_close_matches(str(value), [str(choice) for choice in choices], n=1, cutoff=0.5)
         raise fail(f" (did you mean {close[0]!r}?)" if close else "")
     if dataclasses.is_dataclass(annotation):

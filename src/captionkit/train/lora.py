@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from captionkit._warnings import peft_wrapping_quietly
 from captionkit.train.checkpoints import write_folder_atomically
 
 _LANGUAGE_LAYERS = r"model\.language_model\.(encoder|decoder)\.layers\.\d+\."
@@ -125,7 +126,8 @@ def apply_lora(model: Any, settings: LoraSettings, gradient_checkpointing: bool 
         # Without this, checkpointed blocks whose inputs need no grad would leave the
         # LoRA weights untrained (peft #1142).
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    with peft_wrapping_quietly():
+        return get_peft_model(model, config)
 
 
 def adapter_base_model(adapter: Path) -> str | None:
@@ -169,7 +171,8 @@ def merge_lora(base: str | Path | None, adapter: str | Path, output: str | Path,
         if is_local(base_name):
             raise ValueError(f"{base_name}: not a loadable Florence-2 folder ({error}); pass --base FOLDER") from error
         raise model_unavailable(base_name, error) from error
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with peft_wrapping_quietly():
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     processor_source = adapter if (adapter / "tokenizer_config.json").exists() else base_name
     processor = AutoProcessor.from_pretrained(processor_source)
 

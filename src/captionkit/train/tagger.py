@@ -30,7 +30,7 @@ A config (every key but ``output_dir`` and ``data.train_dirs`` has a default)::
       split: auto            # stratified (iterstrat) while N x tags fits, random beyond
     model: {backbone: convnext_tiny, pretrained: hub, image_size: 448, drop_path_rate: 0.1}
     loss: {name: asl, gamma_neg: 4, clip: 0.05}
-    optim: {optimizer: adamw, lr: 3.0e-4, weight_decay: 0.05, warmup_fraction: 0.05}
+    optimizer: {name: adamw, lr: 3.0e-4, weight_decay: 0.05, warmup_fraction: 0.05}
     epochs: 20
     batch_size: 64
     mixed_precision: bf16
@@ -38,7 +38,7 @@ A config (every key but ``output_dir`` and ``data.train_dirs`` has a default)::
     metric: map
     export_onnx: true
 
-``captionkit train tagger --config tagger.yaml --set optim.lr=1e-4 [--resume runs/tagger]``
+``captionkit train tagger --config tagger.yaml --set optimizer.lr=1e-4 [--resume runs/tagger]``
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -133,24 +133,33 @@ class TaggerLossConfig:
 
 
 @dataclass
-class TaggerOptimConfig:
-    """Optimizer (any name ``timm.optim.create_optimizer_v2`` knows) and LR schedule."""
+class TaggerOptimizerConfig:
+    """Optimizer (any name ``timm.optim.create_optimizer_v2`` knows) and LR schedule.
 
-    optimizer: str = "adamw"
+    Spelled like the captioner's ``optimizer:`` section (``name``, ``lr``, ``weight_decay``,
+    ``max_grad_norm``); the old ``optim:`` section (``optimizer``, ``grad_clip``) is still read.
+    """
+
+    name: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.01
-    grad_clip: float | None = 1.0
+    max_grad_norm: float | None = 1.0
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"optim.lr must be positive, got {self.lr}")
+            raise ValueError(f"optimizer.lr must be positive, got {self.lr}")
         if not 0 <= self.warmup_fraction < 1:
-            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+            raise ValueError(f"optimizer.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError("optimizer.max_grad_norm must be positive, or null (or 0) to disable clipping")
+
+
+TaggerOptimConfig = TaggerOptimizerConfig  # the former name
 
 
 @dataclass
@@ -161,7 +170,7 @@ class TaggerTrainConfig:
     data: TaggerDataConfig
     model: TaggerModelConfig = field(default_factory=TaggerModelConfig)
     loss: TaggerLossConfig = field(default_factory=TaggerLossConfig)
-    optim: TaggerOptimConfig = field(default_factory=TaggerOptimConfig)
+    optimizer: TaggerOptimizerConfig = field(default_factory=TaggerOptimizerConfig)
     epochs: int = 10
     batch_size: int = 32
     eval_batch_size: int | None = None
@@ -176,6 +185,13 @@ class TaggerTrainConfig:
     save_total_limit: int | None = 3
     report_to: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     export_onnx: bool = False
+
+    #: Old spellings still read (with a logged note): one learning-rate key for both trainers.
+    renamed_keys: ClassVar[dict[str, str]] = {
+        "optim": "optimizer",
+        "optim.optimizer": "optimizer.name",
+        "optim.grad_clip": "optimizer.max_grad_norm",
+    }
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -212,6 +228,9 @@ class TaggerTrainResult:
     split_method: str
     start_epoch: int
     epochs: int
+    images_used: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> images left out
+    log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped image
 
 
 class TaggerTrainingError(CaptionkitError):
@@ -221,8 +240,14 @@ class TaggerTrainingError(CaptionkitError):
 # -- model helpers --------------------------------------------------------------------------
 
 
-def create_backbone(config: TaggerModelConfig, num_classes: int) -> tuple[Any, dict[str, Any]]:
-    """timm model with ``num_classes`` outputs, and the model_args needed to rebuild it."""
+def check_backbone(config: TaggerModelConfig, init_from: bool = True) -> None:
+    """Fail in one sentence, before anything is built or written, unless the model can be had.
+
+    The backbone must be a timm model; ``pretrained`` a weights file, ``none``, or ``hub``
+    with the weights in the local cache or the Hugging Face Hub reachable (an offline
+    machine gets the answer at once instead of after download retries); ``init_from`` (when
+    ``init_from`` is True: a fresh run, not a resume) a folder with weights and tags.
+    """
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
@@ -234,6 +259,62 @@ def create_backbone(config: TaggerModelConfig, num_classes: int) -> tuple[Any, d
             f"model.backbone {config.backbone!r} is not a timm model; similar names: {close or 'none'}"
         )
     pretrained = config.pretrained
+    if pretrained not in ("none", "hub"):
+        weights = Path(pretrained).expanduser()
+        if not weights.is_file():
+            raise TaggerTrainingError(
+                f"model.pretrained: {weights} is not a file; give 'none', 'hub' or a .safetensors/.pth path"
+            )
+    if pretrained == "hub":
+        _check_hub_weights(config.backbone)
+    if init_from and config.init_from is not None:
+        folder = Path(config.init_from)
+        if not (folder / "model.safetensors").is_file() or not (folder / "selected_tags.csv").is_file():
+            raise TaggerTrainingError(
+                f"model.init_from: {folder} needs model.safetensors and selected_tags.csv "
+                "(an exported tagger folder such as OUTPUT/best, or a checkpoint folder)"
+            )
+
+
+def _check_hub_weights(backbone: str) -> None:
+    """Hub weights of ``backbone`` are cached, or the Hub is reachable; else one plain sentence."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(backbone)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise TaggerTrainingError(
+            f"model.pretrained: hub: timm has no pretrained weights for {backbone!r}; use model.pretrained: none "
+            "or a weights file"
+        )
+    if not cfg.hf_hub_id:
+        return  # weights from a plain URL (torch.hub cache): timm reports its own errors
+    from huggingface_hub import hf_hub_download
+
+    from captionkit.models import hub_reachable
+
+    repo_id, _, revision = cfg.hf_hub_id.partition("@")
+    names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+    for name in names:
+        try:
+            hf_hub_download(repo_id, name, revision=revision or None, local_files_only=True)
+            return
+        except Exception:  # noqa: BLE001 - not cached (the error types vary between hub versions)
+            continue
+    if not hub_reachable():
+        raise TaggerTrainingError(
+            f"model.pretrained: hub weights for {backbone!r} could not be downloaded: they are not in the local "
+            "cache and the Hugging Face Hub cannot be reached from this machine; download them where you have "
+            f"internet (timm.create_model({backbone!r}, pretrained=True)) and set model.pretrained to the weights "
+            "file, or use model.pretrained: none"
+        )
+
+
+def create_backbone(config: TaggerModelConfig, num_classes: int) -> tuple[Any, dict[str, Any]]:
+    """timm model with ``num_classes`` outputs, and the model_args needed to rebuild it."""
+    check_backbone(config, init_from=False)
+    import timm
+
+    pretrained = config.pretrained
     kwargs: dict[str, Any] = {"num_classes": num_classes}
     if config.drop_path_rate:
         kwargs["drop_path_rate"] = config.drop_path_rate
@@ -241,12 +322,7 @@ def create_backbone(config: TaggerModelConfig, num_classes: int) -> tuple[Any, d
         kwargs["drop_rate"] = config.drop_rate
     use_pretrained = pretrained != "none"
     if use_pretrained and pretrained != "hub":
-        weights = Path(pretrained).expanduser()
-        if not weights.is_file():
-            raise TaggerTrainingError(
-                f"model.pretrained: {weights} is not a file; give 'none', 'hub' or a .safetensors/.pth path"
-            )
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        kwargs["pretrained_cfg_overlay"] = {"file": str(Path(pretrained).expanduser())}
     model_args: dict[str, Any] = {}
     try:
         try:
@@ -413,8 +489,10 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
     from captionkit.train.checkpoints import CheckpointManager
     from captionkit.train.losses import build_loss
+    from captionkit.train.runlog import log_skipped, run_log
     from captionkit.train.tagger_data import (
         EpochSampler,
+        ScanReport,
         TaggerDataset,
         Vocabulary,
         collate_skipping_failures,
@@ -426,12 +504,8 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     from captionkit.train.tagger_metrics import compute_metrics
 
     output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(output)
     resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
     resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
-
-    from captionkit.errors import require
 
     if config.report_to == "tensorboard":
         require("tensorboard", "report_to: tensorboard", extra="train")
@@ -443,7 +517,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
             mixed_precision=config.mixed_precision,
             cpu=config.device == "cpu",
             log_with=None if config.report_to == "none" else config.report_to,
-            project_dir=str(output),
+            project_dir=str(output),  # nothing is written there before validation passed
         )
     except ValueError as error:
         raise TaggerTrainingError(
@@ -452,12 +526,13 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
         ) from error
     set_seed(config.seed)
 
-    # -- data and vocabulary --
+    # -- data and vocabulary: the data paths are checked before any model is loaded --
     data_cfg = config.data
+    scan = ScanReport()
     items = scan_tagged_folders(data_cfg.train_dirs, data_cfg.separator, data_cfg.caption_extension,
-                                data_cfg.recursive)
+                                data_cfg.recursive, report=scan)
     val_items = (scan_tagged_folders(data_cfg.val_dirs, data_cfg.separator, data_cfg.caption_extension,
-                                     data_cfg.recursive) if data_cfg.val_dirs else [])
+                                     data_cfg.recursive, report=scan) if data_cfg.val_dirs else [])
     if resume_dir is not None:
         vocabulary = Vocabulary.from_csv(resume_dir / "selected_tags.csv")
     elif data_cfg.selected_tags is not None:
@@ -490,14 +565,9 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
                 encoded.labels, num_tags, data_cfg.val_fraction, data_cfg.split, config.seed,
                 data_cfg.max_stratified_cells,
             )
-    if accelerator.is_main_process:
-        _write_split(split_path, encoded.paths, train_idx, val_idx, split_method)
-        vocabulary.write_csv(output / "selected_tags.csv")
-        save_config(config, output / "config.yaml")
-    _log.info("tagger data: %d train / %d validation images, %d tags, split %s",
-              len(train_idx), len(val_idx), num_tags, split_method)
 
-    # -- model --
+    # -- model: available (cached, a file, or the Hub reachable) before it is built --
+    check_backbone(config.model, init_from=resume_dir is None)
     model, model_args = create_backbone(config.model, num_tags)
     if config.model.init_from is not None and resume_dir is None:
         state, old_names = _load_init_weights(Path(config.model.init_from))
@@ -513,17 +583,17 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
     batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
-    warmup_steps = int(round(total_steps * config.optim.warmup_fraction))
+    warmup_steps = int(round(total_steps * config.optimizer.warmup_fraction))
 
     from timm.optim import create_optimizer_v2
 
     try:
-        optimizer = create_optimizer_v2(model, opt=config.optim.optimizer, lr=config.optim.lr,
-                                        weight_decay=config.optim.weight_decay)
+        optimizer = create_optimizer_v2(model, opt=config.optimizer.name, lr=config.optimizer.lr,
+                                        weight_decay=config.optimizer.weight_decay)
     except (ValueError, AssertionError) as error:
-        raise ConfigError(f"optim.optimizer {config.optim.optimizer!r}: {error}") from error
+        raise ConfigError(f"optimizer.name {config.optimizer.name!r}: {error}") from error
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup_steps, config.optim.schedule, config.optim.min_lr_ratio)
+        optimizer, lr_lambda(total_steps, warmup_steps, config.optimizer.schedule, config.optimizer.min_lr_ratio)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -535,158 +605,175 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
         accelerator.register_for_checkpointing(ema)
     loss_fn = build_loss(config.loss.name, config.loss.gamma_neg, config.loss.gamma_pos, config.loss.clip)
 
-    manager = CheckpointManager(
-        output / "checkpoints", config.save_total_limit, metric_name=config.metric,
-        greater_is_better=config.metric != "val_loss",
-    )
-    start_epoch, global_step, best_metric = 0, 0, None
-    history: list[dict[str, float]] = []
-    if resume_dir is not None:
-        accelerator.load_state(str(resume_dir))
-        start_epoch = int(resume_state["epoch"])
-        global_step = int(resume_state["global_step"])
-        best_metric = resume_state.get("best_metric")
-        _log.info("resumed from %s after epoch %d (step %d)", resume_dir, start_epoch, global_step)
-        if start_epoch >= config.epochs:
-            raise TaggerTrainingError(
-                f"--resume {resume_dir}: the checkpoint already finished {start_epoch} of {config.epochs} "
-                "epochs; raise epochs with --set epochs=N to train further"
-            )
-
-    if config.report_to != "none":
-        accelerator.init_trackers("tagger", config=_flat_hparams(config))
-
-    def run_validation() -> tuple[dict[str, float], Any]:
-        eval_model = ema.module if ema is not None else model
-        eval_model.eval()
-        loader = torch.utils.data.DataLoader(
-            val_set, batch_size=config.eval_batch_size or config.batch_size, sampler=val_sampler,
-            num_workers=data_cfg.num_workers, collate_fn=collate_skipping_failures,
-            generator=torch.Generator().manual_seed(config.seed),
-        )
-        all_scores, all_targets, losses = [], [], []
-        with torch.inference_mode():
-            for batch in loader:
-                if batch is None:
-                    continue
-                images, targets = (t.to(accelerator.device) for t in batch)
-                with accelerator.autocast():
-                    logits = eval_model(images)
-                # weighted by images, so a short last batch counts for what it holds
-                losses.append(torch.stack([loss_fn(logits, targets).float() * targets.shape[0],
-                                           torch.tensor(float(targets.shape[0]), device=targets.device)]))
-                scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
-                all_scores.append(scores.cpu().numpy())
-                all_targets.append(targets.cpu().numpy())
-        if not all_scores:
-            raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
-        metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
-        values = metrics.as_dict()
-        totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
-        values["val_loss"] = float((totals[0] / totals[1]).item())
-        return values, metrics
-
-    last_values: dict[str, float] = {}
-    best_dir = output / "best"
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            train_set, batch_size=config.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
-            collate_fn=collate_skipping_failures, drop_last=False,
-            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-            persistent_workers=False,
-        )
-        started, running, seen = time.perf_counter(), 0.0, 0
-        batches = len(loader)
-        group = config.gradient_accumulation_steps
-        for index, batch in enumerate(loader):
-            group_start = index - index % group
-            group_size = min(group, batches - group_start)
-            sync = index - group_start == group_size - 1
-            if batch is not None:
-                images, targets = (t.to(accelerator.device) for t in batch)
-                context = accelerator.no_sync(model) if not sync else _null_context()
-                with context:
-                    loss = loss_fn(model(images), targets)
-                    accelerator.backward(loss / group_size)
-                running += float(loss.detach()) * images.shape[0]
-                seen += images.shape[0]
-            if sync:
-                if config.optim.grad_clip:
-                    accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                global_step += 1
-                if ema is not None:
-                    ema.update(accelerator.unwrap_model(model), step=global_step)
-        train_loss = running / max(1, seen)
-        values, metrics = run_validation()
-        values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
-                       "epoch_seconds": time.perf_counter() - started})
-        history.append(values)
-        last_values = values
-        if config.report_to != "none":
-            accelerator.log({f"tagger/{key}": value for key, value in values.items()}, step=global_step)
-        current = values[config.metric]
-        improved = best_metric is None or (
-            current < best_metric if config.metric == "val_loss" else current > best_metric
-        )
-        _log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                  ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
-        export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-        export_kwargs = dict(
-            architecture=config.model.backbone, model_args=model_args, vocabulary=vocabulary,
-            preprocessing=preprocessing, threshold=config.threshold, per_tag_thresholds=metrics.thresholds,
-            training={"epoch": epoch + 1, "global_step": global_step, "config": config_to_dict(config)},
-        )
-        if improved:
-            best_metric = current
-        if accelerator.is_main_process:
-            _append_jsonl(output / METRICS_FILE, values)
-            if improved:
-                export_tagger(export_model, best_dir, metrics=values, **export_kwargs)
-        state = {"epoch": epoch + 1, "global_step": global_step, "best_metric": best_metric,
-                 "metric": config.metric, "metrics": values, "split_method": split_method}
-
-        def write_checkpoint(folder: Path, state: dict = state) -> None:
-            accelerator.save_state(str(folder))
-            vocabulary.write_csv(folder / "selected_tags.csv")
-            (folder / SPLIT_FILE).write_bytes(split_path.read_bytes())
-            save_config(config, folder / "config.yaml")
-            (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_folder_atomically(output / LAST_DIR, write_checkpoint)  # never half-written
-            final_epoch = epoch + 1 == config.epochs
-            if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
-                manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)
-        accelerator.wait_for_everyone()
-
-    final_dir = output / "final"
+    # -- validation passed: from here on the run writes files --
     if accelerator.is_main_process:
-        if history:
+        output.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(output)
+    with run_log(output, accelerator.is_main_process) as log_file:
+        used = len(items) + len(val_items)
+        if accelerator.is_main_process:
+            log_skipped(used, scan.skipped(data_cfg.caption_extension), log_file)
+            _write_split(split_path, encoded.paths, train_idx, val_idx, split_method)
+            vocabulary.write_csv(output / "selected_tags.csv")
+            save_config(config, output / "config.yaml")
+        _log.info("tagger data: %d train / %d validation images, %d tags, split %s",
+                  len(train_idx), len(val_idx), num_tags, split_method)
+
+        manager = CheckpointManager(
+            output / "checkpoints", config.save_total_limit, metric_name=config.metric,
+            greater_is_better=config.metric != "val_loss",
+        )
+        start_epoch, global_step, best_metric = 0, 0, None
+        history: list[dict[str, float]] = []
+        if resume_dir is not None:
+            accelerator.load_state(str(resume_dir))
+            start_epoch = int(resume_state["epoch"])
+            global_step = int(resume_state["global_step"])
+            best_metric = resume_state.get("best_metric")
+            _log.info("resumed from %s after epoch %d (step %d)", resume_dir, start_epoch, global_step)
+            if start_epoch >= config.epochs:
+                raise TaggerTrainingError(
+                    f"--resume {resume_dir}: the checkpoint already finished {start_epoch} of {config.epochs} "
+                    "epochs; raise epochs with --set epochs=N to train further"
+                )
+
+        if config.report_to != "none":
+            accelerator.init_trackers("tagger", config=_flat_hparams(config))
+
+        def run_validation() -> tuple[dict[str, float], Any]:
+            eval_model = ema.module if ema is not None else model
+            eval_model.eval()
+            loader = torch.utils.data.DataLoader(
+                val_set, batch_size=config.eval_batch_size or config.batch_size, sampler=val_sampler,
+                num_workers=data_cfg.num_workers, collate_fn=collate_skipping_failures,
+                generator=torch.Generator().manual_seed(config.seed),
+            )
+            all_scores, all_targets, losses = [], [], []
+            with torch.inference_mode():
+                for batch in loader:
+                    if batch is None:
+                        continue
+                    images, targets = (t.to(accelerator.device) for t in batch)
+                    with accelerator.autocast():
+                        logits = eval_model(images)
+                    # weighted by images, so a short last batch counts for what it holds
+                    losses.append(torch.stack([loss_fn(logits, targets).float() * targets.shape[0],
+                                               torch.tensor(float(targets.shape[0]), device=targets.device)]))
+                    scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
+                    all_scores.append(scores.cpu().numpy())
+                    all_targets.append(targets.cpu().numpy())
+            if not all_scores:
+                raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
+            metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
+            values = metrics.as_dict()
+            totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
+            values["val_loss"] = float((totals[0] / totals[1]).item())
+            return values, metrics
+
+        last_values: dict[str, float] = {}
+        best_dir = output / "best"
+        for epoch in range(start_epoch, config.epochs):
+            model.train()
+            sampler.set_epoch(epoch)
+            loader = torch.utils.data.DataLoader(
+                train_set, batch_size=config.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
+                collate_fn=collate_skipping_failures, drop_last=False,
+                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
+                persistent_workers=False,
+            )
+            started, running, seen = time.perf_counter(), 0.0, 0
+            batches = len(loader)
+            group = config.gradient_accumulation_steps
+            for index, batch in enumerate(loader):
+                group_start = index - index % group
+                group_size = min(group, batches - group_start)
+                sync = index - group_start == group_size - 1
+                if batch is not None:
+                    images, targets = (t.to(accelerator.device) for t in batch)
+                    context = accelerator.no_sync(model) if not sync else _null_context()
+                    with context:
+                        loss = loss_fn(model(images), targets)
+                        accelerator.backward(loss / group_size)
+                    running += float(loss.detach()) * images.shape[0]
+                    seen += images.shape[0]
+                if sync:
+                    if config.optimizer.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    global_step += 1
+                    if ema is not None:
+                        ema.update(accelerator.unwrap_model(model), step=global_step)
+            train_loss = running / max(1, seen)
+            values, metrics = run_validation()
+            values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
+                           "epoch_seconds": time.perf_counter() - started})
+            history.append(values)
+            last_values = values
+            if config.report_to != "none":
+                accelerator.log({f"tagger/{key}": value for key, value in values.items()}, step=global_step)
+            current = values[config.metric]
+            improved = best_metric is None or (
+                current < best_metric if config.metric == "val_loss" else current > best_metric
+            )
+            _log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+                      ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
             export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-            export_tagger(export_model, final_dir, metrics=last_values, onnx=config.export_onnx, **export_kwargs)
-            if config.export_onnx and best_dir.is_dir():
-                add_onnx_to_folder(best_dir)
-    if config.report_to != "none":
-        accelerator.end_training()
-    return TaggerTrainResult(
-        output_dir=output,
-        best_dir=best_dir if best_dir.is_dir() else None,
-        final_dir=final_dir,
-        metric_name=config.metric,
-        best_metric=best_metric,
-        final_metrics=last_values,
-        history=history,
-        vocabulary_size=num_tags,
-        split_method=split_method,
-        start_epoch=start_epoch,
-        epochs=config.epochs,
-    )
+            export_kwargs = dict(
+                architecture=config.model.backbone, model_args=model_args, vocabulary=vocabulary,
+                preprocessing=preprocessing, threshold=config.threshold, per_tag_thresholds=metrics.thresholds,
+                training={"epoch": epoch + 1, "global_step": global_step, "config": config_to_dict(config)},
+            )
+            if improved:
+                best_metric = current
+            if accelerator.is_main_process:
+                _append_jsonl(output / METRICS_FILE, values)
+                if improved:
+                    export_tagger(export_model, best_dir, metrics=values, **export_kwargs)
+            state = {"epoch": epoch + 1, "global_step": global_step, "best_metric": best_metric,
+                     "metric": config.metric, "metrics": values, "split_method": split_method}
+
+            def write_checkpoint(folder: Path, state: dict = state) -> None:
+                accelerator.save_state(str(folder))
+                vocabulary.write_csv(folder / "selected_tags.csv")
+                (folder / SPLIT_FILE).write_bytes(split_path.read_bytes())
+                save_config(config, folder / "config.yaml")
+                (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                write_folder_atomically(output / LAST_DIR, write_checkpoint)  # never half-written
+                final_epoch = epoch + 1 == config.epochs
+                if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
+                    manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)
+            accelerator.wait_for_everyone()
+
+        final_dir = output / "final"
+        if accelerator.is_main_process:
+            if history:
+                export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
+                export_tagger(export_model, final_dir, metrics=last_values, onnx=config.export_onnx, **export_kwargs)
+                if config.export_onnx and best_dir.is_dir():
+                    add_onnx_to_folder(best_dir)
+        if config.report_to != "none":
+            accelerator.end_training()
+        return TaggerTrainResult(
+            output_dir=output,
+            best_dir=best_dir if best_dir.is_dir() else None,
+            final_dir=final_dir,
+            metric_name=config.metric,
+            best_metric=best_metric,
+            final_metrics=last_values,
+            history=history,
+            vocabulary_size=num_tags,
+            split_method=split_method,
+            start_epoch=start_epoch,
+            epochs=config.epochs,
+            images_used=used,
+            skipped={reason: paths for reason, paths in scan.skipped(data_cfg.caption_extension).items() if paths},
+            log_file=log_file,
+        )
 
 
 class _null_context:

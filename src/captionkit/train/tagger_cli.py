@@ -23,7 +23,7 @@ def tagger_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config (see docs).")],
     set: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a config key, e.g. --set optim.lr=3e-4 (repeatable)."),
+        typer.Option("--set", help="Override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)."),
     ] = None,
     resume: Annotated[
         Path | None,
@@ -46,6 +46,9 @@ def tagger_command(
         result = train_tagger(settings, resume=resume)
     except (CaptionkitError, ConfigError) as error:
         raise _fail(error) from error
+    skipped = sum(len(paths) for paths in result.skipped.values())
+    typer.echo(f"trained on {result.images_used} images"
+               + (f" ({skipped} skipped: see {result.log_file})" if skipped else ""))
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a"
     typer.echo(f"best {result.metric_name}: {best}  ->  {result.best_dir}")
     typer.echo(f"final model: {result.final_dir}")

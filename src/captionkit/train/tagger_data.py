@@ -186,33 +186,71 @@ def read_tag_file(path: Path, separator: str) -> list[str]:
     return tags
 
 
+@dataclass
+class ScanReport:
+    """Images :func:`scan_tagged_folders` left out, and why."""
+
+    no_tag_file: list[Path] = field(default_factory=list)
+    empty_tags: list[Path] = field(default_factory=list)
+
+    def skipped(self, caption_extension: str = ".txt") -> dict[str, list[str]]:
+        """Left-out images by reason, for :func:`captionkit.train.runlog.log_skipped`."""
+        return {
+            f"with no {caption_extension} tag file": [str(path) for path in self.no_tag_file],
+            f"with an empty {caption_extension} tag file": [str(path) for path in self.empty_tags],
+        }
+
+
 def scan_tagged_folders(
-    roots: Iterable[str | Path], separator: str = ",", caption_extension: str = ".txt", recursive: bool = True
+    roots: Iterable[str | Path], separator: str = ",", caption_extension: str = ".txt", recursive: bool = True,
+    report: ScanReport | None = None,
 ) -> list[TaggedImage]:
-    """Every image under ``roots`` that has a tag file, sorted by path (deterministic order)."""
+    """Every image under ``roots`` that has a non-empty tag file, sorted by path (deterministic order).
+
+    Images without a tag file, or with one that holds no tag, are left out: recorded in
+    ``report`` when given (the caller reports them), else counted in a log warning.
+    """
     from captionkit.records import image_extensions
 
     extensions = image_extensions()
     items: list[TaggedImage] = []
-    missing = 0
+    found = ScanReport()
     for root in roots:
         root = Path(root)
         if not root.is_dir():
             raise TaggerDataError(f"{root}: training folder not found; check data.train_dirs in the config")
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise TaggerDataError(f"{root}: the folder cannot be read (permission denied); check its permissions")
         walker = sorted(root.rglob("*") if recursive else root.iterdir())
         for path in walker:
             if not path.is_file() or path.suffix.lower() not in extensions:
                 continue
             tag_file = path.with_suffix(caption_extension)
             if not tag_file.is_file():
-                missing += 1
+                found.no_tag_file.append(path)
                 continue
-            items.append(TaggedImage(path, read_tag_file(tag_file, separator)))
-    if missing:
-        _log.warning("%d images have no %s tag file and were skipped", missing, caption_extension)
+            try:
+                tags = read_tag_file(tag_file, separator)
+            except OSError as error:
+                raise TaggerDataError(f"{tag_file}: cannot be read ({error.strerror or error}); check its "
+                                      "permissions") from error
+            if not tags:
+                found.empty_tags.append(path)
+                continue
+            items.append(TaggedImage(path, tags))
+    if report is not None:
+        report.no_tag_file += found.no_tag_file
+        report.empty_tags += found.empty_tags
+    else:
+        if found.no_tag_file:
+            _log.warning("%d images have no %s tag file and were skipped", len(found.no_tag_file), caption_extension)
+        if found.empty_tags:
+            _log.warning("%d images have an empty %s tag file and were skipped", len(found.empty_tags),
+                         caption_extension)
     if not items:
         raise TaggerDataError(
-            f"no image with a {caption_extension} tag file under {[str(r) for r in roots]}; "
+            f"no image with a non-empty {caption_extension} tag file under {[str(r) for r in roots]} "
+            f"({len(found.no_tag_file)} images without one, {len(found.empty_tags)} with an empty one); "
             "put tags in a file next to each image (a.png + a.txt)"
         )
     return items
