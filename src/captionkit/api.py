@@ -251,6 +251,8 @@ def caption(
     export: Sequence[str | Path] = (),
     progress: str = "quiet",
     captioner=None,
+    listener=None,
+    stop=None,
     **model_options,
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
@@ -290,7 +292,7 @@ def caption(
         recursive=recursive, include_hidden=include_hidden, image_column=image_column, base_dir=base_dir,
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,
-        write_sidecars=write_sidecars, export=export, progress=progress,
+        write_sidecars=write_sidecars, export=export, progress=progress, listener=listener, stop=stop,
     )
 
 
@@ -329,8 +331,14 @@ def _run_step(
     export: Sequence[str | Path],
     progress: str,
     after=None,
+    listener=None,
+    stop=None,
 ) -> RunSummary:
-    """Shared by every step: source → store → executor → sidecars → exports."""
+    """Shared by every step: source → store → executor → sidecars → exports.
+
+    ``listener`` receives progress events as dicts; setting the ``stop`` event (a
+    ``threading.Event``) from another thread ends the run after the current batch.
+    """
     if batch_size < 1:
         raise CaptionkitError("--batch-size must be at least 1.")
     _check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
@@ -341,7 +349,7 @@ def _run_step(
     if not records:
         raise CaptionkitError(no_images_message(source))
     location = output_location(source, output_dir)
-    reporter = Progress(progress)
+    reporter = Progress(progress, listener=listener)
     new_store = not (location / STORE_FOLDER).exists()
     store = Store(location)
     handler = attach_run_log(store)
@@ -359,7 +367,7 @@ def _run_step(
                     existing=ExistingPolicy(existing), collisions=CollisionPolicy(on_collision),
                     append_separator=append_separator,
                 )
-            options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors)
+            options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors, stop=stop)
             summary = LocalExecutor(options, reporter).run(step, records, store, sink)
             if after is not None:
                 after(step, records, store)
@@ -487,6 +495,8 @@ def tag(
     write_sidecars: bool = True,
     export: Sequence[str | Path] = (),
     progress: str = "quiet",
+    listener=None,
+    stop=None,
 ) -> RunSummary:
     """Tag every image under ``path`` with a WD-style or captionkit-trained tagger.
 
@@ -520,7 +530,7 @@ def tag(
         include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, output_dir=output_dir,
         ext=ext, existing=existing, on_collision=on_collision, append_separator=append_separator,
         keep_results=keep_results, retry_errors=retry_errors, write_sidecars=write_sidecars, export=export,
-        progress=progress, after=print_lines if print_scores else None,
+        progress=progress, after=print_lines if print_scores else None, listener=listener, stop=stop,
     )
 
 

@@ -42,6 +42,7 @@ class RunOptions:
     saves_in_flight: int = 1  # batches whose store commit + sidecar writes may lag behind the model
     keep_results: bool = False  # reuse stored results made with other settings
     retry_errors: bool = False  # errors are retried anyway when the file changed
+    stop: threading.Event | None = None  # set from another thread (the web UI's Stop): ends after the batch
 
 
 @dataclass
@@ -115,11 +116,16 @@ def _stored_path(record: Record) -> str:
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current batch and stop; second: stop at once."""
+    """First Ctrl-C (or ``event`` set by another thread): finish the current batch and stop; second: stop at once."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, event: threading.Event | None = None) -> None:
+        self._requested = False
+        self._event = event
         self._previous: Any = None
+
+    @property
+    def requested(self) -> bool:
+        return self._requested or (self._event is not None and self._event.is_set())
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -127,9 +133,9 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self._requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self._requested = True
         log.warning("Stopping after the current batch (press Ctrl-C again to stop at once).")
 
     def __exit__(self, *exc_info: object) -> None:
@@ -322,7 +328,8 @@ class LocalExecutor:
                 summary.files_written += sink.write(texts)
             summary.processed += len(texts)
             summary.failed += len(results) - len(texts)
-            self.progress.advance(summary.processed, summary.failed, len(results))
+            last = items[-1].record.id if items else (bad[-1][0].id if bad else None)
+            self.progress.advance(summary.processed, summary.failed, len(results), current=last)
 
         saving: deque[Future] = deque()
 
@@ -342,7 +349,7 @@ class LocalExecutor:
             batch.clear()
             failures.clear()
 
-        with _StopFlag() as stop, ThreadPoolExecutor(max(1, self.options.workers),
+        with _StopFlag(self.options.stop) as stop, ThreadPoolExecutor(max(1, self.options.workers),
                                                      thread_name_prefix="captionkit-decode") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
             stream = self._prepared(step, records, pool, stop)

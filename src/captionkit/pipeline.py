@@ -377,6 +377,8 @@ def run_pipeline(
     only_step: str | None = None,
     progress: str = "quiet",
     workers: int = 4,
+    listener=None,
+    stop=None,
 ) -> PipelineReport:
     """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time."""
     from captionkit.api import attach_run_log
@@ -424,7 +426,12 @@ def run_pipeline(
                     continue
                 built = step.step_type.builder(dict(step.config), context)
                 built.field = step.output_field  # each step writes its own field, whatever its class default
-                executor = LocalExecutor(RunOptions(workers=workers), Progress(progress))
+                if stop is not None and stop.is_set():
+                    report.interrupted = True
+                    return report
+                if listener is not None:
+                    listener({"event": "step", "index": step.index + 1, "name": step.name, "total": len(records)})
+                executor = LocalExecutor(RunOptions(workers=workers, stop=stop), Progress(progress, listener=listener))
                 if dry_run:
                     plan = executor.classify(built, records, store)
                     step_report.done = len(plan.reuse)
