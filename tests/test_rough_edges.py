@@ -144,3 +144,20 @@ def test_version_and_help_without_type_labels():
     assert helped.returncode == 0
     assert "<bool>" not in helped.stdout and "<int>" not in helped.stdout and "<str>" not in helped.stdout
     assert "--batch-size" in helped.stdout and "INTEGER" in helped.stdout
+
+
+@pytest.mark.parametrize("later", ["skip", "fill-empty"])
+def test_text_appended_to_a_users_file_survives_later_runs(tmp_path, tiny_florence, later):
+    folder = tmp_path / "images"
+    write_good_images(folder, 1)
+    caption_file = folder / "img000.txt"
+    caption_file.write_text("my hand-written caption")
+    captionkit.caption(folder, model=str(tiny_florence), existing="append", **FAST)
+    appended = caption_file.read_text()
+    assert appended.startswith("my hand-written caption, ")
+    captionkit.caption(folder, model=str(tiny_florence), existing=later, **FAST)
+    assert caption_file.read_text() == appended
+    captionkit.caption(folder, model=str(tiny_florence), existing=later, prefix="ohwx ", **FAST)
+    assert caption_file.read_text().startswith("my hand-written caption, ohwx ")
+    captionkit.caption(folder, model=str(tiny_florence), existing="overwrite", **FAST)
+    assert "hand-written" not in caption_file.read_text()

@@ -180,7 +180,12 @@ class SidecarSink:
                 assert entry is not None
                 base_exists, base_text, confirmed = entry.base_exists, entry.base_text, entry.written_hash
             new_text = texts[record_id]
-            if self.existing is ExistingPolicy.append and base_exists and base_text and base_text.strip():
+            user_base = base_exists and bool(base_text and base_text.strip())
+            # Our file that holds the user's text and ours (an earlier --existing append): only overwrite may
+            # drop the user's part; skip and fill-empty promise to leave user text alone.
+            keep_base = user_base and (self.existing is ExistingPolicy.append or (
+                ours and self.existing in (ExistingPolicy.skip, ExistingPolicy.fill_empty)))
+            if keep_base:
                 final = base_text.rstrip() + self.append_separator + new_text
             else:
                 final = new_text
