@@ -182,3 +182,22 @@ def test_options_of_another_family_are_refused_not_ignored(tmp_path, server, tin
     with pytest.raises(CaptionkitError, match="Did you mean 'temperature'"):
         captionkit.caption(folder, temprature=0.5, **_server_options(server))
     assert not (folder / ".captionkit").exists()
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path, server, tiny_florence):
+    folder = _images(tmp_path / "images")
+    with pytest.raises(CaptionkitError, match="--concurrency"):
+        captionkit.build_captioner(str(tiny_florence), concurrency=2)
+    with pytest.raises(CaptionkitError, match="--device"):
+        captionkit.caption(folder, device="cuda", **_server_options(server))
+    with pytest.raises(CaptionkitError, match="--early-stopping"):
+        captionkit.build_captioner(str(tiny_florence), num_beams=1, early_stopping=True)
+    built = captionkit.build_captioner(str(tiny_florence), num_beams=1)
+    with pytest.raises(CaptionkitError, match="build_captioner"):
+        captionkit.caption(folder, captioner=built, num_beams=5)
+
+
+def test_literal_braces_mean_the_same_with_or_without_fields(tmp_path, server):
+    folder = _images(tmp_path / "images")
+    captionkit.caption(folder, prompt="Answer as {{json}}", **_server_options(server))
+    assert "(prompt: Answer as {json})" in (folder / "red.txt").read_text()

@@ -177,7 +177,9 @@ def test_captions_and_request_body(server):
 
 
 def test_greedy_sends_no_sampling_knobs(server):
-    backend = make_backend(server.url, chat=ChatSettings(temperature=0, top_p=0.5, top_k=3, seed=9))
+    with pytest.raises(CaptionkitError, match="only apply when sampling"):  # refused, not silently dropped
+        ChatSettings(temperature=0, top_p=0.5, top_k=3, seed=9)
+    backend = make_backend(server.url, chat=ChatSettings(temperature=0, top_p=1.0))
     backend.caption_batch(requests_for(backend, ["p"]))
     body = server.bodies[0]
     assert body["temperature"] == 0 and not {"top_p", "top_k", "seed", "messages_system"} & set(body)

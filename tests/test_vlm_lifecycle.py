@@ -92,3 +92,20 @@ def test_ten_loads_and_unloads_leave_memory_where_it_was(tmp_path):
         assert alive() is None, "unload left a reference to the model"
     grown = _rss_bytes() - baseline
     assert grown < 2 * weights, f"RSS grew {grown / 1e6:.1f} MB over ten cycles of a {weights / 1e6:.1f} MB model"
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path, tiny_llava):
+    """A resumed run puts images in other batches: seeded captions must not change with that."""
+    captions = []
+    for batch_size in (3, 1):
+        folder = tmp_path / f"batch{batch_size}"
+        write_good_images(folder, 3)
+        captionkit.caption(folder, model=str(tiny_llava), prompt="Hi", temperature=0.9, seed=7, samples=2,
+                           max_new_tokens=6, batch_size=batch_size, progress="quiet")
+        captions.append(sorted((path.name, path.read_text()) for path in folder.glob("*.txt")))
+    assert captions[0] == captions[1]
+
+
+def test_sampling_options_without_sampling_are_refused(tiny_llava):
+    with pytest.raises(CaptionkitError, match="--top-k, --seed only apply when sampling"):
+        captionkit.build_captioner(str(tiny_llava), prompt="Hi", top_k=5, seed=1)

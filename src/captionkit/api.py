@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from captionkit.errors import CaptionkitError
-from captionkit.executor import LocalExecutor, RunOptions, RunSummary
+from captionkit.executor import RunOptions, RunSummary
 from captionkit.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.progress import Progress
 from captionkit.records import Source, open_source
@@ -75,10 +75,10 @@ class ModelOptions:
     revision: str | None = None
     # OpenAI-compatible servers
     base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    request_timeout: float = 120.0
-    max_retries: int = 5
+    api_key_env: str | None = None  # default OPENAI_API_KEY
+    concurrency: int | None = None  # default 8
+    request_timeout: float | None = None  # seconds, default 120
+    max_retries: int | None = None  # default 5
     # vLLM engines
     tensor_parallel_size: int | None = None
     max_model_len: int | None = None
@@ -104,7 +104,7 @@ _FLORENCE_ONLY = ("task", "task_input", "num_beams", "early_stopping", "no_repea
 FAMILY_OPTIONS = ("min_pixels", "max_pixels", "anyres", "pan_and_scan", "longest_edge")
 _CHAT_ONLY = ("prompt", "system_prompt", "temperature", "top_p", "top_k", "samples", "seed", "max_image_side",
               "trust_remote_code", *FAMILY_OPTIONS)
-_SERVER_ONLY = ("base_url",)
+_SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
 _VLLM_ONLY = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
 
 
@@ -131,19 +131,29 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
     if options.backend != "vllm":
         _refuse(options, _VLLM_ONLY, "these are vLLM engine options; add --backend vllm.")
     if options.backend != "openai":
-        _refuse(options, _SERVER_ONLY, "--base-url is for --backend openai (an OpenAI-compatible server).")
+        _refuse(options, _SERVER_ONLY, "these are for --backend openai (an OpenAI-compatible server).")
     if options.backend == "openai":
         if not options.model:
             raise CaptionkitError("--backend openai needs --model NAME (the model name the server serves).")
         if not options.base_url:
             raise CaptionkitError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
         _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to a chat server; use --prompt.")
-        _refuse(options, (*FAMILY_OPTIONS, "trust_remote_code"), "the server decides these.")
+        _refuse(options, (*FAMILY_OPTIONS, "trust_remote_code", "cache_dir", "revision"),
+                "the server decides these.")
+        local = [f"--{name.replace('_', '-')}" for name, default in
+                 (("device", "auto"), ("dtype", "auto"), ("attn_implementation", "sdpa"))
+                 if getattr(options, name) != default]
+        if local:
+            raise CaptionkitError(f"{', '.join(local)}: the server decides these; they do not apply to "
+                                  "--backend openai.")
         factory = get_backend("openai").factory
         return factory(
             model=options.model, base_url=options.base_url, chat=options.chat_settings(),
-            api_key_env=options.api_key_env, concurrency=options.concurrency, timeout_s=options.request_timeout,
-            max_retries=options.max_retries, max_image_side=options.max_image_side,
+            api_key_env=options.api_key_env or "OPENAI_API_KEY",
+            concurrency=options.concurrency if options.concurrency is not None else 8,
+            timeout_s=options.request_timeout if options.request_timeout is not None else 120.0,
+            max_retries=options.max_retries if options.max_retries is not None else 5,
+            max_image_side=options.max_image_side,
         )
     name = native_model_id(str(options.model or adapter_base_model(options.adapter) or DEFAULT_CAPTION_MODEL))
     config = read_model_config(name, cache_dir=options.cache_dir, revision=options.revision)
@@ -166,6 +176,8 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
         raise
     if info.style == "florence":
         _refuse(options, _CHAT_ONLY, "Florence-2 takes a --task, not a chat prompt or sampling options.")
+        if options.early_stopping and options.num_beams is not None and options.num_beams <= 1:
+            raise CaptionkitError("--early-stopping only applies to beam search; use --num-beams 2 or more.")
         return info.factory(
             model=name, task=options.task or "<CAPTION>", task_input=options.task_input,
             generation=GenerationSettings(
@@ -253,6 +265,12 @@ def caption(
     captioner=None,
     listener=None,
     stop=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    devices: str | Sequence[str] | None = None,
+    ray_actors: int | None = None,
+    ray_gpus_per_actor: float | None = None,
+    ray_cpus_per_actor: float = 1.0,
     **model_options,
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
@@ -263,12 +281,19 @@ def caption(
     overrides the backend built from them (for library users with a model already loaded).
     A ``prompt`` may name record fields, e.g. ``"Its tags: {tags}"``, filled per image
     from the store or the manifest.
+
+    ``executor="ray"`` runs on a Ray cluster (``ray_address``; ``ray_actors`` model replicas with
+    ``ray_gpus_per_actor`` GPUs and ``ray_cpus_per_actor`` CPUs each); ``devices=["cuda:0", "cuda:1"]``
+    runs one worker process per GPU of this machine. Results are the same as with the local executor.
     """
     from captionkit.steps.captioner import CaptionStep, CaptionText
 
     chosen = _model_options(options, model_options)
+    if captioner is not None and (model_options or options is not None):
+        raise CaptionkitError("caption(): with captioner= the model is already built; pass its options to "
+                              "build_captioner() instead of to caption().")
     if batch_size is None:  # a server batch waits for its slowest reply: keep several per connection in flight
-        batch_size = chosen.concurrency * 4 if chosen.backend == "openai" else 8
+        batch_size = (chosen.concurrency or 8) * 4 if chosen.backend == "openai" else 8
     text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
                        strip_openers=strip_openers, sample_choice=sample_choice, sample_separator=sample_separator)
     if captioner is None:  # build (and validate every option) before any file or store is touched
@@ -293,7 +318,13 @@ def caption(
         output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,
         write_sidecars=write_sidecars, export=export, progress=progress, listener=listener, stop=stop,
+        executor=executor, ray_address=ray_address, devices=devices,
+        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor),
     )
+
+
+def _ray_options(actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float) -> dict:
+    return {"ray_actors": actors, "ray_gpus_per_actor": gpus_per_actor, "ray_cpus_per_actor": cpus_per_actor}
 
 
 def stored_field_values(store: Store, records, names: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -333,23 +364,34 @@ def _run_step(
     after=None,
     listener=None,
     stop=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    devices: str | Sequence[str] | None = None,
+    ray_options: dict | None = None,
 ) -> RunSummary:
     """Shared by every step: source → store → executor → sidecars → exports.
 
     ``listener`` receives progress events as dicts; setting the ``stop`` event (a
     ``threading.Event``) from another thread ends the run after the current batch.
+    ``executor`` (``local`` or ``ray``, with ``ray_address`` and ``ray_options``) and ``devices``
+    choose where the model runs; this process commits every result either way.
     """
+    from captionkit.executors import make_executor
+
     if batch_size < 1:
         raise CaptionkitError("--batch-size must be at least 1.")
     _check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
     _check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
+    options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors, stop=stop)
+    reporter = Progress(progress, listener=listener)
+    runner = make_executor(executor, options, reporter, ray_address=ray_address, devices=devices,
+                           **(ray_options or {}))  # before any file: a missing extra is one plain sentence
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
     records = list(source)
     if not records:
         raise CaptionkitError(no_images_message(source))
     location = output_location(source, output_dir)
-    reporter = Progress(progress, listener=listener)
     new_store = not (location / STORE_FOLDER).exists()
     store = Store(location)
     handler = attach_run_log(store)
@@ -367,8 +409,7 @@ def _run_step(
                     existing=ExistingPolicy(existing), collisions=CollisionPolicy(on_collision),
                     append_separator=append_separator,
                 )
-            options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors, stop=stop)
-            summary = LocalExecutor(options, reporter).run(step, records, store, sink)
+            summary = runner.run(step, records, store, sink)
             if after is not None:
                 after(step, records, store)
             for destination in export:
@@ -497,12 +538,19 @@ def tag(
     progress: str = "quiet",
     listener=None,
     stop=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    devices: str | Sequence[str] | None = None,
+    ray_actors: int | None = None,
+    ray_gpus_per_actor: float | None = None,
+    ray_cpus_per_actor: float = 1.0,
 ) -> RunSummary:
     """Tag every image under ``path`` with a WD-style or captionkit-trained tagger.
 
     ``options`` is a :class:`captionkit.tagging.TagOptions` (see :func:`tag_options`). All
     scores are stored, so :func:`render` can apply other options later without the model.
-    ``print_scores`` prints ``image: tag: score`` lines for the chosen tags.
+    ``print_scores`` prints ``image: tag: score`` lines for the chosen tags. ``executor``,
+    ``ray_address``, ``devices`` and the ``ray_*`` options are :func:`caption`'s.
     """
     import sys
 
@@ -531,6 +579,8 @@ def tag(
         ext=ext, existing=existing, on_collision=on_collision, append_separator=append_separator,
         keep_results=keep_results, retry_errors=retry_errors, write_sidecars=write_sidecars, export=export,
         progress=progress, after=print_lines if print_scores else None, listener=listener, stop=stop,
+        executor=executor, ray_address=ray_address, devices=devices,
+        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor),
     )
 
 
@@ -594,3 +644,26 @@ def render(
         )
         sink.plan(records)  # every record: a failed image still shares its file name with the others
         return sink.write(texts)
+
+
+def inspect(
+    path: str | Path,
+    *,
+    report: str | Path | None = None,
+    json_report: str | Path | None = None,
+    **options,
+):
+    """Inspect a data set (image folder or manifest) for what would spoil a training run; changes nothing.
+
+    Returns a :class:`captionkit.inspection.InspectionReport`; writes the self-contained HTML
+    ``report`` and the ``json_report`` only where paths are given. ``options`` are those of
+    :func:`captionkit.inspection.inspect_dataset` (``trigger``, ``resolution``, ``full``, ...).
+    """
+    from captionkit.inspection import inspect_dataset
+
+    result = inspect_dataset(path, **options)
+    if report is not None:
+        result.write_html(report)
+    if json_report is not None:
+        result.write_json(json_report)
+    return result

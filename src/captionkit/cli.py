@@ -82,6 +82,13 @@ _FLORENCE = "Florence-2 options"
 _CHAT = "Chat model options (BLIP-2, LLaVA, Qwen2-VL, ...; also servers and vLLM)"
 _SERVER = "OpenAI-compatible server (--backend openai)"
 _VLLM = "vLLM engine (--backend vllm)"
+_SCALE = "Scaling out (a Ray cluster, several GPUs; docs/scaling.md)"
+_EXECUTOR = typer.Option(help="local (this process) or ray (a Ray cluster; needs captionkit[ray]). Results are the same.", rich_help_panel=_SCALE)
+_RAY_ADDRESS = typer.Option(help="With --executor ray: auto (the cluster this machine is in), ray://HOST:10001, or leave out to start Ray here.", rich_help_panel=_SCALE)
+_RAY_ACTORS = typer.Option(help="With --executor ray: model replicas (default: one per GPU of the cluster, or 1).", rich_help_panel=_SCALE)
+_RAY_GPUS = typer.Option(help="With --executor ray: GPUs per model replica, fractions allowed (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE)
+_RAY_CPUS = typer.Option(help="With --executor ray: CPUs per model replica.", rich_help_panel=_SCALE)
+_DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker process per device over disjoint shards.", rich_help_panel=_SCALE)
 
 
 @app.command()
@@ -120,10 +127,10 @@ def caption(
     cache_dir: Annotated[Path | None, typer.Option(help="Folder for downloaded models.")] = None,
     revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     base_url: Annotated[str | None, typer.Option(help="Server address, e.g. http://127.0.0.1:8000/v1.", rich_help_panel=_SERVER)] = None,
-    api_key_env: Annotated[str, typer.Option(help="Environment variable that holds the API key (never stored or logged).", rich_help_panel=_SERVER)] = "OPENAI_API_KEY",
-    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.", rich_help_panel=_SERVER)] = 8,
-    request_timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.", rich_help_panel=_SERVER)] = 120.0,
-    max_retries: Annotated[int, typer.Option(help="Retries per request on 429, 5xx, timeouts and dropped connections.", rich_help_panel=_SERVER)] = 5,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable that holds the API key (default OPENAI_API_KEY; never stored or logged).", rich_help_panel=_SERVER)] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once (default 8).", rich_help_panel=_SERVER)] = None,
+    request_timeout: Annotated[float | None, typer.Option(help="Seconds per request before it is retried (default 120).", rich_help_panel=_SERVER)] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries per request on 429, 5xx, timeouts and dropped connections (default 5).", rich_help_panel=_SERVER)] = None,
     tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per engine.", rich_help_panel=_VLLM)] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length of the engine.", rich_help_panel=_VLLM)] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences the engine runs at once.", rich_help_panel=_VLLM)] = None,
@@ -148,6 +155,12 @@ def caption(
     keep_results: Annotated[bool, typer.Option(help="Reuse stored captions even if made with other settings.")] = False,
     retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if the file did not change.")] = False,
     export: Annotated[list[Path] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable).")] = None,
+    executor: Annotated[str, _EXECUTOR] = "local",
+    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
+    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
+    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
+    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
 ) -> None:
@@ -173,7 +186,8 @@ def caption(
         suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops, strip_openers=strip_openers,
         sample_choice=sample_choice, sample_separator=sample_separator, background=background,
         max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
-        export=export or (), progress=mode,
+        export=export or (), progress=mode, executor=executor, ray_address=ray_address, devices=devices,
+        ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -267,6 +281,12 @@ def tag(
     keep_results: Annotated[bool, typer.Option(help="Reuse stored scores even if made by another model version.")] = False,
     retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if unchanged.")] = False,
     export: Annotated[list[Path] | None, typer.Option(help="Also write all results to .jsonl or .parquet.")] = None,
+    executor: Annotated[str, _EXECUTOR] = "local",
+    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
+    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
+    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
+    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
 ) -> None:
@@ -283,7 +303,9 @@ def tag(
         image_column=image_column, base_dir=base_dir, output_dir=output_dir, ext=ext, existing=existing,
         on_collision=on_collision, append_separator=append_separator, background=background,
         max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
-        write_sidecars=write, export=export or (), progress=mode,
+        write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
+        devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
+        ray_cpus_per_actor=ray_cpus_per_actor,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -363,6 +385,12 @@ def run_command(
     from_step: Annotated[int | None, typer.Option(help="Start at this step (1-based); earlier steps' stored results are used.")] = None,
     only_step: Annotated[str | None, typer.Option(help="Run only the step with this name.")] = None,
     workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
+    executor: Annotated[str, _EXECUTOR] = "local",
+    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
+    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
+    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
+    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
 ) -> None:
@@ -370,7 +398,9 @@ def run_command(
     from captionkit.pipeline import run_pipeline
 
     report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
-                          progress="quiet" if quiet else progress, workers=workers)
+                          progress="quiet" if quiet else progress, workers=workers, executor=executor,
+                          ray_address=ray_address, devices=devices, ray_actors=ray_actors,
+                          ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor)
     out = sys.stderr
     for step in report.steps:
         head = f"step {step.index} {step.name} ({step.type} -> {step.output_field})"
@@ -391,6 +421,84 @@ def run_command(
         print(f"final table: {report.table}", file=out)
     if report.interrupted:
         raise typer.Exit(130)
+
+
+@app.command("inspect")
+def inspect_command(
+    dataset: Annotated[Path, typer.Argument(help="Image folder (with sidecar captions/tags) or a manifest (jsonl/json/csv/tsv/parquet).")],
+    report: Annotated[Path | None, typer.Option(help="Write the self-contained HTML report (plots, tables linking to files) here.")] = None,
+    json_report: Annotated[Path | None, typer.Option("--json", help="Write the findings as JSON here (for scripts and CI).")] = None,
+    fail_on: Annotated[list[str] | None, typer.Option(help="Exit 1 when any of these are found: finding kinds, a severity (error, warning, info: that or worse) or any (repeatable or comma-separated).")] = None,
+    trigger: Annotated[str | None, typer.Option(help="Trigger word every caption must contain.")] = None,
+    resolution: Annotated[str, typer.Option(help="Training resolution for buckets: 1024 or WIDTHxHEIGHT.")] = "1024",
+    min_bucket: Annotated[int, typer.Option(help="Smallest bucket side (kohya min_bucket_reso).")] = 256,
+    max_bucket: Annotated[int, typer.Option(help="Largest bucket side (kohya max_bucket_reso).")] = 2048,
+    bucket_step: Annotated[int, typer.Option(help="Bucket side step (kohya bucket_reso_steps).")] = 64,
+    min_side: Annotated[int | None, typer.Option(help="Images whose shorter side is below this are tiny (default: --min-bucket).")] = None,
+    max_crop: Annotated[float, typer.Option(help="Odd aspect ratio: more than this share of the image cropped to fit its bucket.")] = 0.10,
+    full: Annotated[bool, typer.Option("--full", help="Decode every image (finds truncated data; slower).")] = False,
+    near_duplicates: Annotated[bool, typer.Option(help="Perceptual hashes for near-duplicates (a reduced decode); --no-near-duplicates reads headers only.")] = True,
+    near_duplicate_distance: Annotated[int, typer.Option(help="Near-duplicate threshold: Hamming distance of the 64-bit perceptual hashes.")] = 6,
+    min_count: Annotated[int, typer.Option(help="Tags on fewer images than this are the long tail.")] = 3,
+    common_fraction: Annotated[float, typer.Option(help="Tags on at least this share of the tagged images are reported.")] = 0.95,
+    caption_ext: Annotated[str, typer.Option(help="Caption file extension.")] = ".txt",
+    tag_ext: Annotated[str | None, typer.Option(help="Tag file extension (may equal --caption-ext); tags in the store are used where there are some.")] = None,
+    selected_tags: Annotated[Path | None, typer.Option(help="A selected_tags.csv giving tag categories (the store's tagger vocabulary is used too).")] = None,
+    t5_tokenizer: Annotated[Path | None, typer.Option(help="A T5 tokenizer (folder, tokenizer.json or spiece.model) for T5 token counts; default: the hub cache, if it has one.")] = None,
+    output_dir: Annotated[Path | None, typer.Option(help="The --output-dir the captions were written to (store and sidecars there).")] = None,
+    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
+    include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
+    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
+    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
+    workers: Annotated[int, typer.Option(help="Parallel image readers.")] = 4,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
+) -> None:
+    """Find what would spoil a training run (captions, images, tags) without changing the data set; HTML and JSON reports."""
+    from captionkit import api
+    from captionkit.inspection import KINDS, resolve_fail_on
+
+    try:
+        resolve_fail_on(fail_on or [])  # a typo fails before the inspection, not after
+    except ValueError as error:
+        raise CaptionkitError(str(error)) from error
+    result = api.inspect(
+        dataset, report=report, json_report=json_report, trigger=trigger, resolution=resolution,
+        min_bucket=min_bucket, max_bucket=max_bucket, bucket_step=bucket_step, min_side=min_side, max_crop=max_crop,
+        full=full, near_duplicates=near_duplicates, near_duplicate_distance=near_duplicate_distance,
+        min_count=min_count, common_fraction=common_fraction, caption_ext=caption_ext, tag_ext=tag_ext,
+        selected_tags=selected_tags, t5_tokenizer=t5_tokenizer, output_dir=output_dir, recursive=recursive,
+        include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, workers=workers,
+        progress="quiet" if quiet else progress,
+    )
+    out = sys.stderr
+    counts = result.counts
+    print(f"{counts['images']} images ({counts['unreadable_images']} unreadable), {counts['with_caption']} captioned, "
+          f"{counts['tagged']} tagged; {len(result.findings)} findings in {result.elapsed_s:.1f}s", file=out)
+    for name, found in result.summary().items():
+        if found:
+            print(f"  {KINDS[name].severity:8} {name:26} {found:6}  {KINDS[name].title}", file=out)
+    for path in (report, json_report):
+        if path is not None:
+            print(f"wrote {path}", file=out)
+    failures = result.failures(fail_on or [])
+    if failures:
+        kinds = sorted({finding.kind for finding in failures})
+        print(f"failing (--fail-on): {len(failures)} findings of {', '.join(kinds)}", file=out)
+        raise typer.Exit(1)
+
+
+@app.command("ui")
+def ui_command(
+    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every network (use --auth).")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: 7860, or the next free one).")] = None,
+    auth: Annotated[str | None, typer.Option(help="USER:PASS, or a file with one USER:PASS per line: the page asks for them.")] = None,
+    share: Annotated[bool, typer.Option(help="Also publish a temporary public gradio.live link (off by default; use --auth).")] = False,
+) -> None:
+    """Open the web UI: caption, tag, train, run pipelines and review a data set in the browser."""
+    from captionkit.ui import launch
+
+    launch(host=host, port=port, auth=auth, share=share)
 
 
 @app.command("export")

@@ -75,9 +75,17 @@ _FILLER_OPENERS = re.compile(
     r")",
     re.IGNORECASE,
 )
+_CANNOT = (r"(?:can(?:no|'|\u2019)?t|cannot|won(?:'|\u2019)?t|am\s+unable\s+to|(?:'|\u2019)m\s+unable\s+to"
+           r"|am\s+not\s+able\s+to)")
+_TASKS = r"(?:help|assist|provide|describe|caption|comply|identify|fulfil+|process|create|generate|analy[sz]e)"
 _REFUSALS = re.compile(
-    r"^\s*(?:i'?m\s+(?:sorry|unable|not\s+able)|i\s+am\s+(?:sorry|unable|not\s+able)|sorry,|i\s+(?:can(?:no|')t|cannot|"
-    r"won'?t)\s+(?:help|assist|provide|describe|caption|comply|identify|do\s+that)|as\s+an\s+ai\b|i\s+apologi[sz]e)",
+    r"^\s*(?:"
+    r"i(?:'|\u2019|\s+a)m\s+(?:sorry|afraid)\b[^.!?]{0,40}?\b(?:i\s+)?" + _CANNOT
+    + r"|(?:sorry|apologies|unfortunately),?\s+(?:but\s+)?i\s+" + _CANNOT
+    + r"|i\s+" + _CANNOT + r"\s+" + _TASKS + r"\s+(?:with\s+|you\s+with\s+)?(?:this|that|the|your|such|it)\b"
+    + r"|as\s+an\s+ai(?:\s+language)?\s+(?:model|assistant)\b"
+    + r"|i\s+apologi[sz]e,?\s+but\b"
+    + r")",
     re.IGNORECASE,
 )
 

@@ -22,6 +22,7 @@ class CaptionRequest:
     payload: Any
     original_size: tuple[int, int]  # (width, height) of the decoded image before any resize
     prompt: str | None = None  # the prompt with the record's fields filled in; None: the backend's own
+    key: str | None = None  # the record id: seeds per image, so sampling does not depend on the batch
 
 
 @dataclass
@@ -90,6 +91,13 @@ class ChatSettings:
             raise CaptionkitError(
                 "--samples > 1 with --temperature 0 gives the same caption N times; set --temperature (e.g. 0.7)."
             )
+        if self.temperature == 0:  # greedy: sampling knobs would be accepted and do nothing
+            unused = [name for name, value in (("--top-k", self.top_k), ("--seed", self.seed)) if value is not None]
+            if self.top_p is not None and self.top_p < 1:
+                unused.insert(0, "--top-p")
+            if unused:
+                raise CaptionkitError(f"{', '.join(unused)} only apply when sampling; set --temperature above 0 "
+                                      "(0 is greedy decoding).")
 
     @property
     def greedy(self) -> bool:
@@ -102,6 +110,14 @@ class ChatSettings:
             for name in ("top_p", "top_k", "seed"):
                 values.pop(name)
         return values
+
+
+def sample_seed(seed: int, key: str | None, sample: int = 0) -> int:
+    """A seed per (run seed, image, sample): the same captions whatever the batch an image lands in."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}\x00{key or ''}\x00{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 
 def render_chat_texts(raw: Any) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Any
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.errors import CaptionkitError, MissingDependencyError
 from captionkit.models import is_local, model_unavailable
-from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
+from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,11 @@ class ChatVLMCaptioner:
         import torch
 
         assert self.model is not None and self.processor is not None, "load() first"
+        seeded = self.chat.seed is not None and not self.chat.greedy
+        if seeded and len(requests) > 1:
+            # One random stream per image: a batch shares one stream, so a resumed run (other batches) or
+            # another batch size would sample other captions. Seeded sampling runs image by image.
+            return [result for request in requests for result in self.caption_batch([request])]
         texts = [self.prompt_text(request.prompt or self.chat.prompt) for request in requests]
         inputs = self.processor_inputs(texts, [request.payload for request in requests])
         inputs = {
@@ -250,8 +255,8 @@ class ChatVLMCaptioner:
                    else value.to(self.device)) if hasattr(value, "to") else value
             for name, value in inputs.items()
         }
-        if self.chat.seed is not None and not self.chat.greedy:
-            torch.manual_seed(self.chat.seed)
+        if seeded:
+            torch.manual_seed(sample_seed(self.chat.seed, requests[0].key))
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         with torch.inference_mode():
             generated = self.model.generate(

@@ -58,13 +58,10 @@ class CaptionText:
         cleaned = [self.clean(text) for text in texts]
         kept = [text for text in cleaned if text and not is_refusal(text)] or cleaned[:1]
         if not kept:
-            body = ""
-        elif self.sample_choice == "longest":
-            body = max(kept, key=len)
-        elif self.sample_choice == "all":
-            body = self.sample_separator.join(kept)
-        else:
-            body = kept[0]
+            return f"{self.prefix}{self.suffix}"
+        if self.sample_choice == "all":  # every sample is a caption of its own: each gets the trigger words
+            return self.sample_separator.join(f"{self.prefix}{text}{self.suffix}" for text in kept)
+        body = max(kept, key=len) if self.sample_choice == "longest" else kept[0]
         return f"{self.prefix}{body}{self.suffix}"
 
 
@@ -98,28 +95,32 @@ class CaptionStep:
         self.batch_size = batch_size
         self.background = background
         self.max_pixels = max_pixels
+        if prompt is None:  # a chat backend's own prompt is part of what it was asked
+            prompt = getattr(getattr(captioner, "chat", None), "prompt", None)
         self.prompt = prompt
         self.fields = prompt_fields(prompt) if prompt else []
         for name in self.fields:
             if not name.isidentifier():
                 raise CaptionkitError(f"--prompt: '{{{name}}}' is not a field name; write fields like {{tags}}.")
+        # Without fields the prompt is still a template: '{{' means a literal '{' either way.
+        self._static_prompt = prompt.format() if prompt is not None and not self.fields else None
         self._field_values = field_values
         self._prompts: dict[str, str] = {}
-        if prompt is None:  # a chat backend's own prompt is part of what it was asked
-            self.prompt = getattr(getattr(captioner, "chat", None), "prompt", None)
         self._target_size: tuple[int, int] | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         settings = self.captioner.fingerprint()
-        if self.prompt is not None and not self.fields:
-            settings["prompt"] = self.prompt
+        if self._static_prompt is not None:
+            settings["prompt"] = self._static_prompt
         return settings
 
     def record_settings(self, records: list[Record]) -> dict[str, dict[str, Any] | str]:
         """Per image: the filled prompt (part of its fingerprint), or why it cannot be filled."""
         if not self.fields:
             return {}
-        values = self._field_values(records, self.fields) if self._field_values else {}
+        # The step's own field comes from the manifest only: its stored result would feed back into the prompt.
+        wanted = [name for name in self.fields if name != self.field]
+        values = self._field_values(records, wanted) if self._field_values and wanted else {}
         settings: dict[str, dict[str, Any] | str] = {}
         for record in records:
             known = {**{k: str(v) for k, v in record.fields.items() if v is not None}, **values.get(record.id, {})}
@@ -145,10 +146,40 @@ class CaptionStep:
     def unload(self) -> None:
         self.captioner.unload()
 
+    # executors whose workers live in other processes (Ray actors, one process per GPU) ------------
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for workers before they load the model: without the field lookup, which reads the store.
+
+        The per-image prompts it filled (``record_settings`` on the driver) travel with the step.
+        """
+        state = dict(self.__dict__)
+        state["_field_values"] = None
+        return state
+
+    def use_device(self, device: str) -> None:
+        """Run the model on ``device`` (``cpu``, ``cuda``, ``cuda:N``) when it loads; before ``load``."""
+        if not hasattr(self.captioner, "device_name"):
+            from captionkit.errors import CaptionkitError
+
+            raise CaptionkitError(f"{type(self.captioner).__name__} does not run on a local device; "
+                                  "--devices is for models that run in this process.")
+        self.captioner.device_name = device
+
+    @property
+    def prepares_apart(self) -> bool:
+        """True when ``prepare`` can run in a process that never loads the model (after ``load_preprocessing``)."""
+        return hasattr(self.captioner, "load_processor")
+
+    def load_preprocessing(self) -> None:
+        """What ``prepare`` needs (the processor), without the model: for decode workers."""
+        self.captioner.load_processor()
+        self._target_size = self.captioner.image_size()
+
     def prepare(self, record: Record) -> Prepared:
         loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
         payload = self.captioner.preprocess(loaded.image)
-        request = CaptionRequest(payload, loaded.original_size, self._prompts.get(record.id, self.prompt))
+        request = CaptionRequest(payload, loaded.original_size, self._prompts.get(record.id, self._static_prompt),
+                                 key=record.id)
         return Prepared(record, request, loaded.original_size, loaded.content_hash, loaded.notes)
 
     def run_batch(self, items: list[Prepared]) -> list[Any]:
