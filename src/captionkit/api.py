@@ -393,6 +393,10 @@ def _run_step(
         raise CaptionkitError(no_images_message(source))
     location = output_location(source, output_dir)
     new_store = not (location / STORE_FOLDER).exists()
+    created = location  # the outermost folder this run creates, removed again if it fails before any result
+    while not created.parent.exists():
+        created = created.parent
+    created = created if not created.exists() else None
     store = Store(location)
     handler = attach_run_log(store)
     if new_store:
@@ -421,6 +425,8 @@ def _run_step(
         if new_store and not store_has_results(store.path):
             remove_store_folder(store.folder, handler)  # a run that failed before its first image leaves nothing
             handler = None
+            if created is not None:
+                _remove_empty_tree(created)
         raise
     finally:
         if handler is not None:
@@ -455,6 +461,19 @@ def store_has_results(path: Path) -> bool:
             return connection.execute("SELECT 1 FROM results LIMIT 1").fetchone() is not None
     except sqlite3.Error:
         return True  # unsure: keep it
+
+
+def _remove_empty_tree(folder: Path) -> None:
+    """Remove ``folder`` and its sub-folders if they hold no files (an --output-dir a failed run created)."""
+    import os
+
+    for root, _, files in os.walk(folder, topdown=False):
+        if files:
+            return
+        try:
+            os.rmdir(root)
+        except OSError:
+            return
 
 
 def remove_store_folder(folder: Path, handler: logging.Handler) -> None:

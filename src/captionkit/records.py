@@ -178,6 +178,7 @@ class ManifestSource(Source):
             raise SourceError(
                 f"{self.manifest}: column '{column}' not found; columns are {', '.join(map(str, rows[0]))}."
             )
+        self.image_column_used = column
         base = self.base_dir or self.manifest.parent
         seen: set[str] = set()
         for number, row in enumerate(rows, 1):

@@ -29,6 +29,13 @@ class ExportStep:
             raise CaptionkitError(f"format '{fmt}': use one of {', '.join(FORMATS)}.")
         if fmt == "sidecar" and not field:
             raise CaptionkitError("format sidecar needs 'field': the record field to write beside each image.")
+        from captionkit.sinks import CollisionPolicy, ExistingPolicy
+
+        for key, value, policy in (("existing", existing, ExistingPolicy), ("on_collision", on_collision,
+                                                                            CollisionPolicy)):
+            allowed = [item.value for item in policy]
+            if value not in allowed:
+                raise CaptionkitError(f"{key} '{value}': use one of {', '.join(allowed)}.")
         self.context = context
         self.format = fmt
         self.path = path
@@ -46,7 +53,7 @@ class ExportStep:
 
     def _row(self, record: Record) -> dict[str, Any]:
         fields = record.fields if self.fields is None else {key: record.fields.get(key) for key in self.fields}
-        return {"id": record.id, **({"image": str(record.path)} if record.path else {}), **fields}
+        return {"id": record.id, **({"image": str(record.path)} if record.path else {}), **fields}  # user id wins
 
     def export(self, records: list[Record], store: Any, pipeline: Any) -> int:
         if self.format == "sidecar":
@@ -86,14 +93,19 @@ class ExportStep:
             name = Path(record.id).as_posix()
             if Path(name).suffix.lower() != record.path.suffix.lower():
                 name = f"{name}{record.path.suffix}"
+            name = name.replace("../", "").lstrip("/")  # ids of images outside the data folder
             target = folder / name
-            if self.copy_images and not target.exists():
+            linked = os.path.relpath(record.path, folder)
+            # `datasets` reads file_name relative to the folder and refuses paths that leave it: copy those.
+            copy = self.copy_images or linked.startswith("..")
+            if copy and not target.exists():
                 with record.path.open("rb") as source, atomic_open(target, "wb", durable=False) as stream:
                     shutil.copyfileobj(source, stream)
-            file_name = name if self.copy_images else os.path.relpath(record.path, folder)
+            file_name = name if copy else linked
             row = self._row(record)
             row.pop("image", None)
-            row.pop("id", None)
+            if "id" not in record.fields:
+                row.pop("id", None)
             rows.append({"file_name": Path(file_name).as_posix(), **row})
         write_table(rows, folder / "metadata.jsonl", "jsonl")
         return len(rows)

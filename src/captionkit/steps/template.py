@@ -21,10 +21,15 @@ _EMPTY_PARTS = re.compile(r"(?:\s*[,;]\s*){2,}")
 
 def template_fields(template: str) -> list[str]:
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
         raise CaptionkitError(f"template {template!r}: {error}; write fields as {{name}}, literal braces as "
                               "{{ and }}.") from error
+    for name in names:
+        if not name.isidentifier():
+            raise CaptionkitError(f"template {template!r}: '{{{name}}}' is not a field name; write fields as "
+                                  "{name} and literal braces as {{ and }}.")
+    return names
 
 
 def tidy(text: str) -> str:
