@@ -264,38 +264,12 @@ class OpenAICaptioner:
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[dict[str, Any] | ItemFailure]:
         """Send every request (× samples) concurrently; one raw result or ItemFailure per image, in order."""
-        pool = self._pool
-        if pool is None or self._client is None:
-            raise CaptionkitError("the openai backend is not loaded; call load() first.")
-        samples = self.chat.samples
-        futures = [
-            [
-                pool.submit(self._request, self.messages(request.prompt or self.chat.prompt, request.payload), sample)
-                for sample in range(samples)
-            ]
-            for request in requests
-        ]
-        results: list[dict[str, Any] | ItemFailure] = []
-        for image_futures in futures:
-            attempts: list[_Attempt] = []
-            for future in image_futures:
-                try:
-                    attempts.append(future.result())
-                except Exception as error:  # one image's bug must not sink the batch
-                    attempts.append(_Attempt(error=self._scrub(f"{type(error).__name__}: {error}")))
-            failed = next((attempt for attempt in attempts if attempt.error is not None), None)
-            if failed is not None:
-                results.append(ItemFailure(failed.error or "request failed"))
-            else:
-                results.append({
-                    "texts": [(attempt.text or "").strip() for attempt in attempts],
-                    "finish_reasons": [attempt.finish_reason for attempt in attempts],
-                })
-        return results
+        return self.complete_texts([self.messages(request.prompt or self.chat.prompt, request.payload)
+                                    for request in requests])
 
     def complete_texts(self, conversations: list[list[dict[str, Any]]]) -> list[dict[str, Any] | ItemFailure]:
-        """Text-only chat requests: one whole ``messages`` list per item (× ``samples``), with the pool,
-        retries and error handling of ``caption_batch``; one raw result or ItemFailure per item, in order."""
+        """One whole ``messages`` list per item (× ``samples``), sent concurrently with retries; one raw result
+        or ItemFailure per item, in order. Captions and the text_generator step both go through here."""
         pool = self._pool
         if pool is None or self._client is None:
             raise CaptionkitError("the openai backend is not loaded; call load() first.")
