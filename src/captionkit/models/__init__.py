@@ -188,3 +188,17 @@ def stored_texts(settings: dict[str, Any] | None, raw: Any) -> list[str]:
     if renderer is None:
         return render_chat_texts(raw)
     return renderer(raw)
+
+
+def free_accelerator_memory() -> None:
+    """Collect garbage and return cached GPU memory to the driver (after unload or out-of-memory).
+
+    Only when torch is already imported: a backend that never loaded it has nothing to free.
+    """
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

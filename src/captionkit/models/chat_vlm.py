@@ -10,14 +10,13 @@ registers itself. Adding a family is one new file.
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.errors import CaptionkitError, MissingDependencyError
-from captionkit.models import is_local, model_unavailable
+from captionkit.models import free_accelerator_memory, is_local, model_unavailable
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
 
 log = logging.getLogger(__name__)
@@ -198,20 +197,10 @@ class ChatVLMCaptioner:
         """Free the model, the processor and cached accelerator memory."""
         self.model = None
         self.processor = None
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        free_accelerator_memory()
 
     def recover_from_oom(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     # work ----------------------------------------------------------------------------
     def image_size(self) -> tuple[int, int] | None:

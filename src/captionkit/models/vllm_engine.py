@@ -19,7 +19,6 @@ tokenizers of those families add BOS themselves and a literal one would be doubl
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from captionkit.errors import CaptionkitError, MissingDependencyError, require
-from captionkit.models import is_local, read_model_config, register_backend
+from captionkit.models import free_accelerator_memory, is_local, read_model_config, register_backend
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
 
 log = logging.getLogger(__name__)
@@ -334,14 +333,7 @@ def free_engine_memory() -> None:
                     call()
             except Exception as error:
                 log.debug("vLLM %s: %s", name, error)
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover
-        pass
+    free_accelerator_memory()
 
 
 # the backend -------------------------------------------------------------------------------
@@ -466,14 +458,7 @@ class VLLMCaptioner:
         free_engine_memory()
 
     def recover_from_oom(self) -> None:
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        free_accelerator_memory()
 
     # work ----------------------------------------------------------------------------
     def image_size(self) -> tuple[int, int] | None:

@@ -14,7 +14,6 @@ record's fingerprint, so editing one caption regenerates only that record.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import inspect
 import io
@@ -26,6 +25,7 @@ from typing import Any
 
 from captionkit.atomic import atomic_write_bytes
 from captionkit.errors import CaptionkitError, require
+from captionkit.models import free_accelerator_memory
 from captionkit.models.base import ItemFailure
 from captionkit.records import Record
 from captionkit.steps.base import Prepared
@@ -368,20 +368,10 @@ class ImageGeneratorStep:
     def unload(self) -> None:
         """Free the pipeline and its accelerator memory; ``load`` may be called again later."""
         self.pipeline = None
-        gc.collect()
-        self._empty_cache()
+        free_accelerator_memory()
 
     def recover_from_oom(self) -> None:
-        gc.collect()
-        self._empty_cache()
-
-    @staticmethod
-    def _empty_cache() -> None:
-        import sys
-
-        torch = sys.modules.get("torch")  # nothing to free when torch was never imported
-        if torch is not None and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     # running -----------------------------------------------------------------
     def prepare(self, record: Record) -> Prepared:

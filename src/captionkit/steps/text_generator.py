@@ -19,6 +19,7 @@ from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.errors import CaptionkitError
+from captionkit.models import free_accelerator_memory
 from captionkit.models.base import ChatSettings, ItemFailure, render_chat_texts
 from captionkit.records import Record
 from captionkit.steps.base import Prepared
@@ -134,12 +135,7 @@ class TransformersTextModel:
         self.recover_from_oom()
 
     def recover_from_oom(self) -> None:
-        try:
-            import torch
-        except ImportError:  # pragma: no cover
-            return
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_accelerator_memory()
 
     def generation_kwargs(self) -> dict[str, Any]:
         chat = self.chat

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import random
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -217,6 +218,7 @@ class TrainResult:
     images_used: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out
     log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped file
+    stopped: bool = False  # ended early by ``stop``: final_path is the checkpoint to resume from
 
 
 # -- model set-up -------------------------------------------------------------------------
@@ -620,8 +622,13 @@ def _check_resume(config: CaptionerTrainConfig, resume_from: Path) -> dict[str, 
     return state
 
 
-def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None = None) -> TrainResult:
+def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None = None,
+                    stop: threading.Event | None = None) -> TrainResult:
     """Train a Florence-2 captioner as ``config`` says; resume from a checkpoint folder if given.
+
+    ``stop`` (set from another thread, e.g. the web UI's Stop button; single-process runs)
+    is checked between optimizer steps: the run saves a checkpoint and returns with
+    ``stopped=True`` and ``final_path`` naming that checkpoint, to resume from.
 
     Everything that can be checked is checked before the model loads or a file is written:
     the settings, the data paths (read into caption pairs), then the model (cached or the
@@ -801,7 +808,8 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
         window_loss = 0.0
         window_tokens = 0
         last_train_loss: float | None = None
-        while progress.global_step < total_steps:
+        stopped = False
+        while progress.global_step < total_steps and not stopped:
             if progress.batch_in_epoch >= batches_per_epoch:
                 progress.epoch += 1
                 progress.batch_in_epoch = 0
@@ -809,6 +817,9 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
             sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
             iterator = iter(loader)
             while progress.batch_in_epoch < batches_per_epoch and progress.global_step < total_steps:
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
                 wanted = min(config.gradient_accumulation_steps, batches_per_epoch - progress.batch_in_epoch)
                 window = [next(iterator) for _ in range(wanted)]
                 progress.batch_in_epoch += wanted
@@ -847,6 +858,21 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
                 maybe_validate_and_save(end_of_epoch)
             # Release the iterator's workers before the next epoch creates new ones.
             del iterator
+        if stopped:
+            checkpoint = manager.root / f"step-{progress.global_step:07d}"
+            if accelerator.is_main_process and progress.global_step > 0 and not checkpoint.is_dir():
+                manager.save(checkpoint.name, write_checkpoint)
+            reporters.close()
+            _log.info("stopped at step %d of %d; resume from %s", progress.global_step, total_steps,
+                      checkpoint if checkpoint.is_dir() else "the start (no step was finished)")
+            return TrainResult(
+                output_dir=output_dir, final_path=checkpoint, best_checkpoint=manager.best(),
+                global_step=progress.global_step, epochs_completed=progress.epoch, train_loss=last_train_loss,
+                metrics=last_metrics, samples_per_second=0.0, data_report=report, sample_captions=last_samples,
+                images_used=data.images_used,
+                skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=log_file,
+                stopped=True,
+            )
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         samples_per_second = (progress.samples_seen - start_samples) / elapsed
         if config.has_validation and evaluated_at != progress.global_step:

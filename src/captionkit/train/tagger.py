@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,7 @@ class TaggerTrainResult:
     images_used: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> images left out
     log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped image
+    stopped: bool = False  # ended early by ``stop``: resume from OUTPUT/last (the last finished epoch)
 
 
 class TaggerTrainingError(CaptionkitError):
@@ -473,8 +475,14 @@ def _flat_hparams(config: TaggerTrainConfig) -> dict[str, Any]:
     return flat
 
 
-def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) -> TaggerTrainResult:
-    """Run (or resume) a tagger training run; see the module docstring for what it writes."""
+def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
+                 stop: threading.Event | None = None) -> TaggerTrainResult:
+    """Run (or resume) a tagger training run; see the module docstring for what it writes.
+
+    ``stop`` (set from another thread, e.g. the web UI's Stop button; single-process runs)
+    is checked between batches: the unfinished epoch is dropped and the run returns with
+    ``stopped=True``; resuming starts again from OUTPUT/last, the last finished epoch.
+    """
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
@@ -672,6 +680,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
 
         last_values: dict[str, float] = {}
         best_dir = output / "best"
+        stopped = False
         for epoch in range(start_epoch, config.epochs):
             model.train()
             sampler.set_epoch(epoch)
@@ -685,6 +694,9 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
             batches = len(loader)
             group = config.gradient_accumulation_steps
             for index, batch in enumerate(loader):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
                 group_start = index - index % group
                 group_size = min(group, batches - group_start)
                 sync = index - group_start == group_size - 1
@@ -705,6 +717,10 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
                     global_step += 1
                     if ema is not None:
                         ema.update(accelerator.unwrap_model(model), step=global_step)
+            if stopped:
+                _log.info("stopped during epoch %d; resume starts again from %s", epoch + 1,
+                          output / LAST_DIR if (output / LAST_DIR).is_dir() else "the start (no epoch finished)")
+                break
             train_loss = running / max(1, seen)
             values, metrics = run_validation()
             values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
@@ -750,7 +766,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
             accelerator.wait_for_everyone()
 
         final_dir = output / "final"
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not stopped:
             if history:
                 export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
                 export_tagger(export_model, final_dir, metrics=last_values, onnx=config.export_onnx, **export_kwargs)
@@ -773,6 +789,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None) ->
             images_used=used,
             skipped={reason: paths for reason, paths in scan.skipped(data_cfg.caption_extension).items() if paths},
             log_file=log_file,
+            stopped=stopped,
         )
 
 

@@ -1,0 +1,91 @@
+"""`captionkit ui`: a Gradio web UI over the library API (caption, tag, train, pipelines, review).
+
+Gradio is an optional extra (``pip install 'captionkit[ui]'``); importing this package
+does not import it. :func:`launch` starts the server; :mod:`captionkit.ui.jobs` (the
+background job manager) and :mod:`captionkit.ui.dataset` (the Review tab's data) work
+without Gradio.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from captionkit.errors import CaptionkitError
+
+log = logging.getLogger("captionkit.ui")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    """``USER:PASS``, or a file with one ``USER:PASS`` per line (blank lines and ``#`` comments skipped)."""
+    if value is None or not value.strip():
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        pairs = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, separator, password = line.partition(":")
+            if not separator or not user or not password:
+                raise CaptionkitError(f"--auth {path}:{number}: write each line as USER:PASS.")
+            pairs.append((user, password))
+        if not pairs:
+            raise CaptionkitError(f"--auth {path}: the file has no USER:PASS line.")
+        return pairs
+    user, separator, password = value.partition(":")
+    if not separator or not user or not password:
+        raise CaptionkitError("--auth: give USER:PASS, or a file with one USER:PASS per line.")
+    return [(user, password)]
+
+
+def exposure_warning(host: str, auth, share: bool) -> str | None:
+    """The warning for a server others can reach without a password, else None."""
+    if auth:
+        return None
+    if share:
+        return ("--share puts this UI on a public gradio.live address without --auth: anyone with the link can "
+                "read your folders and run jobs on this machine. Add --auth USER:PASS.")
+    if host not in LOCAL_HOSTS:
+        return (f"Listening on {host} without --auth: anyone who can reach this machine can read your folders and "
+                "run jobs on it. Add --auth USER:PASS (or a file of them), or keep --host 127.0.0.1.")
+    return None
+
+
+def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = None, share: bool = False,
+           block: bool = True, manager=None, quiet: bool = False):
+    """Start the web UI; returns ``(blocks, app, url)`` when ``block`` is False (tests, notebooks)."""
+    import os
+
+    from captionkit.errors import require
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    require("gradio", "captionkit ui", extra="ui")
+    from captionkit.ui.app import build_app, launch_options
+
+    credentials = parse_auth(auth)
+    warning = exposure_warning(host, credentials, share)
+    if warning:
+        log.warning("%s", warning)
+    blocks, app = build_app(manager)
+    _, url, share_url = blocks.launch(
+        server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True, quiet=True,
+        show_error=False, **launch_options(),
+    )
+    if not quiet:
+        shown = url.replace("0.0.0.0", "127.0.0.1") if url else url
+        print(f"captionkit ui: {shown}" + (f" (public link: {share_url})" if share_url else "") +
+              " — Ctrl-C stops it; a running job stops after its current batch.", file=sys.stderr)
+    if not block:
+        return blocks, app, url
+    try:
+        blocks.block_thread()
+    finally:
+        app.manager.shutdown()
+    return blocks, app, url
+
+
+__all__ = ["exposure_warning", "launch", "parse_auth"]
