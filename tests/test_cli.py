@@ -11,10 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from captionkit.atomic import TEMP_MARKER
 from tests.images import write_good_images
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
+IMAGES = 60  # for the kill/Ctrl-C runs: ~30 batches of 2, far more than the 4-6 committed before the signal
 
 
 def _env() -> dict[str, str]:
@@ -57,29 +60,31 @@ def _check_complete(folder: Path, count: int) -> None:
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_rerun_captions_each_image_exactly_once(tmp_path, tiny_florence):
     folder = tmp_path / "images"
-    write_good_images(folder, 120, suffix=".png")
+    write_good_images(folder, IMAGES, suffix=".png")
     process = subprocess.Popen(_caption_command(folder, tiny_florence, "-q"), env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_progress(process, folder, at_least=6)
     process.send_signal(signal.SIGKILL)
     process.wait()
     committed = _committed(folder)
-    assert 6 <= committed < 120
+    assert 6 <= committed < IMAGES
     rerun = subprocess.run(_caption_command(folder, tiny_florence, "--progress", "json"), env=_env(),
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["event"] == "summary"
-    assert summary["processed"] == 120 - committed  # only what was not committed is redone
+    assert summary["processed"] == IMAGES - committed  # only what was not committed is redone
     assert summary["reused"] == committed
-    _check_complete(folder, 120)
+    _check_complete(folder, IMAGES)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_after_the_batch_and_a_rerun_finishes(tmp_path, tiny_florence):
     folder = tmp_path / "images"
-    write_good_images(folder, 120, suffix=".png")
+    write_good_images(folder, IMAGES, suffix=".png")
     process = subprocess.Popen(_caption_command(folder, tiny_florence, "--progress", "json"), env=_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_progress(process, folder, at_least=4)
@@ -87,12 +92,12 @@ def test_ctrl_c_stops_after_the_batch_and_a_rerun_finishes(tmp_path, tiny_floren
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["interrupted"] is True and 0 < summary["processed"] < 120
+    assert summary["interrupted"] is True and 0 < summary["processed"] < IMAGES
     assert summary["processed"] == _committed(folder)
     rerun = subprocess.run(_caption_command(folder, tiny_florence, "-q"), env=_env(), capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
-    _check_complete(folder, 120)
+    _check_complete(folder, IMAGES)
 
 
 def test_json_progress_and_human_summary(tmp_path, tiny_florence):

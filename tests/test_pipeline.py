@@ -193,7 +193,7 @@ def test_filter_drops_records_from_later_steps_and_the_table(tmp_path, tiny_flor
         "steps": [{"type": "filter", "name": "has_note", "config": {"input_field": "note", "min_words": 2}},
                   _florence(tiny_florence)],
     }))
-    assert report.steps[1].total == 2 and report.steps[1].dropped == 1
+    assert report.steps[0].dropped == 1 and report.steps[1].total == 2
     assert [row["note"] for row in _read_table(report.table)] == ["keep me please", "also keep this"]
 
 
@@ -242,12 +242,14 @@ def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_fo
     assert not [path for path in tmp_path.rglob("*") if ".ck-tmp-" in path.name]
 
 
-def test_the_example_pipeline_is_valid(tmp_path):
+def test_the_example_pipeline_offline_fails_at_validation_in_one_sentence(tmp_path):
+    """Every step is built while the file is validated: an unreachable model is named before anything runs."""
     data = yaml.safe_load((ROOT / "examples" / "pipeline.yaml").read_text())
     write_good_images(tmp_path / "datasets" / "my-images", 1)
-    pipeline = load_pipeline(_write(tmp_path / "pipeline.yaml", data))
-    assert [step.step_type.name for step in pipeline.steps] == [
-        "tagger", "captioner", "captioner", "template", "filter", "export", "export"]
+    with pytest.raises(CaptionkitError) as caught:
+        load_pipeline(_write(tmp_path / "pipeline.yaml", data))
+    assert "step 1 (tags)" in str(caught.value) and "LOCAL_FOLDER" in str(caught.value)
+    assert not (tmp_path / "runs").exists()
 
 
 def _peak_rss_mb(pipeline: Path) -> float:
@@ -282,9 +284,9 @@ def test_one_model_resident_at_a_time(tmp_path):
     only_first = _peak_rss_mb(pipeline("first", [captioner("a", first)]))
     only_second = _peak_rss_mb(pipeline("second", [captioner("b", second)]))
     both = _peak_rss_mb(pipeline("both", [captioner("a", first), captioner("b", second)]))
-    model_cost = min(only_first, only_second) - no_model
-    assert model_cost > 100, f"the test models are too small to measure ({model_cost:.0f} MB)"
-    assert both < max(only_first, only_second) + 0.5 * model_cost, (no_model, only_first, only_second, both)
+    bf16_mb = sum(path.stat().st_size for path in second.glob("*.safetensors")) / 2 / 2**20  # one model in bf16
+    # measured here: no model 842 MB, either model alone 1015 MB, both 1021 MB; a model kept resident: 1231 MB
+    assert both < max(only_first, only_second) + 0.5 * bf16_mb, (no_model, only_first, only_second, both, bf16_mb)
 
 
 def test_the_example_pipeline_runs_on_tiny_models(tmp_path, tiny_florence):
@@ -324,3 +326,64 @@ def test_the_example_pipeline_runs_on_tiny_models(tmp_path, tiny_florence):
         assert (tmp_path / "datasets" / "my-images" / Path(row["image"]).with_suffix(".txt")).read_text() == \
             row["training_caption"]
     assert (tmp_path / "runs" / "pipeline-output" / "imagefolder" / "metadata.jsonl").is_file()
+
+
+@pytest.mark.parametrize(("steps", "expected"), [
+    ([{"type": "captioner", "name": "tagger", "config": {"model": "M"}}], "name different step types"),
+    ([{"type": "filter", "config": {"min_words": 2}}], "set input_field"),
+    ([{"type": "template", "name": "t", "config": {"template": "{nte}"}}], "Did you mean 'note'"),
+    ([{"type": "template", "name": "t", "config": {"template": "x {} y"}}], "not a field name"),
+    ([{"type": "export", "name": "e", "config": {"format": "sidecar", "field": "nte"}}], "Did you mean"),
+    ([{"type": "export", "name": "e", "config": {"format": "jsonl", "existing": "overwrit"}}], "use one of"),
+    ([{"type": "template", "name": "t", "output_field": "file", "config": {"template": "x"}}],
+     "already a manifest column"),
+    ([{"type": "template", "name": "t", "image_field": "x", "config": {"template": "x"}}], "reads no images"),
+])
+def test_bad_references_and_values_fail_at_validation(tmp_path, steps, expected, tiny_florence):
+    write_good_images(tmp_path / "images", 1)
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"file": "images/img000.png", "note": "a"}) + "\n")
+    for step in steps:
+        if step["config"].get("model") == "M":
+            step["config"]["model"] = str(tiny_florence)
+    with pytest.raises(CaptionkitError, match=expected):
+        load_pipeline(_write(tmp_path / "p.yaml", {"input": "meta.jsonl", "steps": steps}))
+
+
+def test_a_chat_option_on_florence_fails_before_any_step_runs(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 1)
+    pipeline = _write(tmp_path / "p.yaml", {"input": "images", "base_folder": "work", "steps": [
+        _florence(tiny_florence), _florence(tiny_florence, "second", prompt="Describe it.")]})
+    with pytest.raises(CaptionkitError, match=r"step 2 \(second\).*--prompt"):
+        run_pipeline(pipeline)
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_text_key_typo_is_caught(tmp_path):
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "a cat"}) + "\n")
+    with pytest.raises(CaptionkitError, match="Did you mean 'prompt'"):
+        load_pipeline(_write(tmp_path / "p.yaml", {"input": "prompts.jsonl", "text_key": "promt", "steps": [
+            {"type": "template", "name": "t", "config": {"template": "{prompt}"}}]}))
+
+
+def test_dry_run_counts_what_upstream_changes_will_redo(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "images", 3)
+    steps = [_florence(tiny_florence), {"type": "template", "name": "t", "config": {"template": "x {florence}"}}]
+    data = {"input": "images", "base_folder": "work", "save_folder": "out", "steps": steps}
+    fresh = run_pipeline(_write(tmp_path / "p.yaml", data), dry_run=True)
+    assert [(step.done, step.todo, step.failed) for step in fresh.steps] == [(0, 3, 0), (0, 3, 0)]
+    run_pipeline(tmp_path / "p.yaml")
+    steps[0]["config"]["max_new_tokens"] = 7
+    changed = run_pipeline(_write(tmp_path / "p.yaml", data), dry_run=True)
+    assert [(step.done, step.todo) for step in changed.steps] == [(0, 3), (0, 3)]
+
+
+def test_the_final_table_keeps_the_users_image_column_and_mixed_types(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "data" / "images", 2)
+    rows = [{"file_name": "images/img000.png", "score": 1}, {"file_name": "images/img001.png", "score": "n/a"}]
+    (tmp_path / "data" / "meta.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = run_pipeline(_write(tmp_path / "p.yaml", {
+        "input": "data/meta.jsonl", "output_format": "parquet", "base_folder": "work", "save_folder": "out",
+        "steps": [_florence(tiny_florence)]}))
+    table = _read_table(report.table)
+    assert [row["file_name"] for row in table] == ["images/img000.png", "images/img001.png"]
+    assert [row["score"] for row in table] == ["1", "n/a"] and "image" not in table[0]

@@ -9,7 +9,9 @@ The data sets are made easy enough for a ~0.4M-parameter model to learn in a few
 CPU steps: fixed-size shapes centred in their slots (a few pixels of jitter), 128 px
 images (4x4 visual tokens, two token columns per object) for the two-object captions.
 Held-out images come from another seed. Measured on 1 core: full fine-tune reaches exact
-match 1.0 (0.98 after 250 steps), LoRA 1.0 on one-object captions after 400 steps.
+match 1.0 after 500 steps (a 300-step run reached only 0.85, so it keeps 500), LoRA 0.98 on
+one-object captions after 250 steps (0.97 after 200, 1.0 after 400; 1000 images learn as well
+as 2000).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def two_shapes(tmp_path_factory) -> tuple[Path, Path, Path]:
 @pytest.fixture(scope="module")
 def one_shape(tmp_path_factory) -> tuple[Path, Path, Path]:
     """'a red circle': one centred shape, 64 px."""
-    return make_split(tmp_path_factory.mktemp("one-shape"), 2000, 64, objects=1, extent=48, jitter=4)
+    return make_split(tmp_path_factory.mktemp("one-shape"), 1000, 64, objects=1, extent=48, jitter=4)
 
 
 def run(split, output: Path, max_steps: int, **settings):
@@ -73,7 +75,7 @@ def test_full_finetune_reaches_90_percent_exact_match(two_shapes, tmp_path):
 
 @pytest.mark.slow
 def test_lora_clearly_learns(one_shape, tmp_path):
-    result = run(one_shape, tmp_path / "lora", 400, mode="lora",
+    result = run(one_shape, tmp_path / "lora", 250, mode="lora",
                  lora=LoraSettings(rank=16, alpha=32, dropout=0.0, target_modules="all_linear"),
                  optimizer=OptimizerSettings(lr=5e-3), scheduler=SchedulerSettings(name="cosine", warmup_steps=30))
     print(f"LoRA held-out exact match: {result.metrics['exact_match']:.3f}; wrong: {wrong(result)}")

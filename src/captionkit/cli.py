@@ -83,7 +83,7 @@ _CHAT = "Chat model options (BLIP-2, LLaVA, Qwen2-VL, ...; also servers and vLLM
 _SERVER = "OpenAI-compatible server (--backend openai)"
 _VLLM = "vLLM engine (--backend vllm)"
 _SCALE = "Scaling out (a Ray cluster, several GPUs; docs/scaling.md)"
-_EXECUTOR = typer.Option(help="local (this process) or ray (a Ray cluster; needs captionkit[ray]). Results are the same.", rich_help_panel=_SCALE)
+_EXECUTOR = typer.Option(help="local (this process) or ray (a Ray cluster; pip install 'captionkit\\[ray]'). Results are the same.", rich_help_panel=_SCALE)
 _RAY_ADDRESS = typer.Option(help="With --executor ray: auto (the cluster this machine is in), ray://HOST:10001, or leave out to start Ray here.", rich_help_panel=_SCALE)
 _RAY_ACTORS = typer.Option(help="With --executor ray: model replicas (default: one per GPU of the cluster, or 1).", rich_help_panel=_SCALE)
 _RAY_GPUS = typer.Option(help="With --executor ray: GPUs per model replica, fractions allowed (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE)
@@ -154,7 +154,8 @@ def caption(
     max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
     keep_results: Annotated[bool, typer.Option(help="Reuse stored captions even if made with other settings.")] = False,
     retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if the file did not change.")] = False,
-    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable).")] = None,
+    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable); a folder gets sharded Parquet (part-00000.parquet, ...).")] = None,
+    write: Annotated[bool, typer.Option(help="Write caption files (--no-write: results only in the store and --export; for very large runs).")] = True,
     executor: Annotated[str, _EXECUTOR] = "local",
     ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
     ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
@@ -186,8 +187,9 @@ def caption(
         suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops, strip_openers=strip_openers,
         sample_choice=sample_choice, sample_separator=sample_separator, background=background,
         max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
-        export=export or (), progress=mode, executor=executor, ray_address=ray_address, devices=devices,
-        ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor,
+        write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
+        devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
+        ray_cpus_per_actor=ray_cpus_per_actor,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -280,7 +282,7 @@ def tag(
     max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
     keep_results: Annotated[bool, typer.Option(help="Reuse stored scores even if made by another model version.")] = False,
     retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if unchanged.")] = False,
-    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to .jsonl or .parquet.")] = None,
+    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to .jsonl or .parquet; a folder gets sharded Parquet.")] = None,
     executor: Annotated[str, _EXECUTOR] = "local",
     ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
     ray_actors: Annotated[int | None, _RAY_ACTORS] = None,

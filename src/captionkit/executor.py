@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,6 +106,14 @@ class RunSummary:
         }
 
 
+def as_load_error(record: Record, error: BaseException) -> ImageLoadError:
+    """What ``prepare`` raised, as the record's load error (a preprocessing bug included)."""
+    if isinstance(error, ImageLoadError):
+        return error
+    return ImageLoadError(_where(record), f"preprocessing failed ({error!r})",
+                          "Report this file to the captionkit developers.")
+
+
 def _where(record: Record) -> str:
     """How messages name a record: its image, or its id when it has none (text-only)."""
     return str(record.path) if record.path is not None else record.id
@@ -150,9 +158,14 @@ class LocalExecutor:
         self.options = options or RunOptions()
         self.progress = progress or Progress("quiet")
 
-    def classify(self, step: Step, records: list[Record], store: Store) -> WorkPlan:
-        """Which records need the model, which stored results are reused, which failed before (no writes)."""
-        settings = step.fingerprint()
+    def classify(self, step: Step, records: list[Record], store: Store,
+                 settings: dict[str, Any] | None = None) -> WorkPlan:
+        """Which records need the model, which stored results are reused, which failed before (no writes).
+
+        ``settings``: the step's fingerprint as the workers that run the model see it (a GPU
+        worker resolves ``dtype auto`` differently from a CPU-only driver); default: this process's.
+        """
+        settings = step.fingerprint() if settings is None else settings
         step_fingerprint = fingerprint(settings)
         # Per-record settings (a prompt filled from the record's fields) join that record's fingerprint.
         per_record = step.record_settings(records) if hasattr(step, "record_settings") else {}
@@ -188,7 +201,7 @@ class LocalExecutor:
     def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
         started = time.perf_counter()
         summary = RunSummary(field=step.field, total=len(records))
-        plan = self.classify(step, records, store)
+        plan = self.classify(step, records, store, self.worker_settings(step))
         settings, step_fingerprint, signatures = plan.settings, plan.step_fingerprint, plan.signatures
         self._record_settings = plan.record_settings
         if sink is not None:
@@ -220,15 +233,25 @@ class LocalExecutor:
         if reuse:
             self._render({record_id: raw for record_id, raw in reuse.items()}, step, store, sink, summary)
         if todo:
-            load_started = time.perf_counter()
-            step.load()
-            summary.model_load_s = time.perf_counter() - load_started
-            self._process(step, todo, store, sink, summary, settings, step_fingerprint, signatures)
-        summary.batch_size_final = step.batch_size
+            self._execute(step, todo, store, sink, summary, settings, step_fingerprint, signatures)
+        summary.batch_size_final = summary.batch_size_final or step.batch_size
         if sink is not None:
             summary.write_errors = dict(sink.write_errors)
         summary.elapsed_s = time.perf_counter() - started
         return summary
+
+    def worker_settings(self, step: Step) -> dict[str, Any] | None:
+        """The step's fingerprint where the model runs; None: here (executors with workers elsewhere override)."""
+        return None
+
+    def _execute(self, step: Step, todo: list[Record], store: Store, sink: SidecarSink | None,
+                 summary: RunSummary, settings: dict, step_fingerprint: str,
+                 signatures: dict[str, str | None]) -> None:
+        """Load the model and run it over ``todo``, committing batch by batch (other executors override this)."""
+        load_started = time.perf_counter()
+        step.load()
+        summary.model_load_s = time.perf_counter() - load_started
+        self._process(step, todo, store, sink, summary, settings, step_fingerprint, signatures)
 
     def _render(self, raws: dict[str, Any], step: Step, store: Store, sink: SidecarSink | None,
                 summary: RunSummary) -> None:
@@ -260,11 +283,8 @@ class LocalExecutor:
                 record, future = window.popleft()
                 try:
                     outcome: Prepared | ImageLoadError = future.result()
-                except ImageLoadError as error:
-                    outcome = error
-                except Exception as error:  # a preprocessing bug must not end the run either
-                    outcome = ImageLoadError(_where(record), f"preprocessing failed ({error!r})",
-                                             "Report this file to the captionkit developers.")
+                except Exception as error:  # a bad file, or a preprocessing bug: never the end of the run
+                    outcome = as_load_error(record, error)
                 yield record, outcome
                 if stop.requested:
                     return
@@ -280,57 +300,27 @@ class LocalExecutor:
                  signatures: dict[str, str | None]) -> None:
         self.progress.start(len(records), f"{step.field}")
         started = time.perf_counter()
+
+        def save(items: list[Prepared], outcomes: list[tuple[bool, Any]], bad: list[tuple[Record, Any]]) -> None:
+            self._save(step, items, outcomes, bad, store, sink, summary, settings, step_fingerprint, signatures)
+
+        self._batches(step, records, summary, save)
+        self.progress.close()
+        summary.processing_s = time.perf_counter() - started
+
+    def _batches(self, step: Step, records: list[Record], summary: RunSummary,
+                 deliver: Callable[[list[Prepared], list[tuple[bool, Any]], list[tuple[Record, Any]]], None]) -> None:
+        """Decode ahead in threads, run batches on this thread, hand each batch's outcomes to ``deliver``.
+
+        ``deliver(items, outcomes, bad)`` runs on one writer thread, at most ``saves_in_flight``
+        batches behind the model. Ctrl-C (or the stop event) ends the loop after the current batch.
+        """
         batch: list[Prepared] = []
         failures: list[tuple[Record, ImageLoadError]] = []
         self._decode_seconds: list[float] = []
         candidates = step.cpu_thread_candidates() if hasattr(step, "cpu_thread_candidates") else []
         tuner = ThreadTuner(candidates, step.set_cpu_threads if candidates else lambda threads: None)
         last_flush = [time.perf_counter()]
-
-        def save(items: list[Prepared], outcomes: list[tuple[bool, Any]],
-                 bad: list[tuple[Record, ImageLoadError]]) -> None:
-            """Render, commit to the store, then write sidecars (on the writer thread)."""
-            results: list[Result] = []
-            texts: dict[str, str] = {}
-            for record, error in bad:
-                record_settings, record_fingerprint = self._record_settings.get(
-                    record.id, (settings, step_fingerprint))
-                results.append(self._error_result(step, record, str(error), signatures, record_fingerprint,
-                                                  record_settings))
-                summary.errors[record.id] = str(error)
-                log.info("failed: %s", error)
-            for item, (ok, value) in zip(items, outcomes, strict=True):
-                record = item.record
-                record_settings, record_fingerprint = self._record_settings.get(
-                    record.id, (settings, step_fingerprint))
-                if ok and isinstance(value, ItemFailure):  # the batch ran; this one image did not succeed
-                    ok, value = False, value.message
-                if ok:
-                    text = step.render(value)
-                    texts[record.id] = text
-                    results.append(Result(
-                        step=step.field, record_id=record.id, path=_stored_path(record),
-                        file_signature=signatures.get(record.id), content_hash=item.content_hash,
-                        fingerprint=record_fingerprint, settings=record_settings, status="ok", raw=value,
-                        text=text, error=None, notes=item.notes, updated_at=0.0,
-                    ))
-                    log.debug("%s %s: %s", step.field, record.id, text)
-                else:
-                    message = f"{_where(record)}: {value}"
-                    summary.errors[record.id] = message
-                    log.info("failed: %s", message)
-                    error = self._error_result(step, record, message, signatures, record_fingerprint,
-                                               record_settings)
-                    error.notes = [MODEL_ERROR]  # about the run, not the file: retried next time
-                    results.append(error)
-            store.put_results(results)
-            if sink is not None and texts:
-                summary.files_written += sink.write(texts)
-            summary.processed += len(texts)
-            summary.failed += len(results) - len(texts)
-            last = items[-1].record.id if items else (bad[-1][0].id if bad else None)
-            self.progress.advance(summary.processed, summary.failed, len(results), current=last)
-
         saving: deque[Future] = deque()
 
         def flush() -> None:
@@ -338,7 +328,7 @@ class LocalExecutor:
             tuner.before_batch()
             busy_before = summary.model_busy_s
             outcomes = self._run_batch(step, batch, summary) if batch else []
-            saving.append(writer.submit(save, list(batch), outcomes, list(failures)))
+            saving.append(writer.submit(deliver, list(batch), outcomes, list(failures)))
             while len(saving) > self.options.saves_in_flight or (saving and saving[0].done()):
                 saving.popleft().result()  # bounded: a kill loses at most the batches in flight
             now = time.perf_counter()
@@ -370,11 +360,55 @@ class LocalExecutor:
                 while saving:
                     saving.popleft().result()
             summary.interrupted = stop.requested
-        self.progress.close()
-        summary.processing_s = time.perf_counter() - started
         summary.model_cpu_threads = tuner.chosen
         if candidates:
             step.set_cpu_threads(candidates[0])  # leave the process as it was
+
+    def _save(self, step: Step, items: list[Prepared], outcomes: list[tuple[bool, Any]],
+              bad: list[tuple[Record, Any]], store: Store, sink: SidecarSink | None, summary: RunSummary,
+              settings: dict, step_fingerprint: str, signatures: dict[str, str | None]) -> None:
+        """Render, commit one batch to the store, then write its sidecars; every executor saves through here.
+
+        ``items`` need only ``record``, ``content_hash`` and ``notes`` (workers elsewhere send them
+        without their payload); ``bad`` pairs records with why they could not be decoded.
+        """
+        results: list[Result] = []
+        texts: dict[str, str] = {}
+        for record, error in bad:
+            record_settings, record_fingerprint = self._record_settings.get(record.id, (settings, step_fingerprint))
+            results.append(self._error_result(step, record, str(error), signatures, record_fingerprint,
+                                              record_settings))
+            summary.errors[record.id] = str(error)
+            log.info("failed: %s", error)
+        for item, (ok, value) in zip(items, outcomes, strict=True):
+            record = item.record
+            record_settings, record_fingerprint = self._record_settings.get(record.id, (settings, step_fingerprint))
+            if ok and isinstance(value, ItemFailure):  # the batch ran; this one image did not succeed
+                ok, value = False, value.message
+            if ok:
+                text = step.render(value)
+                texts[record.id] = text
+                results.append(Result(
+                    step=step.field, record_id=record.id, path=_stored_path(record),
+                    file_signature=signatures.get(record.id), content_hash=item.content_hash,
+                    fingerprint=record_fingerprint, settings=record_settings, status="ok", raw=value,
+                    text=text, error=None, notes=item.notes, updated_at=0.0,
+                ))
+                log.debug("%s %s: %s", step.field, record.id, text)
+            else:
+                message = f"{_where(record)}: {value}"
+                summary.errors[record.id] = message
+                log.info("failed: %s", message)
+                error = self._error_result(step, record, message, signatures, record_fingerprint, record_settings)
+                error.notes = [MODEL_ERROR]  # about the run, not the file: retried next time
+                results.append(error)
+        store.put_results(results)
+        if sink is not None and texts:
+            summary.files_written += sink.write(texts)
+        summary.processed += len(texts)
+        summary.failed += len(results) - len(texts)
+        last = items[-1].record.id if items else (bad[-1][0].id if bad else None)
+        self.progress.advance(summary.processed, summary.failed, len(results), current=last)
 
     def _run_batch(self, step: Step, items: list[Prepared], summary: RunSummary) -> list[tuple[bool, Any]]:
         """Run the model; halve on out-of-memory, and narrow other failures down to single images."""

@@ -204,19 +204,54 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise _fail(str(path), "'steps' must be a non-empty list of steps (each with 'type').")
     pipeline = Pipeline(
         path=path, input=source, meta_folder=location("meta_folder", "base_dir"),
-        base_folder=location("base_folder", default="pipeline-work"),
-        save_folder=location("save_folder", default="pipeline-output"),
+        base_folder=location("base_folder", default=f"{path.stem}-work"),  # per file: two pipelines never mix
+        save_folder=location("save_folder", default=f"{path.stem}-output"),
         image_key=data.get("image_key"), text_key=data.get("text_key"), output_format=output_format, steps=[],
         recursive=bool(data.get("recursive", True)),
     )
     pipeline.text_only = _is_text_only(pipeline)
     available = _manifest_columns(pipeline)
+    if pipeline.text_key is not None and pipeline.input.suffix.lower() in MANIFEST_SUFFIXES \
+            and pipeline.text_key not in available:
+        raise _fail(str(path), f"text_key '{pipeline.text_key}' is not a column of {pipeline.input}."
+                               f"{_did_you_mean(pipeline.text_key, available)} Columns: {', '.join(available)}.")
     used_names: set[str] = set()
     used_fields: set[str] = set(available)
+    image_column = _image_column(pipeline, available)
+    if image_column is not None:
+        used_fields.add(image_column)
     for index, raw in enumerate(steps_data):
         step = _read_step(path, index, raw, used_names, used_fields, available, pipeline)
         pipeline.steps.append(step)
+    for step in pipeline.steps:  # build each step now (no model loads): value errors surface before any run
+        try:
+            step.step_type.builder(dict(step.config), _context(pipeline, step, None, []))
+        except CaptionkitError as error:
+            raise _fail(f"{path}: {step.label}", str(error)) from None
+        except (ValueError, TypeError, KeyError, IndexError) as error:
+            raise _fail(f"{path}: {step.label}", f"invalid config ({error}).") from None
     return pipeline
+
+
+def _image_column(pipeline: Pipeline, columns: list[str]) -> str | None:
+    """The manifest column holding images ('image' for a folder), so no step may overwrite it."""
+    if pipeline.text_only:
+        return None
+    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+        return pipeline.image_key or "image"
+    if pipeline.image_key:
+        return pipeline.image_key
+    from captionkit.records import _IMAGE_COLUMN_GUESSES
+
+    return next((name for name in _IMAGE_COLUMN_GUESSES if name in columns), None)
+
+
+def _context(pipeline: Pipeline, step: PipelineStep, store, records: list[Record]) -> StepContext:
+    return StepContext(
+        index=step.index, name=step.name, output_field=step.output_field, base_folder=pipeline.base_folder,
+        save_folder=pipeline.save_folder, input_fields=sorted({key for record in records for key in record.fields}),
+        store=store,
+    )
 
 
 def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fields: set[str],
@@ -229,17 +264,19 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
                            "text_generator, image_generator or export.")
     type_name, given_name = str(raw["type"]), raw.get("name")
     # Dataflow-Gen: `type: ImageCaptioner, name: LLaVACaptioner` — the name picks the class.
-    step_type = None
+    try:
+        by_type = find_step_type(type_name)
+    except CaptionkitError as error:
+        raise _fail(where, str(error)) from None
+    step_type = by_type
     if given_name is not None:
         try:
-            step_type = find_step_type(str(given_name))
+            by_name = find_step_type(str(given_name))
         except CaptionkitError:
-            step_type = None
-    if step_type is None:
-        try:
-            step_type = find_step_type(type_name)
-        except CaptionkitError as error:
-            raise _fail(where, str(error)) from None
+            by_name = None
+        if by_name is not None and by_name is not by_type:
+            raise _fail(where, f"type '{type_name}' and name '{given_name}' name different step types "
+                               f"({by_type.name} and {by_name.name}); give the step another name.")
     name = str(given_name) if given_name else step_type.name
     unique = name
     counter = 2
@@ -285,15 +322,45 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
         if image_field is not None and image_field not in earlier_images:
             raise _fail(where, f"image_field '{image_field}' is not written by an earlier image_generator step"
                                f"{_did_you_mean(str(image_field), earlier_images)}.")
-    if "input_field" in step_type.keys and not merged.get("input_field"):
-        texts = [step.output_field for step in pipeline.steps
-                 if step.step_type.name in ("captioner", "text_generator", "template")]
-        default = texts[-1] if texts else (pipeline.text_key or ("caption" if "caption" in available else None))
-        if default is not None:
+    if image_field is not None and not step_type.needs_images:
+        raise _fail(where, f"image_field: a {step_type.name} step reads no images.")
+    known = sorted(used_fields)
+
+    def check_field(key: str, name: str) -> None:
+        if name not in used_fields:
+            raise _fail(where, f"{key} '{name}' is neither a column of the input nor an earlier step's output."
+                               f"{_did_you_mean(name, known)} Known: {', '.join(known) or 'none'}.")
+
+    if "input_field" in step_type.keys:
+        if not merged.get("input_field"):
+            texts = [step.output_field for step in pipeline.steps
+                     if step.step_type.name in ("captioner", "text_generator", "template")]
+            default = texts[-1] if texts else (pipeline.text_key or ("caption" if "caption" in available else None))
+            if default is None:
+                raise _fail(where, f"set input_field: no earlier step writes text and the input has no text_key "
+                                   f"or caption column. Known fields: {', '.join(known) or 'none'}.")
             merged["input_field"] = default
-    elif merged.get("input_field") and merged["input_field"] not in used_fields:
-        raise _fail(where, f"input_field '{merged['input_field']}' is neither a manifest column nor an earlier "
-                           f"step's output.{_did_you_mean(str(merged['input_field']), sorted(used_fields))}")
+        check_field("input_field", str(merged["input_field"]))
+    values = merged.get("values") if isinstance(merged.get("values"), dict) else {}
+    for key in ("template", "prompt", "prompt_template"):
+        if isinstance(merged.get(key), str) and key in step_type.keys:
+            from captionkit.steps.template import template_fields
+
+            try:
+                names = template_fields(merged[key])
+            except CaptionkitError as error:
+                raise _fail(where, str(error)) from None
+            for name in names:
+                if not name.isidentifier():
+                    raise _fail(where, f"{key}: '{{{name}}}' is not a field name; write fields as {{name}} and "
+                                       "literal braces as {{ and }}.")
+                if name not in values and not (step_type.name == "captioner" and name == output_field):
+                    check_field(f"{key} field", name)
+    if step_type.name == "filter" and (merged.get("contains_tag") or merged.get("lacks_tag")):
+        check_field("tags_field", str(merged.get("tags_field", "tags")))
+    if step_type.name == "export":
+        for name in ([merged["field"]] if merged.get("field") else []) + list(merged.get("fields") or []):
+            check_field("export field", str(name))
     used_fields.add(output_field)
     return PipelineStep(index, unique, step_type, merged, output_field, image_field)
 
@@ -316,8 +383,10 @@ def _manifest_columns(pipeline: Pipeline) -> list[str]:
         return []
     source = open_source(pipeline.input, image_column=pipeline.image_key, base_dir=pipeline.meta_folder,
                          text_only=True)
-    rows = source._rows()
-    return list(rows[0]) if rows else []
+    columns: dict[str, None] = {}
+    for row in source._rows():
+        columns.update(dict.fromkeys(map(str, row)))
+    return list(columns)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -379,15 +448,68 @@ def run_pipeline(
     workers: int = 4,
     listener=None,
     stop=None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    devices: str | list[str] | None = None,
+    ray_actors: int | None = None,
+    ray_gpus_per_actor: float | None = None,
+    ray_cpus_per_actor: float = 1.0,
 ) -> PipelineReport:
-    """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time."""
-    from captionkit.api import attach_run_log
-    from captionkit.executor import LocalExecutor, RunOptions
-    from captionkit.progress import Progress
-    from captionkit.store import Store
+    """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time.
+
+    ``executor="ray"`` (``ray_address``, ``ray_*``) or ``devices`` run the model steps (captioner,
+    tagger, text and image generators) on a Ray cluster or on several GPUs; this process commits
+    every result, and template, filter and export steps run here.
+    """
+    import contextlib
+    import sys
+
+    from captionkit.executors import make_executor
 
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline)
+    scale = {"ray_address": ray_address, "devices": devices, "ray_actors": ray_actors,
+             "ray_gpus_per_actor": ray_gpus_per_actor, "ray_cpus_per_actor": ray_cpus_per_actor}
+    make_executor(executor, **scale)  # a missing extra or a bad --devices fails before anything runs
+    session, stream = contextlib.nullcontext(), sys.stdout  # JSON progress stays on stdout (Ray's notes go to stderr)
+    if executor == "ray" and not dry_run:
+        from captionkit.executors.ray_executor import ray_session
+
+        session = ray_session(ray_address)  # one connection for every step
+    with session:
+        return _run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step, progress=progress,
+                             workers=workers, listener=listener, stop=stop, executor=executor, scale=scale,
+                             stream=stream)
+
+
+MODEL_STEP_TYPES = ("captioner", "tagger", "text_generator", "image_generator")  # what --executor/--devices move
+
+
+def executor_for(step, executor: str, scale: dict) -> bool:
+    """Whether a model step goes to --executor ray / --devices, or (a server client, say) stays here."""
+    from captionkit.executors import portable, runs_on_device
+
+    if executor != "ray" and not (scale["devices"] and runs_on_device(step)):
+        if scale["devices"]:
+            log.info("step %s runs in this process (--devices is for models on this machine's devices)", step.field)
+        return False
+    try:
+        portable(step)
+    except CaptionkitError as error:
+        log.info("step %s runs in this process: %s", step.field, error)
+        return False
+    return True
+
+
+def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, only_step: str | None,
+                  progress: str, workers: int, listener, stop, executor: str, scale: dict,
+                  stream) -> PipelineReport:
+    from captionkit.api import attach_run_log
+    from captionkit.executor import LocalExecutor, RunOptions
+    from captionkit.executors import make_executor
+    from captionkit.progress import Progress
+    from captionkit.store import Store
+
     count = len(pipeline.steps)
     if from_step is not None and not 1 <= from_step <= count:
         raise CaptionkitError(f"--from-step {from_step}: the pipeline has steps 1 to {count}.")
@@ -403,19 +525,16 @@ def run_pipeline(
         try:
             log.info("pipeline %s: %d records, %d steps%s", pipeline.path, len(base), count,
                      " (dry run)" if dry_run else "")
+            pending: set[str] = set()  # dry run: records earlier steps would still (re)compute
             for step in pipeline.steps:
                 step_report = StepReport(step.index + 1, step.name, step.step_type.name, step.output_field)
                 report.steps.append(step_report)
                 wanted = (from_step is None or step.index + 1 >= from_step) and (only_step in (None, step.name))
                 outputs, dropped = _collect_outputs(store, pipeline.steps[: step.index], base)
                 records, missing = _step_records(step, base, outputs, dropped)
-                step_report.total, step_report.dropped = len(records) + len(missing), len(dropped)
+                step_report.total = len(records) + len(missing)
                 step_report.errors.update(missing)
-                context = StepContext(
-                    index=step.index, name=step.name, output_field=step.output_field,
-                    base_folder=pipeline.base_folder, save_folder=pipeline.save_folder,
-                    input_fields=sorted({key for record in records for key in record.fields}), store=store,
-                )
+                context = _context(pipeline, step, store, records)
                 if not wanted:
                     step_report.skipped = True
                     continue
@@ -431,22 +550,32 @@ def run_pipeline(
                     return report
                 if listener is not None:
                     listener({"event": "step", "index": step.index + 1, "name": step.name, "total": len(records)})
-                executor = LocalExecutor(RunOptions(workers=workers, stop=stop), Progress(progress, listener=listener))
+                options, reporter = RunOptions(workers=workers, stop=stop), Progress(progress, stream, listener)
+                runner = LocalExecutor(options, reporter)
+                if step.step_type.name in MODEL_STEP_TYPES and not dry_run and executor_for(built, executor, scale):
+                    runner = make_executor(executor, options, reporter, **scale)
                 if dry_run:
-                    plan = executor.classify(built, records, store)
-                    step_report.done = len(plan.reuse)
-                    step_report.todo = len(plan.todo)
-                    step_report.failed = len(plan.failed_earlier) + len(plan.unfillable)
-                    step_report.errors.update({**plan.failed_earlier, **plan.unfillable})
+                    plan = runner.classify(built, records, store)
+                    # What earlier steps will recompute may change this step's inputs: count it as to run.
+                    waiting = {record.id for record in records} & pending
+                    step_report.done = len(set(plan.reuse) - waiting)
+                    step_report.todo = len({record.id for record in plan.todo} | waiting)
+                    failed = {key: value for key, value in {**plan.failed_earlier, **plan.unfillable}.items()
+                              if key not in waiting}
+                    step_report.failed = len(failed)
+                    step_report.errors.update(failed)
+                    pending |= {record.id for record in plan.todo} | waiting
                     continue
                 try:
-                    summary = executor.run(built, records, store, None)
+                    summary = runner.run(built, records, store, None)
                 finally:
                     built.unload()  # one model resident at a time
                 step_report.done, step_report.processed = summary.reused, summary.processed
                 step_report.failed = summary.failed + len(missing)
                 step_report.errors.update(summary.errors)
                 step_report.elapsed_s = summary.elapsed_s
+                if step.step_type.name == "filter":
+                    step_report.dropped = len(_collect_outputs(store, [step], records)[1])
                 log.info("%s: %s", step.label, step_report.as_dict())
                 _write_step_results(pipeline, step, store, records)
                 if summary.interrupted:
@@ -484,6 +613,7 @@ def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: 
 def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, Any]]:
     """Every record that was not dropped: the user's columns, then each step's field (and all samples)."""
     outputs, dropped = _collect_outputs(store, pipeline.steps, base)
+    image_column = _image_column(pipeline, _manifest_columns(pipeline)) or "image"
     rows = []
     ids = [record.id for record in base]
     samples: dict[str, dict[str, list]] = {}
@@ -498,7 +628,7 @@ def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, 
             continue
         row = dict(record.fields)
         if not pipeline.text_only:  # the image column first, as the user's manifest had it
-            row = {pipeline.image_key or "image": _image_value(pipeline, record), **row}
+            row = {image_column: _image_value(pipeline, record), **row}
         for step in pipeline.steps:
             if step.step_type.name != "export":
                 row[step.output_field] = outputs.get(record.id, {}).get(step.output_field)
@@ -509,11 +639,12 @@ def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, 
 
 def _image_value(pipeline: Pipeline, record: Record) -> str:
     """The image as the user's manifest named it (relative to meta_folder), or relative to the input folder."""
+    import os
+
     root = pipeline.meta_folder or (pipeline.input if pipeline.input.is_dir() else pipeline.input.parent)
-    try:
-        return record.path.resolve().relative_to(root.resolve()).as_posix()
-    except (ValueError, AttributeError):
-        return str(record.path)
+    if record.path is None:
+        return ""
+    return Path(os.path.relpath(record.path.resolve(), root.resolve())).as_posix()
 
 
 def write_table(rows: list[dict[str, Any]], target: Path, fmt: str) -> Path:
@@ -543,7 +674,18 @@ def write_table(rows: list[dict[str, Any]], target: Path, fmt: str) -> Path:
         import pyarrow as pa
         import pyarrow.parquet as parquet
 
-        table = pa.Table.from_pylist([{column: row.get(column) for column in columns} for row in rows])
+        def uniform(column: str) -> bool:
+            kinds = {type(row.get(column)) for row in rows if row.get(column) is not None}
+            return len(kinds) <= 1 and not kinds & {dict, list}
+
+        # A column of mixed types (1 and "n/a") or nested values is written as text, so it still fits a schema.
+        plain = {column: uniform(column) for column in columns}
+        table = pa.Table.from_pylist([
+            {column: row.get(column) if plain[column] or row.get(column) is None else (
+                json.dumps(row[column], ensure_ascii=False, default=str) if isinstance(row[column], (dict, list))
+                else str(row[column])) for column in columns}
+            for row in rows
+        ])
         buffer = io.BytesIO()
         parquet.write_table(table, buffer)
         atomic_write_bytes(target, buffer.getvalue())

@@ -238,9 +238,15 @@ def _read_text(path: Path) -> str | None:
 
 
 def export_results(store: Store, destination: str | Path, steps: Iterable[str] | None = None) -> int:
-    """Write every stored result to JSONL or Parquet (by extension), one row per image."""
+    """Write every stored result to JSONL or Parquet (by extension), one row per image.
+
+    A destination without an extension (or an existing folder) gets sharded Parquet instead:
+    ``part-00000.parquet`` ... of :data:`ROWS_PER_SHARD` rows, streamed from the store.
+    """
     destination = Path(destination)
     wanted = list(steps) if steps is not None else store.steps()
+    if destination.is_dir() or not destination.suffix:
+        return export_parquet_shards(store, destination, wanted)
     rows: dict[str, dict] = {}
     for step in wanted:
         for result in store.iter_results(step):
@@ -279,3 +285,71 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
 
         raise CaptionkitError(f"{destination}: export format unknown; use a .jsonl or .parquet file name.")
     return len(ordered)
+
+
+ROWS_PER_SHARD = 100_000
+_SHARD_FIELDS = ("", "_raw", "_status", "_error", "_fingerprint", "_settings")
+
+
+def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str],
+                          rows_per_shard: int = ROWS_PER_SHARD) -> int:
+    """Every stored result as ``folder/part-NNNNN.parquet`` (one row per image, ids in order), for very large runs.
+
+    Streams from the store, so memory stays at one shard whatever the run's size. Every shard has
+    the same string columns (raw results and settings as JSON); each is written atomically and
+    shards left from a larger earlier export are removed.
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    from captionkit.atomic import atomic_write_bytes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wanted = list(steps)
+    columns = ["id", "path", "content_hash", *(f"{step}{suffix}" for step in wanted for suffix in _SHARD_FIELDS)]
+    schema = pa.schema([(column, pa.string()) for column in columns])
+    shard: list[dict] = []
+    written = total = 0
+
+    def as_text(value):
+        return json.dumps(value, ensure_ascii=False, default=str) if value is not None else None
+
+    def flush() -> None:
+        nonlocal written
+        table = pa.Table.from_pylist(shard, schema=schema)
+        buffer = io.BytesIO()
+        parquet.write_table(table, buffer)
+        atomic_write_bytes(folder / f"part-{written:05d}.parquet", buffer.getvalue())
+        written += 1
+        shard.clear()
+
+    row: dict | None = None
+    for result in store.iter_results():
+        if result.step not in wanted:
+            continue
+        if row is None or row["id"] != result.record_id:
+            if row is not None:
+                shard.append(row)
+                total += 1
+                if len(shard) >= rows_per_shard:
+                    flush()
+            row = {"id": result.record_id, "path": result.path}
+        row[result.step] = result.text if result.status == "ok" else None
+        row[f"{result.step}_raw"] = as_text(result.raw)
+        row[f"{result.step}_status"] = result.status
+        row[f"{result.step}_error"] = result.error
+        row[f"{result.step}_fingerprint"] = result.fingerprint
+        row[f"{result.step}_settings"] = as_text(result.settings)
+        row["content_hash"] = result.content_hash
+    if row is not None:
+        shard.append(row)
+        total += 1
+    if shard or written == 0:
+        flush()
+    for stale in folder.glob("part-*.parquet"):
+        if stale.stem[5:].isdigit() and int(stale.stem[5:]) >= written:
+            stale.unlink()
+    return total

@@ -261,6 +261,23 @@ class Florence2Captioner:
             "attention_mask": encoded["attention_mask"].to(self.device),
         }
 
+    def load_processor(self) -> None:
+        """Only what ``preprocess`` needs, for decode workers that never run the model (distributed executors)."""
+        if self.processor is not None:
+            return
+        ensure_torchvision()
+        import transformers
+        from transformers import AutoProcessor
+
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir,
+                                                           revision=self.revision)
+        except OSError as error:
+            if is_local(self.model_name):
+                raise CaptionkitError(f"{self.model_name}: not a loadable Florence-2 folder ({error}).") from error
+            raise model_unavailable(self.model_name, error) from error
+
     def unload(self) -> None:
         """Free the model (and GPU memory)."""
         self.model = None

@@ -166,6 +166,11 @@ class CaptionStep:
         self.captioner.device_name = device
 
     @property
+    def takes_device(self) -> bool:
+        """True when the model runs in this process on a device ``use_device`` can choose (not a server)."""
+        return hasattr(self.captioner, "device_name")
+
+    @property
     def prepares_apart(self) -> bool:
         """True when ``prepare`` can run in a process that never loads the model (after ``load_preprocessing``)."""
         return hasattr(self.captioner, "load_processor")

@@ -89,7 +89,7 @@ class TagStep:
     def __init__(
         self,
         model: str,
-        store: Store,
+        store: Store | None,
         options: TagOptions | None = None,
         device: str = "auto",
         cache_dir: str | Path | None = None,
@@ -123,16 +123,32 @@ class TagStep:
         if self.tagger is not None:
             return
         self.tagger = load_tagger(self.model_name, device=self.device, cache_dir=self.cache_dir)
+        if self.store is not None:  # a worker elsewhere has none: its executor commits shared_meta() instead
+            for key, value in self.shared_meta().items():
+                self.store.put_meta(key, value)
+        height, width = self.tagger.preprocessing.size
+        self._target_size = (int(width), int(height))
+
+    def shared_meta(self) -> dict[str, Any]:
+        """Store metadata rendering needs (the vocabulary and thresholds), known once the model is loaded."""
         thresholds = dict(self.tagger.default_thresholds)
         if thresholds.get("per_tag") is not None:
             thresholds["per_tag"] = [float(v) for v in np.asarray(thresholds["per_tag"]).reshape(-1)]
-        self.store.put_meta(self._vocabulary_key, {
+        return {self._vocabulary_key: {
             "tags": list(self.tagger.tags),
             "categories": [int(c) for c in self.tagger.categories],
             "default_thresholds": thresholds,
-        })
-        height, width = self.tagger.preprocessing.size
-        self._target_size = (int(width), int(height))
+        }}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for workers before they load: no store (one writer: the driver), renderer or loaded model."""
+        state = dict(self.__dict__)
+        state.update(store=None, renderer=None, tagger=None)
+        return state
+
+    def use_device(self, device: str) -> None:
+        """Run the tagger on ``device`` when it loads; before ``load``."""
+        self.device = device
 
     def unload(self) -> None:
         if self.tagger is not None:

@@ -1,0 +1,434 @@
+"""``--executor ray``: the same steps on a Ray cluster, with Ray Data streaming between a CPU and a model stage.
+
+Flow: the driver lists the records and asks the store what is done (as the local executor
+does), then streams the rest through a Ray Dataset:
+
+    records → [CPU stage: tasks, step.prepare = decode + preprocess]
+            → [model stage: actor pool, one loaded model per actor, step.run_batch]
+            → driver: commit each block to the store, then write its sidecars
+
+The step object is the one ``captionkit caption``/``tag``/``run`` builds; it is pickled
+before it loads (steps leave their store and loaded model out of the pickle) and every
+task or actor loads its own copy. Steps that cannot prepare without their model (chat
+VLMs, taggers) prepare inside the model actors, on ``cpus_per_actor`` threads.
+
+Fault tolerance: Ray restarts a killed actor and runs its batch again (``batch_retries``
+times); the driver is the only writer and commits each block once, so every image is
+saved exactly once and no file is half written. A batch that still fails is recorded
+as failed with the model-error note (tried again on the next run), never a job failure.
+A killed driver loses only the blocks in flight: the next run skips what the store has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import pickle
+import re
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from captionkit.errors import CaptionkitError, require
+from captionkit.executor import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
+from captionkit.executors import light, on_device, portable, runs_on_device, use_device
+from captionkit.progress import Progress
+from captionkit.records import Record
+from captionkit.sinks import SidecarSink
+from captionkit.steps.base import Prepared, Step
+from captionkit.store import Store
+
+log = logging.getLogger(__name__)
+LOST = ("lost on the cluster: its batch failed {retries} times (a worker crashed, was killed or its node "
+        "went away); it is tried again on the next run")
+
+
+def require_ray():
+    """``import ray`` (with Ray Data), or the install hint."""
+    ray = require("ray", "--executor ray", extra="ray")
+    require("ray.data", "--executor ray", extra="ray", package="ray[data]")
+    return ray
+
+
+def _dumps(value: Any) -> bytes:
+    import ray
+
+    return ray.cloudpickle.dumps(value)
+
+
+def _table(ids: list[str], blobs: list[bytes], stats: list[bytes] | None = None):
+    import pyarrow as pa
+
+    columns = {"id": pa.array(ids, pa.string()), "blob": pa.array(blobs, pa.large_binary())}
+    if stats is not None:
+        columns["stats"] = pa.array(stats, pa.large_binary())
+    return pa.table(columns)
+
+
+def _records_table(records: list[Record]):
+    import pyarrow as pa
+
+    return pa.table({"id": pa.array([record.id for record in records], pa.string()),
+                     "record": pa.array([pickle.dumps(record) for record in records], pa.large_binary())})
+
+
+def _prepare_all(step: Step, records: list[Record], threads: int) -> list[tuple]:
+    """``step.prepare`` over records on ``threads`` threads: ("ok", Prepared) or ("bad", record, why)."""
+
+    def one(record: Record) -> tuple:
+        try:
+            return ("ok", step.prepare(record))
+        except Exception as error:  # a bad file (or a preprocessing bug) is that record's failure
+            return ("bad", record, str(as_load_error(record, error)))
+
+    if threads <= 1 or len(records) <= 1:
+        return [one(record) for record in records]
+    with ThreadPoolExecutor(threads, thread_name_prefix="captionkit-decode") as pool:
+        return list(pool.map(one, records))
+
+
+# ---------------------------------------------------------------------------------------- CPU stage
+_DECODERS: dict[str, Step] = {}  # per worker process: steps whose preprocessing is loaded, by pickle hash
+
+
+def decode_batch(table, blob: bytes, threads: int):
+    """CPU stage (Ray tasks): records → prepared items, with only the step's preprocessing loaded."""
+    key = hashlib.sha1(blob).hexdigest()
+    step = _DECODERS.get(key)
+    if step is None:
+        step = pickle.loads(blob)
+        step.load_preprocessing()
+        _DECODERS.clear()  # one run's step at a time per worker process
+        _DECODERS[key] = step
+    records = [pickle.loads(value) for value in table.column("record").to_pylist()]
+    entries = _prepare_all(step, records, threads)
+    return _table([record.id for record in records], [pickle.dumps(entry) for entry in entries])
+
+
+# -------------------------------------------------------------------------------------- model stage
+class ModelActor:
+    """Model stage (a Ray actor pool): one loaded model per actor; batches come prepared or are prepared here."""
+
+    def __init__(self, blob: bytes, device: str | None, prepared_upstream: bool, threads: int) -> None:
+        started = time.perf_counter()
+        self.step = pickle.loads(blob)
+        if device is not None and runs_on_device(self.step):
+            use_device(self.step, device)
+        self.step.load()
+        self.load_s = time.perf_counter() - started
+        self.prepared_upstream = prepared_upstream
+        self.threads = threads
+        self.runner = LocalExecutor(RunOptions(workers=threads))
+        self.calls = 0
+
+    def __call__(self, table):
+        import os
+
+        ids = table.column("id").to_pylist()
+        if self.prepared_upstream:
+            entries = [pickle.loads(value) for value in table.column("blob").to_pylist()]
+        else:
+            records = [pickle.loads(value) for value in table.column("record").to_pylist()]
+            entries = _prepare_all(self.step, records, self.threads)
+        items = [entry[1] for entry in entries if entry[0] == "ok"]
+        summary = RunSummary(field=self.step.field)
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for start in range(0, len(items), max(1, self.step.batch_size)):  # after an OOM, the smaller size
+                outcomes.extend(self.runner._run_batch(self.step, items[start:start + self.step.batch_size],
+                                                       summary))
+        except Exception as error:  # not the model (that is narrowed per image): never a lost block
+            message = f"the model stage failed ({error!r})"
+            outcomes.extend((False, message) for _ in items[len(outcomes):])
+        results = iter(outcomes)
+        rows: dict[str, bytes] = {}
+        for entry in entries:
+            if entry[0] == "ok":
+                ok, value = next(results)
+                rows[entry[1].record.id] = pickle.dumps(("done", light(entry[1]), ok, value))
+            else:
+                rows[entry[1].id] = pickle.dumps(entry)
+        stats = {"actor": os.getpid(), "busy_s": summary.model_busy_s, "batch_size": self.step.batch_size,
+                 "load_s": self.load_s if self.calls == 0 else 0.0}
+        self.calls += 1
+        return _table(ids, [rows[record_id] for record_id in ids],
+                      [pickle.dumps(stats)] + [b""] * (len(ids) - 1))
+
+
+def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On a worker: the step's fingerprint there, and (``load``) the store metadata its results need."""
+    step = pickle.loads(blob)
+    if device is not None and runs_on_device(step):
+        use_device(step, device)
+    settings = step.fingerprint()
+    meta: dict[str, Any] = {}
+    if load:
+        step.load()
+        meta = step.shared_meta()
+        step.unload()
+    return settings, meta
+
+
+# ------------------------------------------------------------------------------------------- driver
+class _NoTracebacks(logging.Filter):
+    """Ray Data logs a worker's error with its whole traceback; the run raises it as one sentence instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("ray.data"):
+            return True
+        return record.levelno < logging.ERROR and "Progress bars disabled" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """Ray Data at warnings only on the console (its session log keeps everything)."""
+    logger = logging.getLogger("ray.data")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    consoles = [handler for name in ("ray.data", "ray") for handler in logging.getLogger(name).handlers
+                if getattr(handler, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)]
+    quiet = _NoTracebacks()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        for handler in consoles:
+            handler.removeFilter(quiet)
+
+
+def worker_error(error: BaseException) -> CaptionkitError:
+    """A Ray error (an actor that could not start, a failed task) as the one sentence that caused it."""
+    text = getattr(error, "error_msg", None) or str(error)
+    causes = re.findall(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$", text, flags=re.MULTILINE)
+    causes = [cause for cause in causes if not cause[0].startswith("ray.")] or causes
+    if not causes:
+        return CaptionkitError(f"a Ray worker failed: {text.strip().splitlines()[0] if text.strip() else error!r}")
+    name, message = causes[-1]
+    if name.startswith("captionkit."):
+        return CaptionkitError(f"{message} (on a Ray worker)")
+    return CaptionkitError(f"a Ray worker failed: {name.rsplit('.', 1)[-1]}: {message} (the Ray session log has "
+                           "the traceback: /tmp/ray/session_latest/logs)")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, **init_options: Any) -> Iterator[None]:
+    """Connect once for several runs (a pipeline's steps); shut down at the end only what was started here."""
+    executor = RayExecutor(address=address, init_options=init_options)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray prints worker errors on stdout: keep it for --progress json
+        executor._ray()
+        try:
+            yield
+        finally:
+            if executor._started_ray:
+                import ray
+
+                ray.shutdown()
+
+
+class RayExecutor(LocalExecutor):
+    """Runs one step over records on a Ray cluster; the driver (this process) is the only writer.
+
+    ``address``: ``None`` starts a local Ray instance unless one runs in this process (or
+    ``RAY_ADDRESS`` names one), ``auto`` joins the cluster this machine belongs to, ``ray://host:10001``
+    a remote one. ``num_actors`` model replicas (default: one per GPU, or one without GPUs), each with
+    ``gpus_per_actor`` GPUs (default 1 when the cluster has GPUs) and ``cpus_per_actor`` CPUs;
+    ``decode_cpus`` CPUs per decode task; ``batch_retries``: how often Ray runs a batch again when its
+    actor dies.
+    """
+
+    def __init__(self, options: RunOptions | None = None, progress: Progress | None = None, *,
+                 address: str | None = None, num_actors: int | None = None, gpus_per_actor: float | None = None,
+                 cpus_per_actor: float = 1.0, decode_cpus: float = 1.0, decode_tasks: int | None = None,
+                 batch_retries: int = 3, init_options: dict[str, Any] | None = None) -> None:
+        super().__init__(options, progress)
+        if num_actors is not None and num_actors < 1:
+            raise CaptionkitError("--ray-actors must be at least 1.")
+        if (gpus_per_actor or 0) < 0 or cpus_per_actor <= 0 or decode_cpus <= 0:
+            raise CaptionkitError("--ray-gpus-per-actor must be 0 or more, CPUs per actor and per decode task "
+                                  "more than 0.")
+        self.address = address
+        self.num_actors = num_actors
+        self.gpus_per_actor = gpus_per_actor
+        self.cpus_per_actor = cpus_per_actor
+        self.decode_cpus = decode_cpus
+        self.decode_tasks = decode_tasks
+        self.batch_retries = batch_retries
+        self.init_options = dict(init_options or {})
+        self._started_ray = False
+
+    # connection ---------------------------------------------------------------
+    def _ray(self):
+        ray = require_ray()
+        if not ray.is_initialized():
+            options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
+                       **self.init_options}
+            try:
+                ray.init(address=self.address, **options)
+            except (ConnectionError, RuntimeError, ValueError) as error:
+                raise CaptionkitError(f"--ray-address {self.address or '(local)'}: cannot start or reach Ray "
+                                      f"({error}). Start a cluster with `ray start --head` or `ray up`, or "
+                                      "leave --ray-address out to start one on this machine.") from error
+            self._started_ray = True
+            log.info("ray: %s", ray.cluster_resources())
+        return ray
+
+    def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
+        # Ray prints what its workers report ("(raylet) ... actor died") on stdout, which belongs to
+        # --progress json; the progress stream keeps the real stdout it was given.
+        with contextlib.redirect_stdout(sys.stderr):
+            try:
+                return super().run(step, records, store, sink)
+            finally:
+                if self._started_ray:
+                    import ray
+
+                    ray.shutdown()
+                    self._started_ray = False
+
+    def _gpus(self) -> float:
+        if self.gpus_per_actor is None:
+            self.gpus_per_actor = 1.0 if self._ray().cluster_resources().get("GPU", 0) > 0 else 0.0
+        return self.gpus_per_actor
+
+    def _device(self) -> str:
+        return "cuda" if self._gpus() > 0 else "cpu"  # Ray gives each actor its GPUs as cuda:0..
+
+    # planning -----------------------------------------------------------------
+    def worker_settings(self, step: Step) -> dict[str, Any] | None:
+        """The fingerprint as an actor computes it (``dtype auto`` resolves on the actor's device)."""
+        if not runs_on_device(step):
+            return None
+        if self.gpus_per_actor == 0:
+            return on_device(step, "cpu", _dumps).fingerprint()
+        try:
+            return on_device(step, self._device(), _dumps).fingerprint()
+        except CaptionkitError:  # this driver has no GPU: ask a worker that has one
+            return self._probe(step, load=False)[0]
+
+    def _probe(self, step: Step, load: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+        ray = self._ray()
+        task = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=self._gpus(), max_retries=self.batch_retries)(probe)
+        return ray.get(task.remote(portable(step, _dumps), self._device(), load))
+
+    # running ------------------------------------------------------------------
+    def _execute(self, step: Step, todo: list[Record], store: Store, sink: SidecarSink | None,
+                 summary: RunSummary, settings: dict, step_fingerprint: str,
+                 signatures: dict[str, str | None]) -> None:
+        ray = self._ray()
+        from ray.data import DataContext
+
+        if hasattr(step, "shared_meta"):  # e.g. a tagger's vocabulary, which rendering reads from the store
+            started = time.perf_counter()
+            for key, value in self._probe(step, load=True)[1].items():
+                store.put_meta(key, value)
+            summary.model_load_s = time.perf_counter() - started
+        blob = portable(step, _dumps)  # after classify: the per-image prompts it filled travel with it
+        apart = bool(getattr(step, "prepares_apart", False))
+        gpus = self._gpus()
+        actors = self.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1)
+        batch = max(1, step.batch_size)
+        # Blocks of 1-8 batches, at least 4 per replica when there are enough images: each block costs the
+        # scheduler ~10-20 ms (measured here), and a killed driver or actor loses at most the blocks in flight.
+        per_block = batch * min(8, max(1, len(todo) // (batch * 4 * (actors + 1))))
+        context = DataContext.get_current()
+        # max_errored_blocks: a batch that fails every retry is recorded as failed, not a job failure
+        wanted = {"max_errored_blocks": -1, "enable_progress_bars": False, "print_on_execution_start": False,
+                  "enable_auto_log_stats": False}
+        saved = {name: getattr(context, name) for name in wanted if hasattr(context, name)}
+        for name in saved:
+            setattr(context, name, wanted[name])
+        self.progress.start(len(todo), step.field)
+        started = time.perf_counter()
+        delivered: set[str] = set()
+        by_id = {record.id: record for record in todo}
+        seen_actors: dict[int, float] = {}
+        try:
+            # Block by block into the object store (spillable), so the driver never holds a second copy of the list.
+            dataset = ray.data.from_arrow_refs([
+                ray.put(_records_table(todo[start:start + per_block])) for start in range(0, len(todo), per_block)])
+            if apart:
+                dataset = dataset.map_batches(
+                    decode_batch, fn_args=(blob, max(1, int(self.decode_cpus))), batch_size=batch,
+                    batch_format="pyarrow", num_cpus=self.decode_cpus,
+                    compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
+                )
+            model_stage = {
+                "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
+                                        max(1, int(self.cpus_per_actor))),
+                "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
+                "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None,
+            }
+            try:  # a killed actor is restarted and its batch run again, a bounded number of times
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # Ray deprecates these keywords without a named successor
+                    dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=-1,
+                                                  max_task_retries=self.batch_retries)
+            except TypeError:  # a Ray without them: its own default (retry until the batch succeeds)
+                dataset = dataset.map_batches(ModelActor, **model_stage)
+            with _StopFlag(self.options.stop) as stop, _quiet_ray_data():
+                blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+                try:
+                    for table in blocks:
+                        self._commit(step, table, store, sink, summary, settings, step_fingerprint, signatures,
+                                     delivered, seen_actors)
+                        if stop.requested:
+                            break
+                except ray.exceptions.RayError as error:  # e.g. the model cannot load on the workers
+                    raise worker_error(error) from error
+                finally:
+                    if hasattr(blocks, "close"):
+                        blocks.close()  # stop the pipeline now (a stop request), not when garbage collected
+                summary.interrupted = stop.requested
+            lost = [record for record_id, record in by_id.items() if record_id not in delivered]
+            if lost and not summary.interrupted:
+                message = LOST.format(retries=self.batch_retries + 1)
+                log.warning("%d images %s", len(lost), message)
+                items = [Prepared(record, None, (0, 0), "") for record in lost]
+                self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
+                           step_fingerprint, signatures)
+        finally:
+            for name, value in saved.items():
+                setattr(context, name, value)
+            self.progress.close()
+        actor_load = max(seen_actors.values(), default=0.0)  # the actors start in parallel
+        summary.model_load_s += actor_load  # (+ the tagger's vocabulary probe, before ``started``)
+        summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
+        if seen_actors:
+            summary.model_busy_s /= len(seen_actors)  # per actor, so the busy fraction reads as one GPU's
+
+    def _commit(self, step: Step, table, store: Store, sink: SidecarSink | None, summary: RunSummary,
+                settings: dict, step_fingerprint: str, signatures: dict[str, str | None], delivered: set[str],
+                seen_actors: dict[int, float]) -> None:
+        """One block from the model stage → the store and sidecars, through the local executor's save."""
+        items: list[Prepared] = []
+        outcomes: list[tuple[bool, Any]] = []
+        bad: list[tuple[Record, str]] = []
+        for blob, stats in zip(table.column("blob").to_pylist(), table.column("stats").to_pylist(), strict=True):
+            entry = pickle.loads(blob)
+            if stats:
+                numbers = pickle.loads(stats)
+                summary.model_busy_s += numbers["busy_s"]
+                seen_actors[numbers["actor"]] = max(seen_actors.get(numbers["actor"], 0.0), numbers["load_s"])
+                summary.batch_size_final = min(summary.batch_size_final or numbers["batch_size"],
+                                               numbers["batch_size"])
+            if entry[0] == "done":
+                _, item, ok, value = entry
+                if item.record.id in delivered:
+                    continue  # never twice, whatever a retry sends
+                delivered.add(item.record.id)
+                items.append(item)
+                outcomes.append((ok, value))
+            else:
+                _, record, message = entry
+                if record.id in delivered:
+                    continue
+                delivered.add(record.id)
+                bad.append((record, message))
+        if items or bad:
+            self._save(step, items, outcomes, bad, store, sink, summary, settings, step_fingerprint, signatures)

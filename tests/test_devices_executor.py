@@ -1,0 +1,97 @@
+"""`--devices`: one worker process per device over disjoint shards, merged into one store and one summary.
+
+Two CPU worker processes stand in for two GPUs (``--devices cpu,cpu``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import captionkit
+from captionkit.errors import CaptionkitError
+from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
+from tests.images import write_good_images
+from tests.run_state import copy_of, state
+
+IMAGES = 16
+FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_florence):
+    source = tmp_path_factory.mktemp("devices-corpus") / "images"
+    write_good_images(source, IMAGES)
+    (source / "broken.png").write_bytes(b"")
+    local = copy_of(source, source.parent / "local")
+    summary = captionkit.caption(local, model=str(tiny_florence), batch_size=2, **FAST)
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    return source, local
+
+
+def test_two_workers_give_the_local_results_and_one_summary(tmp_path, corpus, tiny_florence):
+    source, local = corpus
+    folder = copy_of(source, tmp_path / "images")
+    result = subprocess.run(
+        [sys.executable, "-m", "captionkit.cli", "caption", str(folder), "--model", str(tiny_florence),
+         "--num-beams", "1", "--max-new-tokens", "12", "--batch-size", "2", "--workers", "2",
+         "--devices", "cpu,cpu", "--progress", "json"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [event["event"] for event in events].count("summary") == 1
+    assert [event["event"] for event in events].count("start") == 1
+    summary = events[-1]
+    assert (summary["processed"], summary["failed"], summary["files_written"]) == (IMAGES, 1, IMAGES)
+    assert summary["total"] == IMAGES + 1 and summary["batch_size_final"] == 2
+    assert state(folder) == state(local)
+
+
+class ExitOnce(Florence2Captioner):
+    """Its worker process ends (as if killed) in its second batch, once per marker file."""
+
+    def __init__(self, marker: Path, **options) -> None:
+        super().__init__(**options)
+        self.marker = str(marker)
+        self.calls = 0
+
+    def caption_batch(self, requests):
+        self.calls += 1
+        if self.calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().caption_batch(requests)
+
+
+def test_a_dead_worker_is_started_again_and_every_image_saved_once(tmp_path, corpus, tiny_florence):
+    source, local = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "died"
+    captioner = ExitOnce(marker, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
+                                                                                         num_beams=1))
+    events = []
+    summary = captionkit.caption(folder, captioner=captioner, batch_size=2, devices=["cpu", "cpu"], workers=2,
+                                 listener=events.append)
+    assert marker.exists()
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    assert [event for event in events if event["event"] == "progress"][-1]["done"] == IMAGES
+    assert state(folder) == state(local)
+
+
+def test_device_options_are_checked_before_anything_runs(tmp_path, tiny_florence):
+    write_good_images(tmp_path, 1)
+    with pytest.raises(CaptionkitError, match="--devices gpu0"):
+        captionkit.caption(tmp_path, model=str(tiny_florence), devices="gpu0", **FAST)
+    with pytest.raises(CaptionkitError, match="--devices is for one machine"):
+        captionkit.caption(tmp_path, model=str(tiny_florence), devices="cpu,cpu", executor="ray", **FAST)
+    with pytest.raises(CaptionkitError, match="--executor"):
+        captionkit.caption(tmp_path, model=str(tiny_florence), executor="spark", **FAST)
+    server = captionkit.build_captioner(backend="openai", model="m", base_url="http://127.0.0.1:9/v1")
+    with pytest.raises(CaptionkitError, match="does not run a model on this machine's devices"):
+        captionkit.caption(tmp_path, captioner=server, devices="cpu,cpu", progress="quiet")
+    assert not (tmp_path / ".captionkit").exists()

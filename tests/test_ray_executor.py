@@ -1,0 +1,180 @@
+"""`--executor ray` on a local Ray instance (2 CPUs) the module starts: parity, a killed actor, a killed driver."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as parquet
+import pytest
+
+import captionkit
+from captionkit.errors import CaptionkitError
+from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
+from captionkit.sinks import export_parquet_shards
+from captionkit.store import Store
+from tests.images import write_good_images
+from tests.run_state import copy_of, state
+from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
+
+IMAGES = 24
+FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
+RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 replicas + a decode task on 2 CPUs
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's test classes
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_florence):
+    """Images, a broken file, and the local executor's results on them (the reference)."""
+    source = tmp_path_factory.mktemp("ray-corpus") / "images"
+    write_good_images(source, IMAGES)
+    (source / "broken.png").write_bytes(b"")
+    local = source.parent / "local"
+    shutil.copytree(source, local)
+    summary = captionkit.caption(local, model=str(tiny_florence), batch_size=4, **FAST)
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    return source, local, summary
+
+
+def test_same_results_as_the_local_executor(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, reference = corpus
+    folder = copy_of(source, tmp_path / "images")
+    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    assert (summary.processed, summary.failed, summary.files_written) == (IMAGES, 1, IMAGES)
+    assert "broken.png" in summary.errors and summary.interrupted is False
+    got, expected = state(folder), state(local)
+    assert got == expected and len(got["sidecars"]) == IMAGES
+    assert len({text for _, text, *_ in got["rows"].values()}) > 1  # the tiny model says different things
+    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    assert (again.processed, again.reused, again.failed_earlier) == (0, IMAGES, 1)  # the store's fingerprints
+    with Store(folder) as store:  # sharded Parquet for very large runs: every row once, in id order
+        assert export_parquet_shards(store, tmp_path / "shards", ["caption"], rows_per_shard=10) == IMAGES + 1
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == [f"part-0000{i}.parquet" for i in range(3)]
+    table = parquet.read_table(tmp_path / "shards").to_pylist()
+    assert [row["id"] for row in table] == sorted(got["rows"])
+    assert {row["id"]: row["caption"] for row in table if row["caption_status"] == "ok"} == {
+        record_id: row[1] for record_id, row in got["rows"].items() if row[0] == "ok"}
+
+
+def test_tags_match_the_local_executor(tmp_path, tagger_folder, ray_address):  # noqa: F811
+    """A tagger prepares inside its actors; its vocabulary reaches the store through the driver."""
+    options = captionkit.api.tag_options(general_threshold=0.4, character_threshold=0.4, include_rating=True)
+    write_good_images(tmp_path / "local", 10)
+    copy_of(tmp_path / "local", tmp_path / "ray")
+    local = captionkit.tag(tmp_path / "local", model=str(tagger_folder), options=options, batch_size=3, device="cpu")
+    remote = captionkit.tag(tmp_path / "ray", model=str(tagger_folder), options=options, batch_size=3, device="cpu",
+                            executor="ray", ray_actors=1)
+    assert local.processed == remote.processed == 10
+    assert state(tmp_path / "ray", "tags") == state(tmp_path / "local", "tags")
+    with Store(tmp_path / "ray") as store:  # the vocabulary a re-render needs, committed by the driver
+        assert any(key.startswith("vocabulary:") for key, in store._connection.execute("SELECT key FROM meta"))
+
+
+def test_a_pipeline_runs_its_model_steps_on_ray(tmp_path, corpus, tiny_florence, ray_address):
+    import yaml
+
+    from captionkit.pipeline import run_pipeline
+
+    source, local, _ = corpus
+    config = {"input": str(copy_of(source, tmp_path / "images")), "base_folder": str(tmp_path / "work"),
+              "save_folder": str(tmp_path / "out"),
+              "steps": [{"type": "captioner", "name": "florence",
+                         "config": {"model": str(tiny_florence), "max_new_tokens": 12, "num_beams": 1,
+                                    "batch_size": 4}},
+                        {"type": "template", "name": "final", "config": {"template": "photo: {florence}"}}]}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    report = run_pipeline(tmp_path / "pipeline.yaml", executor="ray", ray_actors=1)
+    assert [(step.processed, step.failed) for step in report.steps] == [(IMAGES, 1), (IMAGES, 1)]
+    rows = [json.loads(line) for line in report.table.read_text().splitlines()]
+    expected = state(local)["sidecars"]
+    assert {Path(row["image"]).stem + ".txt": row["florence"] for row in rows if row["florence"]} == expected
+    assert all(row["final"] == f"photo: {row['florence']}" for row in rows if row["florence"])
+
+
+class ExitOnce(Florence2Captioner):
+    """The worker process ends (as if killed) in the middle of its second batch, once per marker file."""
+
+    def __init__(self, marker: Path, **options) -> None:
+        super().__init__(**options)
+        self.marker = str(marker)
+        self.calls = 0
+
+    def caption_batch(self, requests):
+        self.calls += 1
+        if self.calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().caption_batch(requests)
+
+
+def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "killed"
+    captioner = ExitOnce(marker, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
+                                                                                         num_beams=1))
+    events = []
+    summary = captionkit.caption(folder, captioner=captioner, batch_size=4, listener=events.append,
+                                 progress="quiet", workers=2, **RAY)
+    assert marker.exists()  # an actor really died mid-batch
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    progress = [event for event in events if event["event"] == "progress"]
+    assert progress[-1]["done"] == IMAGES  # counted once each
+    assert state(folder) == state(local)  # every image once, same text, no partial or temporary file
+
+
+def _committed(folder: Path) -> int:
+    try:
+        with sqlite3.connect(folder / ".captionkit" / "store.sqlite", timeout=1) as connection:
+            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    command = [sys.executable, "-m", "captionkit.cli", "caption", str(folder), "--model", str(tiny_florence),
+               "--num-beams", "1", "--max-new-tokens", "12", "--batch-size", "1", "--executor", "ray",
+               "--ray-address", ray_address, "--ray-actors", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen([*command, "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while _committed(folder) < 4:
+        assert driver.poll() is None, "the run ended before it could be killed; use more images"
+        assert time.time() < deadline, "no progress within 180 s"
+        time.sleep(0.005)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    committed = _committed(folder)
+    assert 4 <= committed < IMAGES
+    rerun = subprocess.run([*command, "--progress", "json"], env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["event"] == "summary"
+    assert (summary["reused"], summary["processed"]) == (committed, IMAGES - committed)  # finished ones skipped
+    assert state(folder) == state(local)  # as a clean run: every image once, no partial or temporary file
+
+
+def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, monkeypatch):
+    write_good_images(tmp_path, 1)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(CaptionkitError, match=r"pip install 'captionkit\[ray\]'"):
+        captionkit.caption(tmp_path, model=str(tiny_florence), executor="ray", **FAST)
+    assert not (tmp_path / ".captionkit").exists()  # refused before anything was written
