@@ -233,6 +233,7 @@ def caption_call(values: dict[str, Any]):
             model_values[name] = None
     options = ModelOptions(**model_values)
     run = {name: value for name, value in values.items() if name not in names}
+    run["write_sidecars"] = run.pop("write", True)  # the CLI's --write/--no-write
     for name in ("base_dir", "output_dir"):
         if run.get(name) is not None:
             run[name] = Path(str(run[name])).expanduser()
