@@ -19,6 +19,8 @@ from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
 from tests.run_state import copy_of, state
 
+pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
+
 IMAGES = 16
 FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
 

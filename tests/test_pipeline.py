@@ -208,6 +208,7 @@ def _committed(database: Path, step: str) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_follows(tmp_path, tiny_florence):
     write_good_images(tmp_path / "images", 24)
     pipeline = _write(tmp_path / "p.yaml", {
@@ -263,6 +264,7 @@ def _peak_rss_mb(pipeline: Path) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_one_model_resident_at_a_time(tmp_path):
     """A two-model pipeline peaks near its larger step, not at the sum of both models."""
     from captionkit.testing_vlms.llava import build_llava

@@ -11,6 +11,8 @@ from PIL import Image
 
 from captionkit.pipeline import run_pipeline
 
+pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
+
 pytest.importorskip("diffusers")
 
 DATAFLOW_GEN_FILE = """

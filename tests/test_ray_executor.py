@@ -24,6 +24,8 @@ from tests.images import write_good_images
 from tests.run_state import copy_of, state
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
+pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
+
 IMAGES = 24
 FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
 RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 replicas + a decode task on 2 CPUs

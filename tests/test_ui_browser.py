@@ -14,6 +14,8 @@ import pytest
 
 from tests.images import write_good_images
 
+pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
+
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("CAPTIONKIT_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -71,6 +71,7 @@ def test_trust_remote_code_is_recorded_in_the_fingerprint(tiny_llava):
     assert plain["trust_remote_code"] is False and trusted["trust_remote_code"] is True
 
 
+@pytest.mark.slow
 def test_ten_loads_and_unloads_leave_memory_where_it_was(tmp_path):
     from captionkit.testing_vlms.llava import build_llava
 
