@@ -34,6 +34,13 @@ def model_identity(model: str, revision: str | None) -> tuple[str, str]:
     return model, revision or "main"
 
 
+def template_writes_bos(processor: Any, texts: list[str]) -> bool:
+    """True when every prompt already starts with the BOS token (the tokenizer must not add a second)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and all(text.startswith(bos) for text in texts)
+
+
 def remote_code_error(model: str, model_type: str) -> CaptionkitError:
     return CaptionkitError(
         f"{model}: model type '{model_type}' needs the model's own Python code (remote code), which captionkit "
@@ -100,10 +107,6 @@ class ChatVLMCaptioner:
             raise CaptionkitError(f"{names}: not an option of the {self.family} family ({self.model_type}).")
         return {}
 
-    def processor_options(self) -> dict[str, Any]:
-        """Extra keyword arguments for ``AutoProcessor.from_pretrained``."""
-        return {}
-
     def messages(self, prompt: str) -> list[dict[str, Any]]:
         """The chat for one image: optional system turn, then the image and the prompt."""
         turns: list[dict[str, Any]] = []
@@ -113,15 +116,37 @@ class ChatVLMCaptioner:
         return turns
 
     def prompt_text(self, prompt: str) -> str:
-        """The model's input text for one image (the chat template, unless the family has none)."""
+        """The model's input text for one image (the chat template, unless the family has none).
+
+        Some templates drop a system turn they do not know: that is an error, not a silent loss.
+        """
         assert self.processor is not None
-        return self.processor.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=False)
+        if self.chat.system_prompt and self.chat.system_prompt.strip() not in text:
+            raise CaptionkitError(
+                f"{self.model_name}: this model's chat template drops the system turn; "
+                "put the instructions in --prompt instead of --system-prompt."
+            )
+        return text
+
+    def processor_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for ``AutoProcessor.from_pretrained``."""
+        return {}
+
+    def call_options(self) -> dict[str, Any]:
+        """Extra keyword arguments for each processor call (e.g. Gemma 3's pan-and-scan)."""
+        return {}
 
     def processor_inputs(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        """Batched model inputs: left-padded texts and the images (nested per prompt where needed)."""
+        """Batched model inputs: left-padded texts and the images (nested per prompt where needed).
+
+        A template that writes the BOS token itself must not get a second one from the tokenizer.
+        """
         assert self.processor is not None
         batch_images = [[image] for image in images] if self.nested_images else images
-        return self.processor(text=texts, images=batch_images, padding=True, return_tensors="pt")
+        return self.processor(text=texts, images=batch_images, padding=True, return_tensors="pt",
+                              add_special_tokens=not template_writes_bos(self.processor, texts),
+                              **self.call_options())
 
     def new_tokens(self, generated: Any, inputs: dict[str, Any]) -> Any:
         """The generated continuation without the prompt (decoder-only models echo the prompt)."""

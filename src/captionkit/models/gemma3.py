@@ -66,26 +66,10 @@ class Gemma3Captioner(ChatVLMCaptioner):
             raise CaptionkitError(f"--pan-and-scan {pan_and_scan!r}: use true or false.")
         return {**checked, "pan_and_scan": pan_and_scan}
 
-    def prompt_text(self, prompt: str) -> str:
-        text = super().prompt_text(prompt)
-        if self.chat.system_prompt and self.chat.system_prompt.strip() not in text:
-            raise CaptionkitError(
-                f"{self.model_name}: this model's chat template drops the system turn; "
-                "put the instructions in --prompt instead of --system-prompt."
-            )
-        return text
-
-    def processor_inputs(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        assert self.processor is not None
-        bos = getattr(self.processor.tokenizer, "bos_token", None)
-        writes_bos = bool(bos) and all(text.startswith(bos) for text in texts)
-        options: dict[str, Any] = {}
+    def call_options(self) -> dict[str, Any]:
         if "pan_and_scan" in self.family_options:
-            options["do_pan_and_scan"] = self.family_options["pan_and_scan"]
-        return self.processor(
-            text=texts, images=[[image] for image in images], padding=True, return_tensors="pt",
-            add_special_tokens=not writes_bos, **options,
-        )
+            return {"do_pan_and_scan": self.family_options["pan_and_scan"]}
+        return {}
 
 
 def _auto_dtype_is_fp16(device: str) -> bool:

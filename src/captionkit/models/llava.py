@@ -28,31 +28,7 @@ from captionkit.models.chat_vlm import ChatVLMCaptioner
 
 
 class _LlavaFamily(ChatVLMCaptioner):
-    """What every LLaVA variant shares: one-BOS tokenization and a checked system prompt."""
-
-    def prompt_text(self, prompt: str) -> str:
-        text = super().prompt_text(prompt)
-        if self.chat.system_prompt and self.chat.system_prompt.strip() not in text:
-            raise CaptionkitError(
-                f"{self.model_name}: this model's chat template drops the system turn; "
-                "put the instructions in --prompt instead of --system-prompt."
-            )
-        return text
-
-    def processor_inputs(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        assert self.processor is not None
-        batch_images = [[image] for image in images] if self.nested_images else images
-        return self.processor(
-            text=texts, images=batch_images, padding=True, return_tensors="pt",
-            add_special_tokens=not template_writes_bos(self.processor, texts),
-        )
-
-
-def template_writes_bos(processor: Any, texts: list[str]) -> bool:
-    """True when every prompt already starts with the BOS token (the tokenizer must not add a second)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    bos = getattr(tokenizer, "bos_token", None)
-    return bool(bos) and all(text.startswith(bos) for text in texts)
+    """What every LLaVA variant shares (one-BOS tokenization and the system-turn check are in the base)."""
 
 
 @register_backend(

@@ -12,11 +12,8 @@ How it differs from the generic chat backend:
 
 from __future__ import annotations
 
-from typing import Any
-
 from captionkit.models import register_backend
 from captionkit.models.chat_vlm import ChatVLMCaptioner
-from captionkit.models.llava import template_writes_bos
 
 
 @register_backend(
@@ -32,9 +29,3 @@ class MllamaCaptioner(ChatVLMCaptioner):
     model_class = "MllamaForConditionalGeneration"
     nested_images = True
 
-    def processor_inputs(self, texts: list[str], images: list[Any]) -> dict[str, Any]:
-        assert self.processor is not None
-        return self.processor(
-            text=texts, images=[[image] for image in images], padding=True, return_tensors="pt",
-            add_special_tokens=not template_writes_bos(self.processor, texts),
-        )
