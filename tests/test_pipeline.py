@@ -389,3 +389,17 @@ def test_the_final_table_keeps_the_users_image_column_and_mixed_types(tmp_path, 
     table = _read_table(report.table)
     assert [row["file_name"] for row in table] == ["images/img000.png", "images/img001.png"]
     assert [row["score"] for row in table] == ["1", "n/a"] and "image" not in table[0]
+
+
+def test_imagefolder_export_copies_images_from_outside_and_keeps_the_users_id(tmp_path, tiny_florence):
+    write_good_images(tmp_path / "elsewhere", 1)
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "list.jsonl").write_text(json.dumps({"image": "../elsewhere/img000.png", "id": "u1"}) + "\n")
+    run_pipeline(_write(tmp_path / "p.yaml", {
+        "input": "meta/list.jsonl", "base_folder": "work", "save_folder": "out", "steps": [
+            _florence(tiny_florence),
+            {"type": "export", "name": "hf", "config": {"format": "imagefolder", "copy_images": False}}]}))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "imagefolder" / "metadata.jsonl").read_text()
+            .splitlines()]
+    assert not rows[0]["file_name"].startswith(("..", "/")) and rows[0]["id"] == "u1"
+    assert (tmp_path / "out" / "imagefolder" / rows[0]["file_name"]).is_file()

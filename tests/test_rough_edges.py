@@ -161,3 +161,14 @@ def test_text_appended_to_a_users_file_survives_later_runs(tmp_path, tiny_floren
     assert caption_file.read_text().startswith("my hand-written caption, ohwx ")
     captionkit.caption(folder, model=str(tiny_florence), existing="overwrite", **FAST)
     assert "hand-written" not in caption_file.read_text()
+
+
+def test_a_failed_first_run_removes_the_output_dir_it_created(tmp_path):
+    folder = tmp_path / "images"
+    write_good_images(folder, 1)
+    broken = tmp_path / "no-weights"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "florence2"}')
+    with pytest.raises(CaptionkitError):
+        captionkit.caption(folder, model=str(broken), output_dir=tmp_path / "new" / "out", **FAST)
+    assert not (tmp_path / "new").exists()
