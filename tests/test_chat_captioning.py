@@ -201,3 +201,24 @@ def test_literal_braces_mean_the_same_with_or_without_fields(tmp_path, server):
     folder = _images(tmp_path / "images")
     captionkit.caption(folder, prompt="Answer as {{json}}", **_server_options(server))
     assert "(prompt: Answer as {json})" in (folder / "red.txt").read_text()
+
+
+def test_a_prompt_naming_the_steps_own_field_reads_the_manifest_and_settles(tmp_path, server):
+    _images(tmp_path / "images")
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"images/{name}.png", "caption": f"a {name} thing"}) + "\n"
+                                for name in COLOURS))
+    first = captionkit.caption(manifest, prompt="Improve: {caption}", output_dir=tmp_path / "out",
+                               **_server_options(server))
+    again = captionkit.caption(manifest, prompt="Improve: {caption}", output_dir=tmp_path / "out",
+                               **_server_options(server))
+    assert first.processed == 3 and (again.processed, again.reused) == (0, 3)
+    assert "(prompt: Improve: a red thing)" in (tmp_path / "out" / "images" / "red.txt").read_text()
+
+
+def test_every_sample_gets_the_prefix_with_sample_choice_all(tmp_path, server):
+    folder = _images(tmp_path / "images")
+    captionkit.caption(folder, prefix="ohwx, ", sample_choice="all", **_server_options(
+        server, temperature=0.7, samples=2, seed=1))
+    lines = (folder / "red.txt").read_text().splitlines()
+    assert len(lines) == 2 and all(line.startswith("ohwx, ") for line in lines)
