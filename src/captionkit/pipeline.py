@@ -81,6 +81,7 @@ class Pipeline:
     steps: list[PipelineStep]
     recursive: bool = True
     text_only: bool = False
+    columns: list[str] = field(default_factory=list)  # the manifest's columns (read once, when the file is loaded)
 
 
 @dataclass
@@ -209,8 +210,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         image_key=data.get("image_key"), text_key=data.get("text_key"), output_format=output_format, steps=[],
         recursive=bool(data.get("recursive", True)),
     )
+    pipeline.columns = available = _manifest_columns(pipeline)
     pipeline.text_only = _is_text_only(pipeline)
-    available = _manifest_columns(pipeline)
     if pipeline.text_key is not None and pipeline.input.suffix.lower() in MANIFEST_SUFFIXES \
             and pipeline.text_key not in available:
         raise _fail(str(path), f"text_key '{pipeline.text_key}' is not a column of {pipeline.input}."
@@ -369,7 +370,7 @@ def _is_text_only(pipeline: Pipeline) -> bool:
     """A manifest without an image column holds prompts (text-only records)."""
     if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
         return False
-    columns = _manifest_columns(pipeline)
+    columns = pipeline.columns
     key = pipeline.image_key
     if key is not None:
         return key not in columns
@@ -613,7 +614,7 @@ def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: 
 def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, Any]]:
     """Every record that was not dropped: the user's columns, then each step's field (and all samples)."""
     outputs, dropped = _collect_outputs(store, pipeline.steps, base)
-    image_column = _image_column(pipeline, _manifest_columns(pipeline)) or "image"
+    image_column = _image_column(pipeline, pipeline.columns) or "image"
     rows = []
     ids = [record.id for record in base]
     samples: dict[str, dict[str, list]] = {}

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.errors import CaptionkitError, MissingDependencyError
-from captionkit.models import free_accelerator_memory, is_local, model_unavailable
+from captionkit.errors import CaptionkitError
+from captionkit.models import free_accelerator_memory, is_local
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
 
 log = logging.getLogger(__name__)
@@ -154,17 +154,16 @@ class ChatVLMCaptioner:
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
-        from captionkit.models.florence2 import resolve_device, resolve_dtype
+        from captionkit.models.florence2 import dtype_label
 
         model_id, revision = model_identity(self.model_name, self.revision)
-        device = resolve_device(self.device_name)
         return {
             "backend": self.backend_name,
             "family": self.model_type,
             "model": model_id,
             "revision": revision,
             "trust_remote_code": self.trust_remote_code,
-            "dtype": str(resolve_dtype(self.dtype_name, device, warn=False)).removeprefix("torch."),
+            "dtype": dtype_label(self.dtype_name, self.device_name),
             "chat": self.chat.fingerprint(),
             "max_image_side": self.max_image_side,
             "family_options": self.family_options,
@@ -176,21 +175,14 @@ class ChatVLMCaptioner:
         if self.model is not None:
             return
         ensure_torchvision()
-        import torch
         import transformers
 
-        from captionkit.models.florence2 import resolve_device, resolve_dtype
+        from captionkit.models.florence2 import check_attention, loading_error, resolve_device, resolve_dtype
 
         transformers.utils.logging.disable_progress_bar()
         self.device = resolve_device(self.device_name)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
-        if self.attn_implementation == "flash_attention_2":
-            import importlib.util
-
-            if importlib.util.find_spec("flash_attn") is None:
-                raise MissingDependencyError("flash-attn", "--attn-implementation flash_attention_2")
-            if not self.device.startswith("cuda") or self.dtype is torch.float32:
-                raise CaptionkitError("flash_attention_2 needs a CUDA GPU and --dtype fp16 or bf16.")
+        check_attention(self.attn_implementation, self.device, self.dtype)
         options = {"cache_dir": self.cache_dir, "revision": self.revision, "trust_remote_code": self.trust_remote_code}
         model_class = getattr(transformers, self.model_class)
         try:
@@ -201,12 +193,8 @@ class ChatVLMCaptioner:
                 self.model_name, dtype=self.dtype, attn_implementation=self.attn_implementation, **options
             )
         except OSError as error:
-            if is_local(self.model_name):
-                raise CaptionkitError(
-                    f"{self.model_name}: not a loadable {self.model_type} folder ({error}). It needs config.json, "
-                    "weights and the processor and tokenizer files (as saved by save_pretrained)."
-                ) from error
-            raise model_unavailable(self.model_name, error) from error
+            raise loading_error(self.model_name, self.model_type,
+                                "config.json, weights and the processor and tokenizer files", error) from error
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         tokenizer.padding_side = "left"  # generation continues from the right edge of every row
         if tokenizer.pad_token is None:

@@ -93,6 +93,33 @@ def resolve_dtype(dtype: str, device: str, warn: bool = True):
     return names[dtype]
 
 
+def dtype_label(dtype: str, device: str) -> str:
+    """The precision a run will use, for fingerprints ('auto' on a CPU is 'float32'): it changes the output."""
+    return str(resolve_dtype(dtype, resolve_device(device), warn=False)).removeprefix("torch.")
+
+
+def check_attention(attn_implementation: str, device: str, dtype) -> None:
+    """flash_attention_2 needs its package, a CUDA GPU and half precision: say so before loading weights."""
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise MissingDependencyError("flash-attn", "--attn-implementation flash_attention_2")
+    if not device.startswith("cuda") or dtype is torch.float32:
+        raise CaptionkitError("flash_attention_2 needs a CUDA GPU and --dtype fp16 or bf16.")
+
+
+def loading_error(model: str, what: str, needs: str, error: BaseException) -> CaptionkitError:
+    """One plain message when from_pretrained fails: a broken local folder, or a hub model not to be had."""
+    if is_local(model):
+        return CaptionkitError(f"{model}: not a loadable {what} folder ({error}). It needs {needs} "
+                               "(as saved by save_pretrained).")
+    return model_unavailable(model, error)
+
+
 def _folder_revision(folder: Path) -> str:
     """Identity of a local model folder: its config and the sizes/times of its weight files."""
     digest = hashlib.sha256()
@@ -198,8 +225,7 @@ class Florence2Captioner:
             "task": self.task,
             "task_input": self.task_input,
             "generation": self.generation.kwargs(),
-            "dtype": str(resolve_dtype(self.dtype_name, resolve_device(self.device_name), warn=False)).removeprefix(
-                "torch."),
+            "dtype": dtype_label(self.dtype_name, self.device_name),
         }
 
     # lifetime ----------------------------------------------------------------
@@ -208,7 +234,6 @@ class Florence2Captioner:
         if self.model is not None:
             return
         ensure_torchvision()
-        import torch
         import transformers
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
@@ -216,13 +241,7 @@ class Florence2Captioner:
 
         self.device = resolve_device(self.device_name)
         self.dtype = resolve_dtype(self.dtype_name, self.device)
-        if self.attn_implementation == "flash_attention_2":
-            import importlib.util
-
-            if importlib.util.find_spec("flash_attn") is None:
-                raise MissingDependencyError("flash-attn", "--attn-implementation flash_attention_2")
-            if not self.device.startswith("cuda") or self.dtype is torch.float32:
-                raise CaptionkitError("flash_attention_2 needs a CUDA GPU and --dtype fp16 or bf16.")
+        check_attention(self.attn_implementation, self.device, self.dtype)
         options = {"cache_dir": self.cache_dir, "revision": self.revision}
         try:
             self.processor = AutoProcessor.from_pretrained(self.model_name, **options)
@@ -230,12 +249,8 @@ class Florence2Captioner:
                 self.model_name, dtype=self.dtype, attn_implementation=self.attn_implementation, **options
             )
         except OSError as error:
-            if is_local(self.model_name):
-                raise CaptionkitError(
-                    f"{self.model_name}: not a loadable Florence-2 folder ({error}). It needs config.json, "
-                    "weights and the processor files (as saved by save_pretrained)."
-                ) from error
-            raise model_unavailable(self.model_name, error) from error
+            raise loading_error(self.model_name, "Florence-2", "config.json, weights and the processor files",
+                                error) from error
         if self.adapter is not None:
             try:
                 from peft import PeftModel

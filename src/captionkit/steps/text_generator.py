@@ -77,15 +77,14 @@ class TransformersTextModel:
 
     def fingerprint(self) -> dict[str, Any]:
         from captionkit.models.chat_vlm import model_identity
-        from captionkit.models.florence2 import resolve_device, resolve_dtype
+        from captionkit.models.florence2 import dtype_label
 
         model_id, revision = model_identity(self.model_name, None)
-        device = resolve_device(self.device_name)
         return {
             "backend": "transformers",
             "model": model_id,
             "revision": revision,
-            "dtype": str(resolve_dtype(self.dtype_name, device, warn=False)).removeprefix("torch."),
+            "dtype": dtype_label(self.dtype_name, self.device_name),
             "chat": self.chat.fingerprint(),
         }
 
@@ -95,8 +94,7 @@ class TransformersTextModel:
         ensure_torchvision()
         import transformers
 
-        from captionkit.models import is_local, model_unavailable
-        from captionkit.models.florence2 import resolve_device, resolve_dtype
+        from captionkit.models.florence2 import loading_error, resolve_device, resolve_dtype
 
         transformers.utils.logging.disable_progress_bar()
         self.device = resolve_device(self.device_name)
@@ -105,12 +103,8 @@ class TransformersTextModel:
             tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_name)
             model = transformers.AutoModelForCausalLM.from_pretrained(self.model_name, dtype=self.dtype)
         except (OSError, ValueError) as error:
-            if is_local(self.model_name):
-                raise CaptionkitError(
-                    f"{self.model_name}: not a loadable causal language model folder ({error}). It needs "
-                    "config.json, weights and the tokenizer files (as saved by save_pretrained)."
-                ) from error
-            raise model_unavailable(self.model_name, error) from error
+            raise loading_error(self.model_name, "causal language model",
+                                "config.json, weights and the tokenizer files", error) from error
         if not getattr(tokenizer, "chat_template", None):
             raise CaptionkitError(
                 f"{self.model_name}: the tokenizer has no chat template (chat_template.jinja or "
