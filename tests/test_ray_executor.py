@@ -141,6 +141,50 @@ def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, t
     assert state(folder) == state(local)  # every image once, same text, no partial or temporary file
 
 
+class CrashesOn(Florence2Captioner):
+    """The worker process dies whenever its batch holds one image: a file that crashes the decoder, say."""
+
+    def __init__(self, poison: str, **options) -> None:
+        super().__init__(**options)
+        self.poison = poison
+
+    def caption_batch(self, requests):
+        if any(request.key == self.poison for request in requests):
+            os._exit(1)
+        return super().caption_batch(requests)
+
+
+def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    settings = {"model": str(tiny_florence), "generation": GenerationSettings(max_new_tokens=12, num_beams=1)}
+    summary = captionkit.caption(folder, captioner=CrashesOn("img005.png", **settings), batch_size=4,
+                                 progress="quiet", workers=2, **RAY)
+    assert (summary.processed, summary.failed) == (IMAGES - 1, 2)  # its three batch neighbours were saved
+    assert "lost on the cluster" in summary.errors["img005.png"]
+    expected = state(local)
+    got = state(folder)
+    assert {key: row for key, row in got["rows"].items() if key != "img005.png"} == {
+        key: row for key, row in expected["rows"].items() if key != "img005.png"}
+    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
+    assert state(folder) == expected
+
+
+def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
+    from captionkit.testing_vlms.llava import build_llava
+
+    model = build_llava(tmp_path / "llava")
+    write_good_images(tmp_path / "local", 6)
+    copy_of(tmp_path / "local", tmp_path / "ray")
+    options = {"model": str(model), "prompt": "Describe it.", "max_new_tokens": 8, "batch_size": 2,
+               "progress": "quiet", "max_image_side": 48}
+    local = captionkit.caption(tmp_path / "local", **options)
+    remote = captionkit.caption(tmp_path / "ray", **options, executor="ray", ray_actors=1)
+    assert local.processed == remote.processed == 6
+    assert state(tmp_path / "ray") == state(tmp_path / "local")
+
+
 def _committed(folder: Path) -> int:
     try:
         with sqlite3.connect(folder / ".captionkit" / "store.sqlite", timeout=1) as connection:
@@ -180,3 +224,82 @@ def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, m
     with pytest.raises(CaptionkitError, match=r"pip install 'captionkit\[ray\]'"):
         captionkit.caption(tmp_path, model=str(tiny_florence), executor="ray", **FAST)
     assert not (tmp_path / ".captionkit").exists()  # refused before anything was written
+
+
+# ------------------------------------------------------------------------------------ reading on Ray
+def _tree(root: Path) -> Path:
+    """Nested folders (deeper than the driver splits), hidden and non-image files, a loop and an alias."""
+    write_good_images(root, 2)
+    for index, folder in enumerate(["a", "a/b", "a/b/c", "a/b/c/d", "a/b/c/d/e", "b", "b/x", "c", "z"]):
+        write_good_images(root / folder, 2, start=10 * index, suffix=".jpg" if index % 2 else ".png")
+    (root / "a" / "notes.txt").write_text("not an image")
+    write_good_images(root / ".hidden", 1)
+    (root / "a" / "b" / "loop").symlink_to(root, target_is_directory=True)  # a loop back to the top
+    (root / "z" / "alias").symlink_to(root / "b", target_is_directory=True)  # b again, through a link
+    return root
+
+
+def test_folders_are_listed_in_parallel_with_the_local_records_and_signatures(tmp_path, ray_address, caplog):
+    from captionkit.executors.ray_executor import RayExecutor
+    from captionkit.records import open_source
+    from captionkit.store import file_signature
+
+    root = _tree(tmp_path / "tree")
+    expected = list(open_source(root))
+    executor = RayExecutor()
+    got = executor.list_records(open_source(root))
+    assert got == expected and len(got) == 20  # same ids, paths and order; the loop and the alias cut
+    assert executor.known_signatures == {str(record.path): file_signature(record.path) for record in got}
+    hidden = open_source(root, include_hidden=True)
+    assert executor.list_records(hidden) == list(open_source(root, include_hidden=True))
+
+
+def _manifest_rows(root: Path) -> list[dict]:
+    write_good_images(root / "images", 4)
+    return [{"image": "images/img000.png", "tags": "red, round", "score": "0.50"},
+            {"image": "images/img001.png", "tags": 'says "hi", twice', "score": ""},
+            {"image": "", "tags": "no image here", "score": "1"},
+            {"image": "images/img000.png", "tags": "repeated", "score": "2"},
+            {"image": str(root / "images" / "img003.png"), "tags": "absolute", "score": "3"}]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv", "parquet"])
+def test_manifests_are_read_by_ray_data_with_the_local_records(tmp_path, ray_address, kind):
+    import csv
+
+    import pyarrow as pa
+
+    from captionkit.executors.ray_executor import RayExecutor
+    from captionkit.records import open_source
+
+    rows = _manifest_rows(tmp_path)
+    manifest = tmp_path / f"list.{kind}"
+    if kind == "jsonl":  # a byte-order mark, blank lines and a nested field
+        lines = [json.dumps({**row, "extra": {"n": number}}) for number, row in enumerate(rows)]
+        manifest.write_text("\ufeff" + lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n\n", encoding="utf-8")
+    elif kind in ("csv", "tsv"):
+        with manifest.open("w", newline="", encoding="utf-8-sig") as stream:  # as Excel writes it
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]), delimiter="\t" if kind == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        parquet.write_table(pa.Table.from_pylist(rows), manifest, row_group_size=2)
+    expected = list(open_source(manifest))
+    got = RayExecutor().list_records(open_source(manifest))
+    assert got == expected and [record.id for record in got] == [
+        "images/img000.png", "images/img001.png", "images/img003.png"]
+    assert got[1].fields["tags"] == 'says "hi", twice' and got[1].fields["score"] == ""  # text stays text
+
+
+def test_a_bad_manifest_line_is_named_as_locally(tmp_path, ray_address):
+    from captionkit.executors.ray_executor import RayExecutor
+    from captionkit.records import open_source
+
+    write_good_images(tmp_path / "images", 2)
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"image": "images/img000.png"}\n\n{"image": broken\n')
+    with pytest.raises(CaptionkitError) as local:
+        list(open_source(manifest))
+    with pytest.raises(CaptionkitError) as remote:
+        RayExecutor().list_records(open_source(manifest))
+    assert str(remote.value) == str(local.value) and ":3: not valid JSON" in str(remote.value)

@@ -234,3 +234,11 @@ def test_broken_folders_name_the_file_and_the_fix(wd_timm_folder, tmp_path):
     write_tags_csv(wrong / "selected_tags.csv", TAG_ROWS[:3])
     with pytest.raises(TaggerLoadError, match="3 tags"):
         load_tagger(str(wrong), device="cpu")
+
+
+def test_decode_workers_read_the_preprocessing_without_the_weights(wd_onnx_folder, wd_timm_folder):
+    """Ray's CPU stage prepares images with ``load_preprocessing``: the same as the loaded tagger's."""
+    from captionkit.models.taggers import load_preprocessing
+
+    for folder in (wd_onnx_folder[0], wd_timm_folder[0]):
+        assert load_preprocessing(str(folder)) == load_tagger(str(folder), device="cpu").preprocessing

@@ -388,7 +388,7 @@ def _run_step(
                            **(ray_options or {}))  # before any file: a missing extra is one plain sentence
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
-    records = list(source)
+    records = runner.list_records(source)
     if not records:
         raise CaptionkitError(no_images_message(source))
     location = output_location(source, output_dir)

@@ -23,7 +23,7 @@ from typing import Any
 from captionkit.errors import ImageLoadError
 from captionkit.models.base import ItemFailure
 from captionkit.progress import Progress
-from captionkit.records import Record
+from captionkit.records import Record, Source
 from captionkit.sinks import SidecarSink
 from captionkit.steps.base import Prepared, Step, is_out_of_memory
 from captionkit.store import Result, Store, file_signature, fingerprint
@@ -157,6 +157,11 @@ class LocalExecutor:
     def __init__(self, options: RunOptions | None = None, progress: Progress | None = None) -> None:
         self.options = options or RunOptions()
         self.progress = progress or Progress("quiet")
+        self.known_signatures: dict[str, str | None] = {}  # read while listing (elsewhere), by image path
+
+    def list_records(self, source: Source) -> list[Record]:
+        """The source's records (executors with workers elsewhere list in parallel there, in the same order)."""
+        return list(source)
 
     def classify(self, step: Step, records: list[Record], store: Store,
                  settings: dict[str, Any] | None = None) -> WorkPlan:
@@ -176,7 +181,9 @@ class LocalExecutor:
                 plan.record_settings[record_id] = (merged, fingerprint(merged))
         stored = store.get_many(step.field, (record.id for record in records))
         for record in records:
-            signature = file_signature(record.path)
+            listed = str(record.path)
+            signature = self.known_signatures[listed] if listed in self.known_signatures \
+                else file_signature(record.path)
             plan.signatures[record.id] = signature
             if isinstance(per_record.get(record.id), str):
                 plan.unfillable[record.id] = str(per_record[record.id])

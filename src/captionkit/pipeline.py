@@ -391,10 +391,11 @@ def _manifest_columns(pipeline: Pipeline) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- running
-def _records(pipeline: Pipeline) -> list[Record]:
+def _records(pipeline: Pipeline, lister=None) -> list[Record]:
+    """The pipeline's input records; ``lister`` (an executor) lists them where it runs (Ray: in parallel)."""
     source = open_source(pipeline.input, recursive=pipeline.recursive, image_column=pipeline.image_key,
                          base_dir=pipeline.meta_folder, text_only=pipeline.text_only)
-    records = list(source)
+    records = lister.list_records(source) if lister is not None else list(source)
     if not records:
         from captionkit.api import no_images_message
 
@@ -518,7 +519,8 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
     if only_step is not None and only_step not in names:
         raise CaptionkitError(f"--only-step {only_step}: no such step.{_did_you_mean(only_step, names)} "
                               f"Steps: {', '.join(names)}.")
-    base = _records(pipeline)
+    lister = make_executor(executor, **scale) if executor == "ray" and not dry_run else None
+    base = _records(pipeline, lister)
     pipeline.base_folder.mkdir(parents=True, exist_ok=True)
     report = PipelineReport(steps=[], dry_run=dry_run)
     with Store(pipeline.base_folder) as store:
@@ -555,6 +557,8 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                 runner = LocalExecutor(options, reporter)
                 if step.step_type.name in MODEL_STEP_TYPES and not dry_run and executor_for(built, executor, scale):
                     runner = make_executor(executor, options, reporter, **scale)
+                    if lister is not None:
+                        runner.known_signatures = lister.known_signatures  # read while listing, in parallel
                 if dry_run:
                     plan = runner.classify(built, records, store)
                     # What earlier steps will recompute may change this step's inputs: count it as to run.

@@ -10,7 +10,7 @@ import csv
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,26 +64,41 @@ class FolderSource(Source):
 
     def __iter__(self) -> Iterator[Record]:
         extensions = self.extensions or image_extensions()
-        visited: set[tuple[int, int]] = set()
-        yield from self._walk(self.root, extensions, visited)
+        for listing in self.listings(self.root, extensions, set()):
+            yield from listing.records
 
-    def _walk(self, folder: Path, extensions: frozenset[str], visited: set[tuple[int, int]]) -> Iterator[Record]:
+    def listings(self, folder: Path, extensions: frozenset[str], visited: set[tuple[int, int]],
+                 warn: Callable[[str], None] | None = None) -> Iterator[FolderListing]:
+        """Each folder's images, in walk order (pre-order, names sorted); ``warn`` receives what was skipped."""
+        warn = warn or _log_warning
+        listing = self.list_folder(folder, extensions, visited, warn)
+        if listing is None:
+            return
+        yield listing
+        if self.recursive:
+            for subfolder in listing.subfolders:
+                yield from self.listings(subfolder, extensions, visited, warn)
+
+    def list_folder(self, folder: Path, extensions: frozenset[str], visited: set[tuple[int, int]],
+                    warn: Callable[[str], None]) -> FolderListing | None:
+        """One folder's images and subfolders; None when it cannot be read or was visited (a symlink loop)."""
         try:
             info = folder.stat()
         except OSError as error:
-            log.warning("%s: cannot read folder (%s); skipped.", folder, error.strerror or error)
-            return
+            warn(f"{folder}: cannot read folder ({error.strerror or error}); skipped.")
+            return None
         key = (info.st_dev, info.st_ino)
         if key in visited:
-            log.warning("%s: symlink loop (folder already visited); skipped.", folder)
-            return
+            warn(f"{folder}: symlink loop (folder already visited); skipped.")
+            return None
         visited.add(key)
         try:
             entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
         except OSError as error:
-            log.warning("%s: cannot list folder (%s); skipped.", folder, error.strerror or error)
-            return
-        subfolders = []
+            warn(f"{folder}: cannot list folder ({error.strerror or error}); skipped.")
+            return FolderListing(folder, key, [], [])
+        records: list[Record] = []
+        subfolders: list[Path] = []
         for entry in entries:
             if entry.name.startswith(".") and not self.include_hidden:
                 continue
@@ -97,10 +112,22 @@ class FolderSource(Source):
             elif is_file or entry.is_symlink():
                 path = Path(entry.path)
                 if path.suffix.lower() in extensions:
-                    yield Record(id=path.relative_to(self.root).as_posix(), path=path)
-        if self.recursive:
-            for subfolder in subfolders:
-                yield from self._walk(subfolder, extensions, visited)
+                    records.append(Record(id=path.relative_to(self.root).as_posix(), path=path))
+        return FolderListing(folder, key, records, subfolders)
+
+
+@dataclass
+class FolderListing:
+    """One folder as a walk sees it: its key (device, inode), its images and its subfolders."""
+
+    folder: Path
+    key: tuple[int, int]
+    records: list[Record]
+    subfolders: list[Path]
+
+
+def _log_warning(message: str) -> None:
+    log.warning("%s", message)
 
 
 @dataclass
@@ -166,40 +193,40 @@ class ManifestSource(Source):
         if self.text_only:
             yield from self._text_records(rows)
             return
+        column = self.choose_image_column(list(rows[0]))
+        base = self.base_dir or self.manifest.parent
+        yield from self.unique_records(row_record(row, column, base, self.root) for row in rows)
+
+    def choose_image_column(self, columns: list[str]) -> str:
+        """``--image-column``, or the first usual name among the manifest's columns (also kept on the source)."""
         column = self.image_column
         if column is None:
-            column = next((name for name in _IMAGE_COLUMN_GUESSES if name in rows[0]), None)
+            column = next((name for name in _IMAGE_COLUMN_GUESSES if name in columns), None)
             if column is None:
                 raise SourceError(
                     f"{self.manifest}: no image column found (looked for {', '.join(_IMAGE_COLUMN_GUESSES)}; "
-                    f"columns are {', '.join(map(str, rows[0]))}). Pass --image-column NAME."
+                    f"columns are {', '.join(map(str, columns))}). Pass --image-column NAME."
                 )
-        elif column not in rows[0]:
+        elif column not in columns:
             raise SourceError(
-                f"{self.manifest}: column '{column}' not found; columns are {', '.join(map(str, rows[0]))}."
+                f"{self.manifest}: column '{column}' not found; columns are {', '.join(map(str, columns))}."
             )
         self.image_column_used = column
-        base = self.base_dir or self.manifest.parent
-        seen: set[str] = set()
-        for number, row in enumerate(rows, 1):
-            value = row.get(column)
-            if not value:
-                log.warning("%s: row %d has no value in column '%s'; skipped.", self.manifest, number, column)
-                continue
-            path = Path(str(value)).expanduser()
-            if not path.is_absolute():
-                path = base / path
-            try:
-                record_id = path.resolve().relative_to(self.root.resolve()).as_posix()
-            except ValueError:
-                record_id = path.resolve().as_posix()
-            if record_id in seen:
-                log.warning("%s: row %d repeats image %s; skipped.", self.manifest, number, record_id)
-                continue
-            seen.add(record_id)
-            fields = {key: item for key, item in row.items() if key != column}
-            yield Record(id=record_id, path=path, fields=fields)
+        return column
 
+    def unique_records(self, records: Iterable[Record | None]) -> Iterator[Record]:
+        """Rows' records in order, without rows that have no image or repeat one (each named in a warning)."""
+        seen: set[str] = set()
+        for number, record in enumerate(records, 1):
+            if record is None:
+                log.warning("%s: row %d has no value in column '%s'; skipped.", self.manifest, number,
+                            self.image_column_used)
+                continue
+            if record.id in seen:
+                log.warning("%s: row %d repeats image %s; skipped.", self.manifest, number, record.id)
+                continue
+            seen.add(record.id)
+            yield record
 
     def _text_records(self, rows: list[dict[str, Any]]) -> Iterator[Record]:
         width = len(str(len(rows)))
@@ -210,6 +237,21 @@ class ManifestSource(Source):
                 raise SourceError(f"{self.manifest}: row {number} repeats id '{record_id}'; ids must be unique.")
             seen.add(record_id)
             yield Record(id=record_id, path=None, fields=dict(row))
+
+
+def row_record(row: dict[str, Any], column: str, base: Path, root: Path) -> Record | None:
+    """One manifest row's record (its image resolved against ``base``, its id relative to ``root``); None: no image."""
+    value = row.get(column)
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    try:
+        record_id = path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        record_id = path.resolve().as_posix()
+    return Record(id=record_id, path=path, fields={key: item for key, item in row.items() if key != column})
 
 
 def open_source(

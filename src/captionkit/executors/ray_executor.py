@@ -1,22 +1,27 @@
 """``--executor ray``: the same steps on a Ray cluster, with Ray Data streaming between a CPU and a model stage.
 
-Flow: the driver lists the records and asks the store what is done (as the local executor
-does), then streams the rest through a Ray Dataset:
+Flow: the driver lists the records (folders by Ray tasks in parallel, manifests by Ray
+Data's readers: :mod:`captionkit.executors.ray_sources`) and asks the store what is done,
+as the local executor does, then streams the rest through a Ray Dataset:
 
-    records → [CPU stage: tasks, step.prepare = decode + preprocess]
+    records → [CPU stage: tasks, step.prepare = decode + preprocess, pixels packed to uint8]
             → [model stage: actor pool, one loaded model per actor, step.run_batch]
             → driver: commit each block to the store, then write its sidecars
 
 The step object is the one ``captionkit caption``/``tag``/``run`` builds; it is pickled
 before it loads (steps leave their store and loaded model out of the pickle) and every
-task or actor loads its own copy. Steps that cannot prepare without their model (chat
-VLMs, taggers) prepare inside the model actors, on ``cpus_per_actor`` threads.
+task or actor loads its own copy. The CPU stage loads only what ``prepare`` needs
+(``load_preprocessing``: Florence-2's processor, a tagger's preprocessing; chat VLMs need
+nothing); steps without it prepare inside the model actors, on ``cpus_per_actor`` threads.
+Prepared pixels travel as uint8 codes with exact per-channel tables
+(:mod:`captionkit.executors.transport`): a quarter of float32, the same bits.
 
 Fault tolerance: Ray restarts a killed actor and runs its batch again (``batch_retries``
 times); the driver is the only writer and commits each block once, so every image is
-saved exactly once and no file is half written. A batch that still fails is recorded
-as failed with the model-error note (tried again on the next run), never a job failure.
-A killed driver loses only the blocks in flight: the next run skips what the store has.
+saved exactly once and no file is half written. The images of a block that still fails
+are run again one at a time, so an image that crashes its worker loses only itself; it is
+recorded as failed with the model-error note (tried again on the next run), never a job
+failure. A killed driver loses only the blocks in flight: the next run skips what the store has.
 """
 
 from __future__ import annotations
@@ -36,13 +41,16 @@ from typing import Any
 from captionkit.errors import CaptionkitError, require
 from captionkit.executor import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
+from captionkit.executors.transport import pack_prepared, unpack_prepared
 from captionkit.progress import Progress
-from captionkit.records import Record
+from captionkit.records import Record, Source
 from captionkit.sinks import SidecarSink
 from captionkit.steps.base import Prepared, Step
 from captionkit.store import Store
 
 log = logging.getLogger(__name__)
+ISOLATION_TRIES = 2  # an image's own tries after its block was lost
+ISOLATION_WAIT_S = 120  # for a model actor to be placed before the lost images wait for the next run
 LOST = ("lost on the cluster: its batch failed {retries} times (a worker crashed, was killed or its node "
         "went away); it is tried again on the next run")
 
@@ -105,7 +113,8 @@ def decode_batch(table, blob: bytes, threads: int):
         _DECODERS.clear()  # one run's step at a time per worker process
         _DECODERS[key] = step
     records = [pickle.loads(value) for value in table.column("record").to_pylist()]
-    entries = _prepare_all(step, records, threads)
+    entries = [(entry[0], pack_prepared(entry[1])) if entry[0] == "ok" else entry
+               for entry in _prepare_all(step, records, threads)]
     return _table([record.id for record in records], [pickle.dumps(entry) for entry in entries])
 
 
@@ -125,12 +134,21 @@ class ModelActor:
         self.runner = LocalExecutor(RunOptions(workers=threads))
         self.calls = 0
 
+    def ready(self) -> bool:
+        """Answers once the model is loaded."""
+        return True
+
+    def run(self, table):
+        """One batch, called directly on an actor of the driver's own (``__call__`` is Ray Data's entry)."""
+        return self(table)
+
     def __call__(self, table):
         import os
 
         ids = table.column("id").to_pylist()
         if self.prepared_upstream:
             entries = [pickle.loads(value) for value in table.column("blob").to_pylist()]
+            entries = [(entry[0], unpack_prepared(entry[1])) if entry[0] == "ok" else entry for entry in entries]
         else:
             records = [pickle.loads(value) for value in table.column("record").to_pylist()]
             entries = _prepare_all(self.step, records, self.threads)
@@ -291,6 +309,15 @@ class RayExecutor(LocalExecutor):
                     ray.shutdown()
                     self._started_ray = False
 
+    def list_records(self, source: Source) -> list[Record]:
+        """Folders listed by Ray tasks in parallel, manifests read by Ray Data (the same records, in order)."""
+        from captionkit.executors.ray_sources import list_records
+
+        with contextlib.redirect_stdout(sys.stderr), _quiet_ray_data():
+            records, signatures = list_records(source, self._ray())
+        self.known_signatures.update(signatures)
+        return records
+
     def _gpus(self) -> float:
         if self.gpus_per_actor is None:
             self.gpus_per_actor = 1.0 if self._ray().cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -328,8 +355,6 @@ class RayExecutor(LocalExecutor):
             for key, value in self._probe(step, load=True)[1].items():
                 store.put_meta(key, value)
             summary.model_load_s = time.perf_counter() - started
-        blob = portable(step, _dumps)  # after classify: the per-image prompts it filled travel with it
-        apart = bool(getattr(step, "prepares_apart", False))
         gpus = self._gpus()
         actors = self.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1)
         batch = max(1, step.batch_size)
@@ -346,48 +371,22 @@ class RayExecutor(LocalExecutor):
         self.progress.start(len(todo), step.field)
         started = time.perf_counter()
         delivered: set[str] = set()
-        by_id = {record.id: record for record in todo}
         seen_actors: dict[int, float] = {}
+        tries = self.batch_retries + 1
         try:
-            # Block by block into the object store (spillable), so the driver never holds a second copy of the list.
-            dataset = ray.data.from_arrow_refs([
-                ray.put(_records_table(todo[start:start + per_block])) for start in range(0, len(todo), per_block)])
-            if apart:
-                dataset = dataset.map_batches(
-                    decode_batch, fn_args=(blob, max(1, int(self.decode_cpus))), batch_size=batch,
-                    batch_format="pyarrow", num_cpus=self.decode_cpus,
-                    compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
-                )
-            model_stage = {
-                "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
-                                        max(1, int(self.cpus_per_actor))),
-                "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
-                "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None,
-            }
-            try:  # a killed actor is restarted and its batch run again, a bounded number of times
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # Ray deprecates these keywords without a named successor
-                    dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=-1,
-                                                  max_task_retries=self.batch_retries)
-            except TypeError:  # a Ray without them: its own default (retry until the batch succeeds)
-                dataset = dataset.map_batches(ModelActor, **model_stage)
-            with _StopFlag(self.options.stop) as stop, _quiet_ray_data():
-                blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
-                try:
-                    for table in blocks:
-                        self._commit(step, table, store, sink, summary, settings, step_fingerprint, signatures,
-                                     delivered, seen_actors)
-                        if stop.requested:
-                            break
-                except ray.exceptions.RayError as error:  # e.g. the model cannot load on the workers
-                    raise worker_error(error) from error
-                finally:
-                    if hasattr(blocks, "close"):
-                        blocks.close()  # stop the pipeline now (a stop request), not when garbage collected
-                summary.interrupted = stop.requested
-            lost = [record for record_id, record in by_id.items() if record_id not in delivered]
+            commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
+            self._pass(ray, step, todo, actors, gpus, batch, per_block, self.batch_retries, commit)
+            lost = [record for record in todo if record.id not in delivered]
+            if len(lost) > 1 and not summary.interrupted:
+                # A block that failed every try (an image that crashes its worker, say) took its neighbours
+                # with it: run those again one by one, so only the image that causes it is lost.
+                log.warning("%d images were lost with a failing batch; running them again one at a time",
+                            len(lost))
+                self._isolate(ray, step, lost, gpus, commit)
+                tries += ISOLATION_TRIES
+                lost = [record for record in lost if record.id not in delivered]
             if lost and not summary.interrupted:
-                message = LOST.format(retries=self.batch_retries + 1)
+                message = LOST.format(retries=tries)
                 log.warning("%d images %s", len(lost), message)
                 items = [Prepared(record, None, (0, 0), "") for record in lost]
                 self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
@@ -401,6 +400,82 @@ class RayExecutor(LocalExecutor):
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
         if seen_actors:
             summary.model_busy_s /= len(seen_actors)  # per actor, so the busy fraction reads as one GPU's
+
+    def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
+        """Run ``records`` one at a time on one model actor of this driver's own, restarted when an image kills it.
+
+        Not a second Ray Data run: an actor pool whose actor was restarted can keep its share of
+        the cluster for a while after its dataset ends (seen with Ray 2.60), which could starve a
+        second pool; this one actor is killed here when it is done.
+        """
+        summary = commit[2]
+        device = self._device() if runs_on_device(step) else None
+        actor_class = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=gpus or None, max_restarts=-1,
+                                 max_task_retries=0)(ModelActor)
+        actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)))
+        try:
+            ready, _ = ray.wait([actor.ready.remote()], timeout=ISOLATION_WAIT_S)
+            if not ready:
+                log.warning("no room on the cluster for a model actor within %d s; the lost images are tried "
+                            "again on the next run", ISOLATION_WAIT_S)
+                return
+            with _StopFlag(self.options.stop) as stop:
+                for record in records:
+                    for _ in range(ISOLATION_TRIES):
+                        try:
+                            table = ray.get(actor.run.remote(_records_table([record])))
+                        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                            continue  # the actor died on this image (it restarts for the next try)
+                        self._commit(step, table, *commit)
+                        break
+                    if stop.requested:
+                        summary.interrupted = True
+                        break
+        except ray.exceptions.RayError as error:
+            raise worker_error(error) from error
+        finally:
+            ray.kill(actor)
+
+    def _pass(self, ray: Any, step: Step, records: list[Record], actors: int, gpus: float, batch: int,
+              per_block: int, retries: int, commit: tuple) -> None:
+        """One Ray Data run over ``records``: CPU stage, model stage, each block committed as it arrives."""
+        summary = commit[2]
+        blob = portable(step, _dumps)  # after classify: the per-image prompts it filled travel with it
+        apart = bool(getattr(step, "prepares_apart", False))
+        # Block by block into the object store (spillable), so the driver never holds a second copy of the list.
+        dataset = ray.data.from_arrow_refs([
+            ray.put(_records_table(records[start:start + per_block])) for start in range(0, len(records), per_block)])
+        if apart:
+            dataset = dataset.map_batches(
+                decode_batch, fn_args=(blob, max(1, int(self.decode_cpus))), batch_size=batch,
+                batch_format="pyarrow", num_cpus=self.decode_cpus,
+                compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
+            )
+        model_stage = {
+            "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
+                                    max(1, int(self.cpus_per_actor))),
+            "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
+            "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None,
+        }
+        try:  # a killed actor is restarted and its batch run again, a bounded number of times
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Ray deprecates these keywords without a named successor
+                dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=-1, max_task_retries=retries)
+        except TypeError:  # a Ray without them: its own default (retry until the batch succeeds)
+            dataset = dataset.map_batches(ModelActor, **model_stage)
+        with _StopFlag(self.options.stop) as stop, _quiet_ray_data():
+            blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+            try:
+                for table in blocks:
+                    self._commit(step, table, *commit)
+                    if stop.requested:
+                        break
+            except ray.exceptions.RayError as error:  # e.g. the model cannot load on the workers
+                raise worker_error(error) from error
+            finally:
+                if hasattr(blocks, "close"):
+                    blocks.close()  # stop the pipeline now (a stop request), not when garbage collected
+            summary.interrupted = stop.requested
 
     def _commit(self, step: Step, table, store: Store, sink: SidecarSink | None, summary: RunSummary,
                 settings: dict, step_fingerprint: str, signatures: dict[str, str | None], delivered: set[str],

@@ -206,6 +206,9 @@ class ChatVLMCaptioner:
             )
         self.model = model.to(self.device).eval()
 
+    def load_processor(self) -> None:
+        """Nothing to load for decode workers elsewhere: ``preprocess`` only downscales (the processor runs later)."""
+
     def unload(self) -> None:
         """Free the model, the processor and cached accelerator memory."""
         self.model = None

@@ -533,18 +533,60 @@ def _load_timm(folder: Path, fmt: str, device: str) -> tuple[Any, Preprocessing,
             f"({str(error).splitlines()[0]}); the config and weights come from different models"
         ) from error
     model.eval().to(device)
+    return model, _timm_preprocessing(folder, fmt, config), [weights, folder / CONFIG_FILE], num_classes
+
+
+def _timm_preprocessing(folder: Path, fmt: str, config: dict[str, Any]) -> Preprocessing:
+    """``preprocess.json`` when the folder has one, else the timm config's ``pretrained_cfg``."""
     preprocess_path = folder / PREPROCESS_FILE
     if preprocess_path.is_file():
         try:
-            preprocessing = Preprocessing.from_dict(_read_json(preprocess_path))
+            return Preprocessing.from_dict(_read_json(preprocess_path))
         except (TypeError, ValueError, KeyError) as error:
             raise TaggerLoadError(
                 f"{preprocess_path}: invalid preprocessing ({error}); re-export the model"
             ) from error
+    channel_order = "BGR" if fmt == FORMAT_WD_TIMM else "RGB"
+    return preprocessing_from_pretrained_cfg(config.get("pretrained_cfg") or {}, channel_order)
+
+
+def _onnx_preprocessing(model_path: Path, shape: list[Any]) -> Preprocessing:
+    """A WD ONNX tagger's input (``[batch, height, width, 3]``, BGR, 0-255) from its input shape."""
+    if len(shape) != 4:
+        raise TaggerLoadError(f"{model_path}: expected a 4-D image input, got shape {shape}")
+    if shape[3] == 3 and isinstance(shape[1], int):
+        layout, height, width = "NHWC", shape[1], shape[2]
+    elif shape[1] == 3 and isinstance(shape[2], int):
+        layout, height, width = "NCHW", shape[2], shape[3]
     else:
-        channel_order = "BGR" if fmt == FORMAT_WD_TIMM else "RGB"
-        preprocessing = preprocessing_from_pretrained_cfg(config.get("pretrained_cfg") or {}, channel_order)
-    return model, preprocessing, [weights, folder / CONFIG_FILE], num_classes
+        raise TaggerLoadError(
+            f"{model_path}: cannot read the input size from shape {shape}; WD taggers take "
+            "[batch, height, width, 3]"
+        )
+    return Preprocessing(
+        size=(int(height), int(width)), layout=layout, channel_order="BGR", scale=1.0, mean=None, std=None
+    )
+
+
+def load_preprocessing(name_or_path: str, cache_dir: str | Path | None = None) -> Preprocessing:
+    """How the tagger wants its images, read without loading its weights (for decode workers elsewhere)."""
+    folder, _, prefer_onnx = _resolve(str(name_or_path), cache_dir)
+    fmt = detect_format(folder, prefer_onnx=prefer_onnx)
+    if fmt != FORMAT_WD_ONNX:
+        return _timm_preprocessing(folder, fmt, _read_json(folder / CONFIG_FILE))
+    from captionkit.errors import require
+
+    onnx = require("onnx", "ONNX taggers", extra="onnx")
+    model_path = folder / ONNX_FILE
+    try:
+        graph = onnx.load(str(model_path), load_external_data=False).graph
+    except Exception as error:  # a protobuf DecodeError, an OSError ...
+        raise TaggerLoadError(f"{model_path}: onnx cannot read the model ({error})") from error
+    initializers = {item.name for item in graph.initializer}
+    first = next(item for item in graph.input if item.name not in initializers)
+    shape = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+             for dim in first.type.tensor_type.shape.dim]
+    return _onnx_preprocessing(model_path, shape)
 
 
 def _onnx_providers(device: str) -> tuple[list[Any], bool]:
@@ -595,20 +637,7 @@ def _load_onnx(folder: Path, device: str) -> tuple[_OnnxRunner, Preprocessing, l
         )
     used = "cuda" if "CUDAExecutionProvider" in active else "cpu"
     shape = session.get_inputs()[0].shape
-    if len(shape) != 4:
-        raise TaggerLoadError(f"{model_path}: expected a 4-D image input, got shape {shape}")
-    if shape[3] == 3 and isinstance(shape[1], int):
-        layout, height, width = "NHWC", shape[1], shape[2]
-    elif shape[1] == 3 and isinstance(shape[2], int):
-        layout, height, width = "NCHW", shape[2], shape[3]
-    else:
-        raise TaggerLoadError(
-            f"{model_path}: cannot read the input size from shape {shape}; WD taggers take "
-            "[batch, height, width, 3]"
-        )
-    preprocessing = Preprocessing(
-        size=(int(height), int(width)), layout=layout, channel_order="BGR", scale=1.0, mean=None, std=None
-    )
+    preprocessing = _onnx_preprocessing(model_path, shape)
     fixed_batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     return _OnnxRunner(session, fixed_batch), preprocessing, [model_path], used
 

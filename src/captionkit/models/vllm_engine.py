@@ -461,6 +461,9 @@ class VLLMCaptioner:
         free_accelerator_memory()
 
     # work ----------------------------------------------------------------------------
+    def load_processor(self) -> None:
+        """Nothing to load for decode workers elsewhere: ``preprocess`` only downscales (the processor runs later)."""
+
     def image_size(self) -> tuple[int, int] | None:
         """Decode JPEGs at a reduced scale only when --max-image-side bounds what the model sees."""
         return (self.max_image_side, self.max_image_side) if self.max_image_side else None

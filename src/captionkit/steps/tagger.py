@@ -110,6 +110,7 @@ class TagStep:
         self._vocabulary_key = "vocabulary:" + hashlib.sha256(
             repr(sorted(self._identity.items())).encode()).hexdigest()[:20]
         self._target_size: tuple[int, int] | None = None
+        self._preprocessing: Any = None  # decode workers elsewhere: the preprocessing without the model
 
     def fingerprint(self) -> dict[str, Any]:
         return self._identity
@@ -155,10 +156,20 @@ class TagStep:
             self.tagger.unload()
             self.tagger = None
 
+    prepares_apart = True  # decode workers elsewhere need only the preprocessing (load_preprocessing)
+
+    def load_preprocessing(self) -> None:
+        """What ``prepare`` needs, read from the tagger's files without loading its weights."""
+        from captionkit.models.taggers import load_preprocessing
+
+        self._preprocessing = load_preprocessing(self.model_name, self.cache_dir)
+        height, width = self._preprocessing.size
+        self._target_size = (int(width), int(height))
+
     def prepare(self, record: Record) -> Prepared:
         loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
-        return Prepared(record, self.tagger.preprocess(loaded.image), loaded.original_size, loaded.content_hash,
-                        loaded.notes)
+        preprocess = self.tagger.preprocess if self.tagger is not None else self._preprocessing
+        return Prepared(record, preprocess(loaded.image), loaded.original_size, loaded.content_hash, loaded.notes)
 
     def run_batch(self, items: list[Prepared]) -> list[Any]:
         scores = self.tagger.predict(np.stack([item.payload for item in items]))
