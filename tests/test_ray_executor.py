@@ -239,7 +239,7 @@ def _tree(root: Path) -> Path:
     return root
 
 
-def test_folders_are_listed_in_parallel_with_the_local_records_and_signatures(tmp_path, ray_address, caplog):
+def test_folders_are_listed_in_parallel_with_the_local_records_and_signatures(tmp_path, ray_address):
     from captionkit.executors.ray_executor import RayExecutor
     from captionkit.records import open_source
     from captionkit.store import file_signature

@@ -16,12 +16,14 @@ nothing); steps without it prepare inside the model actors, on ``cpus_per_actor`
 Prepared pixels travel as uint8 codes with exact per-channel tables
 (:mod:`captionkit.executors.transport`): a quarter of float32, the same bits.
 
-Fault tolerance: Ray restarts a killed actor and runs its batch again (``batch_retries``
-times); the driver is the only writer and commits each block once, so every image is
-saved exactly once and no file is half written. The images of a block that still fails
-are run again one at a time, so an image that crashes its worker loses only itself; it is
-recorded as failed with the model-error note (tried again on the next run), never a job
-failure. A killed driver loses only the blocks in flight: the next run skips what the store has.
+Fault tolerance: an actor that dies (killed, out of memory, its node gone, or an image that
+crashes it) is replaced by Ray Data and its block recorded as lost; when the dataset is done,
+the driver runs the lost images again on one actor of its own, halving a group that kills it,
+so a killed worker costs one more batch and an image that crashes its worker loses only itself
+(after ``batch_retries`` tries alone). The driver is the only writer and commits each block
+once, so every image is saved exactly once and no file is half written. An image that still
+fails is recorded as failed with the model-error note (tried again on the next run), never a
+job failure. A killed driver loses only the blocks in flight: the next run skips what the store has.
 """
 
 from __future__ import annotations
@@ -49,10 +51,10 @@ from captionkit.steps.base import Prepared, Step
 from captionkit.store import Store
 
 log = logging.getLogger(__name__)
-ISOLATION_TRIES = 2  # an image's own tries after its block was lost
 ISOLATION_WAIT_S = 120  # for a model actor to be placed before the lost images wait for the next run
-LOST = ("lost on the cluster: its batch failed {retries} times (a worker crashed, was killed or its node "
-        "went away); it is tried again on the next run")
+LOST = ("lost on the cluster: its worker died each time it ran (with its batch, then {retries} times alone: a "
+        "crash in the model or the decoder on this image, or a node that went away); it is tried again on the "
+        "next run")
 
 
 def require_ray():
@@ -256,14 +258,14 @@ class RayExecutor(LocalExecutor):
     ``RAY_ADDRESS`` names one), ``auto`` joins the cluster this machine belongs to, ``ray://host:10001``
     a remote one. ``num_actors`` model replicas (default: one per GPU, or one without GPUs), each with
     ``gpus_per_actor`` GPUs (default 1 when the cluster has GPUs) and ``cpus_per_actor`` CPUs;
-    ``decode_cpus`` CPUs per decode task; ``batch_retries``: how often Ray runs a batch again when its
-    actor dies.
+    ``decode_cpus`` CPUs per decode task; ``batch_retries``: how often an image whose worker died is
+    run again on its own.
     """
 
     def __init__(self, options: RunOptions | None = None, progress: Progress | None = None, *,
                  address: str | None = None, num_actors: int | None = None, gpus_per_actor: float | None = None,
                  cpus_per_actor: float = 1.0, decode_cpus: float = 1.0, decode_tasks: int | None = None,
-                 batch_retries: int = 3, init_options: dict[str, Any] | None = None) -> None:
+                 batch_retries: int = 2, init_options: dict[str, Any] | None = None) -> None:
         super().__init__(options, progress)
         if num_actors is not None and num_actors < 1:
             raise CaptionkitError("--ray-actors must be at least 1.")
@@ -372,21 +374,18 @@ class RayExecutor(LocalExecutor):
         started = time.perf_counter()
         delivered: set[str] = set()
         seen_actors: dict[int, float] = {}
-        tries = self.batch_retries + 1
         try:
             commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
-            self._pass(ray, step, todo, actors, gpus, batch, per_block, self.batch_retries, commit)
+            self._pass(ray, step, todo, actors, gpus, batch, per_block, commit)
             lost = [record for record in todo if record.id not in delivered]
-            if len(lost) > 1 and not summary.interrupted:
-                # A block that failed every try (an image that crashes its worker, say) took its neighbours
-                # with it: run those again one by one, so only the image that causes it is lost.
-                log.warning("%d images were lost with a failing batch; running them again one at a time",
-                            len(lost))
+            if lost and not summary.interrupted:
+                # A block whose actor died (killed, preempted, or an image that crashes it) was lost with
+                # all its images: run them again, halving on a crash, so only an image that causes it is lost.
+                log.warning("%d images were lost with a failing batch; running them again", len(lost))
                 self._isolate(ray, step, lost, gpus, commit)
-                tries += ISOLATION_TRIES
                 lost = [record for record in lost if record.id not in delivered]
             if lost and not summary.interrupted:
-                message = LOST.format(retries=tries)
+                message = LOST.format(retries=self.batch_retries)
                 log.warning("%d images %s", len(lost), message)
                 items = [Prepared(record, None, (0, 0), "") for record in lost]
                 self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
@@ -402,17 +401,20 @@ class RayExecutor(LocalExecutor):
             summary.model_busy_s /= len(seen_actors)  # per actor, so the busy fraction reads as one GPU's
 
     def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
-        """Run ``records`` one at a time on one model actor of this driver's own, restarted when an image kills it.
+        """Run records whose block was lost again on one model actor of the driver's own, halving on a crash.
 
-        Not a second Ray Data run: an actor pool whose actor was restarted can keep its share of
-        the cluster for a while after its dataset ends (seen with Ray 2.60), which could starve a
-        second pool; this one actor is killed here when it is done.
+        A group that kills the actor is split in two and each half tried again (the actor is
+        restarted, which reloads the model), down to single images, which get ``batch_retries``
+        tries: a killed worker costs one more batch, an image that crashes its worker loses only
+        itself. The actor is killed here when it is done.
         """
         summary = commit[2]
         device = self._device() if runs_on_device(step) else None
         actor_class = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=gpus or None, max_restarts=-1,
                                  max_task_retries=0)(ModelActor)
         actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)))
+        batch = max(1, step.batch_size)
+        groups = [(records[start:start + batch], 1) for start in range(0, len(records), batch)]
         try:
             ready, _ = ray.wait([actor.ready.remote()], timeout=ISOLATION_WAIT_S)
             if not ready:
@@ -420,24 +422,27 @@ class RayExecutor(LocalExecutor):
                             "again on the next run", ISOLATION_WAIT_S)
                 return
             with _StopFlag(self.options.stop) as stop:
-                for record in records:
-                    for _ in range(ISOLATION_TRIES):
-                        try:
-                            table = ray.get(actor.run.remote(_records_table([record])))
-                        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                            continue  # the actor died on this image (it restarts for the next try)
-                        self._commit(step, table, *commit)
-                        break
-                    if stop.requested:
-                        summary.interrupted = True
-                        break
+                while groups and not stop.requested:
+                    group, attempt = groups.pop(0)
+                    try:
+                        table = ray.get(actor.run.remote(_records_table(group)))
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                        # the actor died on this group (it restarts for the next one)
+                        if len(group) > 1:
+                            half = len(group) // 2
+                            groups[:0] = [(group[:half], 1), (group[half:], 1)]
+                        elif attempt < self.batch_retries:
+                            groups.insert(0, (group, attempt + 1))
+                        continue
+                    self._commit(step, table, *commit)
+                summary.interrupted = stop.requested
         except ray.exceptions.RayError as error:
             raise worker_error(error) from error
         finally:
             ray.kill(actor)
 
     def _pass(self, ray: Any, step: Step, records: list[Record], actors: int, gpus: float, batch: int,
-              per_block: int, retries: int, commit: tuple) -> None:
+              per_block: int, commit: tuple) -> None:
         """One Ray Data run over ``records``: CPU stage, model stage, each block committed as it arrives."""
         summary = commit[2]
         blob = portable(step, _dumps)  # after classify: the per-image prompts it filled travel with it
@@ -457,11 +462,14 @@ class RayExecutor(LocalExecutor):
             "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
             "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None,
         }
-        try:  # a killed actor is restarted and its batch run again, a bounded number of times
+        try:
+            # A dead actor is not restarted: Ray Data replaces it, its block is recorded as lost, and
+            # _isolate runs the lost images again. (With Ray 2.60, a restarted pool actor came back
+            # beside its replacement and held CPUs that the decode stage then waited for forever.)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Ray deprecates these keywords without a named successor
-                dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=-1, max_task_retries=retries)
-        except TypeError:  # a Ray without them: its own default (retry until the batch succeeds)
+                dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=0, max_task_retries=0)
+        except TypeError:  # a Ray without them: its own default (restart the actor, retry the batch)
             dataset = dataset.map_batches(ModelActor, **model_stage)
         with _StopFlag(self.options.stop) as stop, _quiet_ray_data():
             blocks = iter(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
