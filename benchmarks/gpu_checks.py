@@ -20,7 +20,6 @@ a few images and ``--size tiny`` for ``prepare`` and ``florence``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption_throughput import decode_only, pipeline, reference_loop  # noqa: E402
 
 from captionkit._torchvision_compat import ensure_torchvision  # noqa: E402
+from captionkit.testing import run_state  # noqa: E402
 
 ensure_torchvision()
 
@@ -137,23 +137,6 @@ def stored_parsed(folder: Path, step: str = "caption") -> dict[str, str]:
 
     with Store(folder) as store:
         return {result.record_id: str((result.raw or {}).get("parsed", "")) for result in store.iter_results(step)}
-
-
-def run_state(folder: Path, step: str = "caption") -> dict[str, Any]:
-    """Everything a run leaves: store rows (paths made relative) and sidecar texts (as tests/run_state.py)."""
-    from captionkit.atomic import TEMP_MARKER
-    from captionkit.store import Store
-
-    with Store(folder) as store:
-        rows = {
-            result.record_id: (result.status, result.text, json.dumps(result.raw, sort_keys=True),
-                               result.fingerprint, result.content_hash, result.file_signature,
-                               (result.error or "").replace(str(folder), "<root>"), result.notes)
-            for result in store.iter_results(step)
-        }
-    sidecars = {path.name: path.read_text() for path in folder.glob("*.txt")}
-    leftovers = [str(path) for path in folder.rglob("*") if TEMP_MARKER in path.name]
-    return {"rows": rows, "sidecars": sidecars, "leftovers": leftovers}
 
 
 def finite_logits(model_folder: Path, paths: list[Path], device: str, dtype: str, attn: str) -> tuple[bool, str]:

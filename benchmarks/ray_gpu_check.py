@@ -7,7 +7,9 @@ prints its traceback and the next part still runs:
 
 a. throughput: a random Florence-2 with Florence-2-base's shapes on ``--images`` 1024² JPEGs,
    local vs Ray (1 actor, ``--ray-gpus`` GPUs, ``--ray-cpus`` CPUs). Ray is started by captionkit
-   itself for each Ray run, so a Ray run's ``elapsed_s`` and wall time include Ray's start.
+   itself for each Ray run: a Ray run's ``wall_s`` includes Ray's start, the listing on Ray and
+   the shutdown; captionkit's ``elapsed_s`` starts after the listing and leaves them out, and its
+   ``processing_s`` includes the actor's process start and the first (warm-up) batch.
 b. parity: the tiny random Florence-2 in fp32 on ``--parity-images`` images, local vs Ray.
 c. parity and speed for a random timm tagger (convnext_atto), local vs Ray.
 
@@ -25,7 +27,6 @@ the script stops at once when Ray would detect no GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -39,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from captionkit._torchvision_compat import ensure_torchvision  # noqa: E402
+from captionkit.testing import run_state as state  # noqa: E402
 
 ensure_torchvision()
 
@@ -72,23 +74,6 @@ def ray_worker_errors(lines: int = 30) -> None:
             print(f"--- {path} (last {lines} lines)")
             print("\n".join(text.splitlines()[-lines:]))
             shown += 1
-
-
-def state(folder: Path, step: str) -> dict:
-    """Everything a run leaves: store rows (paths made relative) and sidecar texts (as tests/run_state.py)."""
-    from captionkit.atomic import TEMP_MARKER
-    from captionkit.store import Store
-
-    with Store(folder) as store:
-        rows = {
-            result.record_id: (result.status, result.text, json.dumps(result.raw, sort_keys=True),
-                               result.fingerprint, result.content_hash, result.file_signature,
-                               (result.error or "").replace(str(folder), "<root>"), result.notes)
-            for result in store.iter_results(step)
-        }
-    sidecars = {path.name: path.read_text() for path in folder.glob("*.txt")}
-    leftovers = [str(path) for path in folder.rglob("*") if TEMP_MARKER in path.name]
-    return {"rows": rows, "sidecars": sidecars, "leftovers": leftovers}
 
 
 def compare(name: str, local: Path, ray: Path, step: str) -> bool:

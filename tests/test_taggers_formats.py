@@ -242,3 +242,14 @@ def test_decode_workers_read_the_preprocessing_without_the_weights(wd_onnx_folde
 
     for folder in (wd_onnx_folder[0], wd_timm_folder[0]):
         assert load_preprocessing(str(folder)) == load_tagger(str(folder), device="cpu").preprocessing
+
+
+def test_the_vocabulary_for_the_store_is_read_without_the_weights(wd_onnx_folder, wd_timm_folder):
+    """Ray's driver asks for it before any worker loads the model: the same as the loaded model's."""
+    from captionkit.steps.tagger import TagStep
+
+    for folder in (wd_onnx_folder[0], wd_timm_folder[0]):
+        step = TagStep(str(folder), store=None, device="cpu")
+        before = step.shared_meta()
+        step.load()
+        assert step.shared_meta() == before and len(next(iter(before.values()))["tags"]) > 0

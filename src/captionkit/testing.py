@@ -9,6 +9,7 @@ model folders (weights, config, processor, tokenizer) that load with the same
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 
@@ -196,3 +197,26 @@ def build_florence2_base_sized(folder: str | Path, seed: int = 0) -> Path:
         folder, image_size=768, seed=seed, vision_dims=(128, 256, 512, 1024), d_model=768, layers=6,
         init_std=None,
     )
+
+
+def run_state(folder: Path, step: str = "caption") -> dict[str, Any]:
+    """Everything a run leaves, for comparing executors: store rows (paths made relative) and sidecar texts.
+
+    Two runs over copies of the same images (local, Ray, several devices) must leave equal states.
+    """
+    import json
+
+    from captionkit.atomic import TEMP_MARKER
+    from captionkit.store import Store
+
+    with Store(folder) as store:
+        rows = {
+            result.record_id: (result.status, result.text, json.dumps(result.raw, sort_keys=True),
+                               result.fingerprint, result.content_hash, result.file_signature,
+                               (result.error or "").replace(str(folder), "<root>"), result.notes)
+            for result in store.iter_results(step)
+        }
+    sidecars = {path.name: path.read_text() for path in folder.glob("*.txt")}
+    leftovers = [str(path) for path in folder.rglob("*") if TEMP_MARKER in path.name]
+    return {"rows": rows, "sidecars": sidecars, "leftovers": leftovers}
+

@@ -180,17 +180,15 @@ class ModelActor:
 
 
 def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """On a worker: the step's fingerprint there, and (``load``) the store metadata its results need."""
+    """On a worker: the step's fingerprint there, and (``load``) the store metadata its results need.
+
+    ``shared_meta`` reads what it can from the model's files (a tagger's tag list) without the weights.
+    """
     step = pickle.loads(blob)
     if device is not None and runs_on_device(step):
         use_device(step, device)
     settings = step.fingerprint()
-    meta: dict[str, Any] = {}
-    if load:
-        step.load()
-        meta = step.shared_meta()
-        step.unload()
-    return settings, meta
+    return settings, (step.shared_meta() if load else {})
 
 
 # ------------------------------------------------------------------------------------------- driver

@@ -642,6 +642,24 @@ def _load_onnx(folder: Path, device: str) -> tuple[_OnnxRunner, Preprocessing, l
     return _OnnxRunner(session, fixed_batch), preprocessing, [model_path], used
 
 
+def _vocabulary(folder: Path, fmt: str) -> tuple[TagVocabulary, dict[str, Any]]:
+    """The tag list and the default thresholds, from the files beside the weights."""
+    tags_path = folder / TAGS_FILE
+    if not tags_path.is_file():
+        raise TaggerLoadError(
+            f"{folder}: {TAGS_FILE} is missing; the tagger needs its tag list next to the weights"
+        )
+    vocabulary = read_selected_tags(tags_path)
+    base = {"general": 0.5, "character": 0.5} if fmt == FORMAT_CAPTIONKIT else dict(WD_DEFAULT_THRESHOLDS)
+    return vocabulary, _read_thresholds(folder, vocabulary, base)
+
+
+def load_vocabulary(name_or_path: str, cache_dir: str | Path | None = None) -> tuple[TagVocabulary, dict[str, Any]]:
+    """The tag list and default thresholds without loading the weights (what rendering needs)."""
+    folder, _, prefer_onnx = _resolve(str(name_or_path), cache_dir)
+    return _vocabulary(folder, detect_format(folder, prefer_onnx=prefer_onnx))
+
+
 def load_tagger(name_or_path: str, device: str = "auto", cache_dir: str | Path | None = None) -> TaggerModel:
     """Load a tagger from a local folder, a ``model.onnx`` path, or a hub id.
 
@@ -652,15 +670,9 @@ def load_tagger(name_or_path: str, device: str = "auto", cache_dir: str | Path |
     """
     folder, revision, prefer_onnx = _resolve(str(name_or_path), cache_dir)
     fmt = detect_format(folder, prefer_onnx=prefer_onnx)
-    tags_path = folder / TAGS_FILE
-    if not tags_path.is_file():
-        raise TaggerLoadError(
-            f"{folder}: {TAGS_FILE} is missing; the tagger needs its tag list next to the weights"
-        )
-    vocabulary = read_selected_tags(tags_path)
+    vocabulary, thresholds = _vocabulary(folder, fmt)
     if fmt == FORMAT_WD_ONNX:
         runner, preprocessing, weight_files, used_device = _load_onnx(folder, device)
-        base_thresholds = dict(WD_DEFAULT_THRESHOLDS)
     else:
         used_device = _torch_device(device)
         model, preprocessing, weight_files, num_classes = _load_timm(folder, fmt, used_device)
@@ -670,10 +682,6 @@ def load_tagger(name_or_path: str, device: str = "auto", cache_dir: str | Path |
                 f"{len(vocabulary.names)} tags; they must come from the same model"
             )
         runner = _TimmRunner(model, used_device)
-        base_thresholds = dict(WD_DEFAULT_THRESHOLDS)
-        if fmt == FORMAT_CAPTIONKIT:
-            base_thresholds = {"general": 0.5, "character": 0.5}
-    thresholds = _read_thresholds(folder, vocabulary, base_thresholds)
     _log.info("loaded %s tagger %s (%d tags) on %s", fmt, folder, len(vocabulary.names), used_device)
     return TaggerModel(
         format=fmt,

@@ -131,14 +131,19 @@ class TagStep:
         self._target_size = (int(width), int(height))
 
     def shared_meta(self) -> dict[str, Any]:
-        """Store metadata rendering needs (the vocabulary and thresholds), known once the model is loaded."""
-        thresholds = dict(self.tagger.default_thresholds)
+        """Store metadata rendering needs (vocabulary, thresholds): the loaded model's, or read from its files."""
+        if self.tagger is not None:
+            tags, categories, thresholds = self.tagger.tags, self.tagger.categories, self.tagger.default_thresholds
+        else:  # an executor elsewhere asks before any worker loads the weights
+            from captionkit.models.taggers import load_vocabulary
+
+            vocabulary, thresholds = load_vocabulary(self.model_name, self.cache_dir)
+            tags, categories = vocabulary.names, vocabulary.categories
+        thresholds = dict(thresholds)
         if thresholds.get("per_tag") is not None:
             thresholds["per_tag"] = [float(v) for v in np.asarray(thresholds["per_tag"]).reshape(-1)]
         return {self._vocabulary_key: {
-            "tags": list(self.tagger.tags),
-            "categories": [int(c) for c in self.tagger.categories],
-            "default_thresholds": thresholds,
+            "tags": list(tags), "categories": [int(c) for c in categories], "default_thresholds": thresholds,
         }}
 
     def __getstate__(self) -> dict[str, Any]:
