@@ -34,6 +34,7 @@ import logging
 import pickle
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -52,6 +53,8 @@ from captionkit.store import Store
 
 log = logging.getLogger(__name__)
 ISOLATION_WAIT_S = 120  # for a model actor to be placed before the lost images wait for the next run
+RELEASE_WAIT_S = 30  # for a finished dataset's actors to give back their resources
+MODEL_STAGE_CONCURRENCY = 2  # batches per model actor at once (see ModelActor)
 LOST = ("lost on the cluster: its worker died each time it ran (with its batch, then {retries} times alone: a "
         "crash in the model or the decoder on this image, or a node that went away); it is tried again on the "
         "next run")
@@ -135,6 +138,9 @@ class ModelActor:
         self.threads = threads
         self.runner = LocalExecutor(RunOptions(workers=threads))
         self.calls = 0
+        # Ray Data hands an actor MODEL_STAGE_CONCURRENCY batches at once: one unpacks or prepares on a
+        # thread while another runs the model; the model itself runs one batch at a time.
+        self._model = threading.Lock()
 
     def ready(self) -> bool:
         """Answers once the model is loaded."""
@@ -157,13 +163,15 @@ class ModelActor:
         items = [entry[1] for entry in entries if entry[0] == "ok"]
         summary = RunSummary(field=self.step.field)
         outcomes: list[tuple[bool, Any]] = []
-        try:
-            for start in range(0, len(items), max(1, self.step.batch_size)):  # after an OOM, the smaller size
-                outcomes.extend(self.runner._run_batch(self.step, items[start:start + self.step.batch_size],
-                                                       summary))
-        except Exception as error:  # not the model (that is narrowed per image): never a lost block
-            message = f"the model stage failed ({error!r})"
-            outcomes.extend((False, message) for _ in items[len(outcomes):])
+        with self._model:
+            try:
+                for start in range(0, len(items), max(1, self.step.batch_size)):  # after an OOM, the smaller size
+                    outcomes.extend(self.runner._run_batch(self.step, items[start:start + self.step.batch_size],
+                                                           summary))
+            except Exception as error:  # not the model (that is narrowed per image): never a lost block
+                message = f"the model stage failed ({error!r})"
+                outcomes.extend((False, message) for _ in items[len(outcomes):])
+            first, self.calls = self.calls == 0, self.calls + 1
         results = iter(outcomes)
         rows: dict[str, bytes] = {}
         for entry in entries:
@@ -173,8 +181,7 @@ class ModelActor:
             else:
                 rows[entry[1].id] = pickle.dumps(entry)
         stats = {"actor": os.getpid(), "busy_s": summary.model_busy_s, "batch_size": self.step.batch_size,
-                 "load_s": self.load_s if self.calls == 0 else 0.0}
-        self.calls += 1
+                 "load_s": self.load_s if first else 0.0}
         return _table(ids, [rows[record_id] for record_id in ids],
                       [pickle.dumps(stats)] + [b""] * (len(ids) - 1))
 
@@ -192,6 +199,26 @@ def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], 
 
 
 # ------------------------------------------------------------------------------------------- driver
+def _release(ray: Any, free: dict[str, float]) -> None:
+    """Wait (briefly) until a finished dataset's actors have given back their CPUs and GPUs.
+
+    Ray Data stops its actor pool when the dataset's executor is collected, which a reference
+    cycle can put off until the next garbage collection; meanwhile a next dataset that needs
+    those CPUs for its decode stage waits for them forever (seen here with Ray 2.60 after an
+    actor died). Collect now, then wait until what was free before is free again.
+    """
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while time.monotonic() < deadline:
+        available = ray.available_resources()
+        if all(available.get(name, 0.0) >= amount - 1e-6 for name, amount in free.items()):
+            return
+        time.sleep(0.1)
+    log.info("Ray has not freed the last dataset's actors after %d s; going on", RELEASE_WAIT_S)
+
+
 class _NoTracebacks(logging.Filter):
     """Ray Data logs a worker's error with its whole traceback; the run raises it as one sentence instead."""
 
@@ -201,9 +228,22 @@ class _NoTracebacks(logging.Filter):
         return record.levelno < logging.ERROR and "Progress bars disabled" not in record.getMessage()
 
 
+class _NoExceptionObjects(logging.Filter):
+    """Keep Ray Data's error records, but as text: a record that holds the exception keeps its traceback's
+    frames alive, and with them the handles of a dead actor's pool, whose live actors then never give
+    back their CPUs and GPUs to the next dataset (seen here: any handler that keeps records, such as a
+    test's log capture, did it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        return True
+
+
 @contextlib.contextmanager
 def _quiet_ray_data() -> Iterator[None]:
-    """Ray Data at warnings only on the console (its session log keeps everything)."""
+    """Ray Data at warnings only on the console (its session log keeps everything), without exception objects."""
     logger = logging.getLogger("ray.data")
     level = logger.level
     logger.setLevel(logging.WARNING)
@@ -212,12 +252,19 @@ def _quiet_ray_data() -> Iterator[None]:
     quiet = _NoTracebacks()
     for handler in consoles:
         handler.addFilter(quiet)
+    as_text = _NoExceptionObjects()
+    loggers = [logging.getLogger(name) for name in list(logging.Logger.manager.loggerDict)
+               if name == "ray.data" or name.startswith("ray.data.")]  # logger filters do not apply to children
+    for each in loggers:
+        each.addFilter(as_text)
     try:
         yield
     finally:
         logger.setLevel(level)
         for handler in consoles:
             handler.removeFilter(quiet)
+        for each in loggers:
+            each.removeFilter(as_text)
 
 
 def worker_error(error: BaseException) -> CaptionkitError:
@@ -370,11 +417,13 @@ class RayExecutor(LocalExecutor):
             setattr(context, name, wanted[name])
         self.progress.start(len(todo), step.field)
         started = time.perf_counter()
+        free = {name: ray.available_resources().get(name, 0.0) for name in ("CPU", "GPU")}
         delivered: set[str] = set()
         seen_actors: dict[int, float] = {}
         try:
             commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
             self._pass(ray, step, todo, actors, gpus, batch, per_block, commit)
+            _release(ray, free)
             lost = [record for record in todo if record.id not in delivered]
             if lost and not summary.interrupted:
                 # A block whose actor died (killed, preempted, or an image that crashes it) was lost with
@@ -392,6 +441,7 @@ class RayExecutor(LocalExecutor):
             for name, value in saved.items():
                 setattr(context, name, value)
             self.progress.close()
+            _release(ray, free)  # the next step's dataset needs them
         actor_load = max(seen_actors.values(), default=0.0)  # the actors start in parallel
         summary.model_load_s += actor_load  # (+ the tagger's vocabulary probe, before ``started``)
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
@@ -458,7 +508,7 @@ class RayExecutor(LocalExecutor):
             "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
                                     max(1, int(self.cpus_per_actor))),
             "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
-            "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None,
+            "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None, "max_concurrency": MODEL_STAGE_CONCURRENCY,
         }
         try:
             # A dead actor is not restarted: Ray Data replaces it, its block is recorded as lost, and
