@@ -29,21 +29,26 @@ from PIL import Image, ImageDraw
 from captionkit._torchvision_compat import ensure_torchvision
 
 
+def photo(rng: np.random.Generator, size: int) -> Image.Image:
+    """One photo-like image (smooth gradients + ellipses), ``size``² pixels; the benchmarks share it."""
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    base = np.stack([np.add.outer(ramp * rng.random(), ramp * rng.random()) / 2 for _ in range(3)], axis=-1)
+    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x, y = rng.integers(0, size - size // 4, 2)
+        draw.ellipse([x, y, x + size // 5, y + size // 6], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return image
+
+
 def make_images(folder: Path, count: int, size: int) -> list[Path]:
     """Photo-like JPEGs (smooth gradients + shapes), ``size``² pixels."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
     paths = []
     for index in range(count):
-        base = np.stack([np.add.outer(ramp * rng.random(), ramp * rng.random()) / 2 for _ in range(3)], axis=-1)
-        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x, y = rng.integers(0, size - size // 4, 2)
-            draw.ellipse([x, y, x + size // 5, y + size // 6], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
         path = folder / f"photo{index:04d}.jpg"
-        image.save(path, quality=90)
+        photo(rng, size).save(path, quality=90)
         paths.append(path)
     return paths
 

@@ -39,19 +39,12 @@ MODES = {  # the first is the reference: one torch thread for the model, as each
 
 def make_images(folder: Path, count: int, size: int) -> None:
     import numpy as np
-    from PIL import Image, ImageDraw
+    from caption_throughput import photo  # this folder is on sys.path when the script runs
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
     for index in range(count):
-        base = np.stack([np.add.outer(ramp * rng.random(), ramp * rng.random()) / 2 for _ in range(3)], axis=-1)
-        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-        draw = ImageDraw.Draw(image)
-        for _ in range(6):
-            x, y = rng.integers(0, size - size // 4, 2)
-            draw.ellipse([x, y, x + size // 5, y + size // 6], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-        image.save(folder / f"photo{index:05d}.jpg", quality=90)
+        photo(rng, size).save(folder / f"photo{index:05d}.jpg", quality=90)
 
 
 def one_run(model: str, images: str, output: str, mode: str, batch_size: int, workers: int) -> None:

@@ -50,18 +50,10 @@ PROMPT = "Describe this image in one sentence."
 def _one_image(job: tuple[Path, int, int]) -> Path:
     """One photo-like JPEG (gradients + ellipses), seeded by its index."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from caption_throughput import photo
 
     path, index, size = job
-    rng = np.random.default_rng(index)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    base = np.stack([np.add.outer(ramp * rng.random(), ramp * rng.random()) / 2 for _ in range(3)], axis=-1)
-    image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(6):
-        x, y = rng.integers(0, size - size // 4, 2)
-        draw.ellipse([x, y, x + size // 5, y + size // 6], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    image.save(path, quality=90)
+    photo(np.random.default_rng(index), size).save(path, quality=90)
     return path
 
 

@@ -32,7 +32,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,17 +49,11 @@ NUMBERS = ("processed", "failed", "elapsed_s", "model_load_s", "processing_s", "
 
 def guarded(name: str, work: Callable[[], Any]) -> Any:
     """Run one part; a failure is printed with its traceback (and Ray's worker errors) and the rest still runs."""
-    started = time.perf_counter()
-    try:
-        result = work()
-    except Exception as error:  # noqa: BLE001 - every failure is reported, the next part still runs
-        print(f"[{name}] FAILED after {time.perf_counter() - started:.1f}s: {type(error).__name__}: {error}")
-        traceback.print_exc(file=sys.stdout)
+    from gpu_checks import guarded as guarded_part
+
+    result = guarded_part(name, work)
+    if result is None:
         ray_worker_errors()
-        sys.stdout.flush()
-        return None
-    print(f"[{name}] done in {time.perf_counter() - started:.1f}s")
-    sys.stdout.flush()
     return result
 
 
