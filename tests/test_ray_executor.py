@@ -303,3 +303,36 @@ def test_a_bad_manifest_line_is_named_as_locally(tmp_path, ray_address):
     with pytest.raises(CaptionkitError) as remote:
         RayExecutor().list_records(open_source(manifest))
     assert str(remote.value) == str(local.value) and ":3: not valid JSON" in str(remote.value)
+
+
+@pytest.mark.parametrize("outcome", ["nothing", "an error"])
+def test_a_ray_instance_started_for_a_listing_that_ends_the_run_is_shut_down(monkeypatch, tmp_path, outcome):
+    """No run follows an empty listing (or a failed one) to shut down the Ray this process started."""
+    ray = pytest.importorskip("ray")
+    from captionkit.executors import ray_sources
+    from captionkit.executors.ray_executor import RayExecutor
+    from captionkit.records import open_source
+
+    stopped = []
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+
+    def listing(source, ray_module):
+        if outcome == "an error":
+            raise CaptionkitError("cannot read it")
+        return [], {}
+
+    monkeypatch.setattr(ray_sources, "list_records", listing)
+    executor = RayExecutor()
+
+    def start():
+        executor._started_ray = True
+        return ray
+
+    monkeypatch.setattr(executor, "_ray", start)
+    write_good_images(tmp_path, 1)
+    if outcome == "an error":
+        with pytest.raises(CaptionkitError):
+            executor.list_records(open_source(tmp_path))
+    else:
+        assert executor.list_records(open_source(tmp_path)) == []
+    assert stopped == [True] and executor._started_ray is False

@@ -199,6 +199,19 @@ def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], 
 
 
 # ------------------------------------------------------------------------------------------- driver
+def _back(ray: Any, actor: Any) -> bool:
+    """Wait until a restarting actor answers again (a call made while it restarts can fail at once)."""
+    deadline = time.monotonic() + ISOLATION_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            return bool(ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic())))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            time.sleep(0.2)
+        except ray.exceptions.GetTimeoutError:
+            return False
+    return False
+
+
 def _release(ray: Any, free: dict[str, float]) -> None:
     """Wait (briefly) until a finished dataset's actors have given back their CPUs and GPUs.
 
@@ -350,18 +363,28 @@ class RayExecutor(LocalExecutor):
             try:
                 return super().run(step, records, store, sink)
             finally:
-                if self._started_ray:
-                    import ray
+                self._stop_ray()
 
-                    ray.shutdown()
-                    self._started_ray = False
+    def _stop_ray(self) -> None:
+        """Shut down the Ray instance this executor started (one it joined stays up)."""
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
 
     def list_records(self, source: Source) -> list[Record]:
         """Folders listed by Ray tasks in parallel, manifests read by Ray Data (the same records, in order)."""
         from captionkit.executors.ray_sources import list_records
 
-        with contextlib.redirect_stdout(sys.stderr), _quiet_ray_data():
-            records, signatures = list_records(source, self._ray())
+        try:
+            with contextlib.redirect_stdout(sys.stderr), _quiet_ray_data():
+                records, signatures = list_records(source, self._ray())
+        except BaseException:
+            self._stop_ray()  # no run follows to shut it down
+            raise
+        if not records:
+            self._stop_ray()
         self.known_signatures.update(signatures)
         return records
 
@@ -475,7 +498,11 @@ class RayExecutor(LocalExecutor):
                     try:
                         table = ray.get(actor.run.remote(_records_table(group)))
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                        # the actor died on this group (it restarts for the next one)
+                        # the actor died on this group: wait until it is back (restarted, model loaded), then split
+                        if not _back(ray, actor):
+                            log.warning("the model actor did not come back within %d s; the lost images are tried "
+                                        "again on the next run", ISOLATION_WAIT_S)
+                            return
                         if len(group) > 1:
                             half = len(group) // 2
                             groups[:0] = [(group[:half], 1), (group[half:], 1)]
