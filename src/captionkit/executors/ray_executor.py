@@ -186,8 +186,8 @@ class ModelActor:
                       [pickle.dumps(stats)] + [b""] * (len(ids) - 1))
 
 
-def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], dict[str, Any]]:
-    """On a worker: the step's fingerprint there, and (``load``) the store metadata its results need.
+def probe(blob: bytes, device: str | None, with_meta: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """On a worker: the step's fingerprint there, and (``with_meta``) the store metadata its results need.
 
     ``shared_meta`` reads what it can from the model's files (a tagger's tag list) without the weights.
     """
@@ -195,12 +195,12 @@ def probe(blob: bytes, device: str | None, load: bool) -> tuple[dict[str, Any], 
     if device is not None and runs_on_device(step):
         use_device(step, device)
     settings = step.fingerprint()
-    return settings, (step.shared_meta() if load else {})
+    return settings, (step.shared_meta() if with_meta else {})
 
 
 # ------------------------------------------------------------------------------------------- driver
 def _back(ray: Any, actor: Any) -> bool:
-    """Wait until a restarting actor answers again (a call made while it restarts can fail at once)."""
+    """Wait until a starting or restarting actor answers (a call made while it restarts can fail at once)."""
     deadline = time.monotonic() + ISOLATION_WAIT_S
     while time.monotonic() < deadline:
         try:
@@ -406,12 +406,12 @@ class RayExecutor(LocalExecutor):
         try:
             return on_device(step, self._device(), _dumps).fingerprint()
         except CaptionkitError:  # this driver has no GPU: ask a worker that has one
-            return self._probe(step, load=False)[0]
+            return self._probe(step, with_meta=False)[0]
 
-    def _probe(self, step: Step, load: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _probe(self, step: Step, with_meta: bool) -> tuple[dict[str, Any], dict[str, Any]]:
         ray = self._ray()
         task = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=self._gpus(), max_retries=self.batch_retries)(probe)
-        return ray.get(task.remote(portable(step, _dumps), self._device(), load))
+        return ray.get(task.remote(portable(step, _dumps), self._device(), with_meta))
 
     # running ------------------------------------------------------------------
     def _execute(self, step: Step, todo: list[Record], store: Store, sink: SidecarSink | None,
@@ -422,7 +422,7 @@ class RayExecutor(LocalExecutor):
 
         if hasattr(step, "shared_meta"):  # e.g. a tagger's vocabulary, which rendering reads from the store
             started = time.perf_counter()
-            for key, value in self._probe(step, load=True)[1].items():
+            for key, value in self._probe(step, with_meta=True)[1].items():
                 store.put_meta(key, value)
             summary.model_load_s = time.perf_counter() - started
         gpus = self._gpus()
@@ -446,12 +446,12 @@ class RayExecutor(LocalExecutor):
         try:
             commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
             self._pass(ray, step, todo, actors, gpus, batch, per_block, commit)
-            _release(ray, free)
             lost = [record for record in todo if record.id not in delivered]
             if lost and not summary.interrupted:
                 # A block whose actor died (killed, preempted, or an image that crashes it) was lost with
                 # all its images: run them again, halving on a crash, so only an image that causes it is lost.
                 log.warning("%d images were lost with a failing batch; running them again", len(lost))
+                _release(ray, free)  # the retry actor needs what the pass held
                 self._isolate(ray, step, lost, gpus, commit)
                 lost = [record for record in lost if record.id not in delivered]
             if lost and not summary.interrupted:
@@ -487,8 +487,7 @@ class RayExecutor(LocalExecutor):
         batch = max(1, step.batch_size)
         groups = [(records[start:start + batch], 1) for start in range(0, len(records), batch)]
         try:
-            ready, _ = ray.wait([actor.ready.remote()], timeout=ISOLATION_WAIT_S)
-            if not ready:
+            if not _back(ray, actor):
                 log.warning("no room on the cluster for a model actor within %d s; the lost images are tried "
                             "again on the next run", ISOLATION_WAIT_S)
                 return
