@@ -259,3 +259,70 @@ def test_preview_then_clean_old_captions_after_confirming_the_list(server, brows
     assert all((photos / f"img00{index}.txt").read_text() != "old caption" for index in (0, 2))
     assert "3 done" in page.inner_text("#job-status")
     page.close()
+
+
+def committed(folder: Path) -> int:
+    """Results in the folder's store (read while a job writes to it)."""
+    import sqlite3
+
+    database = folder / ".captionkit" / "store.sqlite"
+    if not database.exists():
+        return 0
+    try:
+        with sqlite3.connect(database, timeout=5) as connection:
+            return connection.execute("SELECT COUNT(*) FROM results WHERE step = 'caption'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser, tiny_florence, tmp_path):
+    """Closing the server waits for open pages (up to 5 s): the job must stop at the signal, not after that."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    photos = tmp_path / "many-photos"
+    write_good_images(photos, 400)
+    port = free_port()
+    console = tmp_path / "console.txt"
+    with console.open("w") as stream:
+        process = subprocess.Popen([sys.executable, "-m", "captionkit.cli", "ui", "--port", str(port)],
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                                   stdout=stream, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "captionkit ui: http" not in console.read_text():
+            assert process.poll() is None, console.read_text()
+            assert time.monotonic() < deadline, console.read_text()
+            time.sleep(0.1)
+        page = open_page(browser, f"http://127.0.0.1:{port}/")
+        page.fill("#caption-folder input", str(photos))
+        model = page.locator("#caption-model input")
+        model.click()
+        model.fill(str(tiny_florence))
+        model.press("Enter")
+        open_accordion(page, "Florence-2 options")
+        page.fill("#caption-num-beams input", "1")
+        open_accordion(page, "Generation and loading")
+        page.fill("#caption-max-new-tokens input", "12")
+        open_accordion(page, "Images and run")
+        page.fill("#caption-batch-size input", "2")
+        page.locator("#caption-batch-size input").press("Tab")
+        page.click("#caption-start")
+        page.wait_for_selector('#job-status [data-state="running"]', timeout=90_000)
+        while committed(photos) < 10:
+            assert time.monotonic() < deadline + 120, "no progress"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)  # the page stays open
+        at_signal = committed(photos)
+        assert process.wait(60) == 0, console.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    after = committed(photos)
+    # the batch on the model and the one being saved finish (2 batches of 2); nothing after them starts
+    # (before the fix, the job ran on while the server waited for the page: 100+ more images)
+    assert at_signal <= after <= at_signal + 2 * 2, (at_signal, after)
+    assert after < 400
