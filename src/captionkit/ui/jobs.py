@@ -183,9 +183,8 @@ def readable(value: Any) -> str:
         return str(value)
     if is_run_summary(value):
         return summary_line(value)
-    if {"index", "name", "todo", "processed"} <= set(value):  # a pipeline step's report
-        text = (f"step {value['index']} {value['name']}: {value.get('processed', 0)} done, "
-                f"{value.get('done', 0)} already done, {value.get('failed', 0)} failed")
+    if {"index", "name", "todo", "processed"} <= set(value):  # a pipeline step's report (the line names the step)
+        text = f"{value['processed']} done, {value.get('done', 0)} already done, {value.get('failed', 0)} failed"
         if value.get("dropped"):
             text += f", {value['dropped']} dropped"
         return text + f" in {float(value.get('elapsed_s') or 0):.1f}s"
