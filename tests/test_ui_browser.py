@@ -99,8 +99,17 @@ def wait_for_next_job(page, previous: str | None, state: str = "done") -> str:
     return page.get_attribute("#job-status .ck-job", "data-job")
 
 
+def stop_button(page) -> tuple[bool, str]:
+    """(enabled, its colour) of the Stop button as drawn."""
+    button = page.locator("#job-stop")
+    return button.is_enabled(), button.evaluate("element => getComputedStyle(element).backgroundColor")
+
+
 def test_caption_then_review_edit_save_and_undo_in_a_real_browser(server, browser):
     page = open_page(browser, server["url"])
+    page.wait_for_selector("#job-stop:disabled")
+    idle = stop_button(page)
+    assert idle[0] is False  # nothing runs: Stop is greyed out, not red
     page.fill("#caption-folder input", str(server["photos"]))
     model = page.locator("#caption-model input")
     model.click()
@@ -120,13 +129,23 @@ def test_caption_then_review_edit_save_and_undo_in_a_real_browser(server, browse
     # the first batch is saved, the second waits at the gate: the job is running with progress shown
     page.wait_for_selector('#job-status [data-state="running"] .ck-stats:text("2 / 16 images")', timeout=90_000)
     job = page.get_attribute("#job-status .ck-job", "data-job")
+    page.wait_for_selector("#job-stop:enabled")
+    running = stop_button(page)
+    red, green, blue = (int(value) for value in re.findall(r"\d+", running[1])[:3])
+    assert running[0] and red > green + 60 and red > blue + 60, running  # red only while a job runs
+    assert running[1] != idle[1]
     second = open_page(browser, server["url"])  # another tab (or the page reopened) shows the same running job
     second.wait_for_selector(f'#job-status [data-job="{job}"][data-state="running"]')
     assert "2 / 16 images" in second.inner_text("#job-status")
     page.click("#job-stop")
     page.wait_for_selector('#job-status [data-state="stopping"]')
+    assert "Stopping:" in page.inner_text("#job-stop-message")
     server["gate"].set()  # the batch on the model finishes; nothing after it starts
     page.wait_for_selector('#job-status [data-state="stopped"]')
+    page.wait_for_function("!document.querySelector('#job-stop-message').innerText.includes('Stopping')")
+    assert "ETA" not in page.inner_text("#job-status")  # a stopped job has no time left
+    page.mouse.move(0, 0)  # not hovering the button
+    assert stop_button(page) == idle
     second.wait_for_selector(f'#job-status [data-job="{job}"][data-state="stopped"]')
     second.close()
     kept = len(list(server["photos"].glob("*.txt")))
@@ -147,6 +166,16 @@ def test_caption_then_review_edit_save_and_undo_in_a_real_browser(server, browse
     page.click("#review-open")
     page.wait_for_function("document.querySelectorAll('#review-gallery img').length >= 16")
     assert f"{IMAGES} of {IMAGES} images" in page.inner_text("#review-count")
+    width = page.locator("#review-gallery img").first.bounding_box()["width"]
+    page.fill("#review-search input", "img003")
+    page.click("#review-filter")
+    page.wait_for_selector("#review-count :text('1 of 16 images')")
+    page.wait_for_function("document.querySelectorAll('#review-gallery img').length == 1")
+    single = page.locator("#review-gallery img").first.bounding_box()["width"]
+    assert abs(single - width) <= 2, (single, width)  # one hit keeps the thumbnail's size, not the page's width
+    page.fill("#review-search input", "")
+    page.click("#review-filter")
+    page.wait_for_function("document.querySelectorAll('#review-gallery img').length >= 16")
     # a random-weight model writes some empty captions: edit the first image that has text
     index = next(number for number in range(IMAGES) if (server["photos"] / f"img{number:03d}.txt").read_text())
     file = server["photos"] / f"img{index:03d}.txt"
@@ -259,3 +288,70 @@ def test_preview_then_clean_old_captions_after_confirming_the_list(server, brows
     assert all((photos / f"img00{index}.txt").read_text() != "old caption" for index in (0, 2))
     assert "3 done" in page.inner_text("#job-status")
     page.close()
+
+
+def committed(folder: Path) -> int:
+    """Results in the folder's store (read while a job writes to it)."""
+    import sqlite3
+
+    database = folder / ".captionkit" / "store.sqlite"
+    if not database.exists():
+        return 0
+    try:
+        with sqlite3.connect(database, timeout=5) as connection:
+            return connection.execute("SELECT COUNT(*) FROM results WHERE step = 'caption'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser, tiny_florence, tmp_path):
+    """Closing the server waits for open pages (up to 5 s): the job must stop at the signal, not after that."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    photos = tmp_path / "many-photos"
+    write_good_images(photos, 400)
+    port = free_port()
+    console = tmp_path / "console.txt"
+    with console.open("w") as stream:
+        process = subprocess.Popen([sys.executable, "-m", "captionkit.cli", "ui", "--port", str(port)],
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                                   stdout=stream, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "captionkit ui: http" not in console.read_text():
+            assert process.poll() is None, console.read_text()
+            assert time.monotonic() < deadline, console.read_text()
+            time.sleep(0.1)
+        page = open_page(browser, f"http://127.0.0.1:{port}/")
+        page.fill("#caption-folder input", str(photos))
+        model = page.locator("#caption-model input")
+        model.click()
+        model.fill(str(tiny_florence))
+        model.press("Enter")
+        open_accordion(page, "Florence-2 options")
+        page.fill("#caption-num-beams input", "1")
+        open_accordion(page, "Generation and loading")
+        page.fill("#caption-max-new-tokens input", "12")
+        open_accordion(page, "Images and run")
+        page.fill("#caption-batch-size input", "2")
+        page.locator("#caption-batch-size input").press("Tab")
+        page.click("#caption-start")
+        page.wait_for_selector('#job-status [data-state="running"]', timeout=90_000)
+        while committed(photos) < 10:
+            assert time.monotonic() < deadline + 120, "no progress"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)  # the page stays open
+        at_signal = committed(photos)
+        assert process.wait(60) == 0, console.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    after = committed(photos)
+    # the batch on the model and the one being saved finish (2 batches of 2); nothing after them starts
+    # (before the fix, the job ran on while the server waited for the page: 100+ more images)
+    assert at_signal <= after <= at_signal + 2 * 2, (at_signal, after)
+    assert after < 400

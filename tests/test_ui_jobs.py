@@ -256,3 +256,74 @@ def test_a_pipeline_plans_and_runs_step_by_step(tmp_path, tiny_florence, manager
     file.write_text("input: images\nsteps: [{type: captionr}]\n")
     with pytest.raises(CaptionkitError, match="captionr"):  # validation errors show before queueing
         tasks.submit_pipeline(manager, str(file))
+
+
+def test_a_caption_job_with_a_local_model_folder_names_that_folder_in_its_log_and_run_log(
+        tmp_path, tiny_florence, manager):
+    folder = tmp_path / "photos"
+    write_good_images(folder, 3)
+    options, run = caption_options(tiny_florence, task="<DETAILED_CAPTION>")
+    job = tasks.submit_caption(manager, str(folder), options, run)
+    assert manager.wait(job, 60) and job.state == "done", job.message
+    run_log = (folder / ".captionkit" / "run.log").read_text()
+    for text in ("\n".join(job.snapshot()["log"]), run_log):
+        assert f"model {tiny_florence}, task <DETAILED_CAPTION>" in text, text
+        assert "Florence-2-base" not in text, text
+
+
+def test_the_job_log_has_readable_lines_not_python_dicts(tmp_path, tiny_florence, manager):
+    import yaml
+
+    folder = tmp_path / "photos"
+    write_good_images(folder, 3)
+    options, run = caption_options(tiny_florence)
+    job = tasks.submit_caption(manager, str(folder), options, run)
+    assert manager.wait(job, 60) and job.state == "done", job.message
+    lines = job.snapshot()["log"]
+    assert not [line for line in lines if "{" in line or "'processed'" in line], lines
+    assert sum("caption: 3 done, 0 already done" in line for line in lines) == 2, lines  # the summary, then done
+    steps = [{"type": "captioner", "name": "florence",
+              "config": {"model": str(tiny_florence), "num_beams": 1, "max_new_tokens": 6}}]
+    file = tmp_path / "p.yaml"
+    file.write_text(yaml.safe_dump({"input": str(folder), "base_folder": str(tmp_path / "work"), "steps": steps}))
+    job = tasks.submit_pipeline(manager, str(file))
+    assert manager.wait(job, 60) and job.state == "done", job.message
+    lines = job.snapshot()["log"]
+    assert not [line for line in lines if "{" in line], lines
+    assert any("step 1 (florence): 3 done, 0 already done, 0 failed in " in line for line in lines), lines
+
+
+def test_stop_button_eta_and_stop_message_follow_the_job(tmp_path, manager):
+    """What each page's timer shows: Stop red only while a job runs, no ETA once it stops, the
+    "Stopping" line only until the job has ended."""
+    pytest.importorskip("gradio")
+    from captionkit.ui.app import App
+
+    app = App(manager)
+    status, _, button, message = app.refresh_status()
+    assert button["variant"] != "stop" and button["interactive"] is False and message == ""
+    release = threading.Event()
+
+    def work(job):
+        job.on_event({"event": "start", "total": 10})
+        job.on_event({"event": "progress", "done": 4, "failed": 0, "total": 10, "current": "img003.png",
+                      "images_per_s": 2.0, "eta_s": 3.0})
+        release.wait(30)
+        return {"interrupted": True}
+
+    job = manager.submit("caption", "caption photos", work)
+    deadline = time.monotonic() + 10
+    while "4 / 10" not in app.refresh_status()[0] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    status, _, button, message = app.refresh_status()
+    assert "ETA 0:03" in status and button["variant"] == "stop" and button["interactive"] is True
+    assert message == ""
+    manager.stop()
+    status, _, button, message = app.refresh_status()
+    assert 'data-state="stopping"' in status and "ETA" not in status
+    assert "Stopping: caption photos" in message and button["interactive"] is False and button["variant"] != "stop"
+    release.set()
+    assert manager.wait(job, 10) and job.state == "stopped"
+    status, _, button, message = app.refresh_status()
+    assert 'data-state="stopped"' in status and "4 / 10 images" in status and "ETA" not in status
+    assert message == "" and button["interactive"] is False and button["variant"] != "stop"

@@ -296,6 +296,7 @@ def caption(
         batch_size = (chosen.concurrency or 8) * 4 if chosen.backend == "openai" else 8
     text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
                        strip_openers=strip_openers, sample_choice=sample_choice, sample_separator=sample_separator)
+    given = captioner is not None
     if captioner is None:  # build (and validate every option) before any file or store is touched
         captioner = build_captioner(options=chosen)
     prompt = chosen.prompt if chosen.prompt is not None else getattr(getattr(captioner, "chat", None), "prompt", None)
@@ -310,7 +311,13 @@ def caption(
         )
 
     model_name = chosen.model or chosen.adapter or DEFAULT_CAPTION_MODEL
-    what = f"task {chosen.task or '<CAPTION>'}" if prompt is None else f"prompt {prompt!r}"
+    task = chosen.task
+    if given:  # the log names what the given captioner runs, not the defaults of the empty options here
+        model_name = str(getattr(captioner, "model_name", None) or type(captioner).__name__)
+        if getattr(captioner, "adapter", None):
+            model_name += f" with adapter {captioner.adapter}"
+        task = getattr(captioner, "task", None) or task
+    what = f"task {task or '<CAPTION>'}" if prompt is None else f"prompt {prompt!r}"
     return _run_step(
         path, make_step, f"model {model_name}, {what}", batch_size=batch_size,
         workers=workers,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 from captionkit.errors import CaptionkitError
@@ -82,8 +83,14 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     if not block:
         return blocks, app, url
     try:
-        blocks.block_thread()
+        while blocks.is_running:
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        print("captionkit ui: stopping the running job after its current batch, then the server.", file=sys.stderr)
     finally:
+        # the job first: closing the server waits up to 5 s for open pages, and the job must not run on meanwhile
+        app.manager.close()
+        blocks.close(verbose=False)
         app.manager.shutdown()
     return blocks, app, url
 

@@ -37,7 +37,10 @@ CSS = """
 .ck-message {margin-top: 6px;}
 .ck-state-failed .ck-message, .ck-error {color: #c0392b; font-weight: 600;}
 .ck-empty {color: var(--body-text-color-subdued); font-style: italic; padding: 12px;}
+#review-gallery .grid-container {--grid-cols: 6 !important;}
+#caption-preview-gallery .grid-container {--grid-cols: 4 !important;}
 """
+# Gradio sets a gallery's columns to min(columns, items): one search hit would fill the whole width.
 PAGE_SIZES = ["24", "48", "96"]
 GROUP_ORDER = ["Florence-2 options", "Chat model options", "OpenAI-compatible server", "vLLM engine"]
 CAPTION_MAIN = ("model", "backend", "existing", "prefix", "suffix")
@@ -70,8 +73,10 @@ def status_html(snapshot: dict[str, Any] | None, resident: str = "", queued: int
         percent = 100.0 * finished / total if total else (100.0 if state == "done" else 0.0)
     if total:
         stats = (f"{progress.get('done') or 0} / {total} images · {progress.get('failed') or 0} failed · "
-                 f"{float(progress.get('images_per_s') or 0):.2f} images/s · ETA {_eta(progress.get('eta_s'))}")
-        if progress.get("current"):
+                 f"{float(progress.get('images_per_s') or 0):.2f} images/s")
+        if state == "running":  # a stopping or finished job has no time left to estimate
+            stats += f" · ETA {_eta(progress.get('eta_s'))}"
+        if progress.get("current") and state == "running":
             stats += f" · current: {html.escape(str(progress['current']))}"
     elif "step" in progress:
         loss = progress.get("loss")
@@ -89,6 +94,22 @@ def status_html(snapshot: dict[str, Any] | None, resident: str = "", queued: int
         f'<div class="ck-message">{html.escape(message)}</div>'
         f'<div class="ck-stats">{html.escape(resident)}</div></div>'
     )
+
+
+STOP_IDLE = {"variant": "secondary", "interactive": False}
+STOP_ACTIVE = {"variant": "stop", "interactive": True}
+
+
+def stop_button(job) -> dict[str, Any]:
+    """The Stop button: red and enabled only while a job runs (not queued, stopping or finished)."""
+    return gr.update(**(STOP_ACTIVE if job is not None and job.state == "running" else STOP_IDLE))
+
+
+def stop_message(job) -> str:
+    """The line beside Stop: shown while the job stops, gone once it has ended (the panel says how)."""
+    if job is None or job.state != "stopping":
+        return ""
+    return message_md(f"Stopping: {job.title} (ends after the current batch; finished work is kept).")
 
 
 def error_text(error: BaseException, manager: JobManager) -> str:
@@ -177,12 +198,13 @@ class App:
                 allowed.append(str(folder))
 
     def refresh_status(self):
+        """What every open page shows each second: the job panel, its log, the Stop button and its message."""
         job = self.manager.latest()
         snapshot = job.snapshot() if job is not None else None
         queued = len(self.manager.queued())
         resident = self.manager.models.describe()
         log_text = "\n".join(snapshot["log"][-400:]) if snapshot else ""
-        return status_html(snapshot, resident, queued), log_text
+        return status_html(snapshot, resident, queued), log_text, stop_button(job), stop_message(job)
 
     # --- caption ------------------------------------------------------------------------------------
     def _caption_values(self, names: list[str], raw: tuple) -> tuple:
@@ -202,22 +224,23 @@ class App:
             with gr.Row(equal_height=True):
                 status = gr.HTML(status_html(None), elem_id="job-status")
             with gr.Row():
-                stop = gr.Button("Stop the running job", variant="stop", elem_id="job-stop", scale=0)
+                stop = gr.Button("Stop the running job", elem_id="job-stop", scale=0, **STOP_IDLE)
                 stop_message = gr.Markdown(elem_id="job-stop-message")
             with gr.Accordion("Log", open=False):
                 log_box = gr.Textbox(label="Job log", lines=12, max_lines=12, interactive=False, elem_id="job-log",
                                      autoscroll=True)
             timer = gr.Timer(1.0)
-            timer.tick(self.refresh_status, outputs=[status, log_box], show_progress="hidden")
-            blocks.load(self.refresh_status, outputs=[status, log_box], show_progress="hidden")
+            panel = [status, log_box, stop, stop_message]
+            timer.tick(self.refresh_status, outputs=panel, show_progress="hidden")
+            blocks.load(self.refresh_status, outputs=panel, show_progress="hidden")
 
             def stop_job():
                 job = self.manager.stop()
                 if job is None:
-                    return message_md("No job is running.")
-                return message_md(f"Stopping: {job.title} (ends after the current batch; finished work is kept).")
+                    return message_md("No job is running."), stop_button(None)
+                return stop_message(job), stop_button(job)
 
-            stop.click(stop_job, outputs=[stop_message])
+            stop.click(stop_job, outputs=[stop_message, stop])
 
             with gr.Tabs():
                 with gr.Tab("Caption", id="caption"):
@@ -431,7 +454,7 @@ class App:
         with gr.Row():
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             resume = gr.Button("Resume from the newest checkpoint", elem_id="train-resume")
-            stop = gr.Button("Stop training", variant="stop", elem_id="train-stop")
+            stop = gr.Button("Stop training", elem_id="train-stop", **STOP_IDLE)
         message = gr.Markdown(elem_id="train-message")
         curves = gr.LinePlot(x="x", y="value", color="metric", title="Loss and metrics", x_title="step (or epoch)",
                              elem_id="train-curves", height=320)
@@ -479,11 +502,13 @@ class App:
         def on_stop():
             job = self.manager.latest(("train-captioner", "train-tagger"))
             if job is None or job.finished_state:
-                return message_md("No training is running.")
+                return message_md("No training is running."), stop_button(None)
             self.manager.stop(job.id)
-            return message_md("Stopping: the run saves a checkpoint and ends.")
+            return message_md("Stopping: the run saves a checkpoint and ends."), stop_button(job)
 
-        stop.click(on_stop, outputs=[message])
+        stop.click(on_stop, outputs=[message, stop])
+        timer.tick(lambda: stop_button(self.manager.latest(("train-captioner", "train-tagger"))), outputs=[stop],
+                   show_progress="hidden")
         cache: dict[str, Any] = {}
 
         def refresh():

@@ -173,6 +173,31 @@ def summary_line(summary: dict[str, Any]) -> str:
     return text
 
 
+def is_run_summary(value: Any) -> bool:
+    return isinstance(value, dict) and "processed" in value and "reused" in value
+
+
+def readable(value: Any) -> str:
+    """A dict a library log line carries (a run summary, a pipeline step's report) as words, not Python."""
+    if not isinstance(value, dict):
+        return str(value)
+    if is_run_summary(value):
+        return summary_line(value)
+    if {"index", "name", "todo", "processed"} <= set(value):  # a pipeline step's report (the line names the step)
+        text = f"{value['processed']} done, {value.get('done', 0)} already done, {value.get('failed', 0)} failed"
+        if value.get("dropped"):
+            text += f", {value['dropped']} dropped"
+        return text + f" in {float(value.get('elapsed_s') or 0):.1f}s"
+    parts = []
+    for key, item in value.items():
+        name = str(key).replace("_", " ")
+        if isinstance(item, (dict, list, tuple, set)):
+            parts.append(f"{name}: {len(item)}")
+        elif item is not None and item != "":
+            parts.append(f"{name} {item}")
+    return ", ".join(parts)
+
+
 class ResidentModel:
     """At most one captioner backend loaded at a time, kept between jobs with the same options.
 
@@ -250,6 +275,13 @@ class _JobLogHandler(logging.Handler):
         if job is None or record.name.startswith("captionkit.ui"):
             return
         try:
+            arguments = record.args
+            if isinstance(arguments, dict) and "%(" not in str(record.msg):
+                arguments = (arguments,)  # logging unwraps a lone dict argument: log.info("summary: %s", summary)
+            if isinstance(arguments, tuple) and any(is_run_summary(argument) for argument in arguments):
+                return  # the summary event logs the same run summary as one sentence
+            if isinstance(arguments, tuple) and any(isinstance(argument, dict) for argument in arguments):
+                record = logging.makeLogRecord({**record.__dict__, "args": tuple(map(readable, arguments))})
             job.log(self.format(record).splitlines()[0][:500])
         except Exception:  # a log line must never break a job
             pass
@@ -365,15 +397,23 @@ class JobManager:
                 self._condition.wait(remaining if remaining is not None else 1.0)
         return True
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the running job, cancel the queue, free the model."""
+    def close(self) -> None:
+        """Refuse new jobs, cancel the queued ones and ask the running one to stop; returns at once.
+
+        ``captionkit ui`` calls this before it closes the server, which may wait seconds for open
+        pages: the job must not run on meanwhile.
+        """
         with self._condition:
             self._closed = True
             for job in list(self._pending):
                 self.stop(job.id)
             if self.running is not None:
-                self.running.stop.set()
+                self.stop(self.running.id)
             self._condition.notify_all()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the running job, cancel the queue, wait for the job's current batch, free the model."""
+        self.close()
         if self._thread is not None:
             self._thread.join(timeout)
         self.models.release()
