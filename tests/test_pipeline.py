@@ -82,7 +82,7 @@ def test_every_manifest_format_round_trips_with_the_users_columns(tmp_path, tiny
     assert [row["file"] for row in rows] == [f"images/img{index:03d}.png" for index in range(3)]
     assert all(str(row["score"]) in "012" and row["trigger"] == "ohwx" for row in rows)
     assert all(row["final"] == f"ohwx, {row['florence']}" for row in rows)
-    assert (tmp_path / "work" / "step_0_captioner_florence" / "result.jsonl").is_file()
+    assert (tmp_path / "work" / "step_1_captioner_florence" / "result.jsonl").is_file()
 
 
 def test_a_folder_input_two_captioners_keep_two_fields_and_export_sidecars(tmp_path, tiny_florence):
@@ -355,7 +355,7 @@ def test_a_chat_option_on_florence_fails_before_any_step_runs(tmp_path, tiny_flo
     write_good_images(tmp_path / "images", 1)
     pipeline = _write(tmp_path / "p.yaml", {"input": "images", "base_folder": "work", "steps": [
         _florence(tiny_florence), _florence(tiny_florence, "second", prompt="Describe it.")]})
-    with pytest.raises(CaptionkitError, match=r"step 2 \(second\).*--prompt"):
+    with pytest.raises(CaptionkitError, match=r"step 2 \(second\): 'prompt'"):  # the file's spelling
         run_pipeline(pipeline)
     assert not (tmp_path / "work").exists()
 

@@ -12,8 +12,8 @@ Dataflow-Gen files run as written: ``meta_path``, ``meta_folder``, ``base_folder
 ``config``, with its class names (``LLaVACaptioner``, ``FLUXGenerator``, ``GPTTextGenerator`` ...)
 and keys (``model_path``, ``repeat_time``, ``sys_prompt`` ...). Where relative paths start
 differs: captionkit's own files resolve them from the file's folder; a Dataflow-Gen file
-(``meta_path``, ``video_key`` or a Dataflow-Gen step type) resolves them from the current
-folder, as Dataflow-Gen's ``os.path.abspath`` does (``relative_to:`` chooses explicitly).
+(one that names its input ``meta_path``) resolves them from the current folder, as
+Dataflow-Gen's ``os.path.abspath`` does (``relative_to:`` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -270,7 +270,7 @@ def _file_spelling(message: str, step: PipelineStep) -> str:
     """The CLI's spellings in a shared error message (``--max-new-tokens``) as the file writes them."""
     def spelled(match: re.Match) -> str:
         key = match.group(1).replace("-", "_")
-        return f"{key}:" if key in step.step_type.keys else match.group(0)
+        return f"'{key}'" if key in step.step_type.keys else match.group(0)
 
     return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", spelled, message)
 
@@ -337,10 +337,8 @@ def _check_family(where: str, step: PipelineStep, built: Any) -> None:
 
 
 def is_dataflow_gen_file(data: dict[str, Any]) -> bool:
-    """A file written for Dataflow-Gen: its spellings ``meta_path``/``video_key``, or one of its step types."""
-    steps = data.get("steps") if isinstance(data.get("steps"), list) else []
-    return "meta_path" in data or "video_key" in data or any(
-        isinstance(step, dict) and str(step.get("type")) in DATAFLOW_GEN_CLASSES for step in steps)
+    """A file written for Dataflow-Gen: it names its input ``meta_path`` (captionkit's own files say ``input``)."""
+    return "meta_path" in data and "input" not in data
 
 
 def _paths_from(path: Path, data: dict[str, Any]) -> tuple[Path, str]:
@@ -352,8 +350,8 @@ def _paths_from(path: Path, data: dict[str, Any]) -> tuple[Path, str]:
     if rule is None:
         rule = "current_folder" if dataflow_gen else "file"
     if rule == "current_folder":
-        why = ("a Dataflow-Gen file, so as Dataflow-Gen does" if dataflow_gen and "relative_to" not in data
-               else "relative_to: current_folder")
+        why = ("a Dataflow-Gen file: it names its input meta_path; Dataflow-Gen resolves paths so"
+               if dataflow_gen and "relative_to" not in data else "relative_to: current_folder")
         return Path.cwd(), f"relative paths start from the current folder {Path.cwd()} ({why})"
     why = "relative_to: file" if "relative_to" in data else "captionkit's rule for its own files"
     return path.resolve().parent, f"relative paths start from the pipeline file's folder {path.resolve().parent} " \

@@ -5,7 +5,8 @@ it is filled per record, and the filled prompt joins that record's fingerprint, 
 changed input field regenerates only that record. A prompt that names no field is an
 instruction, and the record's text (``input_field``: in a pipeline, the latest text an
 earlier step wrote, else the ``text_key`` column) follows it on the next line, as
-Dataflow-Gen's generators send ``prompt + "\n" + text``: every record gets its own request. The model is either a local causal LM
+Dataflow-Gen's generators send the prompt, a newline, then the text: every record gets its
+own request. The model is either a local causal LM
 (``backend: transformers``: ``AutoModelForCausalLM`` + the tokenizer's chat template,
 batched generation with left padding, only the new tokens decoded) or any
 OpenAI-compatible server (``backend: openai``, the same client, retries and key handling
