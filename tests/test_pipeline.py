@@ -403,3 +403,28 @@ def test_imagefolder_export_copies_images_from_outside_and_keeps_the_users_id(tm
             .splitlines()]
     assert not rows[0]["file_name"].startswith(("..", "/")) and rows[0]["id"] == "u1"
     assert (tmp_path / "out" / "imagefolder" / rows[0]["file_name"]).is_file()
+
+
+def test_steps_are_numbered_from_one_in_folders_logs_and_events_and_old_folders_move(tmp_path):
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    pipeline = _write(tmp_path / "p.yaml", {"input": "meta.jsonl", "base_folder": "work", "save_folder": "out",
+                                            "steps": [
+        {"type": "template", "name": "first", "config": {"template": "{prompt}!"}},
+        {"type": "export", "name": "table", "config": {"format": "jsonl"}},
+        {"type": "template", "name": "last", "config": {"template": "{first}?"}}]})
+    old = tmp_path / "work" / "step_0_template_first"  # the layout of earlier versions (step 1 in folder 0)
+    old.mkdir(parents=True)
+    (old / "result.jsonl").write_text("{}\n")
+    events: list[dict] = []
+    report = run_pipeline(pipeline, listener=events.append)
+    assert [step.index for step in report.steps] == [1, 2, 3]
+    assert [(event["index"], event["name"]) for event in events if event.get("event") == "step"] == [
+        (1, "first"), (2, "table"), (3, "last")]
+    assert sorted(folder.name for folder in (tmp_path / "work").glob("step_*")) == [
+        "step_1_template_first", "step_3_template_last"]
+    assert json.loads((tmp_path / "work" / "step_1_template_first" / "result.jsonl").read_text())["first"] == "hi!"
+    log = (tmp_path / "work" / ".captionkit" / "run.log").read_text()
+    assert "step 2 (table)" in log and "renamed step_0_template_first to step_1_template_first" in log
+    again = run_pipeline(pipeline, from_step=3, listener=events.append)
+    assert [step.skipped for step in again.steps] == [True, True, False]
+    assert [step.index for step in again.steps] == [1, 2, 3]

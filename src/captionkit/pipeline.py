@@ -725,14 +725,14 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
     base = _records(pipeline, lister)
     pipeline.base_folder.mkdir(parents=True, exist_ok=True)
     report = PipelineReport(steps=[], dry_run=dry_run, path_rule=pipeline.path_rule)
-    if not dry_run:
-        _migrate_step_folders(pipeline)
     current: PipelineStep | None = None
     with Store(pipeline.base_folder) as store:
         handler = attach_run_log(store)
         try:
             log.info("pipeline %s: %d records, %d steps%s; %s", pipeline.path, len(base), count,
                      " (dry run)" if dry_run else "", pipeline.path_rule)
+            if not dry_run:
+                _migrate_step_folders(pipeline)
             pending: set[str] = set()  # dry run: records earlier steps would still (re)compute
             for step in pipeline.steps:
                 current = step
@@ -750,6 +750,9 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                 if step.step_type.name == "export":
                     built = step.step_type.builder(dict(step.config), context)
                     if not dry_run:
+                        if listener is not None:  # every step is announced with its own number, exports too
+                            listener({"event": "step", "index": step.index + 1, "name": step.name,
+                                      "total": len(records)})
                         step_report.processed = built.export(records, store, pipeline)
                         log.info("%s: %s", step.label, step_report.as_dict())
                     continue
