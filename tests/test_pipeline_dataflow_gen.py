@@ -372,8 +372,8 @@ def test_the_vllm_choice_is_explicit_or_announced_and_needs_cuda():
     backend, keep, note = choose_backend("transformers", keys, vllm_installed=True, cuda_available=True)
     assert (backend, keep) == ("transformers", False) and "do nothing with backend transformers" in note
     assert choose_backend("auto", [], vllm_installed=True, cuda_available=True) == ("auto", False, None)
-    with pytest.raises(CaptionkitError, match="backend: vllm needs a CUDA GPU"):
-        choose_backend("vllm", [], vllm_installed=True, cuda_available=False)
+    backend, keep, note = choose_backend("vllm", keys, vllm_installed=True, cuda_available=False)  # asked for
+    assert (backend, keep) == ("vllm", True) and "no CUDA GPU" in note
 
 
 def test_vllm_installed_without_a_gpu_runs_transformers_and_says_why(tmp_path, tiny_llava, monkeypatch, caplog):
@@ -400,3 +400,18 @@ def test_vllm_installed_without_a_gpu_runs_transformers_and_says_why(tmp_path, t
     from captionkit.models.chat_vlm import ChatVLMCaptioner
 
     assert isinstance(built.captioner, ChatVLMCaptioner)  # transformers, not the vLLM engine
+    # Asked for by name, vLLM is used; with no GPU the failure says so (not "out of GPU memory?").
+    (fake / "vllm" / "__init__.py").write_text(
+        "__version__ = '0.0'\n"
+        "class LLM:\n"
+        "    def __init__(self, **options):\n"
+        "        raise RuntimeError('Failed to infer device type')\n")
+    explicit = root / "configs" / "vllm.yaml"
+    explicit.write_text(EXAMPLE.read_text().replace("    config: \n", "    config: \n      backend: vllm\n"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="captionkit"), pytest.raises(CaptionkitError) as caught:
+        run_pipeline(explicit)
+    assert any("backend: vllm, but torch sees no CUDA GPU" in record.getMessage() for record in caplog.records)
+    message = str(caught.value)
+    assert message.startswith(f"{explicit}: step 1 (LLaVACaptioner): ")  # the file and the step
+    assert "torch sees no CUDA GPU" in message and "Out of GPU memory" not in message

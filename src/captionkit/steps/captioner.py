@@ -248,14 +248,15 @@ def choose_backend(backend: str, engine_keys: list[str], vllm_installed: bool,
 
     Why: Dataflow-Gen files carry vLLM engine keys (``tensor_parallel_size`` ...) on every step.
     They pick vLLM only where it can run (installed, and a CUDA GPU to run on), and the choice
-    is always announced; an explicit ``backend: vllm`` without CUDA is an error, not a late
-    "out of GPU memory".
+    is always announced; an explicit ``backend: vllm`` without CUDA is said before the run
+    (only a CPU build of vLLM runs without one), not found out as a late "out of GPU memory".
     """
     keys = ", ".join(engine_keys)
     if backend == "vllm":
         if vllm_installed and not cuda_available:
-            raise CaptionkitError("backend: vllm needs a CUDA GPU, and torch sees none here; use backend: "
-                                  "transformers (the same model without vLLM) or run on a machine with a GPU.")
+            return "vllm", True, ("backend: vllm, but torch sees no CUDA GPU here; vLLM's usual builds need one "
+                                  "(only a CPU build of vLLM runs without). backend: transformers runs the same "
+                                  "model without vLLM.")
         return "vllm", True, None
     if not engine_keys:
         return backend, False, None
