@@ -314,6 +314,13 @@ def test_a_dataflow_gen_class_name_is_checked_against_its_type_and_the_model(tmp
     config.write_text(EXAMPLE.read_text().replace("name: LLaVACaptioner", "name: FLUXGenerator"))
     with pytest.raises(CaptionkitError, match="'FLUXGenerator' is a ImageGenerator class"):
         load_pipeline(config)
+    config.write_text(EXAMPLE.read_text().replace("name: LLaVACaptioner", "name: GPTCaptioner"))
+    with pytest.raises(CaptionkitError, match="GPTCaptioner calls an API model; add backend: openai and base_url"):
+        load_pipeline(config)  # a local model under an API class
+    config.write_text(EXAMPLE.read_text().replace("name: LLaVACaptioner", "name: GPTCaptioner")
+                      .replace("model_path: models/llava-1.5-7b-hf", "model: gpt-4o"))
+    with pytest.raises(CaptionkitError, match="model 'gpt-4o' is a hosted API's model.*backend: openai"):
+        load_pipeline(config)
     config.write_text(EXAMPLE.read_text().replace("type: ImageCaptioner", "type: VideoCaptioner"))
     with pytest.raises(CaptionkitError, match="captionkit reads images"):
         load_pipeline(config)

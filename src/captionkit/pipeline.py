@@ -305,14 +305,11 @@ def _model_family(built: Any) -> str | None:
     generator = getattr(built, "generator", None)
     if generator is not None:  # text generators
         return _API if getattr(generator, "backend_name", None) == "openai" else "local causal LM"
-    model_name = getattr(built, "model_name", None) or getattr(generator, "model_name", None)
+    model_name = getattr(built, "model_name", None)  # image generators: a diffusers folder's pipeline class
     if model_name and Path(str(model_name)).expanduser().is_dir():
         from captionkit.steps.image_generator import pipeline_class_name
 
-        try:
-            return pipeline_class_name(Path(str(model_name)).expanduser())
-        except (OSError, ValueError):
-            return None
+        return pipeline_class_name(Path(str(model_name)).expanduser())
     return None
 
 
