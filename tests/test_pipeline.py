@@ -234,7 +234,7 @@ def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_fo
     rerun = subprocess.run([*CLI, "run", str(pipeline), "--quiet"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    lines = rerun.stderr.splitlines()
+    lines = [line for line in rerun.stderr.splitlines() if line.startswith("step ")]  # after the paths: line
     assert "0 done, 24 already done" in lines[0]
     done_now, reused_now = (int(part.split()[0]) for part in lines[1].split(": ", 1)[1].split(", ")[:2])
     assert reused_now == done_before and done_now == 24 - done_before
