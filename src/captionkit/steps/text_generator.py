@@ -256,8 +256,9 @@ class TextGeneratorStep:
             if not text.strip():
                 what = "is empty" if name in record.fields and value is not None else "is missing"
                 known = ", ".join(sorted(record.fields)) or "none"
+                use = "sends its text after the prompt" if self.input_field else f"fills {{{name}}} in its prompt"
                 raise CaptionkitError(
-                    f"record '{record.id}': step '{self.name}' fills {{{name}}} in its prompt, but the field "
+                    f"record '{record.id}': step '{self.name}' {use}, but the field "
                     f"'{name}' {what} (fields of this record: {known}); run the step that writes it first or "
                     "give it a manifest column"
                 )
