@@ -82,7 +82,7 @@ def test_every_manifest_format_round_trips_with_the_users_columns(tmp_path, tiny
     assert [row["file"] for row in rows] == [f"images/img{index:03d}.png" for index in range(3)]
     assert all(str(row["score"]) in "012" and row["trigger"] == "ohwx" for row in rows)
     assert all(row["final"] == f"ohwx, {row['florence']}" for row in rows)
-    assert (tmp_path / "work" / "step_0_captioner_florence" / "result.jsonl").is_file()
+    assert (tmp_path / "work" / "step_1_captioner_florence" / "result.jsonl").is_file()
 
 
 def test_a_folder_input_two_captioners_keep_two_fields_and_export_sidecars(tmp_path, tiny_florence):
@@ -234,7 +234,7 @@ def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_fo
     rerun = subprocess.run([*CLI, "run", str(pipeline), "--quiet"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    lines = rerun.stderr.splitlines()
+    lines = [line for line in rerun.stderr.splitlines() if line.startswith("step ")]  # after the paths: line
     assert "0 done, 24 already done" in lines[0]
     done_now, reused_now = (int(part.split()[0]) for part in lines[1].split(": ", 1)[1].split(", ")[:2])
     assert reused_now == done_before and done_now == 24 - done_before
@@ -355,7 +355,7 @@ def test_a_chat_option_on_florence_fails_before_any_step_runs(tmp_path, tiny_flo
     write_good_images(tmp_path / "images", 1)
     pipeline = _write(tmp_path / "p.yaml", {"input": "images", "base_folder": "work", "steps": [
         _florence(tiny_florence), _florence(tiny_florence, "second", prompt="Describe it.")]})
-    with pytest.raises(CaptionkitError, match=r"step 2 \(second\).*--prompt"):
+    with pytest.raises(CaptionkitError, match=r"step 2 \(second\): 'prompt'"):  # the file's spelling
         run_pipeline(pipeline)
     assert not (tmp_path / "work").exists()
 
@@ -403,3 +403,28 @@ def test_imagefolder_export_copies_images_from_outside_and_keeps_the_users_id(tm
             .splitlines()]
     assert not rows[0]["file_name"].startswith(("..", "/")) and rows[0]["id"] == "u1"
     assert (tmp_path / "out" / "imagefolder" / rows[0]["file_name"]).is_file()
+
+
+def test_steps_are_numbered_from_one_in_folders_logs_and_events_and_old_folders_move(tmp_path):
+    (tmp_path / "meta.jsonl").write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    pipeline = _write(tmp_path / "p.yaml", {"input": "meta.jsonl", "base_folder": "work", "save_folder": "out",
+                                            "steps": [
+        {"type": "template", "name": "first", "config": {"template": "{prompt}!"}},
+        {"type": "export", "name": "table", "config": {"format": "jsonl"}},
+        {"type": "template", "name": "last", "config": {"template": "{first}?"}}]})
+    old = tmp_path / "work" / "step_0_template_first"  # the layout of earlier versions (step 1 in folder 0)
+    old.mkdir(parents=True)
+    (old / "result.jsonl").write_text("{}\n")
+    events: list[dict] = []
+    report = run_pipeline(pipeline, listener=events.append)
+    assert [step.index for step in report.steps] == [1, 2, 3]
+    assert [(event["index"], event["name"]) for event in events if event.get("event") == "step"] == [
+        (1, "first"), (2, "table"), (3, "last")]
+    assert sorted(folder.name for folder in (tmp_path / "work").glob("step_*")) == [
+        "step_1_template_first", "step_3_template_last"]
+    assert json.loads((tmp_path / "work" / "step_1_template_first" / "result.jsonl").read_text())["first"] == "hi!"
+    log = (tmp_path / "work" / ".captionkit" / "run.log").read_text()
+    assert "step 2 (table)" in log and "renamed step_0_template_first to step_1_template_first" in log
+    again = run_pipeline(pipeline, from_step=3, listener=events.append)
+    assert [step.skipped for step in again.steps] == [True, True, False]
+    assert [step.index for step in again.steps] == [1, 2, 3]

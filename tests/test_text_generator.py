@@ -236,3 +236,17 @@ def test_openai_backend_returns_texts_and_sends_system_prompt(server, tmp_path):
     assert KEY not in fingerprint and "tiny-chat" in fingerprint and '"backend": "openai"' in fingerprint
     with pytest.raises(CaptionkitError, match="not loaded"):
         step.run_batch([step.prepare(batch[0])])
+
+
+def test_a_prompt_without_fields_is_followed_by_each_records_text(lm_folder, tmp_path):
+    """Dataflow-Gen's way: an instruction, then the record's text; never one answer for every record."""
+    with pytest.raises(CaptionkitError, match="names no field, so every record would get the same answer"):
+        build({"model": str(lm_folder), "prompt": "Summarise the following content."}, tmp_path)
+    step = build({"model": str(lm_folder), "prompt": "Summarise the following content.", "input_field": "caption",
+                  "max_new_tokens": 4}, tmp_path)
+    prompts = {key: value["prompt"] for key, value in step.record_settings(records()).items()}
+    assert prompts == {key: f"Summarise the following content.\n{text}" for key, text in CAPTIONS.items()}
+    with pytest.raises(CaptionkitError, match="input_field is for a prompt that names no field"):
+        build({"model": str(lm_folder), "prompt": "Shorten: {caption}", "input_field": "caption"}, tmp_path)
+    with pytest.raises(CaptionkitError, match="hosted API's model.*backend: openai"):
+        build({"model": "gpt-4o", "prompt": "Shorten: {caption}"}, tmp_path)

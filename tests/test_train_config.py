@@ -137,3 +137,23 @@ def test_save_config_round_trips(tmp_path):
     assert load_config(Config, out, []) == config
     assert config_to_dict(config)["data"] == "imgs"
     assert not list(out.parent.glob("*.tmp"))
+
+
+def test_an_override_switches_the_example_captioner_config_out_of_lora(caplog):
+    """`--set mode=full` on examples/captioner.yaml (which has a lora section) and `--set lora=null` both work."""
+    import logging
+
+    from captionkit.train.captioner import CaptionerTrainConfig
+    from captionkit.train.lora import LoraSettings
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "captioner.yaml"
+    with caplog.at_level(logging.WARNING, logger="captionkit"):
+        config = load_config(CaptionerTrainConfig, example, ["mode=full"])
+    assert config.mode == "full" and config.lora == LoraSettings()
+    notes = [record.getMessage() for record in caplog.records]
+    assert any("--set 'mode=full'" in note and "'lora' section" in note and "left out" in note for note in notes)
+    assert load_config(CaptionerTrainConfig, example, ["lora=null", "mode=full"]).mode == "full"
+    dropped = load_config(CaptionerTrainConfig, example, ["lora=null"])  # the section's defaults, still LoRA
+    assert dropped.mode == "lora" and dropped.lora == LoraSettings()
+    with pytest.raises(ConfigError, match="lora section is only used with mode"):  # both written: a contradiction
+        load_config(CaptionerTrainConfig, example, ["mode=full", "lora.rank=4"])

@@ -339,10 +339,17 @@ def test_a_refused_request_fails_only_its_image(tmp_path, monkeypatch):
 
 
 def test_engine_start_failure_is_one_plain_error(tmp_path, monkeypatch):
+    import torch
+
     FakeVLLM(load_error=RuntimeError("CUDA out of memory")).install(monkeypatch)
     captioner = VLLMCaptioner(model=model_folder(tmp_path, "llava_onevision"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine: memory is the likely cause
     with pytest.raises(CaptionkitError, match="CUDA out of memory.*--max-model-len"):
         captioner.load()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU at all: that is what it says
+    with pytest.raises(CaptionkitError, match="torch sees no CUDA GPU here") as caught:
+        captioner.load()
+    assert "Out of GPU memory" not in str(caught.value)
 
 
 def test_mllama_is_refused_on_vllm_releases_that_dropped_it(tmp_path, monkeypatch):

@@ -382,7 +382,8 @@ def models() -> None:
 
 @app.command("run")
 def run_command(
-    pipeline: Annotated[Path, typer.Argument(help="A pipeline YAML file (captionkit's or Dataflow-Gen's spelling).")],
+    pipeline: Annotated[Path | None, typer.Argument(help="A pipeline YAML file (captionkit's or Dataflow-Gen's spelling).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="The pipeline file, given as an option (as Dataflow-Gen's run_pipeline.py and the trainers take it).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Validate and show the plan: steps, records, what is already done.")] = False,
     from_step: Annotated[int | None, typer.Option(help="Start at this step (1-based); earlier steps' stored results are used.")] = None,
     only_step: Annotated[str | None, typer.Option(help="Run only the step with this name.")] = None,
@@ -399,11 +400,18 @@ def run_command(
     """Run a multi-step pipeline (caption, tag, template, filter, generate, export); resumable per step and record."""
     from captionkit.pipeline import run_pipeline
 
+    if config is not None and pipeline is not None and config != pipeline:
+        raise typer.BadParameter(f"two pipeline files ({pipeline} and --config {config}); give one.")
+    pipeline = pipeline or config
+    if pipeline is None:
+        raise typer.BadParameter("give the pipeline file: captionkit run PIPELINE.yaml (or --config PIPELINE.yaml).")
     report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
                           progress="quiet" if quiet else progress, workers=workers, executor=executor,
                           ray_address=ray_address, devices=devices, ray_actors=ray_actors,
                           ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor)
     out = sys.stderr
+    if report.path_rule:
+        print(f"paths: {report.path_rule}", file=out)
     for step in report.steps:
         head = f"step {step.index} {step.name} ({step.type} -> {step.output_field})"
         if step.skipped:

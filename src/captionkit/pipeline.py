@@ -8,9 +8,12 @@ field; the store in ``base_folder`` keeps every result with a per-record fingerp
 that includes the step's inputs, so a rerun does only what changed.
 
 Dataflow-Gen files run as written: ``meta_path``, ``meta_folder``, ``base_folder``,
-``save_folder``, ``image_key``, ``text_key`` and steps of ``type`` / ``name`` / ``config``,
-with its step names (``LLaVACaptioner``, ``FLUXGenerator``, ``GPTTextGenerator`` ...)
-and keys (``model_path``, ``repeat_time``, ``sys_prompt`` ...).
+``save_folder``, ``image_key``, ``text_key``, ``video_key`` and steps of ``type`` / ``name`` /
+``config``, with its class names (``LLaVACaptioner``, ``FLUXGenerator``, ``GPTTextGenerator`` ...)
+and keys (``model_path``, ``repeat_time``, ``sys_prompt`` ...). Where relative paths start
+differs: captionkit's own files resolve them from the file's folder; a Dataflow-Gen file
+(one that names its input ``meta_path``) resolves them from the current folder, as
+Dataflow-Gen's ``os.path.abspath`` does (``relative_to:`` chooses explicitly).
 """
 
 from __future__ import annotations
@@ -40,12 +43,30 @@ TOP_LEVEL_KEYS = {
     "save_folder": "final results",
     "image_key": "the manifest column with image paths",
     "text_key": "the manifest column with text (prompts, captions)",
+    "video_key": "Dataflow-Gen: the manifest column with videos (video rows are skipped: captionkit reads images)",
+    "relative_to": "where relative paths start: file (the pipeline file's folder) or current_folder",
     "output_format": "jsonl, json, csv, tsv or parquet for the final table",
     "steps": "the list of steps",
     "name": "a name for the pipeline",
     "recursive": "search sub-folders of an input folder",
 }
 STEP_KEYS = ("type", "name", "config", "output_field", "image_field", "input_field")
+RELATIVE_TO = ("file", "current_folder")
+_API = "an API model (backend: openai)"
+# Dataflow-Gen's step types, and for each the classes its `name` picks, with the model families
+# (config.json model_type, or a diffusers pipeline class) each class is written for.
+DATAFLOW_GEN_CLASSES: dict[str, dict[str, tuple[str, ...]]] = {
+    "ImageCaptioner": {
+        "BLIPCaptioner": ("blip-2",), "LLaVACaptioner": ("llava",), "LLaVANeXTCaptioner": ("llava_next",),
+        "LLaVAOneVisionCaptioner": ("llava_onevision",), "MLLamaCaptioner": ("mllama",),
+        "Phi3VCaptioner": ("phi3_v",), "QwenVLCaptioner": ("qwen2_vl", "qwen2_5_vl"),
+        "GPTCaptioner": (_API,), "ImageAPICaptioner": (_API,),
+    },
+    "ImageGenerator": {"FLUXGenerator": ("FluxPipeline",),
+                       "StableDiffusionGenerator": ("StableDiffusion3Pipeline",)},
+    "TextGenerator": {"GPTTextGenerator": (), "APIGenerator": (_API,), "LocalModelGenerator": ()},
+    "VideoCaptioner": {}, "VideoGenerator": {},
+}
 OUTPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
 _SECRET_KEYS = ("api_key", "openai_api_key", "token", "hf_token", "password")
 
@@ -60,6 +81,7 @@ class PipelineStep:
     config: dict[str, Any]
     output_field: str
     image_field: str | None = None  # read images from this field (e.g. an image_generator's output)
+    dataflow_class: str | None = None  # the Dataflow-Gen class its name picks (LLaVACaptioner ...), if any
 
     @property
     def label(self) -> str:
@@ -82,6 +104,9 @@ class Pipeline:
     recursive: bool = True
     text_only: bool = False
     columns: list[str] = field(default_factory=list)  # the manifest's columns (read once, when the file is loaded)
+    video_key: str | None = None  # Dataflow-Gen: rows with a video and no image are skipped
+    paths_from: Path = Path(".")  # the folder relative paths in the file start from
+    path_rule: str = ""  # which rule chose paths_from, in words (shown by --dry-run)
 
 
 @dataclass
@@ -112,6 +137,7 @@ class PipelineReport:
     table: Path | None = None
     dry_run: bool = False
     interrupted: bool = False
+    path_rule: str = ""  # where the file's relative paths start, and why
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -167,17 +193,18 @@ def load_pipeline(path: str | Path) -> Pipeline:
     path = Path(path).expanduser()
     if not path.is_file():
         raise CaptionkitError(f"{path}: no such pipeline file.")
+    text = path.read_text(encoding="utf-8")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise CaptionkitError(f"{path}: not valid YAML ({error}).") from error
+        raise CaptionkitError(yaml_error_message(path, text, error)) from error
     if not isinstance(data, dict):
         raise CaptionkitError(f"{path}: the top level must be a mapping (input:, steps: ...).")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise _fail(str(path), f"unknown key '{key}'.{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))} "
                                    f"Allowed: {', '.join(TOP_LEVEL_KEYS)}.")
-    here = path.resolve().parent
+    here, path_rule = _paths_from(path, data)
 
     def location(*names: str, default: str | None = None) -> Path | None:
         given = [name for name in names if data.get(name) not in (None, "")]
@@ -208,7 +235,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         base_folder=location("base_folder", default=f"{path.stem}-work"),  # per file: two pipelines never mix
         save_folder=location("save_folder", default=f"{path.stem}-output"),
         image_key=data.get("image_key"), text_key=data.get("text_key"), output_format=output_format, steps=[],
-        recursive=bool(data.get("recursive", True)),
+        recursive=bool(data.get("recursive", True)), video_key=data.get("video_key"), paths_from=here,
+        path_rule=path_rule,
     )
     pipeline.columns = available = _manifest_columns(pipeline)
     pipeline.text_only = _is_text_only(pipeline)
@@ -225,13 +253,141 @@ def load_pipeline(path: str | Path) -> Pipeline:
         step = _read_step(path, index, raw, used_names, used_fields, available, pipeline)
         pipeline.steps.append(step)
     for step in pipeline.steps:  # build each step now (no model loads): value errors surface before any run
+        where = f"{path}: {step.label}"
+        _check_device(where, step.config)
         try:
-            step.step_type.builder(dict(step.config), _context(pipeline, step, None, []))
+            built = step.step_type.builder(dict(step.config), _context(pipeline, step, None, [], announce=True))
         except CaptionkitError as error:
-            raise _fail(f"{path}: {step.label}", str(error)) from None
+            raise _fail(where, _file_spelling(str(error), step)) from None
         except (ValueError, TypeError, KeyError, IndexError) as error:
-            raise _fail(f"{path}: {step.label}", f"invalid config ({error}).") from None
+            raise _fail(where, f"invalid config ({error}).") from None
+        if step.dataflow_class is not None:
+            _check_family(where, step, built)
     return pipeline
+
+
+def _file_spelling(message: str, step: PipelineStep) -> str:
+    """The CLI's spellings in a shared error message (``--max-new-tokens``) as the file writes them."""
+    def spelled(match: re.Match) -> str:
+        key = match.group(1).replace("-", "_")
+        return f"'{key}'" if key in step.step_type.keys else match.group(0)
+
+    return re.sub(r"(?<![\w-])--([a-z][a-z0-9-]*)", spelled, message)
+
+
+def _check_device(where: str, config: dict[str, Any]) -> None:
+    """``device: cuda`` on a machine without CUDA fails here, in the file's spelling, not at model load."""
+    device = config.get("device")
+    if device in (None, "", "auto"):
+        return
+    from captionkit.models.florence2 import resolve_device
+
+    try:
+        resolve_device(str(device))
+    except CaptionkitError as error:
+        import torch
+
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            build = "this torch is a CPU-only build" if torch.version.cuda is None else \
+                f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise _fail(where, f"device: {device} asks for a CUDA GPU, and there is none here ({build}). "
+                               "Set device: cpu, or device: auto (a GPU where there is one).") from None
+        raise _fail(where, str(error).replace("--device", "device:")) from None
+
+
+def _model_family(built: Any) -> str | None:
+    """What a built step's model is: a config.json model_type, a diffusers pipeline class, or an API model."""
+    model = getattr(built, "captioner", None)
+    if model is not None:
+        if getattr(model, "backend_name", None) == "openai" or type(model).__name__ == "OpenAICaptioner":
+            return _API
+        return getattr(model, "model_type", None) or ("florence2" if "Florence" in type(model).__name__ else None)
+    generator = getattr(built, "generator", None)
+    if generator is not None:  # text generators
+        return _API if getattr(generator, "backend_name", None) == "openai" else "local causal LM"
+    model_name = getattr(built, "model_name", None)  # image generators: a diffusers folder's pipeline class
+    if model_name and Path(str(model_name)).expanduser().is_dir():
+        from captionkit.steps.image_generator import pipeline_class_name
+
+        return pipeline_class_name(Path(str(model_name)).expanduser())
+    return None
+
+
+def _check_family(where: str, step: PipelineStep, built: Any) -> None:
+    """A Dataflow-Gen class name and the model it is given should agree (QwenVLCaptioner with a Qwen2-VL model)."""
+    assert step.dataflow_class is not None
+    wanted = next(table[step.dataflow_class] for table in DATAFLOW_GEN_CLASSES.values() if step.dataflow_class in table)
+    family = _model_family(built)
+    if not wanted or family is None or family in wanted:
+        return
+    if _API in wanted:
+        raise _fail(where, f"{step.dataflow_class} calls an API model; add backend: openai and base_url (the "
+                           "server's /v1 address), and name the key's environment variable with api_key_env.")
+    if family == _API:
+        return  # a server may serve any model; its family is the server's business
+    known = {kind: name for table in DATAFLOW_GEN_CLASSES.values() for name, kinds in table.items()
+             for kind in kinds if kind != _API}
+    fitting = f" (Dataflow-Gen's class for it is {known[family]})" if family in known else ""
+    log.warning("%s: %s is Dataflow-Gen's class for %s models, but the model given is a %s model%s; captionkit "
+                "runs it as %s, read from the model's config. Rename the step to match, or check model_path.",
+                where, step.dataflow_class, " / ".join(wanted), family, fitting, family)
+
+
+def is_dataflow_gen_file(data: dict[str, Any]) -> bool:
+    """A file written for Dataflow-Gen: it names its input ``meta_path`` (captionkit's own files say ``input``)."""
+    return "meta_path" in data and "input" not in data
+
+
+def _paths_from(path: Path, data: dict[str, Any]) -> tuple[Path, str]:
+    """The folder relative paths start from, and the rule that chose it (in words, for --dry-run)."""
+    rule = data.get("relative_to")
+    if rule is not None and rule not in RELATIVE_TO:
+        raise _fail(str(path), f"relative_to '{rule}': use file (the pipeline file's folder) or current_folder.")
+    dataflow_gen = is_dataflow_gen_file(data)
+    if rule is None:
+        rule = "current_folder" if dataflow_gen else "file"
+    if rule == "current_folder":
+        why = ("a Dataflow-Gen file: it names its input meta_path; Dataflow-Gen resolves paths so"
+               if dataflow_gen and "relative_to" not in data else "relative_to: current_folder")
+        return Path.cwd(), f"relative paths start from the current folder {Path.cwd()} ({why})"
+    why = "relative_to: file" if "relative_to" in data else "captionkit's rule for its own files"
+    return path.resolve().parent, f"relative paths start from the pipeline file's folder {path.resolve().parent} " \
+                                  f"({why})"
+
+
+def yaml_error_message(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """Where the YAML breaks (line, column, the line itself) and, for indentation slips, how to fix them.
+
+    Why: Dataflow-Gen's documentation has step blocks whose keys sit one space left of ``type``;
+    PyYAML's own message ("expected <block end>, but found ...") does not say that.
+    """
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    if mark is None:
+        return f"{path}: not valid YAML ({problem})."
+    lines = text.splitlines()
+    number = mark.line + 1
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    message = f"{path}:{number}:{mark.column + 1}: not valid YAML ({problem}):\n    {line}"
+    indent = len(line) - len(line.lstrip(" "))
+    for earlier in range(mark.line - 1, -1, -1):  # the list item this line belongs to (or follows)
+        item = re.match(r"^( *)- +(\S)", lines[earlier])
+        if item is None:
+            continue
+        item_indent, key_column = len(item.group(1)), item.start(2)
+        if line.lstrip().startswith("- ") and indent != item_indent:
+            return (f"{message}\nIndentation: items of one list start in the same column; the item on line "
+                    f"{earlier + 1} starts at column {item_indent + 1}, this one at column {indent + 1}.")
+        if item_indent < indent != key_column:
+            return (f"{message}\nIndentation: the keys of one list item line up with the first key after "
+                    f"'- ' (column {key_column + 1} on line {earlier + 1}); this line starts at column "
+                    f"{indent + 1}. Indent it by {key_column - indent} space(s)"
+                    + (" (Dataflow-Gen's documentation indents these blocks one space short)."
+                       if key_column - indent == 1 else "."))
+        break
+    if "found character '\\t'" in problem:
+        return f"{message}\nIndentation: YAML indents with spaces only; replace the tab."
+    return f"{message}\nCheck the indentation of this line and the one before it (YAML nests by indentation)."
 
 
 def _image_column(pipeline: Pipeline, columns: list[str]) -> str | None:
@@ -247,12 +403,41 @@ def _image_column(pipeline: Pipeline, columns: list[str]) -> str | None:
     return next((name for name in _IMAGE_COLUMN_GUESSES if name in columns), None)
 
 
-def _context(pipeline: Pipeline, step: PipelineStep, store, records: list[Record]) -> StepContext:
+def _context(pipeline: Pipeline, step: PipelineStep, store, records: list[Record],
+             announce: bool = False) -> StepContext:
     return StepContext(
         index=step.index, name=step.name, output_field=step.output_field, base_folder=pipeline.base_folder,
         save_folder=pipeline.save_folder, input_fields=sorted({key for record in records for key in record.fields}),
-        store=store,
+        store=store, announce=announce,
     )
+
+
+def _prompt_fields(where: str, template: str) -> list[str]:
+    from captionkit.steps.template import template_fields
+
+    try:
+        return template_fields(template)
+    except CaptionkitError as error:
+        raise _fail(where, str(error)) from None
+
+
+def _check_dataflow_gen_class(where: str, type_name: str, class_name: Any) -> None:
+    """Under a Dataflow-Gen step type the name picks a class, as in Dataflow-Gen: an unknown one is an error."""
+    classes = DATAFLOW_GEN_CLASSES[type_name]
+    if not classes:
+        raise _fail(where, f"Dataflow-Gen's {type_name} steps handle videos; captionkit reads images, so it cannot "
+                           "run this step. Remove it (video rows of the manifest are skipped).")
+    if class_name is None:
+        raise _fail(where, f"a {type_name} step needs 'name', the Dataflow-Gen class to run: "
+                           f"{', '.join(classes)}.")
+    if str(class_name) not in classes:
+        every = [name for table in DATAFLOW_GEN_CLASSES.values() for name in table]
+        other = next((kind for kind, table in DATAFLOW_GEN_CLASSES.items() if str(class_name) in table), None)
+        why = (f"'{class_name}' is a {other} class, not a {type_name} one" if other else
+               f"'{class_name}' is not a Dataflow-Gen {type_name} class.{_did_you_mean(str(class_name), every)}")
+        raise _fail(where, f"under type {type_name} the name picks the class, as in Dataflow-Gen; {why} "
+                           f"{type_name} classes: {', '.join(classes)}. For a free step name use captionkit's "
+                           "type (captioner, image_generator, text_generator).")
 
 
 def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fields: set[str],
@@ -265,6 +450,8 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
                            "text_generator, image_generator or export.")
     type_name, given_name = str(raw["type"]), raw.get("name")
     # Dataflow-Gen: `type: ImageCaptioner, name: LLaVACaptioner` — the name picks the class.
+    if type_name in DATAFLOW_GEN_CLASSES:
+        _check_dataflow_gen_class(where, type_name, given_name)
     try:
         by_type = find_step_type(type_name)
     except CaptionkitError as error:
@@ -300,10 +487,11 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
         if raw.get(key) is not None:
             merged[key] = raw[key]
     allowed = sorted(step_type.keys)
+    spellings = sorted({*allowed, *step_type.key_aliases})  # Dataflow-Gen's spellings are suggested too
     for key, value in merged.items():
         if key not in step_type.keys:
-            raise _fail(where, f"unknown key '{key}' for a {step_type.name} step.{_did_you_mean(key, allowed)} "
-                               f"Allowed: {', '.join(allowed)}.")
+            raise _fail(where, f"unknown key '{key}' for a {step_type.name} step.{_did_you_mean(key, spellings)} "
+                               f"Allowed: {', '.join(allowed)} (or {', '.join(sorted(step_type.key_aliases))}).")
         _check_type(where, key, value, step_type.keys[key])
     for key in step_type.required:
         if merged.get(key) in (None, ""):
@@ -332,14 +520,19 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
             raise _fail(where, f"{key} '{name}' is neither a column of the input nor an earlier step's output."
                                f"{_did_you_mean(name, known)} Known: {', '.join(known) or 'none'}.")
 
-    if "input_field" in step_type.keys:
+    # A text generator reads input_field only when its prompt names no field (the record's text follows it).
+    prompt_names_fields = step_type.name == "text_generator" and isinstance(merged.get("prompt"), str) \
+        and bool(_prompt_fields(where, merged["prompt"]))
+    if "input_field" in step_type.keys and not prompt_names_fields:
         if not merged.get("input_field"):
             texts = [step.output_field for step in pipeline.steps
                      if step.step_type.name in ("captioner", "text_generator", "template")]
             default = texts[-1] if texts else (pipeline.text_key or ("caption" if "caption" in available else None))
             if default is None:
-                raise _fail(where, f"set input_field: no earlier step writes text and the input has no text_key "
-                                   f"or caption column. Known fields: {', '.join(known) or 'none'}.")
+                why = ("the prompt names no field, so the record's text follows it (as in Dataflow-Gen), but "
+                       if step_type.name == "text_generator" else "")
+                raise _fail(where, f"set input_field: {why}no earlier step writes text and the input has no "
+                                   f"text_key or caption column. Known fields: {', '.join(known) or 'none'}.")
             merged["input_field"] = default
         check_field("input_field", str(merged["input_field"]))
     values = merged.get("values") if isinstance(merged.get("values"), dict) else {}
@@ -363,7 +556,9 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
         for name in ([merged["field"]] if merged.get("field") else []) + list(merged.get("fields") or []):
             check_field("export field", str(name))
     used_fields.add(output_field)
-    return PipelineStep(index, unique, step_type, merged, output_field, image_field)
+    dataflow_class = str(given_name) if any(str(given_name) in table for table in DATAFLOW_GEN_CLASSES.values()) \
+        else None
+    return PipelineStep(index, unique, step_type, merged, output_field, image_field, dataflow_class)
 
 
 def _is_text_only(pipeline: Pipeline) -> bool:
@@ -393,8 +588,12 @@ def _manifest_columns(pipeline: Pipeline) -> list[str]:
 # ---------------------------------------------------------------------------------------------- running
 def _records(pipeline: Pipeline, lister=None) -> list[Record]:
     """The pipeline's input records; ``lister`` (an executor) lists them where it runs (Ray: in parallel)."""
+    from captionkit.records import ManifestSource
+
     source = open_source(pipeline.input, recursive=pipeline.recursive, image_column=pipeline.image_key,
                          base_dir=pipeline.meta_folder, text_only=pipeline.text_only)
+    if isinstance(source, ManifestSource):
+        source.video_column = pipeline.video_key
     records = lister.list_records(source) if lister is not None else list(source)
     if not records:
         from captionkit.api import no_images_message
@@ -522,14 +721,18 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
     lister = make_executor(executor, **scale) if executor == "ray" and not dry_run else None
     base = _records(pipeline, lister)
     pipeline.base_folder.mkdir(parents=True, exist_ok=True)
-    report = PipelineReport(steps=[], dry_run=dry_run)
+    report = PipelineReport(steps=[], dry_run=dry_run, path_rule=pipeline.path_rule)
+    current: PipelineStep | None = None
     with Store(pipeline.base_folder) as store:
         handler = attach_run_log(store)
         try:
-            log.info("pipeline %s: %d records, %d steps%s", pipeline.path, len(base), count,
-                     " (dry run)" if dry_run else "")
+            log.info("pipeline %s: %d records, %d steps%s; %s", pipeline.path, len(base), count,
+                     " (dry run)" if dry_run else "", pipeline.path_rule)
+            if not dry_run:
+                _migrate_step_folders(pipeline)
             pending: set[str] = set()  # dry run: records earlier steps would still (re)compute
             for step in pipeline.steps:
+                current = step
                 step_report = StepReport(step.index + 1, step.name, step.step_type.name, step.output_field)
                 report.steps.append(step_report)
                 wanted = (from_step is None or step.index + 1 >= from_step) and (only_step in (None, step.name))
@@ -544,7 +747,11 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                 if step.step_type.name == "export":
                     built = step.step_type.builder(dict(step.config), context)
                     if not dry_run:
+                        if listener is not None:  # every step is announced with its own number, exports too
+                            listener({"event": "step", "index": step.index + 1, "name": step.name,
+                                      "total": len(records)})
                         step_report.processed = built.export(records, store, pipeline)
+                        log.info("%s: %s", step.label, step_report.as_dict())
                     continue
                 built = step.step_type.builder(dict(step.config), context)
                 built.field = step.output_field  # each step writes its own field, whatever its class default
@@ -589,6 +796,10 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
             if not dry_run:
                 report.table = write_final_table(pipeline, store, base)
             return report
+        except CaptionkitError as error:
+            if current is None or str(error).startswith(f"{pipeline.path}:"):
+                raise
+            raise CaptionkitError(f"{pipeline.path}: {current.label}: {error}") from error
         finally:
             import logging as logging_module
 
@@ -596,11 +807,37 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
             handler.close()
 
 
+def step_folder_name(step: PipelineStep, number: int | None = None) -> str:
+    """``step_<n>_<type>_<name>``, ``n`` counted from 1 like the console and ``--from-step`` (and Dataflow-Gen,
+    whose step 0 is its own preprocessing)."""
+    return f"step_{step.index + 1 if number is None else number}_{step.step_type.name}_{snake_case(step.name)}"
+
+
+def _migrate_step_folders(pipeline: Pipeline) -> None:
+    """Rename folders of the earlier layout (``step_0_…`` for step 1) to the one numbering used everywhere."""
+    current = {step_folder_name(step) for step in pipeline.steps}
+    for step in reversed(pipeline.steps):
+        old = pipeline.base_folder / step_folder_name(step, step.index)
+        new = pipeline.base_folder / step_folder_name(step)
+        if old.name in current or not old.is_dir():
+            continue
+        if new.exists():  # the current layout already has this step's results: drop the stale copy
+            (old / "result.jsonl").unlink(missing_ok=True)
+            try:
+                old.rmdir()
+            except OSError:  # something else is in there: leave it to the user
+                log.warning("%s: %s holds files captionkit did not write; left in place", step.label, old)
+                continue
+        else:
+            old.rename(new)
+        log.info("%s: renamed %s to %s (steps are numbered from 1 everywhere)", step.label, old.name, new.name)
+
+
 def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: list[Record]) -> Path:
-    """``<base_folder>/step_<i>_<type>_<name>/result.jsonl``: this step's results, as the seed lays them out."""
+    """``<base_folder>/step_<n>_<type>_<name>/result.jsonl``: this step's results, as the seed lays them out."""
     from captionkit.atomic import atomic_write_lines
 
-    folder = pipeline.base_folder / f"step_{step.index}_{step.step_type.name}_{snake_case(step.name)}"
+    folder = pipeline.base_folder / step_folder_name(step)
     stored = store.get_many(step.output_field, [record.id for record in records])
     rows = []
     for record in records:

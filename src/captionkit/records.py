@@ -148,6 +148,7 @@ class ManifestSource(Source):
     image_column: str | None = None
     base_dir: Path | None = None
     text_only: bool = False  # rows without images: ids from an `id` column or the row number
+    video_column: str | None = None  # Dataflow-Gen's video_key: rows with a video and no image are skipped
 
     def _rows(self) -> list[dict[str, Any]]:
         suffix = self.manifest.suffix.lower()
@@ -193,8 +194,16 @@ class ManifestSource(Source):
         if self.text_only:
             yield from self._text_records(rows)
             return
-        column = self.choose_image_column(list(rows[0]))
+        # With videos mixed in, the first row may be a video's: look at every row's columns.
+        columns = list(dict.fromkeys(key for row in rows for key in row)) if self.video_column else list(rows[0])
+        column = self.choose_image_column(columns)
         base = self.base_dir or self.manifest.parent
+        if self.video_column:
+            videos = [row for row in rows if row.get(self.video_column) and not row.get(column)]
+            if videos:  # one warning for all of them: a video data set would otherwise print one per row
+                log.warning("%s: %d row(s) with a video ('%s') and no image skipped; captionkit reads images only.",
+                            self.manifest, len(videos), self.video_column)
+                rows = [row for row in rows if not (row.get(self.video_column) and not row.get(column))]
         yield from self.unique_records(row_record(row, column, base, self.root) for row in rows)
 
     def choose_image_column(self, columns: list[str]) -> str:

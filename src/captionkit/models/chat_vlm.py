@@ -41,6 +41,20 @@ def template_writes_bos(processor: Any, texts: list[str]) -> bool:
     return bool(bos) and all(text.startswith(bos) for text in texts)
 
 
+def context_limit(config: Any) -> int | None:
+    """The language model's positions (``max_position_embeddings`` of the text config), if the config says."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
+def context_error(model: str, limit: int, prompt_tokens: int, max_new_tokens: int, what: str) -> str:
+    """One sentence on a prompt that cannot fit: the numbers, and the two ways out."""
+    return (f"{model}: {what} is {prompt_tokens} tokens; with max_new_tokens {max_new_tokens} that exceeds the "
+            f"model's {limit}-token context (shorten the prompt or lower max_new_tokens to at most "
+            f"{max(limit - prompt_tokens, 0)})")
+
+
 def remote_code_error(model: str, model_type: str) -> CaptionkitError:
     return CaptionkitError(
         f"{model}: model type '{model_type}' needs the model's own Python code (remote code), which captionkit "
@@ -205,6 +219,19 @@ class ChatVLMCaptioner:
                 "chat_template.json), so captionkit cannot build the prompt. Use the model's instruct/chat release."
             )
         self.model = model.to(self.device).eval()
+        self._check_context(tokenizer)
+
+    def _check_context(self, tokenizer: Any) -> None:
+        """Fail at load, not after minutes of batches, when the prompt alone plus max_new_tokens cannot fit."""
+        limit = context_limit(self.model.config)
+        if not limit:
+            return
+        text = self.prompt_text(self.chat.prompt)
+        length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if length + self.chat.max_new_tokens > limit:
+            self.unload()
+            raise CaptionkitError(context_error(self.model_name, limit, length, self.chat.max_new_tokens,
+                                                "the prompt (before the image's tokens)") + ".")
 
     def load_processor(self) -> None:
         """Nothing to load for decode workers elsewhere: ``preprocess`` only downscales (the processor runs later)."""
@@ -255,6 +282,11 @@ class ChatVLMCaptioner:
             return [result for request in requests for result in self.caption_batch([request])]
         texts = [self.prompt_text(request.prompt or self.chat.prompt) for request in requests]
         inputs = self.processor_inputs(texts, [request.payload for request in requests])
+        too_long = self._over_context(inputs)
+        if too_long:  # those fail at once, with the numbers; the rest of the batch runs without them
+            rest = [request for index, request in enumerate(requests) if index not in too_long]
+            done = iter(self.caption_batch(rest) if rest else [])
+            return [ItemFailure(too_long[index]) if index in too_long else next(done) for index in range(len(requests))]
         inputs = {
             name: (value.to(self.device, dtype=self.dtype) if torch.is_floating_point(value)
                    else value.to(self.device)) if hasattr(value, "to") else value
@@ -274,6 +306,17 @@ class ChatVLMCaptioner:
             {"texts": [text.strip() for text in decoded[index * samples:(index + 1) * samples]]}
             for index in range(len(requests))
         ]
+
+    def _over_context(self, inputs: dict[str, Any]) -> dict[int, str]:
+        """Rows whose prompt (with the image's tokens) plus max_new_tokens exceed the model's positions."""
+        limit = context_limit(self.model.config)
+        mask = inputs.get("attention_mask")
+        if not limit or mask is None:
+            return {}
+        lengths = [int(length) for length in mask.sum(dim=1).tolist()]
+        return {index: context_error(self.model_name, limit, length, self.chat.max_new_tokens,
+                                     "the prompt with the image's tokens")
+                for index, length in enumerate(lengths) if length + self.chat.max_new_tokens > limit}
 
     @staticmethod
     def render_texts(raw: Any) -> list[str]:

@@ -271,10 +271,22 @@ class Florence2Captioner:
 
         size = self.image_size() or (64, 64)
         encoded = self.processor(text=[prompt], images=[Image.new("RGB", size)], return_tensors="pt")
+        self._check_context()
         self._prompt_inputs = {
             "input_ids": encoded["input_ids"].to(self.device),
             "attention_mask": encoded["attention_mask"].to(self.device),
         }
+
+    def _check_context(self) -> None:
+        """The decoder has learned positions: a longer caption fails every image with IndexError. Fail at load."""
+        from captionkit.models.chat_vlm import context_limit
+
+        limit = context_limit(self.model.config)
+        wanted = self.generation.max_new_tokens
+        if limit and wanted + 1 > limit:  # +1: the decoder's start token
+            self.unload()
+            raise CaptionkitError(f"{self.model_name}: max_new_tokens {wanted} exceeds the {limit} positions of "
+                                  f"this Florence-2 decoder; lower max_new_tokens to at most {limit - 1}.")
 
     def load_processor(self) -> None:
         """Only what ``preprocess`` needs, for decode workers that never run the model (distributed executors)."""

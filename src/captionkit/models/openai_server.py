@@ -54,6 +54,32 @@ class _Attempt:
     retry_after: float | None = None
 
 
+# Hosted APIs' model names (and aisuite's "provider:model"): never a local folder or a hub id.
+_API_MODEL = re.compile(r"^(?:(?P<provider>openai|anthropic|google|azure|groq|mistral|cohere|aws|xai|deepseek):)?"
+                        r"(?P<name>gpt-\d[\w.-]*|chatgpt-[\w.-]+|o[1-9](?:-[\w.-]+)?|claude-[\w.-]+|gemini-[\w.-]+|"
+                        r"deepseek-(?:chat|reasoner)|grok-[\w.-]+|command-r[\w.-]*)$", re.IGNORECASE)
+
+
+def api_model_error(model: str, where: str) -> CaptionkitError | None:
+    """The error for a hosted API's model name (``gpt-4o``, ``openai:gpt-4o``) given to a local backend.
+
+    Why: such a name is neither a folder nor a hub id, so loading it locally only retries the hub
+    and fails late; it belongs to ``backend: openai`` with a ``base_url``.
+    """
+    from pathlib import Path
+
+    match = _API_MODEL.match(model.strip())
+    if match is None or Path(model).expanduser().exists():
+        return None
+    name = match.group("name")
+    return CaptionkitError(
+        f"{where}: model '{model}' is a hosted API's model, not a local folder or a hub id, so it cannot run "
+        f"here. Call it through an OpenAI-compatible endpoint: backend: openai, base_url: "
+        f"https://api.openai.com/v1 (or your server's /v1 address), model: {name}, and the key in the "
+        "environment variable named by api_key_env (default OPENAI_API_KEY)."
+    )
+
+
 def public_url(url: str) -> str:
     """``url`` without user:password, query or fragment (where keys sometimes hide)."""
     parts = urlsplit(url)

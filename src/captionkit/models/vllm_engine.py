@@ -441,6 +441,14 @@ class VLLMCaptioner:
         try:
             self._llm = vllm.LLM(**self.engine_options)
         except Exception as error:  # vLLM raises many types here; the message is what users can act on
+            import torch
+
+            if not torch.cuda.is_available():  # not a memory problem: there is no GPU to run on
+                raise CaptionkitError(
+                    f"{self.model_name}: vLLM could not start the engine ({type(error).__name__}: {error}). torch "
+                    "sees no CUDA GPU here, and vLLM's usual builds need one; use --backend transformers "
+                    "(backend: transformers in a pipeline), or run on a GPU machine."
+                ) from error
             raise CaptionkitError(
                 f"{self.model_name}: vLLM could not start the engine ({type(error).__name__}: {error}). Out of "
                 "GPU memory? Lower --max-model-len (e.g. 4096) or --max-num-seqs, raise --gpu-memory-utilization, "

@@ -242,28 +242,65 @@ def _captioner_keys() -> dict[str, Any]:
     return {**keys, **_TEXT_KEYS, "batch_size": int, "background": str, "max_image_pixels": int}
 
 
+def choose_backend(backend: str, engine_keys: list[str], vllm_installed: bool,
+                   cuda_available: bool) -> tuple[str, bool, str | None]:
+    """The backend a pipeline captioner runs on: (backend, keep the vLLM engine keys, a note to announce).
+
+    Why: Dataflow-Gen files carry vLLM engine keys (``tensor_parallel_size`` ...) on every step.
+    They pick vLLM only where it can run (installed, and a CUDA GPU to run on), and the choice
+    is always announced; an explicit ``backend: vllm`` without CUDA is said before the run
+    (only a CPU build of vLLM runs without one), not found out as a late "out of GPU memory".
+    """
+    keys = ", ".join(engine_keys)
+    if backend == "vllm":
+        if vllm_installed and not cuda_available:
+            return "vllm", True, ("backend: vllm, but torch sees no CUDA GPU here; vLLM's usual builds need one "
+                                  "(only a CPU build of vLLM runs without). backend: transformers runs the same "
+                                  "model without vLLM.")
+        return "vllm", True, None
+    if not engine_keys:
+        return backend, False, None
+    if backend != "auto":
+        return backend, False, f"{keys} are vLLM engine options; they do nothing with backend {backend}."
+    if not vllm_installed:
+        return "auto", False, (f"{keys} only apply to vLLM engines, and vLLM is not installed here; running on "
+                               "transformers without them (see docs/vllm.md to use vLLM).")
+    if not cuda_available:
+        return "auto", False, (f"{keys} only apply to vLLM engines; vLLM is installed, but there is no CUDA GPU "
+                               "here for it to run on, so the step runs on transformers without them.")
+    return "vllm", True, (f"running on vLLM ({keys} are set and vLLM is installed); set backend: transformers "
+                          "to run without it.")
+
+
 def build_pipeline_captioner(config: dict[str, Any], context: Any) -> CaptionStep:
     """A pipeline ``captioner`` step: every backend `captionkit caption` has (Florence-2, chat VLMs, vLLM, servers)."""
+    import importlib.util
+    import logging
+
     from captionkit.api import ModelOptions, build_captioner
     from captionkit.images import parse_color
+    from captionkit.models.openai_server import api_model_error
 
     options = {key: value for key, value in config.items() if key not in (*_TEXT_KEYS, "batch_size", "background",
                                                                           "max_image_pixels")}
-    if options.get("backend", "auto") != "vllm":
-        engine = [key for key in _VLLM_ENGINE_KEYS if key in options]
-        if engine:
-            import importlib.util
+    backend = str(options.get("backend", "auto"))
+    if backend != "openai" and isinstance(options.get("model"), str):
+        error = api_model_error(options["model"], f"step '{context.name}'")
+        if error is not None:
+            raise error
+    engine = [key for key in _VLLM_ENGINE_KEYS if key in options]
+    if backend == "vllm" or engine:
+        import torch
 
-            if importlib.util.find_spec("vllm") is not None and options.get("backend", "auto") == "auto":
-                options["backend"] = "vllm"  # Dataflow-Gen engine options, and vLLM is here: use it
-            else:
-                import logging
-
-                for key in engine:
-                    options.pop(key)
-                logging.getLogger("captionkit").warning(
-                    "step %s: %s only apply to vLLM engines, and vLLM is not installed here; running on "
-                    "transformers without them (see docs/vllm.md to use vLLM).", context.name, ", ".join(engine))
+        chosen, keep, note = choose_backend(backend, engine, importlib.util.find_spec("vllm") is not None,
+                                            torch.cuda.is_available())
+        if chosen != backend:
+            options["backend"] = chosen
+        if not keep:
+            for key in engine:
+                options.pop(key)
+        if note and getattr(context, "announce", True):
+            logging.getLogger("captionkit").warning("step %s: %s", context.name, note)
     captioner = build_captioner(options=ModelOptions(**options))
     text = CaptionText(**{key: config[key] for key in _TEXT_KEYS if key in config})
     # A list of samples stays a list in the store; the field later steps read is the rendered text.
@@ -283,8 +320,10 @@ def _register() -> None:
         description="caption images with Florence-2, a chat VLM (transformers or vLLM) or an OpenAI-compatible server",
         keys=_captioner_keys(),
         aliases=("ImageCaptioner", "BLIPCaptioner", "LLaVACaptioner", "LLaVANeXTCaptioner",
-                 "LLaVAOneVisionCaptioner", "MLLamaCaptioner", "Phi3VCaptioner", "QwenVLCaptioner"),
-        key_aliases={"model_path": "model", "repeat_time": "samples", "sys_prompt": "system_prompt"},
+                 "LLaVAOneVisionCaptioner", "MLLamaCaptioner", "Phi3VCaptioner", "QwenVLCaptioner", "GPTCaptioner",
+                 "ImageAPICaptioner"),
+        key_aliases={"model_path": "model", "repeat_time": "samples", "sys_prompt": "system_prompt",
+                     "max_tokens": "max_new_tokens"},
     )(build_pipeline_captioner)
 
 

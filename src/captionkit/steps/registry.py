@@ -35,6 +35,7 @@ class StepContext:
     save_folder: Path  # final results (generated images, the final table)
     input_fields: list[str] = field(default_factory=list)  # fields earlier steps or the manifest provide
     store: Any = None  # the pipeline's Store
+    announce: bool = True  # log notes about the config (backend chosen, keys that do nothing); once per file
 
 
 @dataclass

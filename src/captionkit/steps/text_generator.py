@@ -2,7 +2,11 @@
 
 The prompt is a template naming the record's fields ("Shorten this caption: {caption}");
 it is filled per record, and the filled prompt joins that record's fingerprint, so a
-changed input field regenerates only that record. The model is either a local causal LM
+changed input field regenerates only that record. A prompt that names no field is an
+instruction, and the record's text (``input_field``: in a pipeline, the latest text an
+earlier step wrote, else the ``text_key`` column) follows it on the next line, as
+Dataflow-Gen's generators send the prompt, a newline, then the text: every record gets its
+own request. The model is either a local causal LM
 (``backend: transformers``: ``AutoModelForCausalLM`` + the tokenizer's chat template,
 batched generation with left padding, only the new tokens decoded) or any
 OpenAI-compatible server (``backend: openai``, the same client, retries and key handling
@@ -48,8 +52,10 @@ KEYS: dict[str, Any] = {
     "dtype": str,
     "seed": int,
     "samples": int,
+    "input_field": str,
 }
-KEY_ALIASES = {"sys_prompt": "system_prompt", "max_num_seqs": "concurrency", "repeat_time": "samples"}
+KEY_ALIASES = {"sys_prompt": "system_prompt", "max_num_seqs": "concurrency", "repeat_time": "samples",
+               "model_path": "model", "max_tokens": "max_new_tokens"}
 
 
 def _messages(system_prompt: str | None, prompt: str) -> list[dict[str, Any]]:
@@ -221,10 +227,16 @@ class TextGeneratorStep:
     """Writes ``field`` with a chat LM's answer to the record's filled prompt."""
 
     def __init__(self, generator: Any, prompt: str, field: str, batch_size: int, system_prompt: str | None = None,
-                 name: str = "text_generator") -> None:
+                 name: str = "text_generator", input_field: str | None = None) -> None:
         self.generator = generator
         self.prompt = prompt
         self.fields = prompt_fields(prompt)
+        # A prompt without fields is an instruction: the record's text goes after it (Dataflow-Gen's way).
+        self.input_field = None if self.fields else input_field
+        if not self.fields and input_field is None:
+            raise CaptionkitError(f"step '{name}': the prompt names no field, so every record would get the same "
+                                  "answer; name one ('Shorten this caption: {caption}') or set input_field, the "
+                                  "field whose text follows the prompt.")
         self.field = field
         self.batch_size = batch_size
         self.system_prompt = system_prompt
@@ -238,18 +250,21 @@ class TextGeneratorStep:
     def fill(self, record: Record) -> str:
         """The prompt with this record's fields; CaptionkitError naming the field and record when one is missing."""
         values: dict[str, str] = {}
-        for name in self.fields:
+        for name in self.fields or [self.input_field]:
             value = record.fields.get(name)
             text = "" if value is None else str(value)
             if not text.strip():
                 what = "is empty" if name in record.fields and value is not None else "is missing"
                 known = ", ".join(sorted(record.fields)) or "none"
+                use = "sends its text after the prompt" if self.input_field else f"fills {{{name}}} in its prompt"
                 raise CaptionkitError(
-                    f"record '{record.id}': step '{self.name}' fills {{{name}}} in its prompt, but the field "
+                    f"record '{record.id}': step '{self.name}' {use}, but the field "
                     f"'{name}' {what} (fields of this record: {known}); run the step that writes it first or "
                     "give it a manifest column"
                 )
             values[name] = text
+        if self.input_field is not None:
+            return f"{self.prompt.format()}\n{values[self.input_field]}"
         return self.prompt.format(**values)
 
     def record_settings(self, records: list[Record]) -> dict[str, dict[str, Any] | str]:
@@ -379,6 +394,12 @@ def build_text_generator(config: dict[str, Any], context: StepContext) -> TextGe
         what = ("the model name the server knows (see BASE_URL/models)" if backend == "openai"
                 else "a hub id or local folder of an instruct/chat causal LM (e.g. Qwen/Qwen2.5-1.5B-Instruct)")
         raise CaptionkitError(f"step '{context.name}': `model` is required: {what}.")
+    if backend != "openai":
+        from captionkit.models.openai_server import api_model_error
+
+        error = api_model_error(model, f"step '{context.name}'")
+        if error is not None:
+            raise error
     system_prompt = config.get("system_prompt") or None
     chat = ChatSettings(
         prompt=prompt,
@@ -395,7 +416,7 @@ def build_text_generator(config: dict[str, Any], context: StepContext) -> TextGe
             raise CaptionkitError(f"step '{context.name}': backend openai needs `base_url`, the server's API "
                                   "address, e.g. http://localhost:8000/v1.")
         for key in ("device", "dtype"):
-            if key in config:
+            if key in config and context.announce:
                 log.warning("step '%s': `%s` does nothing with backend openai (the server chooses).",
                             context.name, key)
         generator: Any = OpenAITextModel(model.strip(), str(config["base_url"]), chat,
@@ -406,10 +427,19 @@ def build_text_generator(config: dict[str, Any], context: StepContext) -> TextGe
             if key in config:
                 raise CaptionkitError(f"step '{context.name}': `{key}` is for a server; add `backend: openai` "
                                       "(or leave it out to run the model locally with transformers).")
+        if "concurrency" in config and context.announce:
+            log.warning("step '%s': `concurrency` (Dataflow-Gen: max_num_seqs) is the number of requests in flight "
+                        "to a server; it does nothing with backend transformers, where batch_size sets the batch.",
+                        context.name)
         generator = TransformersTextModel(model.strip(), chat, str(config.get("device", "auto")),
                                           str(config.get("dtype", "auto")))
         default_batch = 8
     batch_size = _number(config, "batch_size", int, default_batch)
     if batch_size < 1:
         raise CaptionkitError(f"step '{context.name}': `batch_size` must be 1 or more.")
-    return TextGeneratorStep(generator, prompt, context.output_field, batch_size, system_prompt, context.name)
+    input_field = config.get("input_field")
+    if input_field is not None and fields:
+        raise CaptionkitError(f"step '{context.name}': input_field is for a prompt that names no field; this prompt "
+                              f"names {{{fields[0]}}}. Leave input_field out, or the fields out of the prompt.")
+    return TextGeneratorStep(generator, prompt, context.output_field, batch_size, system_prompt, context.name,
+                             input_field)

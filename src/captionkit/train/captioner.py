@@ -29,7 +29,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from captionkit._warnings import peft_wrapping_quietly
 from captionkit.train.captioner_data import (
@@ -147,6 +147,8 @@ class CaptionerTrainConfig:
     log_every_steps: int = 10
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str | None = None
+    # `--set mode=full` leaves a file's lora section out (load_config); the section only serves these modes
+    sections_used_by: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {"lora": ("mode", ("lora", "qlora"))}
 
     def __post_init__(self) -> None:
         if not self.data:

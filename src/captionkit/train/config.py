@@ -78,6 +78,11 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     index equal to the list's length appends a new entry (``data.1.path=y`` on a one-entry
     list adds a second data set). Keys a config class renamed (its ``renamed_keys``
     mapping, old dotted key -> new one) are still read, with a logged note.
+
+    An override can switch a mode off: ``--set SECTION=null`` drops a section (its defaults
+    apply), and a section the class lists in ``sections_used_by`` (section -> (key, values
+    that use it)) is left out, with a note, when an override sets that key to a value that
+    does not use it (``--set mode=full`` on a file with a ``lora:`` section).
     """
     file_label = str(path) if path is not None else "<no config file>"
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
@@ -89,11 +94,45 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | No
     for text in overrides or []:
         keys, value = parse_override(text)
         keys = _renamed(keys, renamed, notes)
+        if value is None and _drops_section(cls, data, keys):
+            _log.warning("config: --set %s: the %r section is left out; its defaults apply", text, ".".join(keys))
+            continue
         _apply_override(cls, data, keys, value, text)
         sources[_coerce_path(keys)] = sources[tuple(keys)] = f"--set {text!r}"
+    _leave_out_unused_sections(cls, data, sources, file_label)
     for old, new in notes.items():
         _log.warning("config: %r is now spelled %r (the old spelling is still read); please update it", old, new)
     return _build_dataclass(cls, data, (), file_label, sources)
+
+
+def _drops_section(cls: Any, data: dict[str, Any], keys: list[str]) -> bool:
+    """``--set SECTION=null`` on a section that cannot be null: remove it from ``data`` (True)."""
+    parent: Any = _annotation_at(cls, keys[:-1]) if len(keys) > 1 else cls
+    if not dataclasses.is_dataclass(parent):
+        return False
+    declared = typing.get_type_hints(parent).get(keys[-1])
+    if declared is None or not dataclasses.is_dataclass(declared):  # Optional sections take null as a value
+        return False
+    cursor: Any = data
+    for key in keys[:-1]:
+        cursor = cursor.get(key) if isinstance(cursor, dict) else None
+    if isinstance(cursor, dict):
+        cursor.pop(keys[-1], None)
+    return True
+
+
+def _leave_out_unused_sections(cls: Any, data: dict[str, Any], sources: dict[tuple[str, ...], str],
+                               file_label: str) -> None:
+    """Drop a file's section that an override's mode switch leaves unused (``lora:`` after ``--set mode=full``)."""
+    for section, (key, users) in (getattr(cls, "sections_used_by", {}) or {}).items():
+        switched = sources.get((key,))
+        if switched is None or section not in data or data.get(key) in users:
+            continue
+        if any(path[0] == section for path in sources):  # the user also overrode the section itself: keep it
+            continue
+        data.pop(section)
+        _log.warning("config: %s sets %s to %r, which does not use the %r section of %s; that section is left out",
+                     switched, key, data.get(key), section, file_label)
 
 
 def _renamed(keys: list[Any], renamed: Mapping[str, str], notes: dict[str, str]) -> list[Any]:
