@@ -119,6 +119,7 @@ def write_planted(folder: Path) -> None:
     (folder / "p_truncated.tags").write_text("highres, landscape", encoding="utf-8")
     image("p_rare.png", 117, "ohwx, an umbrella on a rainy street", tags="highres, landscape, umbrella")
     image("p_contra.png", 118, "ohwx, a woman walking her dog in a park.", tags="highres, 1boy, landscape")
+    image("p_unclean.png", 119, "ohwx, a kite\x01 over a \x1b[1mbeach\ufffd\nat noon\n")
 
 
 EXPECTED = {
@@ -142,6 +143,7 @@ EXPECTED = {
     "rare_tag": {"p_rare.png"},
     "ubiquitous_tag": {"img00.png"},
     "tag_caption_contradiction": {"p_contra.png"},
+    "caption_unclean_text": {"p_unclean.png"},
 }
 
 
@@ -205,7 +207,10 @@ def test_planted_details(planted_report):
     (loop,) = report.by_kind("caption_loop")
     assert loop.details["collapsed"] == "ohwx, a cat sitting on a mat"
     assert "Windows-1252" in report.by_kind("file_not_utf8")[0].message
-    assert report.counts["images"] == 12 + 21
+    (unclean,) = report.by_kind("caption_unclean_text")
+    assert unclean.message == "has 2 control characters, 1 U+FFFD replacement character, 1 line break"
+    assert unclean.details["caption"] == "ohwx, a kite\\x01 over a \\x1b[1mbeach\\ufffd\\nat noon"
+    assert report.counts["images"] == 12 + 22
     assert report.stats["tags"]["frequency"]["highres"] == report.counts["tagged"]
 
 

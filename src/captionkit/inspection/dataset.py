@@ -169,6 +169,7 @@ class Entry:
     caption_source: str | None = None  # store, file or manifest
     caption_file: Path | None = None
     caption_failed: str | None = None  # the store's error when captioning this image failed
+    caption_undecodable: bool = False  # read from a file that is not UTF-8 (U+FFFD there is the reader's)
     tags: list[str] | None = None
     tags_source: str | None = None
     tag_file: Path | None = None
@@ -276,6 +277,7 @@ def collect(source: Source, records: list[Record], caption_ext: str, tag_ext: st
             entry.caption, entry.caption_source = stored.text, "store"
         elif caption_text is not None:
             entry.caption, entry.caption_source, entry.caption_file = caption_text.text, "file", caption_file
+            entry.caption_undecodable = caption_text.encoding_problem is not None
             diverged += stored_ok
         elif (manifest_caption := _field_text(record.fields, CAPTION_FIELDS)) is not None:
             entry.caption, entry.caption_source = manifest_caption, "manifest"
