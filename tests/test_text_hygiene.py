@@ -17,6 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
+import captionkit
 from captionkit.steps.captioner import CaptionStep, CaptionText
 from captionkit.text import clean_caption
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
@@ -71,7 +72,7 @@ def _images(folder: Path, count: int = 2) -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(Path(captionkit.__file__).parents[1])}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
     return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], capture_output=True, text=True,

@@ -125,8 +125,13 @@ class StoreView:
         return {row[0]: (row[1], row[2]) for row in rows}
 
     def output_steps(self) -> dict[str, str]:
-        """Sidecar path → the step that wrote it (the ledger)."""
-        return {row[0]: row[1] for row in self._connection.execute("SELECT output_path, step FROM outputs")}
+        """Sidecar path → the step that wrote it (the ledger; paths under the location are kept relative)."""
+        import os
+        from pathlib import PurePosixPath
+
+        root = Path(os.path.abspath(self.path)).parent.parent
+        return {(key if Path(key).is_absolute() else str(root / PurePosixPath(key))): step
+                for key, step in self._connection.execute("SELECT output_path, step FROM outputs")}
 
     def tag_categories(self) -> dict[str, int]:
         """Normalised tag → category number, from every tagger vocabulary kept in the store."""

@@ -195,11 +195,9 @@ class OpenAITextModel:
         self.client = OpenAICaptioner(model, base_url, chat=chat, api_key_env=api_key_env, concurrency=concurrency)
 
     def fingerprint(self) -> dict[str, Any]:
-        from captionkit.models.openai_server import public_url
-
+        """The served model and chat settings; not the server's address (see OpenAICaptioner.fingerprint)."""
         return {
             "backend": "openai",
-            "base_url": public_url(self.client.base_url),
             "model": self.client.model_name,
             "chat": self.client.chat.fingerprint(),
         }
