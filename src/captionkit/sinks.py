@@ -247,6 +247,7 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
     wanted = list(steps) if steps is not None else store.steps()
     if destination.is_dir() or not destination.suffix:
         return export_parquet_shards(store, destination, wanted)
+    remove_stale_temp_files([destination.parent])  # a killed export's leftovers
     rows: dict[str, dict] = {}
     for step in wanted:
         for result in store.iter_results(step):
@@ -308,6 +309,7 @@ def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str]
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files([folder])
     wanted = list(steps)
     columns = ["id", "path", "content_hash", *(f"{step}{suffix}" for step in wanted for suffix in _SHARD_FIELDS)]
     schema = pa.schema([(column, pa.string()) for column in columns])
