@@ -340,6 +340,23 @@ def test_store_is_read_without_changing_anything(tmp_path):
     assert any("read from the store" in note for note in report.notes)
 
 
+def test_tag_files_are_known_from_the_ledger_after_the_folder_moved(tmp_path):
+    from captionkit.store import OutputRecord, Store, text_hash
+
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    picture(1).save(folder / "a.png")
+    (folder / "a.txt").write_text("1girl, red_hair", encoding="utf-8")  # as `captionkit tag --ext .txt` writes
+    with Store(folder) as store:
+        store.put_outputs([OutputRecord(str(folder / "a.txt"), "tags", "a.png", False, None,
+                                        text_hash("1girl, red_hair"), text_hash("1girl, red_hair"))])
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    report = inspect_dataset(moved, resolution=256, min_bucket=128, max_bucket=512, near_duplicates=False)
+    assert report.counts["tagged"] == 1 and report.stats["tags"]["frequency"] == {"1girl": 1, "red_hair": 1}
+    assert {finding.file for finding in report.by_kind("caption_missing")} == {"a.png"}  # tags, not a caption
+
+
 def test_manifest_captions(tmp_path):
     folder = tmp_path / "manifest"
     folder.mkdir()
