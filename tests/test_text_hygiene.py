@@ -114,9 +114,16 @@ def test_pipeline_text_generator_output_is_cleaned(tmp_path, monkeypatch):
                 "prompt": "Rewrite: {caption}"}}]}
         (tmp_path / "p.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         report = run_pipeline(tmp_path / "p.yaml")
-    assert [step.failed for step in report.steps] == [0]
+        assert [step.failed for step in report.steps] == [0]
+        with Store(tmp_path / "work") as store:
+            texts = sorted(result.text for result in store.iter_results())
+        assert texts == sorted([CLEAN, "fine text"])
+        rows = [json.loads(line) for line in (tmp_path / "out" / "result.jsonl").read_text().splitlines()]
+        assert sorted(row[report.steps[0].output_field] for row in rows) == sorted([CLEAN, "fine text"])
+        requests = len(server.bodies)
+        config["steps"][0]["config"]["cleanup"] = False  # kept as the server sent it, from the stored result
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        kept = run_pipeline(tmp_path / "p.yaml")
+        assert (kept.steps[0].done, len(server.bodies)) == (2, requests)
     with Store(tmp_path / "work") as store:
-        texts = sorted(result.text for result in store.iter_results())
-    assert texts == sorted([CLEAN, "fine text"])
-    rows = [json.loads(line) for line in (tmp_path / "out" / "result.jsonl").read_text().splitlines()]
-    assert sorted(row[next(key for key in row if key != "caption")] for row in rows) == sorted([CLEAN, "fine text"])
+        assert sorted(result.text for result in store.iter_results()) == sorted([DIRTY.strip(), "fine\x1b[1m text"])

@@ -48,6 +48,7 @@ KEYS: dict[str, Any] = {
     "dtype": str,
     "seed": int,
     "samples": int,
+    "cleanup": bool,
 }
 KEY_ALIASES = {"sys_prompt": "system_prompt", "max_num_seqs": "concurrency", "repeat_time": "samples"}
 
@@ -219,7 +220,7 @@ class TextGeneratorStep:
     """Writes ``field`` with a chat LM's answer to the record's filled prompt."""
 
     def __init__(self, generator: Any, prompt: str, field: str, batch_size: int, system_prompt: str | None = None,
-                 name: str = "text_generator") -> None:
+                 name: str = "text_generator", cleanup: bool = True) -> None:
         self.generator = generator
         self.prompt = prompt
         self.fields = prompt_fields(prompt)
@@ -227,7 +228,7 @@ class TextGeneratorStep:
         self.batch_size = batch_size
         self.system_prompt = system_prompt
         self.name = name
-        self.text = CaptionText()  # clean, drop refusals, keep the first sample
+        self.text = CaptionText(cleanup=cleanup)  # clean (one line, no control characters), drop refusals
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -410,4 +411,8 @@ def build_text_generator(config: dict[str, Any], context: StepContext) -> TextGe
     batch_size = _number(config, "batch_size", int, default_batch)
     if batch_size < 1:
         raise CaptionkitError(f"step '{context.name}': `batch_size` must be 1 or more.")
-    return TextGeneratorStep(generator, prompt, context.output_field, batch_size, system_prompt, context.name)
+    cleanup = config.get("cleanup", True)
+    if not isinstance(cleanup, bool):
+        raise CaptionkitError(f"step '{context.name}': `cleanup` must be true or false, not {cleanup!r}.")
+    return TextGeneratorStep(generator, prompt, context.output_field, batch_size, system_prompt, context.name,
+                             cleanup=cleanup)
