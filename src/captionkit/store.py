@@ -173,12 +173,16 @@ class Store:
 
     def _migrate(self) -> None:
         """Bring a store written by an older captionkit up to :data:`SCHEMA_VERSION` (once, in one transaction)."""
-        version = self.get_meta(_SCHEMA_KEY) or 1
-        if version >= SCHEMA_VERSION:
+        if (self.get_meta(_SCHEMA_KEY) or 1) >= SCHEMA_VERSION:
             return
         with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see it done
+            if (self.get_meta(_SCHEMA_KEY) or 1) >= SCHEMA_VERSION:
+                return
             rows = self._connection.execute("SELECT output_path FROM outputs").fetchall()
             for (old,) in rows:
+                if not Path(old).is_absolute():
+                    continue
                 new = self._key(old)
                 if new != old:
                     self._connection.execute("DELETE FROM outputs WHERE output_path = ?", (new,))
