@@ -17,7 +17,10 @@ from tests.images import write_good_images
 SETTINGS = {"num_beams": 1, "max_new_tokens": 6, "batch_size": 2, "progress": "quiet", "workers": 2}
 
 
-def _export(location: Path, destination: Path) -> None:
+def _export(location: Path, destination: Path, cli: bool = True) -> None:
+    if not cli:
+        captionkit.export(location, destination)
+        return
     env = {**os.environ, "PYTHONPATH": str(Path(captionkit.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-m", "captionkit.cli", "export", str(location), str(destination)],
                           capture_output=True, text=True, env=env, timeout=300)
@@ -42,7 +45,7 @@ def test_export_writes_the_edited_caption_marks_it_and_keeps_the_models(tmp_path
     rerun = captionkit.caption(folder, model=str(tiny_florence), **SETTINGS)  # edits survive a rerun
     assert rerun.reused == 3
     for destination in (tmp_path / "all.jsonl", tmp_path / "all.parquet", tmp_path / "shards"):
-        _export(folder, destination)
+        _export(folder, destination, cli=destination.suffix == ".jsonl")
         rows = _rows(destination / "part-00000.parquet" if destination.name == "shards" else destination)
         assert rows["img001.png"]["caption"] == "my own words about this picture"
         assert rows["img001.png"]["caption_edited"] is True
@@ -59,9 +62,9 @@ def test_export_after_undo_and_with_output_dir(tmp_path, tiny_florence):
     captionkit.caption(images, model=str(tiny_florence), output_dir=out, **SETTINGS)
     dataset = Dataset(images, output_dir=out)
     dataset.save_caption("img000.png", "a better caption")
-    _export(out, tmp_path / "edited.jsonl")
+    _export(out, tmp_path / "edited.jsonl", cli=False)
     assert _rows(tmp_path / "edited.jsonl")["img000.png"]["caption"] == "a better caption"
     dataset.undo()
-    _export(out, tmp_path / "undone.jsonl")
+    _export(out, tmp_path / "undone.jsonl", cli=False)
     row = _rows(tmp_path / "undone.jsonl")["img000.png"]
     assert row["caption_edited"] is False and row["caption"] == row["caption_model"] == (out / "img000.txt").read_text()
