@@ -119,6 +119,7 @@ def write_planted(folder: Path) -> None:
     (folder / "p_truncated.tags").write_text("highres, landscape", encoding="utf-8")
     image("p_rare.png", 117, "ohwx, an umbrella on a rainy street", tags="highres, landscape, umbrella")
     image("p_contra.png", 118, "ohwx, a woman walking her dog in a park.", tags="highres, 1boy, landscape")
+    image("p_unclean.png", 119, "ohwx, a kite\x01 over a \x1b[1mbeach\ufffd\nat noon\n")
 
 
 EXPECTED = {
@@ -142,6 +143,7 @@ EXPECTED = {
     "rare_tag": {"p_rare.png"},
     "ubiquitous_tag": {"img00.png"},
     "tag_caption_contradiction": {"p_contra.png"},
+    "caption_unclean_text": {"p_unclean.png"},
 }
 
 
@@ -205,7 +207,10 @@ def test_planted_details(planted_report):
     (loop,) = report.by_kind("caption_loop")
     assert loop.details["collapsed"] == "ohwx, a cat sitting on a mat"
     assert "Windows-1252" in report.by_kind("file_not_utf8")[0].message
-    assert report.counts["images"] == 12 + 21
+    (unclean,) = report.by_kind("caption_unclean_text")
+    assert unclean.message == "has 2 control characters, 1 U+FFFD replacement character, 1 line break"
+    assert unclean.details["caption"] == "ohwx, a kite\\x01 over a \\x1b[1mbeach\\ufffd\\nat noon"
+    assert report.counts["images"] == 12 + 22
     assert report.stats["tags"]["frequency"]["highres"] == report.counts["tagged"]
 
 
@@ -333,6 +338,23 @@ def test_store_is_read_without_changing_anything(tmp_path):
     contradictions = {(f.file, f.details["tag"]) for f in report.by_kind("tag_caption_contradiction")}
     assert contradictions == {("s2.png", "1girl")}
     assert any("read from the store" in note for note in report.notes)
+
+
+def test_tag_files_are_known_from_the_ledger_after_the_folder_moved(tmp_path):
+    from captionkit.store import OutputRecord, Store, text_hash
+
+    folder = tmp_path / "tagged"
+    folder.mkdir()
+    picture(1).save(folder / "a.png")
+    (folder / "a.txt").write_text("1girl, red_hair", encoding="utf-8")  # as `captionkit tag --ext .txt` writes
+    with Store(folder) as store:
+        store.put_outputs([OutputRecord(str(folder / "a.txt"), "tags", "a.png", False, None,
+                                        text_hash("1girl, red_hair"), text_hash("1girl, red_hair"))])
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    report = inspect_dataset(moved, resolution=256, min_bucket=128, max_bucket=512, near_duplicates=False)
+    assert report.counts["tagged"] == 1 and report.stats["tags"]["frequency"] == {"1girl": 1, "red_hair": 1}
+    assert {finding.file for finding in report.by_kind("caption_missing")} == {"a.png"}  # tags, not a caption
 
 
 def test_manifest_captions(tmp_path):

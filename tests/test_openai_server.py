@@ -71,7 +71,9 @@ class FakeServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def handle(self, handler, body: dict) -> None:
-        prompt = next(part["text"] for part in body["messages"][-1]["content"] if part["type"] == "text")
+        content = body["messages"][-1]["content"]  # parts (image + text), or plain text from a text generator
+        prompt = content if isinstance(content, str) else next(part["text"] for part in content
+                                                                if part["type"] == "text")
         with self.lock:
             self.bodies.append(body)
             self.auth.append(handler.headers.get("Authorization"))
@@ -87,11 +89,12 @@ class FakeServer:
             if kind == "slow":
                 time.sleep(action[1])
                 kind = "ok"
-            if kind == "ok":
+            if kind in ("ok", "text"):  # ("text", content): answer exactly that
+                content = action[1] if kind == "text" else f" caption of {prompt} seed={body.get('seed')} "
                 reply = {
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                        "role": "assistant", "content": f" caption of {prompt} seed={body.get('seed')} "}}],
+                        "role": "assistant", "content": content}}],
                 }
                 handler.reply(200, json.dumps(reply).encode())
             elif kind == "status":
@@ -268,7 +271,8 @@ def test_api_key_never_leaks(server, caplog, monkeypatch):
         OpenAICaptioner(model="m", base_url=server.url, api_key_env=KEY)
     assert KEY not in str(error.value) and "--api-key-env" in str(error.value)
     leaky = OpenAICaptioner(model="m", base_url=f"http://user:{KEY}@127.0.0.1:9/v1/?api_key={KEY}")
-    assert leaky.fingerprint()["base_url"] == "http://127.0.0.1:9/v1"
+    assert "base_url" not in leaky.fingerprint() and KEY not in json.dumps(leaky.fingerprint())
+    assert public_url(leaky.base_url) == "http://127.0.0.1:9/v1"
     assert public_url("https://[::1]:8000/v1/") == "https://[::1]:8000/v1"
 
 

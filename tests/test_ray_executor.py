@@ -105,7 +105,9 @@ def test_a_pipeline_runs_its_model_steps_on_ray(tmp_path, corpus, tiny_florence,
     assert [(step.processed, step.failed) for step in report.steps] == [(IMAGES, 1), (IMAGES, 1)]
     rows = [json.loads(line) for line in report.table.read_text().splitlines()]
     expected = state(local)["sidecars"]
-    assert {Path(row["image"]).stem + ".txt": row["florence"] for row in rows if row["florence"]} == expected
+    # a random model's caption may clean up to "" (U+FFFD of split bytes): it still has its file
+    captions = {Path(row["image"]).stem + ".txt": row["florence"] for row in rows if row["florence"] is not None}
+    assert captions == expected
     assert all(row["final"] == f"photo: {row['florence']}" for row in rows if row["florence"])
 
 

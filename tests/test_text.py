@@ -16,7 +16,7 @@ def test_repetition_loops_collapse_but_ordinary_text_stays():
 
 
 def test_whitespace_is_normalised():
-    assert clean_caption("  A  photo\t of \n\n a  tree ,  at night  ") == "A photo of\na tree, at night"
+    assert clean_caption("  A  photo\t of \n\n a  tree ,  at night  ") == "A photo of a tree, at night"
 
 
 def test_refusals_are_recognised_and_ordinary_captions_are_not():

@@ -110,3 +110,11 @@ def remove_stale_temp_files(paths: Iterable[Path]) -> int:
                 except FileNotFoundError:
                     pass
     return removed
+
+
+def remove_stale_temp_files_under(root: Path) -> int:
+    """Delete leftover temp files of killed runs in ``root`` and every folder below it (symlinks not followed)."""
+    if not root.is_dir():
+        return 0
+    folders = [Path(folder) for folder, _, _ in os.walk(root)]
+    return remove_stale_temp_files(folders)

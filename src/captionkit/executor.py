@@ -180,6 +180,7 @@ class LocalExecutor:
                 merged = {**settings, "record": extra}
                 plan.record_settings[record_id] = (merged, fingerprint(merged))
         stored = store.get_many(step.field, (record.id for record in records))
+        present = getattr(step, "outputs_present", None)  # a step that writes files: a result whose file is gone
         for record in records:
             listed = str(record.path)
             signature = self.known_signatures[listed] if listed in self.known_signatures \
@@ -195,6 +196,7 @@ class LocalExecutor:
                 and previous.status == "ok"
                 and previous.file_signature == signature
                 and (previous.fingerprint == record_fingerprint or self.options.keep_results)
+                and (present is None or present(previous.raw))
             ):
                 plan.reuse[record.id] = previous.raw
             elif previous is not None and previous.status == "error" and not self.options.retry_errors \

@@ -721,6 +721,13 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
     lister = make_executor(executor, **scale) if executor == "ray" and not dry_run else None
     base = _records(pipeline, lister)
     pipeline.base_folder.mkdir(parents=True, exist_ok=True)
+    if not dry_run:  # temp files a killed run left in the folders the pipeline writes (generated images too)
+        from captionkit.atomic import remove_stale_temp_files, remove_stale_temp_files_under
+        from captionkit.steps.image_generator import OUTPUT_FOLDER
+
+        remove_stale_temp_files_under(pipeline.base_folder)
+        remove_stale_temp_files([pipeline.save_folder])
+        remove_stale_temp_files_under(pipeline.save_folder / OUTPUT_FOLDER)
     report = PipelineReport(steps=[], dry_run=dry_run, path_rule=pipeline.path_rule)
     current: PipelineStep | None = None
     with Store(pipeline.base_folder) as store:

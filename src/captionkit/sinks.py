@@ -19,7 +19,7 @@ from pathlib import Path
 
 from captionkit.atomic import atomic_write_lines, atomic_write_text, remove_stale_temp_files
 from captionkit.records import Record
-from captionkit.store import OutputRecord, Store, text_hash
+from captionkit.store import OutputRecord, Result, Store, text_hash
 
 log = logging.getLogger(__name__)
 _UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
@@ -237,26 +237,65 @@ def _read_text(path: Path) -> str | None:
         return _UNREADABLE
 
 
+def edited_texts(store: Store, step: str) -> dict[str, str]:
+    """Record id → the text of its caption file where that is no longer what captionkit wrote.
+
+    An edit in the web UI's Review tab (which clears the ledger's hashes), or by hand: what
+    a trainer reads is the file, so exports give that text. The newest ledger entry of a
+    record counts (an earlier run may have written elsewhere); a missing file is no edit.
+    """
+    latest: dict[str, OutputRecord] = {}
+    for entry in store.iter_outputs(step):
+        latest[entry.record_id] = entry
+    edits: dict[str, str] = {}
+    for record_id, entry in latest.items():
+        current = _read_text(Path(entry.output_path))
+        if current is None or current is _UNREADABLE:
+            continue
+        if current == "" and entry.pending_hash and entry.pending_hash != entry.written_hash:
+            continue  # our write that a power loss left empty (see SidecarSink._is_ours)
+        if text_hash(current) not in (entry.written_hash, entry.pending_hash):
+            edits[record_id] = current.strip()
+    return edits
+
+
+def _result_columns(result: Result, edits: dict[str, str]) -> dict[str, object]:
+    """One step's columns of an export row: the text the user sees, whether it was edited, the model's text."""
+    step = result.step
+    model_text = result.text if result.status == "ok" else None
+    edited = result.record_id in edits
+    return {
+        step: edits[result.record_id] if edited else model_text,
+        f"{step}_edited": edited,
+        f"{step}_model": model_text,
+        f"{step}_raw": result.raw,
+        f"{step}_status": result.status,
+        f"{step}_error": result.error,
+        f"{step}_fingerprint": result.fingerprint,
+        f"{step}_settings": result.settings,
+    }
+
+
 def export_results(store: Store, destination: str | Path, steps: Iterable[str] | None = None) -> int:
     """Write every stored result to JSONL or Parquet (by extension), one row per image.
 
     A destination without an extension (or an existing folder) gets sharded Parquet instead:
     ``part-00000.parquet`` ... of :data:`ROWS_PER_SHARD` rows, streamed from the store.
+    A step's column holds the text the user sees: a caption file edited since captionkit
+    wrote it (in Review, or by hand) gives its text, ``<step>_edited`` says so and
+    ``<step>_model`` keeps the model's text.
     """
     destination = Path(destination)
     wanted = list(steps) if steps is not None else store.steps()
     if destination.is_dir() or not destination.suffix:
         return export_parquet_shards(store, destination, wanted)
+    remove_stale_temp_files([destination.parent])  # a killed export's leftovers
     rows: dict[str, dict] = {}
     for step in wanted:
+        edits = edited_texts(store, step)
         for result in store.iter_results(step):
             row = rows.setdefault(result.record_id, {"id": result.record_id, "path": result.path})
-            row[step] = result.text if result.status == "ok" else None
-            row[f"{step}_raw"] = result.raw
-            row[f"{step}_status"] = result.status
-            row[f"{step}_error"] = result.error
-            row[f"{step}_fingerprint"] = result.fingerprint
-            row[f"{step}_settings"] = result.settings
+            row.update(_result_columns(result, edits))
             row["content_hash"] = result.content_hash
     ordered = [rows[key] for key in sorted(rows)]
     suffix = destination.suffix.lower()
@@ -288,7 +327,7 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
 
 
 ROWS_PER_SHARD = 100_000
-_SHARD_FIELDS = ("", "_raw", "_status", "_error", "_fingerprint", "_settings")
+_SHARD_FIELDS = ("", "_edited", "_model", "_raw", "_status", "_error", "_fingerprint", "_settings")
 
 
 def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str],
@@ -308,9 +347,12 @@ def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str]
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files([folder])
     wanted = list(steps)
     columns = ["id", "path", "content_hash", *(f"{step}{suffix}" for step in wanted for suffix in _SHARD_FIELDS)]
-    schema = pa.schema([(column, pa.string()) for column in columns])
+    schema = pa.schema([(column, pa.bool_() if column.endswith("_edited") and column[:-7] in wanted else pa.string())
+                        for column in columns])
+    edits = {step: edited_texts(store, step) for step in wanted}
     shard: list[dict] = []
     written = total = 0
 
@@ -337,12 +379,10 @@ def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str]
                 if len(shard) >= rows_per_shard:
                     flush()
             row = {"id": result.record_id, "path": result.path}
-        row[result.step] = result.text if result.status == "ok" else None
-        row[f"{result.step}_raw"] = as_text(result.raw)
-        row[f"{result.step}_status"] = result.status
-        row[f"{result.step}_error"] = result.error
-        row[f"{result.step}_fingerprint"] = result.fingerprint
-        row[f"{result.step}_settings"] = as_text(result.settings)
+        columns_of_step = _result_columns(result, edits[result.step])
+        for name in (f"{result.step}_raw", f"{result.step}_settings"):
+            columns_of_step[name] = as_text(columns_of_step[name])
+        row.update(columns_of_step)
         row["content_hash"] = result.content_hash
     if row is not None:
         shard.append(row)

@@ -5,22 +5,31 @@ one transaction per batch) in the output location keeps, per step and image: the
 signature, a content hash, the settings fingerprint, the raw model result, the text last
 rendered from it and any error. A second table remembers every sidecar file captionkit
 wrote (with the text that was there before), so user-written captions are told apart
-from our own and ``append`` stays idempotent across crashes.
+from our own and ``append`` stays idempotent across crashes. It keeps the paths of files
+under the output location relative to it, so a folder copied or moved whole (with its
+``.captionkit``) still knows its own files.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 STORE_FOLDER = ".captionkit"
 STORE_FILE = "store.sqlite"
+# Bumped when stored rows change meaning; an older store is brought up to date when it is opened.
+#   2: sidecar paths relative to the location; fingerprints of server backends without the server's address.
+SCHEMA_VERSION = 2
+_SCHEMA_KEY = "schema_version"
+# Settings that say where a model is reached, not what it is: never part of a fingerprint (see migrate).
+_ADDRESS_KEYS = {"openai": ("base_url",)}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -142,6 +151,57 @@ class Store:
         self._connection.execute("PRAGMA synchronous=NORMAL")
         self._connection.executescript(_SCHEMA)
         self._connection.commit()
+        self.root = Path(os.path.abspath(location))
+        self._roots = list(dict.fromkeys([self.root, self.root.resolve()]))
+        self._migrate()
+
+    # paths of written files, relative to the location ---------------------------
+    def _key(self, path: str) -> str:
+        """How ``path`` is kept in the ledger: relative (POSIX) under the location, absolute elsewhere."""
+        candidate = Path(path)
+        if not candidate.is_absolute():
+            candidate = Path(os.path.abspath(candidate))
+        for root in self._roots:
+            try:
+                return candidate.relative_to(root).as_posix()
+            except ValueError:
+                continue
+        return str(candidate)
+
+    def _absolute(self, key: str) -> str:
+        return key if Path(key).is_absolute() else str(self.root / PurePosixPath(key))
+
+    def _migrate(self) -> None:
+        """Bring a store written by an older captionkit up to :data:`SCHEMA_VERSION` (once, in one transaction)."""
+        if (self.get_meta(_SCHEMA_KEY) or 1) >= SCHEMA_VERSION:
+            return
+        with self._connection:
+            self._connection.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see it done
+            if (self.get_meta(_SCHEMA_KEY) or 1) >= SCHEMA_VERSION:
+                return
+            rows = self._connection.execute("SELECT output_path FROM outputs").fetchall()
+            for (old,) in rows:
+                if not Path(old).is_absolute():
+                    continue
+                new = self._key(old)
+                if new != old:
+                    self._connection.execute("DELETE FROM outputs WHERE output_path = ?", (new,))
+                    self._connection.execute("UPDATE outputs SET output_path = ? WHERE output_path = ?", (new, old))
+            updates = []
+            for step, record_id, stored, settings_text in self._connection.execute(
+                    "SELECT step, record_id, fingerprint, settings FROM results WHERE settings IS NOT NULL"):
+                settings = json.loads(settings_text)
+                addresses = _ADDRESS_KEYS.get(settings.get("backend")) if isinstance(settings, dict) else None
+                if not addresses or not any(key in settings for key in addresses):
+                    continue
+                if fingerprint(settings) != stored:  # not the settings it was keyed by: leave it to be redone
+                    continue
+                kept = {key: value for key, value in settings.items() if key not in addresses}
+                updates.append((fingerprint(kept), json.dumps(kept, sort_keys=True, default=str), step, record_id))
+            self._connection.executemany(
+                "UPDATE results SET fingerprint = ?, settings = ? WHERE step = ? AND record_id = ?", updates)
+            self._connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                     (_SCHEMA_KEY, json.dumps(SCHEMA_VERSION)))
 
     @classmethod
     def open_existing(cls, location: str | Path) -> Store:
@@ -247,7 +307,9 @@ class Store:
 
     # sidecar ledger ----------------------------------------------------------
     def get_outputs(self, paths: Iterable[str]) -> dict[str, OutputRecord]:
-        wanted = list(paths)
+        """Ledger entries of these files, keyed (and ``output_path`` set) as the caller named them."""
+        asked = {self._key(path): path for path in paths}
+        wanted = list(asked)
         found: dict[str, OutputRecord] = {}
         for start in range(0, len(wanted), 500):
             chunk = wanted[start : start + 500]
@@ -255,8 +317,9 @@ class Store:
             for row in self._connection.execute(
                 f"SELECT * FROM outputs WHERE output_path IN ({marks})", chunk
             ):
-                found[row["output_path"]] = OutputRecord(
-                    output_path=row["output_path"],
+                path = asked[row["output_path"]]
+                found[path] = OutputRecord(
+                    output_path=path,
                     step=row["step"],
                     record_id=row["record_id"],
                     base_exists=bool(row["base_exists"]),
@@ -273,7 +336,7 @@ class Store:
                 "INSERT OR REPLACE INTO outputs VALUES (?,?,?,?,?,?,?,?)",
                 [
                     (
-                        output.output_path,
+                        self._key(output.output_path),
                         output.step,
                         output.record_id,
                         int(output.base_exists),
@@ -284,4 +347,16 @@ class Store:
                     )
                     for output in outputs
                 ],
+            )
+
+    def iter_outputs(self, step: str | None = None) -> Iterator[OutputRecord]:
+        """Every ledger entry (of one step), with absolute paths, oldest first."""
+        query, args = "SELECT * FROM outputs ORDER BY updated_at", ()
+        if step is not None:
+            query, args = "SELECT * FROM outputs WHERE step = ? ORDER BY updated_at", (step,)
+        for row in self._connection.execute(query, args):
+            yield OutputRecord(
+                output_path=self._absolute(row["output_path"]), step=row["step"], record_id=row["record_id"],
+                base_exists=bool(row["base_exists"]), base_text=row["base_text"], pending_hash=row["pending_hash"],
+                written_hash=row["written_hash"],
             )

@@ -1,7 +1,9 @@
 """Caption text cleanup, applied by captionkit, never left to the model.
 
-Removes special tokens, location tokens and whitespace noise, and collapses the
-repetition loops small captioners fall into ("a cat a cat a cat ...").
+Removes special tokens, location tokens, control characters (terminal escapes, C0/C1
+codes), U+FFFD replacement characters and whitespace noise, joins lines into one (a
+caption file is one line: kohya reads only the first), and collapses the repetition
+loops small captioners fall into ("a cat a cat a cat ...").
 """
 
 from __future__ import annotations
@@ -12,11 +14,40 @@ _SPECIAL_TOKENS = re.compile(r"</?s>|<pad>|<unk>|<mask>|<image>|<loc_\d+>|<\|[^|
 _SPACES = re.compile(r"[ \t\r\f\v]+")
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([,.;:!?])")
 _WORD = re.compile(r"\S+")
+# A terminal escape sequence (ESC [ ... final byte, or ESC and one character): removed whole, so no "[31m" is left.
+_ESCAPE_SEQUENCES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-Z\\-_]|\x9b[0-?]*[ -/]*[@-~]")
+# C0 and C1 control characters and DEL (tab, newline and the other line breaks are whitespace, handled apart),
+# U+FFFD (a byte the decoder could not read) and U+FEFF (a byte-order mark or zero-width no-break space).
+_CONTROL_CHARACTERS = r"\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f"
+_CONTROL = re.compile(f"[{_CONTROL_CHARACTERS}\ufffd\ufeff]")
+_CONTROL_ONLY = re.compile(f"[{_CONTROL_CHARACTERS}]")
+_LINE_BREAKS = re.compile(r"[\n\x0b\x0c\r\x85\u2028\u2029]+")
 
 
 def strip_special_tokens(text: str) -> str:
     """Drop tokenizer markers (<s>, </s>, <pad>, <loc_N>, <|...|>) a decoder may leave behind."""
     return _SPECIAL_TOKENS.sub(" ", text)
+
+
+def strip_control_characters(text: str) -> str:
+    """Drop terminal escapes, control characters, U+FFFD and U+FEFF: trainers would read them as text."""
+    return _CONTROL.sub("", _ESCAPE_SEQUENCES.sub("", text))
+
+
+def unclean_characters(text: str) -> dict[str, int]:
+    """How many control characters, U+FFFD and line breaks ``text`` holds (outer whitespace ignored): for inspection."""
+    text = text.strip()
+    counts = {
+        "control": len(_CONTROL_ONLY.findall(text)),
+        "replacement": text.count("\ufffd"),
+        "line_breaks": len(_LINE_BREAKS.findall(text)),
+    }
+    return {name: count for name, count in counts.items() if count}
+
+
+def one_line(text: str) -> str:
+    """Lines joined by one space: a caption file holds one caption (kohya reads only the first line)."""
+    return _LINE_BREAKS.sub(" ", text)
 
 
 def normalise_whitespace(text: str) -> str:
@@ -58,8 +89,8 @@ def collapse_repetitions(text: str, max_phrase_words: int = 12, min_repeats: int
 
 
 def clean_caption(text: str, collapse_loops: bool = True) -> str:
-    """Everything above, in order."""
-    text = normalise_whitespace(strip_special_tokens(text))
+    """Everything above, in order: one line of plain text."""
+    text = normalise_whitespace(one_line(strip_control_characters(strip_special_tokens(text))))
     if collapse_loops:
         text = collapse_repetitions(text)
     return text

@@ -16,11 +16,22 @@ from captionkit.inspection.dataset import Collected, Entry, tag_key
 from captionkit.inspection.findings import Finding
 from captionkit.inspection.hashing import near_duplicate_pairs
 from captionkit.tagging import category_name
-from captionkit.text import collapse_repetitions, is_refusal, normalise_whitespace, strip_filler_openers
+from captionkit.text import (
+    collapse_repetitions,
+    is_refusal,
+    normalise_whitespace,
+    strip_filler_openers,
+    unclean_characters,
+)
 
 CLIP_LIMIT = 77
 T5_LIMITS = (256, 512)
 _LISTED = 50  # files listed in one group finding (tags on many images)
+_UNCLEAN_LABELS = {
+    "control": lambda count: f"{count} control character{'s' if count != 1 else ''}",
+    "replacement": lambda count: f"{count} U+FFFD replacement character{'s' if count != 1 else ''}",
+    "line_breaks": lambda count: f"{count} line break{'s' if count != 1 else ''}",
+}
 
 
 @dataclass
@@ -60,6 +71,11 @@ def summarise(values: list[float]) -> dict[str, Any]:
 def _short(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _visible(text: str) -> str:
+    """``text`` with control characters, line breaks and U+FFFD written as escapes (``\\x01``, ``\\n``)."""
+    return "".join(char if char.isprintable() and char != "\ufffd" else ascii(char)[1:-1] for char in text)
 
 
 def _without_path(message: str, path: Path | None) -> str:
@@ -132,6 +148,14 @@ def caption_checks(entries: list[Entry], options: CheckOptions, clip_count: Call
                 "caption_loop", entry.id,
                 f"repeats a phrase: {len(text.split())} words, {len(collapsed.split())} once collapsed",
                 {"caption": _short(text), "collapsed": _short(collapsed), **where}, path=str(entry.path)))
+        unclean = unclean_characters(text)
+        if entry.caption_undecodable:  # file_not_utf8 says why; its U+FFFD are the reader's
+            unclean.pop("replacement", None)
+        if unclean:
+            out.findings.append(Finding(
+                "caption_unclean_text", entry.id, "has " + ", ".join(_UNCLEAN_LABELS[name](count)
+                                                                      for name, count in unclean.items()),
+                {**unclean, "caption": _short(_visible(text)), **where}, path=str(entry.path)))
         if is_refusal(text):
             out.findings.append(Finding("caption_refusal", entry.id, f"a refusal: \"{_short(text, 80)}\"",
                                         {"caption": _short(text), **where}, path=str(entry.path)))

@@ -125,8 +125,13 @@ class StoreView:
         return {row[0]: (row[1], row[2]) for row in rows}
 
     def output_steps(self) -> dict[str, str]:
-        """Sidecar path → the step that wrote it (the ledger)."""
-        return {row[0]: row[1] for row in self._connection.execute("SELECT output_path, step FROM outputs")}
+        """Sidecar path → the step that wrote it (the ledger; paths under the location are kept relative)."""
+        import os
+        from pathlib import PurePosixPath
+
+        root = Path(os.path.abspath(self.path)).parent.parent
+        return {(key if Path(key).is_absolute() else str(root / PurePosixPath(key))): step
+                for key, step in self._connection.execute("SELECT output_path, step FROM outputs")}
 
     def tag_categories(self) -> dict[str, int]:
         """Normalised tag → category number, from every tagger vocabulary kept in the store."""
@@ -169,6 +174,7 @@ class Entry:
     caption_source: str | None = None  # store, file or manifest
     caption_file: Path | None = None
     caption_failed: str | None = None  # the store's error when captioning this image failed
+    caption_undecodable: bool = False  # read from a file that is not UTF-8 (U+FFFD there is the reader's)
     tags: list[str] | None = None
     tags_source: str | None = None
     tag_file: Path | None = None
@@ -276,6 +282,7 @@ def collect(source: Source, records: list[Record], caption_ext: str, tag_ext: st
             entry.caption, entry.caption_source = stored.text, "store"
         elif caption_text is not None:
             entry.caption, entry.caption_source, entry.caption_file = caption_text.text, "file", caption_file
+            entry.caption_undecodable = caption_text.encoding_problem is not None
             diverged += stored_ok
         elif (manifest_caption := _field_text(record.fields, CAPTION_FIELDS)) is not None:
             entry.caption, entry.caption_source = manifest_caption, "manifest"

@@ -28,6 +28,10 @@ _KINDS = [
     Kind("caption_loop", "error", "captions", "Repeated-phrase loops",
          "A captioner stuck repeating itself; the model learns the stutter."),
     Kind("caption_refusal", "error", "captions", "Refusals", "A model's 'I'm sorry, I can't' instead of a caption."),
+    Kind("caption_unclean_text", "warning", "captions", "Control characters, U+FFFD or line breaks in captions",
+         "Invisible codes and U+FFFD (an undecodable byte) become tokens the model learns; kohya reads only a "
+         "caption's first line, OneTrainer one line at random. `captionkit caption` cleans these unless "
+         "--no-cleanup."),
     Kind("caption_filler_opener", "info", "captions", "Filler openers",
          "'The image shows ...' on every caption teaches nothing and costs tokens."),
     Kind("duplicate_caption", "warning", "captions", "Identical captions on different images",

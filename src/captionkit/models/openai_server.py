@@ -185,9 +185,12 @@ class OpenAICaptioner:
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
+        """What decides the text: the served model, prompt, sampling and image preparation.
+
+        Not the server's address: ``localhost`` and ``127.0.0.1`` (or a moved server) answer alike.
+        """
         return {
             "backend": "openai",
-            "base_url": public_url(self.base_url),
             "model": self.model_name,
             "chat": self.chat.fingerprint(),
             "image": {"max_side": self.max_image_side, "format": self.image_format},

@@ -25,7 +25,11 @@ class Prepared:
 
 
 class Step(Protocol):
-    """What an executor needs from a step."""
+    """What an executor needs from a step.
+
+    Optional: ``outputs_present(raw) -> bool`` for a step that writes files (the image
+    generator): a stored result whose files are gone is not done, and runs again.
+    """
 
     field: str  # the record field (and store step name) this step writes
     batch_size: int

@@ -60,10 +60,12 @@ class ExportStep:
             return self._sidecars(records, store)
         if self.format == "imagefolder":
             return self._imagefolder(records)
+        from captionkit.atomic import remove_stale_temp_files
         from captionkit.pipeline import write_table
 
-        write_table([self._row(record) for record in records], self._destination(f"export.{self.format}"),
-                    self.format)
+        target = self._destination(f"export.{self.format}")
+        remove_stale_temp_files([target.parent])  # a killed export's leftovers
+        write_table([self._row(record) for record in records], target, self.format)
         return len(records)
 
     def _sidecars(self, records: list[Record], store: Any) -> int:
@@ -82,10 +84,11 @@ class ExportStep:
 
     def _imagefolder(self, records: list[Record]) -> int:
         """``metadata.jsonl`` with ``file_name`` beside the images, as `datasets`' imagefolder loader reads it."""
-        from captionkit.atomic import atomic_open
+        from captionkit.atomic import atomic_open, remove_stale_temp_files_under
         from captionkit.pipeline import write_table
 
         folder = self._destination("imagefolder")
+        remove_stale_temp_files_under(folder)  # half-copied images of a killed run
         rows = []
         for record in records:
             if record.path is None:

@@ -7,9 +7,12 @@ later step can caption or tag it. Text-only records (``path`` None) are the usua
 
 Reproducibility: every image has its own seed, derived from (base seed, record id,
 sample index) with SHA-256, and its own ``torch.Generator`` (on the CPU, so the starting
-noise is the same on every device). A rerun makes the same image whatever the batch
-composition; another base ``seed`` makes other images. The filled prompt joins each
-record's fingerprint, so editing one caption regenerates only that record.
+noise is the same on every device). A rerun in the same batches makes the same bytes;
+in other batches the image is the same up to
+:data:`BATCH_PIXEL_TOLERANCE` per channel value (batched matrix products may round the last
+float bit differently). Another base ``seed`` makes other images. The filled prompt joins
+each record's fingerprint, so editing one caption regenerates only that record; a stored
+result whose image file was deleted is generated again.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from captionkit.steps.registry import StepContext, register_step
 log = logging.getLogger(__name__)
 
 OUTPUT_FOLDER = "generated_images"
+# Largest difference of one 8-bit channel value between an image generated alone and in a batch.
+BATCH_PIXEL_TOLERANCE = 1
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".heic", ".jxl"}
 _UNSAFE = re.compile(r"[^\w.-]+")
@@ -442,6 +447,11 @@ class ImageGeneratorStep:
         except OSError as error:
             return ItemFailure(f"cannot write the generated image under {self.output_folder} ({error})")
         return {"images": paths, "seeds": self.seeds(record_id)}
+
+    def outputs_present(self, raw: Any) -> bool:
+        """True when every image of a stored result is still on disk: one the user deleted is made again."""
+        images = raw.get("images") if isinstance(raw, dict) else None
+        return bool(images) and all((self.save_folder / relative).is_file() for relative in images)
 
     def render(self, raw: Any) -> str:
         """The first image's absolute path: what later steps read."""

@@ -53,6 +53,7 @@ KEYS: dict[str, Any] = {
     "seed": int,
     "samples": int,
     "input_field": str,
+    "cleanup": bool,
 }
 KEY_ALIASES = {"sys_prompt": "system_prompt", "max_num_seqs": "concurrency", "repeat_time": "samples",
                "model_path": "model", "max_tokens": "max_new_tokens"}
@@ -201,11 +202,9 @@ class OpenAITextModel:
         self.client = OpenAICaptioner(model, base_url, chat=chat, api_key_env=api_key_env, concurrency=concurrency)
 
     def fingerprint(self) -> dict[str, Any]:
-        from captionkit.models.openai_server import public_url
-
+        """The served model and chat settings; not the server's address (see OpenAICaptioner.fingerprint)."""
         return {
             "backend": "openai",
-            "base_url": public_url(self.client.base_url),
             "model": self.client.model_name,
             "chat": self.client.chat.fingerprint(),
         }
@@ -227,7 +226,7 @@ class TextGeneratorStep:
     """Writes ``field`` with a chat LM's answer to the record's filled prompt."""
 
     def __init__(self, generator: Any, prompt: str, field: str, batch_size: int, system_prompt: str | None = None,
-                 name: str = "text_generator", input_field: str | None = None) -> None:
+                 name: str = "text_generator", input_field: str | None = None, cleanup: bool = True) -> None:
         self.generator = generator
         self.prompt = prompt
         self.fields = prompt_fields(prompt)
@@ -241,7 +240,7 @@ class TextGeneratorStep:
         self.batch_size = batch_size
         self.system_prompt = system_prompt
         self.name = name
-        self.text = CaptionText()  # clean, drop refusals, keep the first sample
+        self.text = CaptionText(cleanup=cleanup)  # clean (one line, no control characters), drop refusals
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -441,5 +440,8 @@ def build_text_generator(config: dict[str, Any], context: StepContext) -> TextGe
     if input_field is not None and fields:
         raise CaptionkitError(f"step '{context.name}': input_field is for a prompt that names no field; this prompt "
                               f"names {{{fields[0]}}}. Leave input_field out, or the fields out of the prompt.")
+    cleanup = config.get("cleanup", True)
+    if not isinstance(cleanup, bool):
+        raise CaptionkitError(f"step '{context.name}': `cleanup` must be true or false, not {cleanup!r}.")
     return TextGeneratorStep(generator, prompt, context.output_field, batch_size, system_prompt, context.name,
-                             input_field)
+                             input_field, cleanup=cleanup)
