@@ -53,6 +53,9 @@ class TrainingTask:
     #: window is read before its first backward. False: batches stream one by one and the
     #: divisor is the window's number of batches.
     divisor_reads_window: bool = False
+    #: True: the loss is computed under ``accelerator.autocast()`` as well as the forward (which
+    #: ``accelerator.prepare`` wraps); False keeps a loss that must stay float32 outside it.
+    loss_in_autocast: bool = True
     #: (generated, reference) pairs of the last evaluation, shown in TensorBoard.
     samples: list[tuple[str, str]] = []
 
@@ -357,7 +360,7 @@ class _Loop:
                         continue
                     batch = to_device(batch, accelerator.device)
                     sync = nullcontext() if position == last_position else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
+                    with sync, accelerator.autocast() if task.loss_in_autocast else nullcontext():
                         result = task.loss(model, batch)
                         accelerator.backward(result.loss / divisor)
                     any_batch = True
