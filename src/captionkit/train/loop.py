@@ -470,6 +470,7 @@ class Reporters:
         if self.tensorboard is not None:
             for key, value in values.items():
                 self.tensorboard.add_scalar(self.prefix + key, value, step)
+            self.tensorboard.flush()  # curves while the run lasts, not minutes later
         if self.wandb is not None:
             self.wandb.log({self.prefix + key: value for key, value in values.items()}, step=step)
 
