@@ -5,6 +5,7 @@ epoch checkpoints that drop an unfinished epoch (the tagger's way)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 class LinearTask(TrainingTask):
     """y = x . (1, -2, 0.5) + noise, 40 samples in batches of 4, a new order every epoch."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, stop_after: int | None = None) -> None:
+        self.stop, self.stop_after = threading.Event(), stop_after  # the web UI's Stop button, pressed
         generator = torch.Generator().manual_seed(7)
         self.x = torch.randn(40, 3, generator=generator)
         self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(40, generator=generator)
@@ -36,6 +38,10 @@ class LinearTask(TrainingTask):
         loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y, reduction="sum")
         return BatchLoss(loss, float(loss.detach()), len(y), len(y))
 
+    def after_step(self, step: int) -> None:
+        if step == self.stop_after:
+            self.stop.set()
+
     def evaluate(self, model) -> dict[str, float]:
         model.eval()
         with torch.no_grad():
@@ -48,23 +54,12 @@ class LinearTask(TrainingTask):
         write_folder_atomically(folder, self.save_model)
 
 
-class StopAfter:
-    """Reads as set from its ``checks + 1``-th look on (the loop looks once per optimizer step)."""
-
-    def __init__(self, checks: int) -> None:
-        self.left = checks
-
-    def is_set(self) -> bool:
-        self.left -= 1
-        return self.left < 0
-
-
-def train(output: Path, stop=None, resume: Path | None = None, **policy):
+def train(output: Path, stop_after: int | None = None, resume: Path | None = None, **policy):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
     if resume is not None:
         model.load_state_dict(torch.load(resume / "weights.pt"))
-    task = LinearTask(model)
+    task = LinearTask(model, stop_after)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 12)
     accelerator = new_accelerator(cpu=True, mixed_precision="no")
@@ -73,7 +68,7 @@ def train(output: Path, stop=None, resume: Path | None = None, **policy):
     settings = LoopSettings(output_dir=output, total_steps=12, batches_per_epoch=10, gradient_accumulation_steps=3,
                             max_grad_norm=1.0, has_validation=True, metric="val_loss", **policy)
     return run_training(task, settings, accelerator=accelerator, model=task.model, optimizer=optimizer,
-                        scheduler=scheduler, resume_from=resume, stop=stop)
+                        scheduler=scheduler, resume_from=resume, stop=task.stop)
 
 
 @pytest.mark.parametrize("policy", [
@@ -84,7 +79,7 @@ def train(output: Path, stop=None, resume: Path | None = None, **policy):
 def test_a_third_task_resumes_bit_for_bit_through_the_shared_loop(tmp_path, policy):
     whole = train(tmp_path / "whole", **policy)
     assert not whole.stopped and whole.progress.global_step == 12 and whole.progress.epoch == 3
-    stopped = train(tmp_path / "stopped", stop=StopAfter(6), **policy)  # step 7 would be mid-epoch 2
+    stopped = train(tmp_path / "stopped", stop_after=6, **policy)  # step 7 would be mid-epoch 2
     assert stopped.stopped and stopped.progress.global_step == 6
     if policy.get("stop_saves", True):
         checkpoint = stopped.final_path
