@@ -240,12 +240,8 @@ class _Loop:
         self.progress = Progress(**{key: state[key] for key in dataclasses.asdict(Progress()) if key in state})
         if self.progress.batch_in_epoch >= self.settings.batches_per_epoch:  # saved before the epoch rolled over
             self.progress.epoch, self.progress.batch_in_epoch = self.progress.epoch + 1, 0
-        if self.settings.stop_saves:
-            _log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
-                      self.progress.epoch, self.progress.batch_in_epoch)
-        else:
-            _log.info("resumed from %s after epoch %d (step %d)", folder, self.progress.epoch,
-                      self.progress.global_step)
+        _log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.progress.global_step,
+                  self.progress.epoch, self.progress.batch_in_epoch)
 
     def write_checkpoint(self, folder: Path) -> None:
         import torch
