@@ -23,10 +23,7 @@ import importlib.util
 import json
 import logging
 import math
-import random
 import threading
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -44,12 +41,9 @@ from captionkit.train.captioner_data import (
     load_items,
     split_items,
 )
-from captionkit.train.checkpoints import (
-    CheckpointManager,
-    atomic_write_json,
-    write_folder_atomically,
-)
+from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+from captionkit.train.loop import BatchLoss, LoopSettings, Progress, TrainingTask, run_training, to_device
 from captionkit.train.lora import LoraSettings
 
 _log = logging.getLogger(__name__)
@@ -438,96 +432,6 @@ def token_losses(model: Any, batch: dict[str, Any]) -> Any:
     return losses.view(labels.shape)
 
 
-# -- logging ------------------------------------------------------------------------------
-
-
-class _Reporters:
-    """TensorBoard (default) and W&B sinks, plus ``metrics.jsonl`` (append-only log).
-
-    The JSONL log is appended line by line: rewriting it atomically on every step would
-    cost quadratic time, and a crash can only cut its last line.
-    """
-
-    def __init__(self, config: CaptionerTrainConfig, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tensorboard = None
-        self.wandb = None
-        self.jsonl = config.output_dir / "metrics.jsonl"
-        if not enabled:
-            return
-        if "tensorboard" in config.report_to:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(log_dir=str(config.output_dir / "logs"))
-        if "wandb" in config.report_to:
-            import wandb
-
-            self.wandb = wandb.init(project=config.wandb_project or "captionkit", dir=str(config.output_dir),
-                                    config=config_to_dict(config), resume="allow")
-
-    def scalars(self, values: dict[str, float], step: int) -> None:
-        if not self.enabled:
-            return
-        with self.jsonl.open("a", encoding="utf-8") as stream:
-            stream.write(json.dumps({"step": step, **values}) + "\n")
-        if self.tensorboard is not None:
-            for key, value in values.items():
-                self.tensorboard.add_scalar(key, value, step)
-        if self.wandb is not None:
-            self.wandb.log(values, step=step)
-
-    def samples(self, pairs: list[tuple[str, str]], step: int) -> None:
-        if not self.enabled or not pairs:
-            return
-        if self.tensorboard is not None:
-            table = "\n".join(f"| {reference} | {prediction} |" for prediction, reference in pairs)
-            self.tensorboard.add_text("val/samples", "| reference | generated |\n|---|---|\n" + table, step)
-        if self.wandb is not None:
-            import wandb
-
-            self.wandb.log({"val/samples": wandb.Table(columns=["generated", "reference"],
-                                                       data=[list(pair) for pair in pairs])}, step=step)
-
-    def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# -- state --------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy
-    import torch
-
-    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy
-    import torch
-
-    random.setstate(state["python"])
-    numpy.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-@dataclass
-class _Progress:
-    global_step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    samples_seen: int = 0
-    best_metric: float | None = None
-
-
 # -- the run ------------------------------------------------------------------------------
 
 
@@ -647,256 +551,161 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     if "tensorboard" in config.report_to:
         require("tensorboard", "report_to: tensorboard", extra="train")
     import torch
-    from accelerate.utils import gather_object, set_seed
+    from accelerate.utils import set_seed
 
     from captionkit.train.accelerator import new_accelerator
     from captionkit.train.preflight import check_hub_model
-    from captionkit.train.runlog import log_skipped, run_log
 
     _check_settings(config)
     resume_path = Path(resume_from) if resume_from is not None else None
-    resume_state = _check_resume(config, resume_path) if resume_path is not None else None
+    if resume_path is not None:
+        _check_resume(config, resume_path)
     data = _read_data(config)  # the data paths, before any model is loaded
     offline = check_hub_model(config.model, config.revision)
     set_seed(config.seed)
     accelerator = new_accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     processor, model = _load_model(config, accelerator, resume_path, offline=offline)
     train_items, val_items, report = _check_lengths(config, processor, data)
-    collator = CaptionCollator(processor, config.max_target_tokens)
-    dataset = CaptionDataset(train_items, config.augment, config.seed)
-    sampler = EpochBatchSampler(len(dataset), config.batch_size, config.seed, shuffle=True,
-                                process_index=accelerator.process_index, num_processes=accelerator.num_processes)
-    # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
-    # the global RNG would shift dropout masks after a resume.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=config.num_workers,
-                                         generator=torch.Generator().manual_seed(config.seed))
-    batches_per_epoch = sampler.batches_per_epoch()
+    task = _CaptionerTask(config, accelerator, processor, data, train_items, val_items)
+    batches_per_epoch = task.sampler.batches_per_epoch()
     if batches_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} training samples make no batch of {config.batch_size} per process")
+        raise ConfigError(f"{len(task.dataset)} training samples make no batch of {config.batch_size} per process")
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps or (config.epochs or 1) * steps_per_epoch
     optimizer = _build_optimizer(config, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(config.scheduler, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    task.model, optimizer = accelerator.prepare(model, optimizer)
+    task.total_steps = total_steps
 
-    output_dir = config.output_dir  # validation passed: from here on the run writes files
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    with run_log(output_dir, accelerator.is_main_process) as log_file:
-        if accelerator.is_main_process:
-            save_config(config, output_dir / CONFIG_FILE)
-            log_skipped(data.images_used, data.skipped(), log_file)
-        reporters = _Reporters(config, accelerator.is_main_process)
+    metric_name = config.best_metric if config.has_validation else None
+    settings = LoopSettings(
+        output_dir=config.output_dir, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.optimizer.max_grad_norm, has_validation=config.has_validation,
+        eval_every_steps=config.eval_every_steps, metric=metric_name,
+        greater_is_better=metric_name not in (None, "val_loss"), save_every_steps=config.save_every_steps,
+        save_every_epochs=config.save_every_epochs, save_total_limit=config.save_total_limit,
+        state_dir=STATE_DIR, state_file=f"{STATE_DIR}/trainer_state.json", log_every_steps=config.log_every_steps,
+        tensorboard_dir="logs" if "tensorboard" in config.report_to else None,
+        wandb_project=(config.wandb_project or "captionkit") if "wandb" in config.report_to else None,
+        wandb_config=config_to_dict(config),
+    )
+    outcome = run_training(task, settings, accelerator=accelerator, model=task.model, optimizer=optimizer,
+                           scheduler=scheduler, resume_from=resume_path, stop=stop)
+    return TrainResult(
+        output_dir=config.output_dir, final_path=outcome.final_path, best_checkpoint=outcome.best_checkpoint,
+        global_step=outcome.progress.global_step, epochs_completed=outcome.progress.epoch,
+        train_loss=outcome.train_loss, metrics=outcome.metrics, samples_per_second=outcome.samples_per_second,
+        data_report=report, sample_captions=task.samples, images_used=data.images_used,
+        skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=outcome.log_file,
+        stopped=outcome.stopped,
+    )
 
-        progress = _Progress()
-        if resume_path is not None and resume_state is not None:
-            state_dir = resume_path / STATE_DIR
-            optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location="cpu", weights_only=False))
-            scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt", weights_only=False))
-            scaler_file = state_dir / "scaler.pt"
-            if accelerator.scaler is not None and scaler_file.exists():
-                accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=False))
-            progress = _Progress(**{key: resume_state[key] for key in dataclasses.asdict(_Progress())})
-            _set_rng_state(torch.load(state_dir / "rng.pt", weights_only=False))
-            _log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, progress.global_step,
-                      progress.epoch, progress.batch_in_epoch)
 
-        metric_name = config.best_metric if config.has_validation else None
-        greater = metric_name not in (None, "val_loss")
-        manager = CheckpointManager(output_dir / "checkpoints", config.save_total_limit, metric_name, greater)
+class _CaptionerTask(TrainingTask):
+    """Caption pairs, the token-summed loss, caption metrics and ``save_pretrained`` folders."""
+
+    divisor_reads_window = True  # the window's caption tokens divide its loss
+
+    def __init__(self, config: CaptionerTrainConfig, accelerator: Any, processor: Any, data: _Data,
+                 train_items: list[CaptionItem], val_items: list[CaptionItem]) -> None:
+        import torch
+
+        self.config, self.accelerator, self.processor, self.data = config, accelerator, processor, data
+        self.val_items = val_items
+        self.model: Any = None
+        self.total_steps = 0
+        self.samples = []
+        self.collator = CaptionCollator(processor, config.max_target_tokens)
+        self.dataset = CaptionDataset(train_items, config.augment, config.seed)
+        self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, config.seed, shuffle=True,
+                                         process_index=accelerator.process_index,
+                                         num_processes=accelerator.num_processes)
+        # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
+        # the global RNG would shift dropout masks after a resume.
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
+                                                  collate_fn=self.collator, num_workers=config.num_workers,
+                                                  generator=torch.Generator().manual_seed(config.seed))
+
+    def begin(self, log_file: Path) -> None:
+        from captionkit.train.runlog import log_skipped
+
+        if self.accelerator.is_main_process:
+            save_config(self.config, self.config.output_dir / CONFIG_FILE)
+            log_skipped(self.data.images_used, self.data.skipped(), log_file)
+
+    def batches(self, epoch: int, start: int) -> Any:
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start)
+        return iter(self.loader)
+
+    def loss_divisor(self, window: list[dict[str, Any]]) -> float:
+        import torch
+
+        local_tokens = sum(int((batch["labels"] != -100).sum()) for batch in window)
+        all_tokens = self.accelerator.reduce(torch.tensor(float(local_tokens), device=self.accelerator.device), "sum")
+        return max(float(all_tokens) / self.accelerator.num_processes, 1.0)
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> BatchLoss:
+        loss_sum = token_losses(model, batch).sum()
+        return BatchLoss(loss_sum, float(loss_sum.detach()), int((batch["labels"] != -100).sum()),
+                         len(batch["captions"]))
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        import torch
+        from accelerate.utils import gather_object
+
+        from captionkit.train.caption_metrics import caption_metrics
+
+        config, accelerator = self.config, self.accelerator
         unwrapped = accelerator.unwrap_model(model)
+        model.eval()
+        val_sampler = EpochBatchSampler(len(self.val_items), config.batch_size, 0, shuffle=False,
+                                        process_index=accelerator.process_index,
+                                        num_processes=accelerator.num_processes)
+        val_loader = torch.utils.data.DataLoader(CaptionDataset(self.val_items), batch_sampler=val_sampler,
+                                                 collate_fn=self.collator, num_workers=config.num_workers,
+                                                 generator=torch.Generator().manual_seed(config.seed))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device)
+        predictions: list[str] = []
+        references: list[str] = []
+        with torch.no_grad():
+            for batch in val_loader:
+                if batch is None:
+                    continue
+                batch = to_device(batch, accelerator.device)
+                with accelerator.autocast():
+                    losses = token_losses(model, batch)
+                loss_sum += losses.sum()
+                tokens += (batch["labels"] != -100).sum()
+                with accelerator.autocast():
+                    generated = unwrapped.generate(
+                        input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                        attention_mask=batch["attention_mask"], max_new_tokens=config.max_target_tokens,
+                        num_beams=config.eval_num_beams, do_sample=False,
+                        # Florence's default n-gram blocking corrupts repetitive captions (tags).
+                        no_repeat_ngram_size=0,
+                    )
+                predictions += [text.strip() for text in
+                                self.processor.batch_decode(generated, skip_special_tokens=True)]
+                references += batch["captions"]
+        loss_sum = accelerator.reduce(loss_sum, "sum")
+        tokens = accelerator.reduce(tokens, "sum")
+        predictions = gather_object(predictions)
+        references = gather_object(references)
+        metrics = {"val_loss": float(loss_sum / tokens.clamp(min=1))}
+        metrics.update(caption_metrics(predictions, references) if predictions else {})
+        self.samples = list(zip(predictions, references, strict=True))[: config.sample_captions]
+        return metrics
 
-        def write_model(folder: Path) -> None:
-            accelerator.unwrap_model(model).save_pretrained(folder, safe_serialization=True)
-            processor.save_pretrained(folder)
-            save_config(config, folder / CONFIG_FILE)
+    def save_model(self, folder: Path) -> None:
+        self.accelerator.unwrap_model(self.model).save_pretrained(folder, safe_serialization=True)
+        self.processor.save_pretrained(folder)
+        save_config(self.config, folder / CONFIG_FILE)
 
-        def write_checkpoint(folder: Path) -> None:
-            write_model(folder)
-            state_dir = folder / STATE_DIR
-            state_dir.mkdir()
-            torch.save(optimizer.state_dict(), state_dir / "optimizer.pt")
-            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-            if accelerator.scaler is not None:
-                torch.save(accelerator.scaler.state_dict(), state_dir / "scaler.pt")
-            torch.save(_rng_state(), state_dir / "rng.pt")
-            atomic_write_json(state_dir / "trainer_state.json",
-                              {**dataclasses.asdict(progress), "mode": config.mode, "total_steps": total_steps})
+    def export(self, folder: Path, metrics: dict[str, float], progress: Progress, final: bool) -> None:
+        write_folder_atomically(folder, self.save_model)
 
-        last_metrics: dict[str, float] = {}
-        last_samples: list[tuple[str, str]] = []
-        evaluated_at = -1
-
-        def validate() -> dict[str, float]:
-            nonlocal last_samples
-            from captionkit.train.caption_metrics import caption_metrics
-
-            model.eval()
-            val_sampler = EpochBatchSampler(len(val_items), config.batch_size, 0, shuffle=False,
-                                            process_index=accelerator.process_index,
-                                            num_processes=accelerator.num_processes)
-            val_loader = torch.utils.data.DataLoader(CaptionDataset(val_items), batch_sampler=val_sampler,
-                                                     collate_fn=collator, num_workers=config.num_workers,
-                                                     generator=torch.Generator().manual_seed(config.seed))
-            loss_sum = torch.zeros((), device=accelerator.device)
-            tokens = torch.zeros((), device=accelerator.device)
-            predictions: list[str] = []
-            references: list[str] = []
-            with torch.no_grad():
-                for batch in val_loader:
-                    if batch is None:
-                        continue
-                    batch = _to_device(batch, accelerator.device)
-                    with accelerator.autocast():
-                        losses = token_losses(model, batch)
-                    loss_sum += losses.sum()
-                    tokens += (batch["labels"] != -100).sum()
-                    with accelerator.autocast():
-                        generated = unwrapped.generate(
-                            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                            attention_mask=batch["attention_mask"], max_new_tokens=config.max_target_tokens,
-                            num_beams=config.eval_num_beams, do_sample=False,
-                            # Florence's default n-gram blocking corrupts repetitive captions (tags).
-                            no_repeat_ngram_size=0,
-                        )
-                    predictions += [text.strip() for text in
-                                    processor.batch_decode(generated, skip_special_tokens=True)]
-                    references += batch["captions"]
-            loss_sum = accelerator.reduce(loss_sum, "sum")
-            tokens = accelerator.reduce(tokens, "sum")
-            predictions = gather_object(predictions)
-            references = gather_object(references)
-            model.train()
-            metrics = {"val_loss": float(loss_sum / tokens.clamp(min=1))}
-            metrics.update(caption_metrics(predictions, references) if predictions else {})
-            last_samples = list(zip(predictions, references, strict=True))[: config.sample_captions]
-            return metrics
-
-        def maybe_validate_and_save(end_of_epoch: bool) -> None:
-            nonlocal last_metrics, evaluated_at
-            step = progress.global_step
-            run_eval = config.has_validation and (
-                (config.eval_every_steps is not None and step % config.eval_every_steps == 0)
-                or (config.eval_every_steps is None and end_of_epoch)
-            )
-            save = (config.save_every_steps is not None and step % config.save_every_steps == 0) or (
-                end_of_epoch and config.save_every_epochs is not None
-                and (progress.epoch + 1) % config.save_every_epochs == 0  # epoch is still 0-based here
-            )
-            metric = None
-            # A checkpoint is always scored when there is validation data: otherwise "best"
-            # would only be known for saves that happen to fall on an evaluation step.
-            if run_eval or (save and config.has_validation):
-                metrics = validate()
-                last_metrics, evaluated_at = metrics, step
-                reporters.scalars({f"val/{key}": value for key, value in metrics.items()}, step)
-                reporters.samples(last_samples, step)
-                metric = metrics.get(config.best_metric)
-                if metric is not None:
-                    better = progress.best_metric is None or (
-                        metric > progress.best_metric if greater else metric < progress.best_metric)
-                    if better:
-                        progress.best_metric = metric
-            if save:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    manager.save(f"step-{step:07d}", write_checkpoint, metric=metric)
-
-        model.train()
-        parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-        start_time = time.perf_counter()
-        start_samples = progress.samples_seen
-        window_loss = 0.0
-        window_tokens = 0
-        last_train_loss: float | None = None
-        stopped = False
-        while progress.global_step < total_steps and not stopped:
-            if progress.batch_in_epoch >= batches_per_epoch:
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-            dataset.set_epoch(progress.epoch)
-            sampler.set_epoch(progress.epoch, progress.batch_in_epoch)
-            iterator = iter(loader)
-            while progress.batch_in_epoch < batches_per_epoch and progress.global_step < total_steps:
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                wanted = min(config.gradient_accumulation_steps, batches_per_epoch - progress.batch_in_epoch)
-                window = [next(iterator) for _ in range(wanted)]
-                progress.batch_in_epoch += wanted
-                window = [_to_device(batch, accelerator.device) for batch in window if batch is not None]
-                local_tokens = sum(int((batch["labels"] != -100).sum()) for batch in window)
-                all_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
-                denominator = float(all_tokens) / accelerator.num_processes
-                for position, batch in enumerate(window):
-                    last = position == len(window) - 1
-                    sync = nullcontext() if last else accelerator.no_sync(model)
-                    with sync, accelerator.autocast():
-                        loss_sum = token_losses(model, batch).sum()
-                        accelerator.backward(loss_sum / max(denominator, 1.0))
-                    window_loss += float(loss_sum.detach())
-                    progress.samples_seen += len(batch["captions"])
-                window_tokens += local_tokens
-                grad_norm = None
-                if config.optimizer.max_grad_norm is not None and window:
-                    grad_norm = accelerator.clip_grad_norm_(parameters, config.optimizer.max_grad_norm)
-                optimizer.step()
-                if not accelerator.optimizer_step_was_skipped:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                progress.global_step += 1
-                if progress.global_step % config.log_every_steps == 0 or progress.global_step == total_steps:
-                    elapsed = max(time.perf_counter() - start_time, 1e-9)
-                    last_train_loss = window_loss / max(window_tokens, 1)
-                    values = {"train/loss": last_train_loss, "train/lr": scheduler.get_last_lr()[0],
-                              "train/epoch": progress.epoch + progress.batch_in_epoch / batches_per_epoch,
-                              "train/samples_per_second": (progress.samples_seen - start_samples) / elapsed}
-                    if grad_norm is not None:
-                        values["train/grad_norm"] = float(grad_norm)
-                    reporters.scalars(values, progress.global_step)
-                    window_loss, window_tokens = 0.0, 0
-                end_of_epoch = progress.batch_in_epoch >= batches_per_epoch
-                maybe_validate_and_save(end_of_epoch)
-            # Release the iterator's workers before the next epoch creates new ones.
-            del iterator
-        if stopped:
-            checkpoint = manager.root / f"step-{progress.global_step:07d}"
-            if accelerator.is_main_process and progress.global_step > 0 and not checkpoint.is_dir():
-                manager.save(checkpoint.name, write_checkpoint)
-            reporters.close()
-            _log.info("stopped at step %d of %d; resume from %s", progress.global_step, total_steps,
-                      checkpoint if checkpoint.is_dir() else "the start (no step was finished)")
-            return TrainResult(
-                output_dir=output_dir, final_path=checkpoint, best_checkpoint=manager.best(),
-                global_step=progress.global_step, epochs_completed=progress.epoch, train_loss=last_train_loss,
-                metrics=last_metrics, samples_per_second=0.0, data_report=report, sample_captions=last_samples,
-                images_used=data.images_used,
-                skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=log_file,
-                stopped=True,
-            )
-        elapsed = max(time.perf_counter() - start_time, 1e-9)
-        samples_per_second = (progress.samples_seen - start_samples) / elapsed
-        if config.has_validation and evaluated_at != progress.global_step:
-            last_metrics = validate()
-            reporters.scalars({f"val/{key}": value for key, value in last_metrics.items()}, progress.global_step)
-            reporters.samples(last_samples, progress.global_step)
-        accelerator.wait_for_everyone()
-        final_path = output_dir / "final"
-        if accelerator.is_main_process:
-            write_folder_atomically(final_path, write_model)
-        reporters.close()
-        if last_train_loss is None and window_tokens:
-            last_train_loss = window_loss / window_tokens
-        return TrainResult(
-            output_dir=output_dir, final_path=final_path, best_checkpoint=manager.best(),
-            global_step=progress.global_step, epochs_completed=progress.epoch + int(
-                progress.batch_in_epoch >= batches_per_epoch),
-            train_loss=last_train_loss, metrics=last_metrics, samples_per_second=samples_per_second,
-            data_report=report, sample_captions=last_samples, images_used=data.images_used,
-            skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=log_file,
-        )
-
-
-def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+    def checkpoint_info(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"mode": self.config.mode, "total_steps": self.total_steps}

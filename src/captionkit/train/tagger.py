@@ -47,7 +47,6 @@ import json
 import logging
 import math
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -56,9 +55,18 @@ import numpy as np
 
 from captionkit.errors import CaptionkitError
 from captionkit.train.accelerator import new_accelerator
-from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers
-from captionkit.train.checkpoints import write_folder_atomically
+from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers  # noqa: F401 (tests)
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+from captionkit.train.loop import (
+    BatchLoss,
+    LoopSettings,
+    Progress,
+    TrainingTask,
+    read_progress,
+    run_training,
+    to_device,
+)
+from captionkit.train.runlog import log_skipped
 
 _log = logging.getLogger(__name__)
 
@@ -480,8 +488,8 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     """Run (or resume) a tagger training run; see the module docstring for what it writes.
 
     ``stop`` (set from another thread, e.g. the web UI's Stop button; single-process runs)
-    is checked between batches: the unfinished epoch is dropped and the run returns with
-    ``stopped=True``; resuming starts again from OUTPUT/last, the last finished epoch.
+    is checked between optimizer steps: the unfinished epoch is dropped and the run returns
+    with ``stopped=True``; resuming starts again from OUTPUT/last, the last finished epoch.
     """
     from captionkit._torchvision_compat import ensure_torchvision
 
@@ -495,25 +503,25 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     import torch
     from accelerate.utils import set_seed
 
-    from captionkit.train.checkpoints import CheckpointManager
     from captionkit.train.losses import build_loss
-    from captionkit.train.runlog import log_skipped, run_log
     from captionkit.train.tagger_data import (
         EpochSampler,
         ScanReport,
         TaggerDataset,
         Vocabulary,
-        collate_skipping_failures,
         encode,
         scan_tagged_folders,
         split_indices,
     )
-    from captionkit.train.tagger_export import add_onnx_to_folder, export_tagger
-    from captionkit.train.tagger_metrics import compute_metrics
 
     output = Path(config.output_dir)
     resume_dir = _resolve_resume(Path(resume)) if resume is not None else None
-    resume_state = json.loads((resume_dir / STATE_FILE).read_text(encoding="utf-8")) if resume_dir else None
+    finished = int(read_progress(resume_dir / STATE_FILE)["epoch"]) if resume_dir is not None else 0
+    if finished >= config.epochs:
+        raise TaggerTrainingError(
+            f"--resume {resume_dir}: the checkpoint already finished {finished} of {config.epochs} "
+            "epochs; raise epochs with --set epochs=N to train further"
+        )
 
     if config.report_to == "tensorboard":
         require("tensorboard", "report_to: tensorboard", extra="train")
@@ -521,12 +529,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
         require("wandb", "report_to: wandb")
 
     try:
-        accelerator = new_accelerator(
-            mixed_precision=config.mixed_precision,
-            cpu=config.device == "cpu",
-            log_with=None if config.report_to == "none" else config.report_to,
-            project_dir=str(output),  # nothing is written there before validation passed
-        )
+        accelerator = new_accelerator(mixed_precision=config.mixed_precision, cpu=config.device == "cpu")
     except ValueError as error:
         raise TaggerTrainingError(
             f"mixed_precision={config.mixed_precision!r} is not available here ({error}); "
@@ -582,12 +585,14 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
         counts_info = remap_head(model, state, old_names, vocabulary.names)
         _log.info("init_from %s: %d head rows kept, %d new tags, %d dropped", config.model.init_from,
                   counts_info["kept"], counts_info["new"], counts_info["dropped"])
+    if resume_dir is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(resume_dir / "model.safetensors")))
     preprocessing = preprocessing_for(model, config.model.image_size)
     train_set = TaggerDataset(encoded, train_idx, num_tags, preprocessing, hflip=data_cfg.hflip)
     val_set = TaggerDataset(val_encoded, val_idx, num_tags, preprocessing, hflip=False)
     sampler = EpochSampler(len(train_set), config.seed, True, accelerator.process_index, accelerator.num_processes)
-    val_sampler = EpochSampler(len(val_set), config.seed, False, accelerator.process_index,
-                               accelerator.num_processes)
     batches_per_epoch = math.ceil(len(sampler) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = steps_per_epoch * config.epochs
@@ -604,209 +609,173 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
         optimizer, lr_lambda(total_steps, warmup_steps, config.optimizer.schedule, config.optimizer.min_lr_ratio)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     ema = None
     if config.ema_decay is not None:
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=config.ema_decay)
-        accelerator.register_for_checkpointing(ema)
-    loss_fn = build_loss(config.loss.name, config.loss.gamma_neg, config.loss.gamma_pos, config.loss.clip)
+    task = _TaggerTask(config, accelerator, model, ema, train_set, val_set, sampler,
+                       build_loss(config.loss.name, config.loss.gamma_neg, config.loss.gamma_pos, config.loss.clip))
+    task.vocabulary, task.model_args, task.preprocessing = vocabulary, model_args, preprocessing
+    task.split = (split_path, encoded.paths, train_idx, val_idx, split_method)
+    used = len(items) + len(val_items)
+    task.skipped = (used, scan.skipped(data_cfg.caption_extension))
 
-    # -- validation passed: from here on the run writes files --
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        _remove_leftovers(output)
-    with run_log(output, accelerator.is_main_process) as log_file:
-        used = len(items) + len(val_items)
-        if accelerator.is_main_process:
-            log_skipped(used, scan.skipped(data_cfg.caption_extension), log_file)
-            _write_split(split_path, encoded.paths, train_idx, val_idx, split_method)
-            vocabulary.write_csv(output / "selected_tags.csv")
-            save_config(config, output / "config.yaml")
+    tensorboard = config.report_to == "tensorboard"
+    settings = LoopSettings(
+        output_dir=output, total_steps=total_steps, batches_per_epoch=batches_per_epoch,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_grad_norm=config.optimizer.max_grad_norm, has_validation=True, metric=config.metric,
+        greater_is_better=config.metric != "val_loss", save_every_epochs=config.save_every_epochs or None,
+        save_final_epoch=True, save_total_limit=config.save_total_limit, checkpoint_names="epoch",
+        last_dir=LAST_DIR, best_dir="best", stop_saves=False, state_file=STATE_FILE, epoch_rows=True,
+        tensorboard_dir="tagger" if tensorboard else None, tensorboard_prefix="tagger/",
+        hparams=_flat_hparams(config) if tensorboard else None,
+        wandb_project="tagger" if config.report_to == "wandb" else None, wandb_config=_flat_hparams(config),
+    )
+    outcome = run_training(task, settings, accelerator=accelerator, model=model, optimizer=optimizer,
+                           scheduler=scheduler, resume_from=resume_dir, stop=stop)
+    best_dir = output / "best"
+    return TaggerTrainResult(
+        output_dir=output,
+        best_dir=best_dir if best_dir.is_dir() else None,
+        final_dir=output / "final",
+        metric_name=config.metric,
+        best_metric=outcome.progress.best_metric,
+        final_metrics=outcome.history[-1] if outcome.history else {},
+        history=outcome.history,
+        vocabulary_size=num_tags,
+        split_method=split_method,
+        start_epoch=outcome.start.epoch,
+        epochs=config.epochs,
+        images_used=used,
+        skipped={reason: paths for reason, paths in task.skipped[1].items() if paths},
+        log_file=outcome.log_file,
+        stopped=outcome.stopped,
+    )
+
+
+class _TaggerTask(TrainingTask):
+    """Tagged images, a multi-label loss, mAP/F1 metrics, and folders ``captionkit tag`` loads."""
+
+    loss_in_autocast = False  # the losses compute in float32 themselves, outside autocast (as always)
+
+    vocabulary: Any
+    model_args: dict[str, Any]
+    preprocessing: Any
+    split: tuple[Path, list[Path], Any, Any, str]
+    skipped: tuple[int, dict[str, list[str]]]
+
+    def __init__(self, config: TaggerTrainConfig, accelerator: Any, model: Any, ema: Any, train_set: Any,
+                 val_set: Any, sampler: Any, loss_fn: Any) -> None:
+        self.config, self.accelerator, self.model, self.ema = config, accelerator, model, ema
+        self.train_set, self.val_set, self.sampler, self.loss_fn = train_set, val_set, sampler, loss_fn
+        self.thresholds: Any = None
+
+    def begin(self, log_file: Path) -> None:
+        output = Path(self.config.output_dir)
+        split_path, paths, train_idx, val_idx, split_method = self.split
+        if self.accelerator.is_main_process:
+            log_skipped(*self.skipped, log_file)
+            _write_split(split_path, paths, train_idx, val_idx, split_method)
+            self.vocabulary.write_csv(output / "selected_tags.csv")
+            save_config(self.config, output / "config.yaml")
         _log.info("tagger data: %d train / %d validation images, %d tags, split %s",
-                  len(train_idx), len(val_idx), num_tags, split_method)
+                  len(train_idx), len(val_idx), len(self.vocabulary), split_method)
 
-        manager = CheckpointManager(
-            output / "checkpoints", config.save_total_limit, metric_name=config.metric,
-            greater_is_better=config.metric != "val_loss",
+    def batches(self, epoch: int, start: int) -> Any:
+        """A fresh loader per epoch, seeded by (seed, epoch); tagger checkpoints fall on epoch ends (start 0)."""
+        import torch
+
+        from captionkit.train.tagger_data import collate_skipping_failures
+
+        config = self.config
+        self.sampler.set_epoch(epoch)
+        return iter(torch.utils.data.DataLoader(
+            self.train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.data.num_workers,
+            collate_fn=collate_skipping_failures, drop_last=False,
+            generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), persistent_workers=False,
+        ))
+
+    def loss(self, model: Any, batch: Any) -> BatchLoss:
+        images, targets = batch
+        loss = self.loss_fn(model(images), targets)
+        return BatchLoss(loss, float(loss.detach()) * images.shape[0], images.shape[0], images.shape[0])
+
+    def after_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.accelerator.unwrap_model(self.model), step=step)
+
+    def evaluate(self, model: Any) -> dict[str, float]:
+        import torch
+
+        from captionkit.train.tagger_data import EpochSampler, collate_skipping_failures
+        from captionkit.train.tagger_metrics import compute_metrics
+
+        config, accelerator = self.config, self.accelerator
+        eval_model = self.ema.module if self.ema is not None else model
+        eval_model.eval()
+        loader = torch.utils.data.DataLoader(
+            self.val_set, batch_size=config.eval_batch_size or config.batch_size,
+            sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
+                                 accelerator.num_processes),
+            num_workers=config.data.num_workers, collate_fn=collate_skipping_failures,
+            generator=torch.Generator().manual_seed(config.seed),
         )
-        start_epoch, global_step, best_metric = 0, 0, None
-        history: list[dict[str, float]] = []
-        if resume_dir is not None:
-            accelerator.load_state(str(resume_dir))
-            start_epoch = int(resume_state["epoch"])
-            global_step = int(resume_state["global_step"])
-            best_metric = resume_state.get("best_metric")
-            _log.info("resumed from %s after epoch %d (step %d)", resume_dir, start_epoch, global_step)
-            if start_epoch >= config.epochs:
-                raise TaggerTrainingError(
-                    f"--resume {resume_dir}: the checkpoint already finished {start_epoch} of {config.epochs} "
-                    "epochs; raise epochs with --set epochs=N to train further"
-                )
+        all_scores, all_targets, losses = [], [], []
+        with torch.inference_mode():
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, targets = to_device(batch, accelerator.device)
+                with accelerator.autocast():
+                    logits = eval_model(images)
+                # weighted by images, so a short last batch counts for what it holds
+                losses.append(torch.stack([self.loss_fn(logits, targets).float() * targets.shape[0],
+                                           torch.tensor(float(targets.shape[0]), device=targets.device)]))
+                scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
+                all_scores.append(scores.cpu().numpy())
+                all_targets.append(targets.cpu().numpy())
+        if not all_scores:
+            raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
+        metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
+        self.thresholds = metrics.thresholds
+        values = metrics.as_dict()
+        totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
+        values["val_loss"] = float((totals[0] / totals[1]).item())
+        return values
 
-        if config.report_to != "none":
-            accelerator.init_trackers("tagger", config=_flat_hparams(config))
+    def save_model(self, folder: Path) -> None:
+        from safetensors.torch import save_file
 
-        def run_validation() -> tuple[dict[str, float], Any]:
-            eval_model = ema.module if ema is not None else model
-            eval_model.eval()
-            loader = torch.utils.data.DataLoader(
-                val_set, batch_size=config.eval_batch_size or config.batch_size, sampler=val_sampler,
-                num_workers=data_cfg.num_workers, collate_fn=collate_skipping_failures,
-                generator=torch.Generator().manual_seed(config.seed),
-            )
-            all_scores, all_targets, losses = [], [], []
-            with torch.inference_mode():
-                for batch in loader:
-                    if batch is None:
-                        continue
-                    images, targets = (t.to(accelerator.device) for t in batch)
-                    with accelerator.autocast():
-                        logits = eval_model(images)
-                    # weighted by images, so a short last batch counts for what it holds
-                    losses.append(torch.stack([loss_fn(logits, targets).float() * targets.shape[0],
-                                               torch.tensor(float(targets.shape[0]), device=targets.device)]))
-                    scores, targets = accelerator.gather_for_metrics((torch.sigmoid(logits.float()), targets))
-                    all_scores.append(scores.cpu().numpy())
-                    all_targets.append(targets.cpu().numpy())
-            if not all_scores:
-                raise TaggerTrainingError("no validation image could be loaded; check the validation folder")
-            metrics = compute_metrics(np.concatenate(all_scores), np.concatenate(all_targets), config.threshold)
-            values = metrics.as_dict()
-            totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
-            values["val_loss"] = float((totals[0] / totals[1]).item())
-            return values, metrics
+        state = self.accelerator.unwrap_model(self.model).state_dict()
+        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        self.vocabulary.write_csv(folder / "selected_tags.csv")
+        (folder / SPLIT_FILE).write_bytes(self.split[0].read_bytes())
+        save_config(self.config, folder / "config.yaml")
 
-        last_values: dict[str, float] = {}
-        best_dir = output / "best"
-        stopped = False
-        for epoch in range(start_epoch, config.epochs):
-            model.train()
-            sampler.set_epoch(epoch)
-            loader = torch.utils.data.DataLoader(
-                train_set, batch_size=config.batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
-                collate_fn=collate_skipping_failures, drop_last=False,
-                generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch),
-                persistent_workers=False,
-            )
-            started, running, seen = time.perf_counter(), 0.0, 0
-            batches = len(loader)
-            group = config.gradient_accumulation_steps
-            for index, batch in enumerate(loader):
-                if stop is not None and stop.is_set():
-                    stopped = True
-                    break
-                group_start = index - index % group
-                group_size = min(group, batches - group_start)
-                sync = index - group_start == group_size - 1
-                if batch is not None:
-                    images, targets = (t.to(accelerator.device) for t in batch)
-                    context = accelerator.no_sync(model) if not sync else _null_context()
-                    with context:
-                        loss = loss_fn(model(images), targets)
-                        accelerator.backward(loss / group_size)
-                    running += float(loss.detach()) * images.shape[0]
-                    seen += images.shape[0]
-                if sync:
-                    if config.optimizer.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), config.optimizer.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    if ema is not None:
-                        ema.update(accelerator.unwrap_model(model), step=global_step)
-            if stopped:
-                _log.info("stopped during epoch %d; resume starts again from %s", epoch + 1,
-                          output / LAST_DIR if (output / LAST_DIR).is_dir() else "the start (no epoch finished)")
-                break
-            train_loss = running / max(1, seen)
-            values, metrics = run_validation()
-            values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
-                           "epoch_seconds": time.perf_counter() - started})
-            history.append(values)
-            last_values = values
-            if config.report_to != "none":
-                accelerator.log({f"tagger/{key}": value for key, value in values.items()}, step=global_step)
-            current = values[config.metric]
-            improved = best_metric is None or (
-                current < best_metric if config.metric == "val_loss" else current > best_metric
-            )
-            _log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                      ", ".join(f"{k}={v:.4f}" for k, v in values.items() if isinstance(v, float)))
-            export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-            export_kwargs = dict(
-                architecture=config.model.backbone, model_args=model_args, vocabulary=vocabulary,
-                preprocessing=preprocessing, threshold=config.threshold, per_tag_thresholds=metrics.thresholds,
-                training={"epoch": epoch + 1, "global_step": global_step, "config": config_to_dict(config)},
-            )
-            if improved:
-                best_metric = current
-            if accelerator.is_main_process:
-                _append_jsonl(output / METRICS_FILE, values)
-                if improved:
-                    export_tagger(export_model, best_dir, metrics=values, **export_kwargs)
-            state = {"epoch": epoch + 1, "global_step": global_step, "best_metric": best_metric,
-                     "metric": config.metric, "metrics": values, "split_method": split_method}
+    def export(self, folder: Path, metrics: dict[str, float], progress: Progress, final: bool) -> None:
+        from captionkit.train.tagger_export import add_onnx_to_folder, export_tagger
 
-            def write_checkpoint(folder: Path, state: dict = state) -> None:
-                accelerator.save_state(str(folder))
-                vocabulary.write_csv(folder / "selected_tags.csv")
-                (folder / SPLIT_FILE).write_bytes(split_path.read_bytes())
-                save_config(config, folder / "config.yaml")
-                (folder / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        config = self.config
+        model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
+        export_tagger(model, folder, metrics=metrics, onnx=final and config.export_onnx,
+                      architecture=config.model.backbone, model_args=self.model_args, vocabulary=self.vocabulary,
+                      preprocessing=self.preprocessing, threshold=config.threshold,
+                      per_tag_thresholds=self.thresholds,
+                      training={"epoch": progress.epoch, "global_step": progress.global_step,
+                                "config": config_to_dict(config)})
+        best = Path(config.output_dir) / "best"
+        if final and config.export_onnx and best.is_dir():
+            add_onnx_to_folder(best)
 
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                write_folder_atomically(output / LAST_DIR, write_checkpoint)  # never half-written
-                final_epoch = epoch + 1 == config.epochs
-                if config.save_every_epochs and ((epoch + 1) % config.save_every_epochs == 0 or final_epoch):
-                    manager.save(f"epoch-{epoch + 1:04d}", write_checkpoint, metric=current)
-            accelerator.wait_for_everyone()
+    def state_objects(self) -> dict[str, Any]:
+        return {"ema": self.ema} if self.ema is not None else {}
 
-        final_dir = output / "final"
-        if accelerator.is_main_process and not stopped:
-            if history:
-                export_model = ema.module if ema is not None else accelerator.unwrap_model(model)
-                export_tagger(export_model, final_dir, metrics=last_values, onnx=config.export_onnx, **export_kwargs)
-                if config.export_onnx and best_dir.is_dir():
-                    add_onnx_to_folder(best_dir)
-        if config.report_to != "none":
-            accelerator.end_training()
-        return TaggerTrainResult(
-            output_dir=output,
-            best_dir=best_dir if best_dir.is_dir() else None,
-            final_dir=final_dir,
-            metric_name=config.metric,
-            best_metric=best_metric,
-            final_metrics=last_values,
-            history=history,
-            vocabulary_size=num_tags,
-            split_method=split_method,
-            start_epoch=start_epoch,
-            epochs=config.epochs,
-            images_used=used,
-            skipped={reason: paths for reason, paths in scan.skipped(data_cfg.caption_extension).items() if paths},
-            log_file=log_file,
-            stopped=stopped,
-        )
+    def checkpoint_info(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"metric": self.config.metric, "metrics": metrics, "split_method": self.split[4]}
 
-
-class _null_context:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _append_jsonl(path: Path, values: dict[str, Any]) -> None:
-    """Append one line to the metrics log (rewritten atomically, it is small)."""
-    from captionkit.atomic import atomic_write_text
-
-    existing = path.read_text(encoding="utf-8") if path.is_file() else ""
-    atomic_write_text(path, existing + json.dumps(values) + "\n")
 
 
 def _write_split(path: Path, paths: list[Path], train_idx: Any, val_idx: Any, method: str) -> None:

@@ -1,0 +1,96 @@
+"""The shared training loop serves any task: a third one, a small net on generated numbers, trains
+through the same loop as the captioner and the tagger, and a stopped-and-resumed run ends bit for
+bit where an uninterrupted one ends, with mid-epoch checkpoints (the captioner's way) and with
+epoch checkpoints that drop an unfinished epoch (the tagger's way)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from captionkit.train.accelerator import new_accelerator
+from captionkit.train.checkpoints import write_folder_atomically
+from captionkit.train.loop import BatchLoss, LoopSettings, TrainingTask, run_training
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class LinearTask(TrainingTask):
+    """y = x . (1, -2, 0.5) + noise, 40 samples in batches of 4, a new order every epoch."""
+
+    def __init__(self, model: torch.nn.Module, stop_after: int | None = None) -> None:
+        self.stop, self.stop_after = threading.Event(), stop_after  # the web UI's Stop button, pressed
+        generator = torch.Generator().manual_seed(7)
+        self.x = torch.randn(40, 3, generator=generator)
+        self.y = self.x @ torch.tensor([1.0, -2.0, 0.5]) + 0.1 * torch.randn(40, generator=generator)
+        self.model = model
+
+    def batches(self, epoch: int, start: int):
+        order = torch.randperm(40, generator=torch.Generator().manual_seed(epoch))
+        for first in range(start * 4, 40, 4):
+            yield self.x[order[first:first + 4]], self.y[order[first:first + 4]]
+
+    def loss(self, model, batch) -> BatchLoss:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y, reduction="sum")
+        return BatchLoss(loss, float(loss.detach()), len(y), len(y))
+
+    def after_step(self, step: int) -> None:
+        if step == self.stop_after:
+            self.stop.set()
+
+    def evaluate(self, model) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad():
+            return {"val_loss": float(torch.nn.functional.mse_loss(model(self.x).squeeze(-1), self.y))}
+
+    def save_model(self, folder: Path) -> None:
+        torch.save(self.model.state_dict(), folder / "weights.pt")
+
+    def export(self, folder: Path, metrics, progress, final: bool) -> None:
+        write_folder_atomically(folder, self.save_model)
+
+
+def train(output: Path, stop_after: int | None = None, resume: Path | None = None, **policy):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    if resume is not None:
+        model.load_state_dict(torch.load(resume / "weights.pt"))
+    task = LinearTask(model, stop_after)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 12)
+    accelerator = new_accelerator(cpu=True, mixed_precision="no")
+    task.model, optimizer = accelerator.prepare(model, optimizer)
+    # 10 batches an epoch in windows of 3: 4 steps an epoch, the last window one batch.
+    settings = LoopSettings(output_dir=output, total_steps=12, batches_per_epoch=10, gradient_accumulation_steps=3,
+                            max_grad_norm=1.0, has_validation=True, metric="val_loss", **policy)
+    return run_training(task, settings, accelerator=accelerator, model=task.model, optimizer=optimizer,
+                        scheduler=scheduler, resume_from=resume, stop=task.stop)
+
+
+@pytest.mark.parametrize("policy", [
+    dict(eval_every_steps=3, save_every_steps=3, log_every_steps=1),  # the captioner's way
+    dict(save_every_epochs=1, checkpoint_names="epoch", last_dir="last", best_dir="best", stop_saves=False,
+         epoch_rows=True),  # the tagger's way
+], ids=["mid-epoch-checkpoints", "epoch-checkpoints"])
+def test_a_third_task_resumes_bit_for_bit_through_the_shared_loop(tmp_path, policy):
+    whole = train(tmp_path / "whole", **policy)
+    assert not whole.stopped and whole.progress.global_step == 12 and whole.progress.epoch == 3
+    stopped = train(tmp_path / "stopped", stop_after=6, **policy)  # step 7 would be mid-epoch 2
+    assert stopped.stopped and stopped.progress.global_step == 6
+    if policy.get("stop_saves", True):
+        checkpoint = stopped.final_path
+        assert checkpoint.name == "step-0000006" and (checkpoint / "training_state.json").is_file()
+    else:
+        checkpoint = tmp_path / "stopped" / "last"  # the unfinished second epoch is dropped
+        assert not (tmp_path / "stopped" / "checkpoints" / "epoch-0002").exists()
+    resumed = train(tmp_path / "stopped", resume=checkpoint, **policy)
+    assert resumed.start.global_step == (6 if checkpoint.name.startswith("step") else 4)
+    expected = torch.load(whole.final_path / "weights.pt")
+    actual = torch.load(resumed.final_path / "weights.pt")
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    assert resumed.metrics == whole.metrics and resumed.progress == whole.progress
+    assert whole.metrics["val_loss"] < 0.5 * LinearTask(None).y.var()  # it learned
