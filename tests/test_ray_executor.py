@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -169,6 +170,103 @@ def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ti
     again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
     assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
     assert state(folder) == expected
+
+
+# ------------------------------------------------------------------ processes killed by hand (SIGKILL)
+RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
+
+
+class WaitsToBeKilled(Florence2Captioner):
+    """Once per marker file, a model actor writes its pid there and waits: while loading (``when="load"``),
+    in its ``when``-th batch, or (``killer=False``) for good, as a hung model would."""
+
+    def __init__(self, marker: Path, when: str | int, **options) -> None:
+        super().__init__(**options)
+        self.marker, self.when, self.calls = str(marker), when, 0
+
+    def _wait_here(self) -> None:
+        if os.path.exists(self.marker):
+            return
+        Path(self.marker + ".tmp").write_text(str(os.getpid()))
+        os.replace(self.marker + ".tmp", self.marker)
+        time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+
+    def load(self) -> None:
+        if self.when == "load" and self.model is None:
+            self._wait_here()
+        super().load()
+
+    def caption_batch(self, requests):
+        self.calls += 1
+        if self.calls == self.when:
+            self._wait_here()
+        return super().caption_batch(requests)
+
+
+def _kill_when_waiting(marker: Path) -> threading.Thread:
+    """SIGKILL the process whose pid appears in ``marker`` (from another thread, as a user's ``kill -9``)."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def _ends(call, limit_s: float = RUN_LIMIT_S):
+    """``call()`` on a thread: its result or error, or a failure (not a hung test) when it has not ended."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert not thread.is_alive(), f"the run hung: no end within {limit_s} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _waiting_captioner(tiny_florence, marker: Path, when: str | int) -> WaitsToBeKilled:
+    return WaitsToBeKilled(marker, when, model=str(tiny_florence),
+                           generation=GenerationSettings(max_new_tokens=12, num_beams=1))
+
+
+def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
+    """The default pool on a CPU machine has one model actor: SIGKILL it in its second batch."""
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "killed"
+    _kill_when_waiting(marker)
+    captioner = _waiting_captioner(tiny_florence, marker, 2)
+    summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                               workers=2, executor="ray"))
+    assert marker.exists()  # the actor really was killed
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    assert state(folder) == state(local)  # every image once, same text
+
+
+def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "killed"
+    _kill_when_waiting(marker)
+    captioner = _waiting_captioner(tiny_florence, marker, "load")
+    summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                               workers=2, executor="ray"))
+    assert marker.exists()
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    assert state(folder) == state(local)
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
