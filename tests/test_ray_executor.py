@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -267,6 +268,51 @@ def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, t
     assert marker.exists()
     assert (summary.processed, summary.failed) == (IMAGES, 1)
     assert state(folder) == state(local)
+
+
+class KilledEveryLoad(Florence2Captioner):
+    """Every model actor writes its pid into ``folder`` while loading and waits to be killed."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        if self.model is None:
+            Path(self.folder, f"{os.getpid()}.tmp").write_text(str(os.getpid()))
+            os.replace(Path(self.folder, f"{os.getpid()}.tmp"), Path(self.folder, f"{os.getpid()}.pid"))
+            time.sleep(RUN_LIMIT_S + 60)
+        super().load()
+
+
+def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_path, corpus, tiny_florence,
+                                                                          ray_address):
+    source, _, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    done = threading.Event()
+
+    def kill_each() -> None:
+        killed: set[str] = set()
+        while not done.is_set():
+            for path in pids.glob("*.pid"):
+                if path.name not in killed:
+                    killed.add(path.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(path.read_text()), signal.SIGKILL)
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_each, daemon=True).start()
+    captioner = KilledEveryLoad(pids, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
+                                                                                             num_beams=1))
+    try:
+        with pytest.raises(CaptionkitError, match="died 4 times in a row while loading the model"):
+            _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                             executor="ray"))
+    finally:
+        done.set()
+    assert len(list(pids.glob("*.pid"))) == 4  # the first start and three restarts, each killed
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
