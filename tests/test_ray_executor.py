@@ -178,12 +178,12 @@ RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes s
 
 
 class WaitsToBeKilled(Florence2Captioner):
-    """Once per marker file, a model actor writes its pid there and waits: while loading (``when="load"``),
-    in its ``when``-th batch, or (``killer=False``) for good, as a hung model would."""
+    """Once per marker file, a model actor writes its pid there and waits (to be killed, or for good as a hung
+    model would): while loading (``when="load"``) or in the batch that holds the image ``when``."""
 
-    def __init__(self, marker: Path, when: str | int, **options) -> None:
+    def __init__(self, marker: Path, when: str, **options) -> None:
         super().__init__(**options)
-        self.marker, self.when, self.calls = str(marker), when, 0
+        self.marker, self.when = str(marker), when
 
     def _wait_here(self) -> None:
         if os.path.exists(self.marker):
@@ -198,8 +198,7 @@ class WaitsToBeKilled(Florence2Captioner):
         super().load()
 
     def caption_batch(self, requests):
-        self.calls += 1
-        if self.calls == self.when:
+        if any(request.key == self.when for request in requests):
             self._wait_here()
         return super().caption_batch(requests)
 
@@ -238,18 +237,18 @@ def _ends(call, limit_s: float = RUN_LIMIT_S):
     return outcome["value"]
 
 
-def _waiting_captioner(tiny_florence, marker: Path, when: str | int) -> WaitsToBeKilled:
+def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKilled:
     return WaitsToBeKilled(marker, when, model=str(tiny_florence),
                            generation=GenerationSettings(max_new_tokens=12, num_beams=1))
 
 
 def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
-    """The default pool on a CPU machine has one model actor: SIGKILL it in its second batch."""
+    """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
     _kill_when_waiting(marker)
-    captioner = _waiting_captioner(tiny_florence, marker, 2)
+    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")
     summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
                                                workers=2, executor="ray"))
     assert marker.exists()  # the actor really was killed
@@ -313,6 +312,30 @@ def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_p
     finally:
         done.set()
     assert len(list(pids.glob("*.pid"))) == 4  # the first start and three restarts, each killed
+
+
+def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, tiny_florence,
+                                                                      ray_address):
+    """A hung model (a stuck GPU call, say) is not killed: the stall watchdog ends the run, the store keeps the rest."""
+    from captionkit.executors.ray_executor import RayStalledError
+
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "hung"
+    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")  # nobody kills it
+    try:
+        with pytest.raises(RayStalledError, match=r"no progress for 30 s .*--ray-stall-timeout") as stalled:
+            _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                             workers=2, executor="ray", ray_stall_timeout=30))
+    finally:
+        if marker.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)  # the hung actor, which holds a CPU
+    summary = stalled.value.summary
+    assert 4 <= summary.processed < IMAGES  # the first batch was saved before the model hung
+    saved = state(folder)["rows"]
+    assert len(saved) == summary.processed + summary.failed
+    assert saved == {key: row for key, row in state(local)["rows"].items() if key in saved}
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):

@@ -587,6 +587,7 @@ class RayExecutor(LocalExecutor):
         free = {name: ray.available_resources().get(name, 0.0) for name in ("CPU", "GPU")}
         delivered: set[str] = set()
         seen_actors: dict[int, float] = {}
+        stalled = False
         try:
             commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
             self._pass(ray, step, todo, actors, gpus, batch, per_block, commit)
@@ -605,11 +606,15 @@ class RayExecutor(LocalExecutor):
                 items = [Prepared(record, None, (0, 0), "") for record in lost]
                 self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
                            step_fingerprint, signatures)
+        except RayStalledError:
+            stalled = True  # its hung actors hold their resources until the job ends: no next dataset waits
+            raise
         finally:
             for name, value in saved.items():
                 setattr(context, name, value)
             self.progress.close()
-            _release(ray, free)  # the next step's dataset needs them
+            if not stalled:
+                _release(ray, free)  # the next step's dataset needs them
         actor_load = max(seen_actors.values(), default=0.0)  # the actors start in parallel
         summary.model_load_s += actor_load  # (+ the tagger's vocabulary probe, before ``started``)
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
