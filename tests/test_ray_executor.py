@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -127,7 +128,12 @@ class ExitOnce(Florence2Captioner):
         return super().caption_batch(requests)
 
 
-def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address):
+def _driver_reruns(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "lost with a failing batch" in record.getMessage()]
+
+
+def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address, caplog):
+    caplog.set_level(logging.WARNING, logger="captionkit")
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
@@ -141,6 +147,7 @@ def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, t
     progress = [event for event in events if event["event"] == "progress"]
     assert progress[-1]["done"] == IMAGES  # counted once each
     assert state(folder) == state(local)  # every image once, same text, no partial or temporary file
+    assert not _driver_reruns(caplog)  # its blocks ran again in the pool (restarted actor or the other one)
 
 
 class CrashesOn(Florence2Captioner):
@@ -242,8 +249,9 @@ def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKille
                            generation=GenerationSettings(max_new_tokens=12, num_beams=1))
 
 
-def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
+def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address, caplog):
     """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
+    caplog.set_level(logging.WARNING, logger="captionkit")
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
@@ -254,6 +262,7 @@ def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_f
     assert marker.exists()  # the actor really was killed
     assert (summary.processed, summary.failed) == (IMAGES, 1)
     assert state(folder) == state(local)  # every image once, same text
+    assert not _driver_reruns(caplog)  # the killed batch ran again in the pool, not on the driver's own actor
 
 
 def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
@@ -383,6 +392,26 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
     assert summary["event"] == "summary"
     assert (summary["reused"], summary["processed"]) == (committed, IMAGES - committed)  # finished ones skipped
     assert state(folder) == state(local)  # as a clean run: every image once, no partial or temporary file
+
+
+def test_a_ray_instance_the_cli_starts_leaves_no_session_folder(tmp_path, tiny_florence):
+    """Ray writes a session folder (logs, sockets) per instance under its temp folder; captionkit removes its own."""
+    import tempfile
+
+    write_good_images(tmp_path / "images", 4)
+    ray_temp = Path(tempfile.mkdtemp(prefix="ckray", dir="/tmp"))  # short: Ray's socket paths must fit
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=str(ray_temp))
+    try:
+        run = subprocess.run([sys.executable, "-m", "captionkit.cli", "caption", str(tmp_path / "images"), "--model",
+                              str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "8", "--executor", "ray",
+                              "-q"], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert len(list((tmp_path / "images").glob("*.txt"))) == 4
+        ray_root = ray_temp / "ray" if (ray_temp / "ray").is_dir() else ray_temp
+        assert not [path.name for path in ray_root.iterdir() if path.name.startswith("session")]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, monkeypatch):
