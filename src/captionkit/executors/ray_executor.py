@@ -17,13 +17,16 @@ Prepared pixels travel as uint8 codes with exact per-channel tables
 (:mod:`captionkit.executors.transport`): a quarter of float32, the same bits.
 
 Fault tolerance: an actor that dies (killed, out of memory, its node gone, or an image that
-crashes it) is replaced by Ray Data and its block recorded as lost; when the dataset is done,
-the driver runs the lost images again on one actor of its own, halving a group that kills it,
-so a killed worker costs one more batch and an image that crashes its worker loses only itself
-(after ``batch_retries`` tries alone). The driver is the only writer and commits each block
-once, so every image is saved exactly once and no file is half written. An image that still
-fails is recorded as failed with the model-error note (tried again on the next run), never a
-job failure. A killed driver loses only the blocks in flight: the next run skips what the store has.
+crashes it) is restarted in place by Ray and the (at most two) blocks it held run once more in
+the pool; a block whose actor dies again is recorded as lost, and when the dataset is done the
+driver runs the lost images again on one actor of its own, halving a group that kills it, so an
+image that crashes its worker loses only itself (after ``batch_retries`` tries alone). Deaths
+while loading the model are counted (:class:`StartLedger`) and end the run after ``INIT_DEATHS``
+in a row; a run in which nothing moves for ``stall_timeout_s`` ends with :class:`RayStalledError`.
+The driver is the only writer and commits each block once, so every image is saved exactly once
+and no file is half written. An image that still fails is recorded as failed with the model-
+error note (tried again on the next run), never a job failure. A killed driver loses only the
+blocks in flight: the next run skips what the store has.
 """
 
 from __future__ import annotations
@@ -626,8 +629,8 @@ class RayExecutor(LocalExecutor):
 
         A group that kills the actor is split in two and each half tried again (the actor is
         restarted, which reloads the model), down to single images, which get ``batch_retries``
-        tries: a killed worker costs one more batch, an image that crashes its worker loses only
-        itself. The actor is killed here when it is done.
+        tries: an image that crashes its worker loses only itself. The actor is killed here when it
+        is done.
         """
         summary = commit[2]
         device = self._device() if runs_on_device(step) else None
