@@ -347,6 +347,33 @@ def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path,
     assert saved == {key: row for key, row in state(local)["rows"].items() if key in saved}
 
 
+class CannotLoad(Florence2Captioner):
+    """Loading fails on every worker (a missing package there, say), counted in ``folder``."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        raise ImportError("No module named 'flash_attn'")
+
+
+def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path, corpus, tiny_florence,
+                                                                       ray_address):
+    source, _, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    captioner = CannotLoad(tries, model=str(tiny_florence))
+    with pytest.raises(CaptionkitError, match="could not load the model: ImportError: No module named 'flash_attn'"):
+        _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                         executor="ray"))
+    assert len(list(tries.iterdir())) == 1  # not retried: the same error each time
+    with Store(folder) as store:
+        assert not store.get_many("caption", ["img000.png"])  # no image recorded as failed for it
+
+
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
     from captionkit.testing_vlms.llava import build_llava
 
