@@ -38,10 +38,11 @@ RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 repli
 def ray_address():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's test classes
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
 
 
 @pytest.fixture(scope="module")

@@ -621,8 +621,8 @@ class RayExecutor(LocalExecutor):
         actor_load = max(seen_actors.values(), default=0.0)  # the actors start in parallel
         summary.model_load_s += actor_load  # (+ the tagger's vocabulary probe, before ``started``)
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
-        if seen_actors:
-            summary.model_busy_s /= len(seen_actors)  # per actor, so the busy fraction reads as one GPU's
+        if seen_actors:  # per actor, so the busy fraction reads as one GPU's (a restarted actor is a new pid)
+            summary.model_busy_s /= min(len(seen_actors), actors)
 
     def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
         """Run records whose block was lost again on one model actor of the driver's own, halving on a crash.
