@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,10 +38,11 @@ RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 repli
 def ray_address():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's test classes
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +131,12 @@ class ExitOnce(Florence2Captioner):
         return super().caption_batch(requests)
 
 
-def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address):
+def _driver_reruns(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "lost with a failing batch" in record.getMessage()]
+
+
+def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address, caplog):
+    caplog.set_level(logging.WARNING, logger="captionkit")
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
@@ -141,6 +150,7 @@ def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, t
     progress = [event for event in events if event["event"] == "progress"]
     assert progress[-1]["done"] == IMAGES  # counted once each
     assert state(folder) == state(local)  # every image once, same text, no partial or temporary file
+    assert not _driver_reruns(caplog)  # its blocks ran again in the pool (restarted actor or the other one)
 
 
 class CrashesOn(Florence2Captioner):
@@ -171,6 +181,200 @@ def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ti
     again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
     assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
     assert state(folder) == expected
+
+
+# ------------------------------------------------------------------ processes killed by hand (SIGKILL)
+RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
+
+
+class WaitsToBeKilled(Florence2Captioner):
+    """Once per marker file, a model actor writes its pid there and waits (to be killed, or for good as a hung
+    model would): while loading (``when="load"``) or in the batch that holds the image ``when``."""
+
+    def __init__(self, marker: Path, when: str, **options) -> None:
+        super().__init__(**options)
+        self.marker, self.when = str(marker), when
+
+    def _wait_here(self) -> None:
+        if os.path.exists(self.marker):
+            return
+        Path(self.marker + ".tmp").write_text(str(os.getpid()))
+        os.replace(self.marker + ".tmp", self.marker)
+        time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+
+    def load(self) -> None:
+        if self.when == "load" and self.model is None:
+            self._wait_here()
+        super().load()
+
+    def caption_batch(self, requests):
+        if any(request.key == self.when for request in requests):
+            self._wait_here()
+        return super().caption_batch(requests)
+
+
+def _kill_when_waiting(marker: Path) -> threading.Thread:
+    """SIGKILL the process whose pid appears in ``marker`` (from another thread, as a user's ``kill -9``)."""
+
+    def kill() -> None:
+        deadline = time.monotonic() + RUN_LIMIT_S
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            os.kill(int(marker.read_text()), signal.SIGKILL)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+def _ends(call, limit_s: float = RUN_LIMIT_S):
+    """``call()`` on a thread: its result or error, or a failure (not a hung test) when it has not ended."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    assert not thread.is_alive(), f"the run hung: no end within {limit_s} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKilled:
+    return WaitsToBeKilled(marker, when, model=str(tiny_florence),
+                           generation=GenerationSettings(max_new_tokens=12, num_beams=1))
+
+
+def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address, caplog):
+    """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
+    caplog.set_level(logging.WARNING, logger="captionkit")
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "killed"
+    _kill_when_waiting(marker)
+    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")
+    summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                               workers=2, executor="ray"))
+    assert marker.exists()  # the actor really was killed
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    assert state(folder) == state(local)  # every image once, same text
+    assert not _driver_reruns(caplog)  # the killed batch ran again in the pool, not on the driver's own actor
+
+
+def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "killed"
+    _kill_when_waiting(marker)
+    captioner = _waiting_captioner(tiny_florence, marker, "load")
+    summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                               workers=2, executor="ray"))
+    assert marker.exists()
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    assert state(folder) == state(local)
+
+
+class KilledEveryLoad(Florence2Captioner):
+    """Every model actor writes its pid into ``folder`` while loading and waits to be killed."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        if self.model is None:
+            Path(self.folder, f"{os.getpid()}.tmp").write_text(str(os.getpid()))
+            os.replace(Path(self.folder, f"{os.getpid()}.tmp"), Path(self.folder, f"{os.getpid()}.pid"))
+            time.sleep(RUN_LIMIT_S + 60)
+        super().load()
+
+
+def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_path, corpus, tiny_florence,
+                                                                          ray_address):
+    source, _, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    done = threading.Event()
+
+    def kill_each() -> None:
+        killed: set[str] = set()
+        while not done.is_set():
+            for path in pids.glob("*.pid"):
+                if path.name not in killed:
+                    killed.add(path.name)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(path.read_text()), signal.SIGKILL)
+            time.sleep(0.05)
+
+    threading.Thread(target=kill_each, daemon=True).start()
+    captioner = KilledEveryLoad(pids, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
+                                                                                             num_beams=1))
+    try:
+        with pytest.raises(CaptionkitError, match="died 4 times in a row while loading the model"):
+            _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                             executor="ray"))
+    finally:
+        done.set()
+    assert len(list(pids.glob("*.pid"))) == 4  # the first start and three restarts, each killed
+
+
+def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, tiny_florence,
+                                                                      ray_address):
+    """A hung model (a stuck GPU call, say) is not killed: the stall watchdog ends the run, the store keeps the rest."""
+    from captionkit.executors.ray_executor import RayStalledError
+
+    source, local, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    marker = tmp_path / "hung"
+    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")  # nobody kills it
+    try:
+        with pytest.raises(RayStalledError, match=r"no progress for 30 s .*--ray-stall-timeout") as stalled:
+            _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                             workers=2, executor="ray", ray_stall_timeout=30))
+    finally:
+        if marker.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(marker.read_text()), signal.SIGKILL)  # the hung actor, which holds a CPU
+    summary = stalled.value.summary
+    assert 4 <= summary.processed < IMAGES  # the first batch was saved before the model hung
+    saved = state(folder)["rows"]
+    assert len(saved) == summary.processed + summary.failed
+    assert saved == {key: row for key, row in state(local)["rows"].items() if key in saved}
+
+
+class CannotLoad(Florence2Captioner):
+    """Loading fails on every worker (a missing package there, say), counted in ``folder``."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        raise ImportError("No module named 'flash_attn'")
+
+
+def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path, corpus, tiny_florence,
+                                                                       ray_address):
+    source, _, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    tries = tmp_path / "tries"
+    tries.mkdir()
+    captioner = CannotLoad(tries, model=str(tiny_florence))
+    with pytest.raises(CaptionkitError, match="could not load the model: ImportError: No module named 'flash_attn'"):
+        _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
+                                         executor="ray"))
+    assert len(list(tries.iterdir())) == 1  # not retried: the same error each time
+    with Store(folder) as store:
+        assert not store.get_many("caption", ["img000.png"])  # no image recorded as failed for it
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
@@ -218,6 +422,26 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
     assert summary["event"] == "summary"
     assert (summary["reused"], summary["processed"]) == (committed, IMAGES - committed)  # finished ones skipped
     assert state(folder) == state(local)  # as a clean run: every image once, no partial or temporary file
+
+
+def test_a_ray_instance_the_cli_starts_leaves_no_session_folder(tmp_path, tiny_florence):
+    """Ray writes a session folder (logs, sockets) per instance under its temp folder; captionkit removes its own."""
+    import tempfile
+
+    write_good_images(tmp_path / "images", 4)
+    ray_temp = Path(tempfile.mkdtemp(prefix="ckray", dir="/tmp"))  # short: Ray's socket paths must fit
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(HF_HUB_OFFLINE="1", RAY_TMPDIR=str(ray_temp))
+    try:
+        run = subprocess.run([sys.executable, "-m", "captionkit.cli", "caption", str(tmp_path / "images"), "--model",
+                              str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "8", "--executor", "ray",
+                              "-q"], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert len(list((tmp_path / "images").glob("*.txt"))) == 4
+        ray_root = ray_temp / "ray" if (ray_temp / "ray").is_dir() else ray_temp
+        assert not [path.name for path in ray_root.iterdir() if path.name.startswith("session")]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, monkeypatch):

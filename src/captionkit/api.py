@@ -271,6 +271,7 @@ def caption(
     ray_actors: int | None = None,
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
+    ray_stall_timeout: float | None = None,
     **model_options,
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
@@ -283,7 +284,8 @@ def caption(
     from the store or the manifest.
 
     ``executor="ray"`` runs on a Ray cluster (``ray_address``; ``ray_actors`` model replicas with
-    ``ray_gpus_per_actor`` GPUs and ``ray_cpus_per_actor`` CPUs each); ``devices=["cuda:0", "cuda:1"]``
+    ``ray_gpus_per_actor`` GPUs and ``ray_cpus_per_actor`` CPUs each; ``ray_stall_timeout`` seconds without
+    progress end the run, default 600, 0: never); ``devices=["cuda:0", "cuda:1"]``
     runs one worker process per GPU of this machine. Results are the same as with the local executor.
     """
     from captionkit.steps.captioner import CaptionStep, CaptionText
@@ -326,12 +328,14 @@ def caption(
         append_separator=append_separator, keep_results=keep_results, retry_errors=retry_errors,
         write_sidecars=write_sidecars, export=export, progress=progress, listener=listener, stop=stop,
         executor=executor, ray_address=ray_address, devices=devices,
-        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor),
+        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor, ray_stall_timeout),
     )
 
 
-def _ray_options(actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float) -> dict:
-    return {"ray_actors": actors, "ray_gpus_per_actor": gpus_per_actor, "ray_cpus_per_actor": cpus_per_actor}
+def _ray_options(actors: int | None, gpus_per_actor: float | None, cpus_per_actor: float,
+                 stall_timeout: float | None = None) -> dict:
+    return {"ray_actors": actors, "ray_gpus_per_actor": gpus_per_actor, "ray_cpus_per_actor": cpus_per_actor,
+            "ray_stall_timeout": stall_timeout}
 
 
 def stored_field_values(store: Store, records, names: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -570,6 +574,7 @@ def tag(
     ray_actors: int | None = None,
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
+    ray_stall_timeout: float | None = None,
 ) -> RunSummary:
     """Tag every image under ``path`` with a WD-style or captionkit-trained tagger.
 
@@ -606,7 +611,7 @@ def tag(
         keep_results=keep_results, retry_errors=retry_errors, write_sidecars=write_sidecars, export=export,
         progress=progress, after=print_lines if print_scores else None, listener=listener, stop=stop,
         executor=executor, ray_address=ray_address, devices=devices,
-        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor),
+        ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor, ray_stall_timeout),
     )
 
 

@@ -88,6 +88,7 @@ _RAY_ADDRESS = typer.Option(help="With --executor ray: auto (the cluster this ma
 _RAY_ACTORS = typer.Option(help="With --executor ray: model replicas (default: one per GPU of the cluster, or 1).", rich_help_panel=_SCALE)
 _RAY_GPUS = typer.Option(help="With --executor ray: GPUs per model replica, fractions allowed (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE)
 _RAY_CPUS = typer.Option(help="With --executor ray: CPUs per model replica.", rich_help_panel=_SCALE)
+_RAY_STALL = typer.Option(help="With --executor ray: end the run (keeping what finished) when nothing moves for this many seconds: a hung model, actors that cannot be placed. 0: never.", rich_help_panel=_SCALE)
 _DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker process per device over disjoint shards.", rich_help_panel=_SCALE)
 
 
@@ -161,6 +162,7 @@ def caption(
     ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
     ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
@@ -189,7 +191,7 @@ def caption(
         max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
         write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
         devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
-        ray_cpus_per_actor=ray_cpus_per_actor,
+        ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -288,6 +290,7 @@ def tag(
     ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
     ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
@@ -307,7 +310,7 @@ def tag(
         max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
         write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
         devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
-        ray_cpus_per_actor=ray_cpus_per_actor,
+        ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
     )
     _print_summary(summary, mode)
     if summary.interrupted:
@@ -393,6 +396,7 @@ def run_command(
     ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
     ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
+    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
@@ -408,7 +412,8 @@ def run_command(
     report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
                           progress="quiet" if quiet else progress, workers=workers, executor=executor,
                           ray_address=ray_address, devices=devices, ray_actors=ray_actors,
-                          ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor)
+                          ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor,
+                          ray_stall_timeout=ray_stall_timeout)
     out = sys.stderr
     if report.path_rule:
         print(f"paths: {report.path_rule}", file=out)

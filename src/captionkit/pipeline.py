@@ -655,6 +655,7 @@ def run_pipeline(
     ray_actors: int | None = None,
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
+    ray_stall_timeout: float | None = None,
 ) -> PipelineReport:
     """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time.
 
@@ -670,7 +671,8 @@ def run_pipeline(
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline)
     scale = {"ray_address": ray_address, "devices": devices, "ray_actors": ray_actors,
-             "ray_gpus_per_actor": ray_gpus_per_actor, "ray_cpus_per_actor": ray_cpus_per_actor}
+             "ray_gpus_per_actor": ray_gpus_per_actor, "ray_cpus_per_actor": ray_cpus_per_actor,
+             "ray_stall_timeout": ray_stall_timeout}
     make_executor(executor, **scale)  # a missing extra or a bad --devices fails before anything runs
     session, stream = contextlib.nullcontext(), sys.stdout  # JSON progress stays on stdout (Ray's notes go to stderr)
     if executor == "ray" and not dry_run:

@@ -44,6 +44,7 @@ def make_executor(
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
     ray_decode_cpus: float = 1.0,
+    ray_stall_timeout: float | None = None,
 ) -> LocalExecutor:
     """The executor for ``--executor`` and ``--devices`` (errors name the option and the fix)."""
     if executor not in EXECUTORS:
@@ -58,7 +59,8 @@ def make_executor(
         require_ray()
         return RayExecutor(options, progress, address=ray_address, num_actors=ray_actors,
                            gpus_per_actor=ray_gpus_per_actor, cpus_per_actor=ray_cpus_per_actor,
-                           decode_cpus=ray_decode_cpus)
+                           decode_cpus=ray_decode_cpus,
+                           **({} if ray_stall_timeout is None else {"stall_timeout_s": ray_stall_timeout}))
     if ray_address is not None:
         raise CaptionkitError("--ray-address needs --executor ray.")
     if chosen:

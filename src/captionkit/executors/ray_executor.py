@@ -17,13 +17,16 @@ Prepared pixels travel as uint8 codes with exact per-channel tables
 (:mod:`captionkit.executors.transport`): a quarter of float32, the same bits.
 
 Fault tolerance: an actor that dies (killed, out of memory, its node gone, or an image that
-crashes it) is replaced by Ray Data and its block recorded as lost; when the dataset is done,
-the driver runs the lost images again on one actor of its own, halving a group that kills it,
-so a killed worker costs one more batch and an image that crashes its worker loses only itself
-(after ``batch_retries`` tries alone). The driver is the only writer and commits each block
-once, so every image is saved exactly once and no file is half written. An image that still
-fails is recorded as failed with the model-error note (tried again on the next run), never a
-job failure. A killed driver loses only the blocks in flight: the next run skips what the store has.
+crashes it) is restarted in place by Ray and the (at most two) blocks it held run once more in
+the pool; a block whose actor dies again is recorded as lost, and when the dataset is done the
+driver runs the lost images again on one actor of its own, halving a group that kills it, so an
+image that crashes its worker loses only itself (after ``batch_retries`` tries alone). Deaths
+while loading the model are counted (:class:`StartLedger`) and end the run after ``INIT_DEATHS``
+in a row; a run in which nothing moves for ``stall_timeout_s`` ends with :class:`RayStalledError`.
+The driver is the only writer and commits each block once, so every image is saved exactly once
+and no file is half written. An image that still fails is recorded as failed with the model-
+error note (tried again on the next run), never a job failure. A killed driver loses only the
+blocks in flight: the next run skips what the store has.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import pickle
 import re
+import shutil
 import sys
 import threading
 import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from captionkit.errors import CaptionkitError, require
@@ -55,6 +61,9 @@ log = logging.getLogger(__name__)
 ISOLATION_WAIT_S = 120  # for a model actor to be placed before the lost images wait for the next run
 RELEASE_WAIT_S = 30  # for a finished dataset's actors to give back their resources
 MODEL_STAGE_CONCURRENCY = 2  # batches per model actor at once (see ModelActor)
+POOL_TASK_RETRIES = 1  # a block whose actor died runs once more in the pool, then goes to _isolate
+INIT_DEATHS = 3  # model actors that may die in a row while loading the model before the run stops
+STALL_TIMEOUT_S = 600.0  # --ray-stall-timeout: no block moved and no result for this long ends the run
 LOST = ("lost on the cluster: its worker died each time it ran (with its batch, then {retries} times alone: a "
         "crash in the model or the decoder on this image, or a node that went away); it is tried again on the "
         "next run")
@@ -124,15 +133,61 @@ def decode_batch(table, blob: bytes, threads: int):
 
 
 # -------------------------------------------------------------------------------------- model stage
+class StartLedger:
+    """Counts model actors killed while loading the model, for one run's actors together (a tiny Ray actor).
+
+    Ray restarts a killed model actor whatever it was doing (``max_restarts=-1``), which would retry a
+    load that is killed every time (the out-of-memory killer, say) forever. Each actor reports the start
+    and the end of its load; a start of an actor whose last load never ended is a death while loading.
+    After ``INIT_DEATHS`` of those in a row (no load finished in between), the next actor does not load
+    and every batch it gets answers with the reason, which stops the run.
+    """
+
+    def __init__(self) -> None:
+        self.loading: set[str] = set()
+        self.deaths = 0
+
+    def starting(self, actor_id: str) -> int:
+        """Deaths while loading, in a row, counting the one this start follows (if any)."""
+        if actor_id in self.loading:
+            self.deaths += 1
+        self.loading.add(actor_id)
+        return self.deaths
+
+    def loaded(self, actor_id: str) -> None:
+        self.loading.discard(actor_id)
+        self.deaths = 0
+
+
 class ModelActor:
     """Model stage (a Ray actor pool): one loaded model per actor; batches come prepared or are prepared here."""
 
-    def __init__(self, blob: bytes, device: str | None, prepared_upstream: bool, threads: int) -> None:
+    def __init__(self, blob: bytes, device: str | None, prepared_upstream: bool, threads: int,
+                 ledger: Any = None) -> None:
+        import ray
+
         started = time.perf_counter()
         self.step = pickle.loads(blob)
         if device is not None and runs_on_device(self.step):
             use_device(self.step, device)
-        self.step.load()
+        self.load_error: str | None = None
+        actor_id = ray.get_runtime_context().get_actor_id()
+        deaths = ray.get(ledger.starting.remote(actor_id)) if ledger is not None else 0
+        if deaths > INIT_DEATHS:
+            self.load_error = (f"--executor ray: the model actors died {deaths} times in a row while loading the "
+                               "model (killed, out of host or GPU memory, or a crash in native code); nothing "
+                               "more was run. Give each actor more memory or put fewer on a node; Ray's logs "
+                               "name the cause.")
+        else:
+            try:
+                self.step.load()
+                if ledger is not None:
+                    ray.get(ledger.loaded.remote(actor_id))
+            except Exception as error:  # every batch answers with it and the driver stops the run: an actor
+                # that died here would be restarted and the same error paid for again
+                log.exception("the model did not load")
+                self.load_error = (f"{error} (on a Ray worker)" if isinstance(error, CaptionkitError) else
+                                   f"a Ray worker could not load the model: {type(error).__name__}: {error}")
         self.load_s = time.perf_counter() - started
         self.prepared_upstream = prepared_upstream
         self.threads = threads
@@ -154,6 +209,8 @@ class ModelActor:
         import os
 
         ids = table.column("id").to_pylist()
+        if self.load_error is not None:
+            return _table(ids, [pickle.dumps(("fatal", self.load_error))] * len(ids), [b""] * len(ids))
         if self.prepared_upstream:
             entries = [pickle.loads(value) for value in table.column("blob").to_pylist()]
             entries = [(entry[0], unpack_prepared(entry[1])) if entry[0] == "ok" else entry for entry in entries]
@@ -232,6 +289,23 @@ def _release(ray: Any, free: dict[str, float]) -> None:
     log.info("Ray has not freed the last dataset's actors after %d s; going on", RELEASE_WAIT_S)
 
 
+class RayStalledError(CaptionkitError):
+    """The run made no progress for ``stall_timeout_s``: it is ended, what finished is saved (``summary``)."""
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+def _stalled(summary: RunSummary, todo: int, timeout_s: float, where: str) -> RayStalledError:
+    saved = summary.processed + summary.failed
+    return RayStalledError(
+        f"--executor ray: no progress for {timeout_s:g} s ({where}); the run was stopped. {saved} of {todo} images "
+        "are saved, the rest were not run: run the same command again to continue (finished images are "
+        "skipped). If a batch or the model's loading can take longer, raise --ray-stall-timeout (0 turns the "
+        "watchdog off).", summary)
+
+
 class _NoTracebacks(logging.Filter):
     """Ray Data logs a worker's error with its whole traceback; the run raises it as one sentence instead."""
 
@@ -280,6 +354,62 @@ def _quiet_ray_data() -> Iterator[None]:
             each.removeFilter(as_text)
 
 
+class _Session:
+    """The Ray instance this process started: its session folder (logs, sockets, spilled objects) under
+    Ray's temp folder (/tmp/ray) is removed at shutdown, unless a run had a Ray-side failure (its logs
+    are kept and named then). A cluster this process joined is left alone."""
+
+    folder: Path | None = None
+    keep: bool = False
+
+
+def _note_session(ray: Any, context: Any) -> None:
+    """Remember the session folder when this process started the Ray instance (its head node runs here)."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    folder = (getattr(context, "address_info", None) or {}).get("session_dir")
+    if folder and node is not None and getattr(node, "head", False):
+        _Session.folder, _Session.keep = Path(folder), False
+
+
+def _is_stall(error: BaseException) -> bool:
+    """Ray Data's no-progress guard ended the dataset (``ExecutionTimeoutError``, Ray 2.60 and newer)."""
+    try:
+        from ray.data.exceptions import ExecutionTimeoutError
+    except ImportError:
+        return False
+    return isinstance(error, ExecutionTimeoutError)
+
+
+def _keep_logs() -> None:
+    _Session.keep = True
+
+
+def _logs_hint() -> str:
+    if _Session.folder is not None:
+        return f"Ray's logs of this run: {_Session.folder / 'logs'}"
+    return "the Ray cluster's logs: session_latest/logs under its temp folder (/tmp/ray by default)"
+
+
+def _shutdown(ray: Any) -> None:
+    """``ray.shutdown()``, then remove the session folder of an instance this process started (or name it)."""
+    ray.shutdown()
+    folder, keep = _Session.folder, _Session.keep
+    _Session.folder, _Session.keep = None, False
+    if folder is None:
+        return
+    if keep:
+        log.warning("Ray's logs of this run are kept in %s (delete the folder when done)", folder / "logs")
+        return
+    deadline = time.monotonic() + 5
+    while folder.exists() and time.monotonic() < deadline:  # Ray's processes may write a last line as they end
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(0.1)
+    latest = folder.parent / "session_latest"
+    with contextlib.suppress(OSError):
+        if latest.is_symlink() and Path(os.readlink(latest)).name == folder.name:
+            latest.unlink()
+
+
 def worker_error(error: BaseException) -> CaptionkitError:
     """A Ray error (an actor that could not start, a failed task) as the one sentence that caused it."""
     text = getattr(error, "error_msg", None) or str(error)
@@ -290,8 +420,8 @@ def worker_error(error: BaseException) -> CaptionkitError:
     name, message = causes[-1]
     if name.startswith("captionkit."):
         return CaptionkitError(f"{message} (on a Ray worker)")
-    return CaptionkitError(f"a Ray worker failed: {name.rsplit('.', 1)[-1]}: {message} (the Ray session log has "
-                           "the traceback: /tmp/ray/session_latest/logs)")
+    return CaptionkitError(f"a Ray worker failed: {name.rsplit('.', 1)[-1]}: {message} (the traceback is in "
+                           f"{_logs_hint()})")
 
 
 @contextlib.contextmanager
@@ -302,11 +432,14 @@ def ray_session(address: str | None = None, **init_options: Any) -> Iterator[Non
         executor._ray()
         try:
             yield
+        except BaseException:
+            _keep_logs()
+            raise
         finally:
             if executor._started_ray:
                 import ray
 
-                ray.shutdown()
+                _shutdown(ray)
 
 
 class RayExecutor(LocalExecutor):
@@ -317,19 +450,23 @@ class RayExecutor(LocalExecutor):
     a remote one. ``num_actors`` model replicas (default: one per GPU, or one without GPUs), each with
     ``gpus_per_actor`` GPUs (default 1 when the cluster has GPUs) and ``cpus_per_actor`` CPUs;
     ``decode_cpus`` CPUs per decode task; ``batch_retries``: how often an image whose worker died is
-    run again on its own.
+    run again on its own; ``stall_timeout_s``: a run in which nothing moves for this long (a hung
+    model, actors that cannot be placed) is ended with :class:`RayStalledError` (0: never).
     """
 
     def __init__(self, options: RunOptions | None = None, progress: Progress | None = None, *,
                  address: str | None = None, num_actors: int | None = None, gpus_per_actor: float | None = None,
                  cpus_per_actor: float = 1.0, decode_cpus: float = 1.0, decode_tasks: int | None = None,
-                 batch_retries: int = 2, init_options: dict[str, Any] | None = None) -> None:
+                 batch_retries: int = 2, stall_timeout_s: float = STALL_TIMEOUT_S,
+                 init_options: dict[str, Any] | None = None) -> None:
         super().__init__(options, progress)
         if num_actors is not None and num_actors < 1:
             raise CaptionkitError("--ray-actors must be at least 1.")
         if (gpus_per_actor or 0) < 0 or cpus_per_actor <= 0 or decode_cpus <= 0:
             raise CaptionkitError("--ray-gpus-per-actor must be 0 or more, CPUs per actor and per decode task "
                                   "more than 0.")
+        if stall_timeout_s < 0:
+            raise CaptionkitError("--ray-stall-timeout must be 0 (no watchdog) or more seconds.")
         self.address = address
         self.num_actors = num_actors
         self.gpus_per_actor = gpus_per_actor
@@ -337,8 +474,10 @@ class RayExecutor(LocalExecutor):
         self.decode_cpus = decode_cpus
         self.decode_tasks = decode_tasks
         self.batch_retries = batch_retries
+        self.stall_timeout_s = stall_timeout_s
         self.init_options = dict(init_options or {})
         self._started_ray = False
+        self._todo = 0
 
     # connection ---------------------------------------------------------------
     def _ray(self):
@@ -347,12 +486,13 @@ class RayExecutor(LocalExecutor):
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                        **self.init_options}
             try:
-                ray.init(address=self.address, **options)
+                context = ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise CaptionkitError(f"--ray-address {self.address or '(local)'}: cannot start or reach Ray "
                                       f"({error}). Start a cluster with `ray start --head` or `ray up`, or "
                                       "leave --ray-address out to start one on this machine.") from error
             self._started_ray = True
+            _note_session(ray, context)
             log.info("ray: %s", ray.cluster_resources())
         return ray
 
@@ -370,7 +510,7 @@ class RayExecutor(LocalExecutor):
         if self._started_ray:
             import ray
 
-            ray.shutdown()
+            _shutdown(ray)
             self._started_ray = False
 
     def list_records(self, source: Source) -> list[Record]:
@@ -432,17 +572,25 @@ class RayExecutor(LocalExecutor):
         # scheduler ~10-20 ms (measured here), and a killed driver or actor loses at most the blocks in flight.
         per_block = batch * min(8, max(1, len(todo) // (batch * 4 * (actors + 1))))
         context = DataContext.get_current()
-        # max_errored_blocks: a batch that fails every retry is recorded as failed, not a job failure
+        # max_errored_blocks: a batch that fails every retry is recorded as failed, not a job failure;
+        # an actor killed while loading the model is replaced (INIT_DEATHS in a row end the run);
+        # Ray Data's no-progress guard is the stall watchdog (-1: off).
         wanted = {"max_errored_blocks": -1, "enable_progress_bars": False, "print_on_execution_start": False,
-                  "enable_auto_log_stats": False}
+                  "enable_auto_log_stats": False, "max_consecutive_actor_init_deaths": INIT_DEATHS,
+                  "execution_no_progress_timeout_s": self.stall_timeout_s or -1}
         saved = {name: getattr(context, name) for name in wanted if hasattr(context, name)}
         for name in saved:
             setattr(context, name, wanted[name])
+        if self.stall_timeout_s and "execution_no_progress_timeout_s" not in saved:
+            log.warning("This Ray (%s) has no no-progress guard for datasets: --ray-stall-timeout watches only "
+                        "the rerun of lost images. Ray 2.60 or newer has it.", ray.__version__)
+        self._todo = len(todo)
         self.progress.start(len(todo), step.field)
         started = time.perf_counter()
         free = {name: ray.available_resources().get(name, 0.0) for name in ("CPU", "GPU")}
         delivered: set[str] = set()
         seen_actors: dict[int, float] = {}
+        stalled = False
         try:
             commit = (store, sink, summary, settings, step_fingerprint, signatures, delivered, seen_actors)
             self._pass(ray, step, todo, actors, gpus, batch, per_block, commit)
@@ -455,35 +603,41 @@ class RayExecutor(LocalExecutor):
                 self._isolate(ray, step, lost, gpus, commit)
                 lost = [record for record in lost if record.id not in delivered]
             if lost and not summary.interrupted:
+                _keep_logs()  # the deaths are in Ray's logs
                 message = LOST.format(retries=self.batch_retries)
                 log.warning("%d images %s", len(lost), message)
                 items = [Prepared(record, None, (0, 0), "") for record in lost]
                 self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
                            step_fingerprint, signatures)
+        except RayStalledError:
+            stalled = True  # its hung actors hold their resources until the job ends: no next dataset waits
+            raise
         finally:
             for name, value in saved.items():
                 setattr(context, name, value)
             self.progress.close()
-            _release(ray, free)  # the next step's dataset needs them
+            if not stalled:
+                _release(ray, free)  # the next step's dataset needs them
         actor_load = max(seen_actors.values(), default=0.0)  # the actors start in parallel
         summary.model_load_s += actor_load  # (+ the tagger's vocabulary probe, before ``started``)
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
-        if seen_actors:
-            summary.model_busy_s /= len(seen_actors)  # per actor, so the busy fraction reads as one GPU's
+        if seen_actors:  # per actor, so the busy fraction reads as one GPU's (a restarted actor is a new pid)
+            summary.model_busy_s /= min(len(seen_actors), actors)
 
     def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
         """Run records whose block was lost again on one model actor of the driver's own, halving on a crash.
 
         A group that kills the actor is split in two and each half tried again (the actor is
         restarted, which reloads the model), down to single images, which get ``batch_retries``
-        tries: a killed worker costs one more batch, an image that crashes its worker loses only
-        itself. The actor is killed here when it is done.
+        tries: an image that crashes its worker loses only itself. The actor is killed here when it
+        is done.
         """
         summary = commit[2]
         device = self._device() if runs_on_device(step) else None
         actor_class = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=gpus or None, max_restarts=-1,
                                  max_task_retries=0)(ModelActor)
-        actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)))
+        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
+        actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)), ledger)
         batch = max(1, step.batch_size)
         groups = [(records[start:start + batch], 1) for start in range(0, len(records), batch)]
         try:
@@ -495,7 +649,11 @@ class RayExecutor(LocalExecutor):
                 while groups and not stop.requested:
                     group, attempt = groups.pop(0)
                     try:
-                        table = ray.get(actor.run.remote(_records_table(group)))
+                        table = ray.get(actor.run.remote(_records_table(group)), timeout=self.stall_timeout_s or None)
+                    except ray.exceptions.GetTimeoutError:
+                        _keep_logs()
+                        raise _stalled(summary, self._todo, self.stall_timeout_s,
+                                       "a model actor rerunning lost images did not answer") from None
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                         # the actor died on this group: wait until it is back (restarted, model loaded), then split
                         if not _back(ray, actor):
@@ -511,6 +669,7 @@ class RayExecutor(LocalExecutor):
                     self._commit(step, table, *commit)
                 summary.interrupted = stop.requested
         except ray.exceptions.RayError as error:
+            _keep_logs()
             raise worker_error(error) from error
         finally:
             ray.kill(actor)
@@ -532,17 +691,20 @@ class RayExecutor(LocalExecutor):
             )
         model_stage = {
             "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
-                                    max(1, int(self.cpus_per_actor))),
-            "batch_size": batch, "batch_format": "pyarrow", "compute": ray.data.ActorPoolStrategy(size=actors),
+                                    max(1, int(self.cpus_per_actor)), ray.remote(num_cpus=0)(StartLedger).remote()),
+            "batch_size": batch, "batch_format": "pyarrow",
+            # no more blocks queued on an actor than it runs at once: a killed actor loses only those
+            "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=MODEL_STAGE_CONCURRENCY),
             "num_cpus": self.cpus_per_actor, "num_gpus": gpus or None, "max_concurrency": MODEL_STAGE_CONCURRENCY,
         }
         try:
-            # A dead actor is not restarted: Ray Data replaces it, its block is recorded as lost, and
-            # _isolate runs the lost images again. (With Ray 2.60, a restarted pool actor came back
-            # beside its replacement and held CPUs that the decode stage then waited for forever.)
+            # A dead actor is restarted in place (it reloads the model) and the blocks it held run once more
+            # in the pool; a block whose actor dies again goes to _isolate. Never max_restarts=0: Ray 2.60's
+            # pool keeps counting a dead actor and never replaces it, so a one-actor pool waited forever.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # Ray deprecates these keywords without a named successor
-                dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=0, max_task_retries=0)
+                dataset = dataset.map_batches(ModelActor, **model_stage, max_restarts=-1,
+                                              max_task_retries=POOL_TASK_RETRIES)
         except TypeError:  # a Ray without them: its own default (restart the actor, retry the batch)
             dataset = dataset.map_batches(ModelActor, **model_stage)
         with _StopFlag(self.options.stop) as stop, _quiet_ray_data():
@@ -552,8 +714,21 @@ class RayExecutor(LocalExecutor):
                     self._commit(step, table, *commit)
                     if stop.requested:
                         break
-            except ray.exceptions.RayError as error:  # e.g. the model cannot load on the workers
+            except ray.exceptions.RayActorError as error:  # the init-death budget is spent
+                _keep_logs()
+                raise CaptionkitError(
+                    f"--executor ray: the model actors died {INIT_DEATHS + 1} times in a row while loading the model "
+                    "(killed, out of host or GPU memory, or a crash in native code); nothing was run. "
+                    f"{_logs_hint()}") from error
+            except ray.exceptions.RayError as error:
+                _keep_logs()
                 raise worker_error(error) from error
+            except Exception as error:
+                if _is_stall(error):
+                    _keep_logs()
+                    raise _stalled(summary, len(records), self.stall_timeout_s,
+                                   "no block moved through the model stage") from None
+                raise
             finally:
                 if hasattr(blocks, "close"):
                     blocks.close()  # stop the pipeline now (a stop request), not when garbage collected
@@ -574,6 +749,9 @@ class RayExecutor(LocalExecutor):
                 seen_actors[numbers["actor"]] = max(seen_actors.get(numbers["actor"], 0.0), numbers["load_s"])
                 summary.batch_size_final = min(summary.batch_size_final or numbers["batch_size"],
                                                numbers["batch_size"])
+            if entry[0] == "fatal":  # the model cannot load on the workers
+                _keep_logs()
+                raise CaptionkitError(entry[1])
             if entry[0] == "done":
                 _, item, ok, value = entry
                 if item.record.id in delivered:
