@@ -112,6 +112,7 @@ class PipelineReport:
     table: Path | None = None
     dry_run: bool = False
     interrupted: bool = False
+    stopped_early: str | None = None  # a step's circuit breaker: why the run stopped before the end
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -585,6 +586,7 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                 _write_step_results(pipeline, step, store, records)
                 if summary.interrupted:
                     report.interrupted = True
+                    report.stopped_early = summary.stopped_early
                     return report
             if not dry_run:
                 report.table = write_final_table(pipeline, store, base)
