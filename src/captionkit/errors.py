@@ -17,6 +17,10 @@ class ImageLoadError(CaptionkitError):
         super().__init__(f"{path}: {cause}. {fix}")
 
 
+class NothingSucceededError(CaptionkitError):
+    """Not one item succeeded (every training image unreadable): the command exits 3, not 2 (a usage error)."""
+
+
 class ModelNotAvailableError(CaptionkitError):
     """A model could not be found locally nor fetched from a hub."""
 

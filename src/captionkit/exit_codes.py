@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from captionkit.errors import CaptionkitError
+from captionkit.errors import CaptionkitError, NothingSucceededError
 
 OK = 0
 SOME_FAILED = 1
@@ -72,3 +72,8 @@ def run_exit_code(*, succeeded: int, failed: int, allowance: FailureAllowance,
     if failed == 0 or allowance.allows(failed, succeeded + failed):
         return OK
     return NONE_SUCCEEDED if succeeded == 0 else SOME_FAILED
+
+
+def exit_code_for(error: BaseException) -> int:
+    """A user-facing error's code: 3 when nothing succeeded (every training image unreadable), else 2."""
+    return NONE_SUCCEEDED if isinstance(error, NothingSucceededError) else USAGE_ERROR

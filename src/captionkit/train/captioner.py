@@ -637,7 +637,7 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
-    from captionkit.errors import require
+    from captionkit.errors import NothingSucceededError, require
 
     require("accelerate", "captionkit train captioner", extra="train")
     if config.mode in ("lora", "qlora"):
@@ -805,6 +805,7 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         start_time = time.perf_counter()
         start_samples = progress.samples_seen
+        start_step = progress.global_step
         window_loss = 0.0
         window_tokens = 0
         last_train_loss: float | None = None
@@ -875,6 +876,13 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
             )
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         samples_per_second = (progress.samples_seen - start_samples) / elapsed
+        trained_on = accelerator.reduce(torch.tensor(float(progress.samples_seen - start_samples),
+                                                     device=accelerator.device), "sum")
+        if progress.global_step > start_step and float(trained_on) == 0:
+            reporters.close()
+            raise NothingSucceededError(
+                f"no training image could be decoded in {progress.global_step - start_step} steps (each was "
+                "skipped; the warnings above name them), so no model was written; fix or remove those files")
         if config.has_validation and evaluated_at != progress.global_step:
             last_metrics = validate()
             reporters.scalars({f"val/{key}": value for key, value in last_metrics.items()}, progress.global_step)

@@ -54,7 +54,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from captionkit.errors import CaptionkitError
+from captionkit.errors import CaptionkitError, NothingSucceededError
 from captionkit.train.accelerator import new_accelerator
 from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers
 from captionkit.train.checkpoints import write_folder_atomically
@@ -721,6 +721,11 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
                 _log.info("stopped during epoch %d; resume starts again from %s", epoch + 1,
                           output / LAST_DIR if (output / LAST_DIR).is_dir() else "the start (no epoch finished)")
                 break
+            if batches and float(accelerator.reduce(torch.tensor(float(seen), device=accelerator.device),
+                                                    "sum")) == 0:
+                raise NothingSucceededError(
+                    f"no training image could be loaded in epoch {epoch + 1} (each was skipped; the warnings "
+                    "above name them), so no model was written; fix or remove those files")
             train_loss = running / max(1, seen)
             values, metrics = run_validation()
             values.update({"train_loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
