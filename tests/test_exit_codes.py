@@ -173,6 +173,9 @@ class _BrokenModelStep:
 
     def recover_from_oom(self) -> None: ...
 
+    def use_device(self, device: str) -> None:
+        """Runs anywhere: it is the executor under test, not the model."""
+
 
 def test_a_local_model_failing_every_batch_for_the_same_reason_stops_the_run(tmp_path):
     records = [Record(f"r{index:03d}", None) for index in range(200)]
@@ -183,6 +186,17 @@ def test_a_local_model_failing_every_batch_for_the_same_reason_stops_the_run(tmp
         assert 16 <= summary.failed < 40  # about two batches' worth, not 200
         stored = list(store.iter_results("caption"))
         assert all(result.status == "error" and "model-error" in result.notes for result in stored)
+
+
+def test_the_breaker_stops_the_devices_executor_too(tmp_path):
+    from captionkit.executors.devices import DeviceExecutor
+
+    records = [Record(f"r{index:03d}", None) for index in range(400)]
+    with Store(tmp_path) as store:
+        runner = DeviceExecutor(RunOptions(workers=1), devices=["cpu", "cpu"])
+        summary = runner.run(_BrokenModelStep(), records, store, None)
+    assert summary.stopped_early and "device-side assert" in summary.stopped_early
+    assert 16 <= summary.failed < 400 and summary.processed == 0
 
 
 def test_failures_that_end_do_not_stop_the_run(tmp_path):
