@@ -645,8 +645,10 @@ def main() -> None:
             pass
         command(prog_name="captionkit")
     except CaptionkitError as error:
+        from captionkit.exit_codes import exit_code_for
+
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_code_for(error))  # 2, or 3 when nothing succeeded
     except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
         print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
               "Check free space and permissions, or write elsewhere with --output-dir.", file=sys.stderr)

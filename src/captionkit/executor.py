@@ -425,7 +425,7 @@ class LocalExecutor:
                 batch.clear()  # not tried: the next run does them
             outcomes = self._run_batch(step, batch, summary) if batch else []
             previous_failed[0] = bool(outcomes) and all(
-                not ok or isinstance(value, ItemFailure) for ok, value in outcomes)
+                not ok or (isinstance(value, ItemFailure) and value.scope != ITEM_SCOPE) for ok, value in outcomes)
             saving.append(writer.submit(deliver, list(batch), outcomes, list(failures)))
             while len(saving) > self.options.saves_in_flight or (saving and saving[0].done()):
                 saving.popleft().result()  # bounded: a kill loses at most the batches in flight
