@@ -18,8 +18,14 @@ import pytest
 from PIL import Image
 
 from captionkit.errors import CaptionkitError, MissingDependencyError
-from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure
-from captionkit.models.openai_server import OpenAICaptioner, parse_retry_after, public_url
+from captionkit.models.base import BACKEND_SCOPE, MODEL_SCOPE, CaptionRequest, ChatSettings, ItemFailure
+from captionkit.models.openai_server import (
+    REFUSED_MAX_DELAY_S,
+    UNREACHABLE_STREAK,
+    OpenAICaptioner,
+    parse_retry_after,
+    public_url,
+)
 
 KEY_ENV = "CK_TEST_OPENAI_KEY"
 KEY = "sk-captionkit-SECRET-0123456789abcdef"
@@ -140,8 +146,9 @@ def unload_backends():
 
 def make_backend(url: str, sleeps: list[float] | None = None, **options) -> OpenAICaptioner:
     options.setdefault("timeout_s", 5.0)
+    options.setdefault("backoff_base_s", 0.001)
     backend = OpenAICaptioner(
-        model="test-vlm", base_url=url, api_key_env=KEY_ENV, backoff_base_s=0.001,
+        model="test-vlm", base_url=url, api_key_env=KEY_ENV,
         sleep=(sleeps.append if sleeps is not None else (lambda seconds: None)), **options,
     )
     backend.load()
@@ -311,15 +318,43 @@ def test_max_image_side_downsizes_what_the_server_gets(server):
     assert header == "data:image/png;base64" and image.format == "PNG" and image.size == (300, 150)
 
 
-def test_unreachable_server_is_an_item_failure(monkeypatch):
+def test_unreachable_server_is_an_item_failure_with_one_short_retry(monkeypatch):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     sleeps: list[float] = []
-    backend = make_backend(f"http://127.0.0.1:{port}/v1", sleeps, max_retries=2)
+    backend = make_backend(f"http://127.0.0.1:{port}/v1", sleeps, max_retries=5, backoff_base_s=10.0,
+                           concurrency=1)  # one request after another: the count below is exact
     (result,) = backend.caption_batch(requests_for(backend, ["p"]))
     assert isinstance(result, ItemFailure) and "cannot connect" in result.message and "--base-url" in result.message
-    assert len(sleeps) == 2
+    assert "connection refused" in result.message and result.scope == BACKEND_SCOPE
+    assert len(sleeps) == 1 and sleeps[0] <= REFUSED_MAX_DELAY_S  # not the full backoff, whatever its base
+    # once the server has refused that many requests in a row, later ones are not retried at all
+    sleeps.clear()
+    results = backend.caption_batch(requests_for(backend, ["p"] * (UNREACHABLE_STREAK + 4)))
+    assert all(isinstance(item, ItemFailure) and item.scope == BACKEND_SCOPE for item in results)
+    assert len(sleeps) == UNREACHABLE_STREAK - 1  # the first request above counted too
+
+
+def test_dns_and_tls_failures_are_not_retried(server):
+    sleeps: list[float] = []
+    backend = make_backend("http://captionkit-no-such-host.invalid:8000/v1", sleeps, max_retries=5)
+    (result,) = backend.caption_batch(requests_for(backend, ["p"]))
+    assert isinstance(result, ItemFailure) and result.scope == BACKEND_SCOPE and sleeps == []
+    assert "cannot resolve the host name 'captionkit-no-such-host.invalid'" in result.message
+    backend = make_backend(server.url.replace("http://", "https://"), sleeps, max_retries=5)  # a plain-HTTP server
+    (result,) = backend.caption_batch(requests_for(backend, ["p"]))
+    assert isinstance(result, ItemFailure) and result.scope == BACKEND_SCOPE and sleeps == []
+    assert "TLS (https) handshake" in result.message and "http://" in result.message
+
+
+def test_failures_say_what_they_mean_for_the_rest_of_the_run(server):
+    server.script["gone"] = [("status", 404, {}, {"message": "model not found"})]
+    server.script["busy"] = [("status", 503, {}, {"message": "overloaded"})] * 3
+    backend = make_backend(server.url, max_retries=2)
+    gone, busy = backend.caption_batch(requests_for(backend, ["gone", "busy"]))
+    assert gone.scope == BACKEND_SCOPE  # the same for every image: the circuit breaker may stop the run
+    assert busy.scope == MODEL_SCOPE and "gave up after 3 attempts" in busy.message
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,12 @@ from typing import Annotated
 import typer
 
 from captionkit.errors import CaptionkitError
+from captionkit.exit_codes import CONTRACT as _EXIT_CODES
 
 app = typer.Typer(
     name="captionkit",
     help="Caption, tag and train the labellers of image datasets for text-to-image training.",
+    epilog=_EXIT_CODES,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,8 +42,26 @@ def _root(
 _MODEL_HELP = "Hub id or local folder (a model downloaded elsewhere, or trained with captionkit)."
 
 
+_MAX_FAILURES_HELP = ("Still exit 0 when at most this many images fail: a number (5) or a percentage of the "
+                      "images tried (2%). Default 0.")
+
+
+def _exit_for_summary(summary, allowance) -> None:
+    """Exit with the contract's code (see ``captionkit --help``) for a caption or tag run."""
+    from captionkit.exit_codes import OK, run_exit_code
+
+    unwritten = len(summary.write_errors)  # stored, but the caption file is missing: not done
+    code = run_exit_code(succeeded=summary.processed + summary.reused - unwritten,
+                         failed=summary.failed + unwritten, allowance=allowance,
+                         stopped_early=summary.stopped_early is not None, interrupted=summary.interrupted)
+    if code != OK:
+        raise typer.Exit(code)
+
+
 def _print_summary(summary, progress: str) -> None:
     if progress == "json":
+        if summary.stopped_early:  # stdout is the JSON stream; the reason still reaches a person
+            print(summary.stopped_early, file=sys.stderr)
         return
     data = summary.as_dict()
     out = sys.stderr
@@ -52,12 +72,20 @@ def _print_summary(summary, progress: str) -> None:
         f"{summary.files_written} files written)",
         file=out,
     )
-    if summary.interrupted:
+    errors = data["errors"]
+    if summary.stopped_early:
+        print(summary.stopped_early, file=out)
+        # the reason is said once above, not once per image
+        errors = {record_id: reason for record_id, reason in errors.items()
+                  if reason.partition(": ")[2].rstrip(".") not in summary.stopped_early}
+        if len(errors) < len(data["errors"]):
+            print(f"  {len(data['errors']) - len(errors)} images failed for that reason", file=out)
+    elif summary.interrupted:
         print("Stopped early (Ctrl-C): everything finished so far is saved; run again to continue.", file=out)
-    for record_id, reason in list(data["errors"].items())[:50]:
+    for record_id, reason in list(errors.items())[:50]:
         print(f"  failed  {_failure_line(record_id, reason)}", file=out)
-    if len(data["errors"]) > 50:
-        print(f"  ... and {len(data['errors']) - 50} more failures (see .captionkit/run.log)", file=out)
+    if len(errors) > 50:
+        print(f"  ... and {len(errors) - 50} more failures (see .captionkit/run.log)", file=out)
     if summary.failed_earlier:
         print(f"  {summary.failed_earlier} of the failures are unchanged files that failed before and were not "
               "tried again (--retry-errors to try them)", file=out)
@@ -92,7 +120,7 @@ _RAY_STALL = typer.Option(help="With --executor ray: end the run (keeping what f
 _DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker process per device over disjoint shards.", rich_help_panel=_SCALE)
 
 
-@app.command()
+@app.command(epilog=_EXIT_CODES)
 def caption(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
     model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " The family comes from its config.json. Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
@@ -164,12 +192,15 @@ def caption(
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
     ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
+    max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
 ) -> None:
     """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
     from captionkit import api
+    from captionkit.exit_codes import parse_max_failures
 
+    allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
     mode = "quiet" if quiet else progress
     options = api.ModelOptions(
         model=model, backend=backend, task=task, task_input=task_input, num_beams=num_beams,
@@ -194,8 +225,7 @@ def caption(
         ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
     )
     _print_summary(summary, mode)
-    if summary.interrupted:
-        raise typer.Exit(130)
+    _exit_for_summary(summary, allowance)
 
 
 def _split_list(values: list[str] | None) -> list[str]:
@@ -247,7 +277,7 @@ _ORDER = typer.Option(help="score or name.")
 _SEPARATOR = typer.Option(help="Between tags.")
 
 
-@app.command()
+@app.command(epilog=_EXIT_CODES)
 def tag(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
     model: Annotated[str, typer.Option(help="Tagger: WD-style hub repo or folder (model.onnx or timm weights + selected_tags.csv), or a folder from `captionkit train tagger`.")] = "SmilingWolf/wd-swinv2-tagger-v3",
@@ -292,12 +322,15 @@ def tag(
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
     ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
+    max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
 ) -> None:
     """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""
     from captionkit import api
+    from captionkit.exit_codes import parse_max_failures
 
+    allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
     options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
                            include_rating, blacklist, replace, always_first, underscores_to_spaces,
                            escape_parentheses, order, separator)
@@ -313,8 +346,7 @@ def tag(
         ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
     )
     _print_summary(summary, mode)
-    if summary.interrupted:
-        raise typer.Exit(130)
+    _exit_for_summary(summary, allowance)
 
 
 @app.command()
@@ -383,7 +415,8 @@ def models() -> None:
         print(f"{info.kind:10} {info.name:16} {info.description}{types}{default}{needs}")
 
 
-@app.command("run")
+@app.command("run", epilog=_EXIT_CODES.replace("every image", "every record").replace(
+    "--max-failures", "--max-failures, per step"))
 def run_command(
     pipeline: Annotated[Path | None, typer.Argument(help="A pipeline YAML file (captionkit's or Dataflow-Gen's spelling).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="The pipeline file, given as an option (as Dataflow-Gen's run_pipeline.py and the trainers take it).")] = None,
@@ -398,10 +431,12 @@ def run_command(
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
     ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
+    max_failures: Annotated[str | None, typer.Option(help="Still exit 0 when at most this many records fail in each step: a number (5) or a percentage of the records the step tried (2%). Default 0.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
 ) -> None:
     """Run a multi-step pipeline (caption, tag, template, filter, generate, export); resumable per step and record."""
+    from captionkit.exit_codes import OK, parse_max_failures, run_exit_code
     from captionkit.pipeline import run_pipeline
 
     if config is not None and pipeline is not None and config != pipeline:
@@ -409,11 +444,13 @@ def run_command(
     pipeline = pipeline or config
     if pipeline is None:
         raise typer.BadParameter("give the pipeline file: captionkit run PIPELINE.yaml (or --config PIPELINE.yaml).")
+    allowance = parse_max_failures(max_failures)  # a bad value fails before any model loads
     report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
                           progress="quiet" if quiet else progress, workers=workers, executor=executor,
                           ray_address=ray_address, devices=devices, ray_actors=ray_actors,
                           ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor,
                           ray_stall_timeout=ray_stall_timeout)
+    stopped_early = report.stopped_early
     out = sys.stderr
     if report.path_rule:
         print(f"paths: {report.path_rule}", file=out)
@@ -428,17 +465,33 @@ def run_command(
             print(f"{head}: {step.processed} done, {step.done} already done, {step.failed} failed of {step.total} "
                   f"in {step.elapsed_s:.1f}s" + (f" ({step.dropped} dropped by a filter)" if step.dropped else ""),
                   file=out)
-        for record_id, reason in list(step.errors.items())[:20]:
+        errors = step.errors
+        if stopped_early:  # its reason is said once, below, not once per record
+            errors = {record_id: reason for record_id, reason in errors.items()
+                      if reason.partition(": ")[2].rstrip(".") not in stopped_early}
+        for record_id, reason in list(errors.items())[:20]:
             print(f"  failed  {_failure_line(record_id, reason)}", file=out)
-        if len(step.errors) > 20:
-            print(f"  ... and {len(step.errors) - 20} more (see the run log in base_folder/.captionkit)", file=out)
+        if len(errors) > 20:
+            print(f"  ... and {len(errors) - 20} more (see the run log in base_folder/.captionkit)", file=out)
     if report.table is not None:
         print(f"final table: {report.table}", file=out)
-    if report.interrupted:
-        raise typer.Exit(130)
+    if stopped_early:
+        print(stopped_early, file=out)
+    codes = [run_exit_code(succeeded=step.processed + step.done, failed=step.failed, allowance=allowance)
+             for step in report.steps if not step.skipped and not report.dry_run]
+    code = run_exit_code(succeeded=1, failed=0, allowance=allowance, stopped_early=bool(stopped_early),
+                         interrupted=report.interrupted)
+    if code == OK and codes:
+        code = max(codes)  # 3 (a step where nothing succeeded) outranks 1 (some failed)
+    if code != OK:
+        raise typer.Exit(code)
 
 
-@app.command("inspect")
+_INSPECT_EXIT_CODES = ("Exit codes: 0 inspected (findings are in the reports); 1 findings named by --fail-on; "
+                       "2 usage error, or no images found; 3 no image could be read; 130 Ctrl-C.")
+
+
+@app.command("inspect", epilog=_INSPECT_EXIT_CODES)
 def inspect_command(
     dataset: Annotated[Path, typer.Argument(help="Image folder (with sidecar captions/tags) or a manifest (jsonl/json/csv/tsv/parquet).")],
     report: Annotated[Path | None, typer.Option(help="Write the self-contained HTML report (plots, tables linking to files) here.")] = None,
@@ -478,7 +531,7 @@ def inspect_command(
     except ValueError as error:
         raise CaptionkitError(str(error)) from error
     result = api.inspect(
-        dataset, report=report, json_report=json_report, trigger=trigger, resolution=resolution,
+        dataset, trigger=trigger, resolution=resolution,
         min_bucket=min_bucket, max_bucket=max_bucket, bucket_step=bucket_step, min_side=min_side, max_crop=max_crop,
         full=full, near_duplicates=near_duplicates, near_duplicate_distance=near_duplicate_distance,
         min_count=min_count, common_fraction=common_fraction, caption_ext=caption_ext, tag_ext=tag_ext,
@@ -486,6 +539,16 @@ def inspect_command(
         include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, workers=workers,
         progress="quiet" if quiet else progress,
     )
+    if not result.counts["images"]:  # as caption and tag say it: one sentence, exit 2
+        from captionkit.records import open_source
+
+        source = open_source(dataset, recursive=recursive, image_column=image_column, base_dir=base_dir,
+                             include_hidden=include_hidden)
+        raise CaptionkitError(api.no_images_message(source))
+    if report is not None:
+        result.write_html(report)
+    if json_report is not None:
+        result.write_json(json_report)
     out = sys.stderr
     counts = result.counts
     print(f"{counts['images']} images ({counts['unreadable_images']} unreadable), {counts['with_caption']} captioned, "
@@ -501,6 +564,9 @@ def inspect_command(
         kinds = sorted({finding.kind for finding in failures})
         print(f"failing (--fail-on): {len(failures)} findings of {', '.join(kinds)}", file=out)
         raise typer.Exit(1)
+    if counts["unreadable_images"] >= counts["images"]:
+        print(f"none of the {counts['images']} images could be read: nothing was inspected", file=out)
+        raise typer.Exit(3)
 
 
 @app.command("ui")
@@ -592,8 +658,10 @@ def main() -> None:
             pass
         command(prog_name="captionkit")
     except CaptionkitError as error:
+        from captionkit.exit_codes import exit_code_for
+
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_code_for(error))  # 2, or 3 when nothing succeeded
     except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
         print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
               "Check free space and permissions, or write elsewhere with --output-dir.", file=sys.stderr)

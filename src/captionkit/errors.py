@@ -17,6 +17,14 @@ class ImageLoadError(CaptionkitError):
         super().__init__(f"{path}: {cause}. {fix}")
 
 
+class NothingSucceededError(CaptionkitError):
+    """Not one item succeeded (every training image unreadable): the command exits 3, not 2 (a usage error)."""
+
+
+class StoppedEarlyError(NothingSucceededError):
+    """The run was ended before its end (a Ray run that stopped moving); what finished is kept. Exits 3."""
+
+
 class ModelNotAvailableError(CaptionkitError):
     """A model could not be found locally nor fetched from a hub."""
 

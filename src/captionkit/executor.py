@@ -6,6 +6,12 @@ thread pool that decodes and preprocesses ahead of the model → run batches on 
 thread (out-of-memory halves the batch; any other failure is narrowed to the one image
 that caused it) → commit each batch to the store, then write its sidecars. Ctrl-C stops
 after the current batch with everything so far saved.
+
+A circuit breaker watches what is saved (every executor saves through ``_save``): when the
+backend is clearly down (images in a row failing because the server cannot be reached, or
+the model raising the same error for batch after batch), the run stops as Ctrl-C would and
+``RunSummary.stopped_early`` says why in one sentence, instead of failing every remaining
+image one by one.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from captionkit.errors import ImageLoadError
-from captionkit.models.base import ItemFailure
+from captionkit.models.base import BACKEND_SCOPE, ITEM_SCOPE, MODEL_SCOPE, ItemFailure
 from captionkit.progress import Progress
 from captionkit.records import Record, Source
 from captionkit.sinks import SidecarSink
@@ -43,6 +49,10 @@ class RunOptions:
     keep_results: bool = False  # reuse stored results made with other settings
     retry_errors: bool = False  # errors are retried anyway when the file changed
     stop: threading.Event | None = None  # set from another thread (the web UI's Stop): ends after the batch
+    # circuit breaker: stop after this many images in a row could not reach the backend (server down, DNS, TLS)
+    stop_after_unreachable: int = 8
+    # ... or after this many in a row (and at least two batches) failed with the same model error
+    stop_after_same_error: int = 16
 
 
 @dataclass
@@ -75,7 +85,8 @@ class RunSummary:
     model_load_s: float = 0.0
     model_busy_s: float = 0.0
     processing_s: float = 0.0
-    interrupted: bool = False
+    interrupted: bool = False  # Ctrl-C, the stop event, or the circuit breaker (then ``stopped_early`` says why)
+    stopped_early: str | None = None  # the circuit breaker's one sentence: why the run stopped before the end
     errors: dict[str, str] = field(default_factory=dict)
     skipped_reasons: dict[str, str] = field(default_factory=dict)
     collisions: dict[str, list[str]] = field(default_factory=dict)
@@ -99,6 +110,7 @@ class RunSummary:
             "elapsed_s": round(self.elapsed_s, 3), "model_load_s": round(self.model_load_s, 3),
             "processing_s": round(self.processing_s, 3), "images_per_s": round(self.images_per_s, 3),
             "model_busy_fraction": round(self.model_busy_fraction, 3), "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
             "batch_size_final": self.batch_size_final, "model_cpu_threads": self.model_cpu_threads,
             "errors": self.errors,
             "skipped_reasons": self.skipped_reasons, "collisions": self.collisions,
@@ -151,6 +163,59 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _RunStop(threading.Event):
+    """The stop signal executors watch during a run: set by the circuit breaker, or the caller's own event."""
+
+    def __init__(self, caller: threading.Event | None) -> None:
+        super().__init__()
+        self.caller = caller
+
+    def is_set(self) -> bool:
+        return super().is_set() or (self.caller is not None and self.caller.is_set())
+
+
+class CircuitBreaker:
+    """Stops a run whose backend is clearly down, instead of failing every remaining image one by one.
+
+    Fed every model outcome in the order saved. Bad files neither count nor reset it (they say
+    nothing about the backend); any success, or a failure of one image only, resets it.
+    """
+
+    def __init__(self, unreachable_limit: int = 8, same_error_limit: int = 16) -> None:
+        self.unreachable_limit = max(1, unreachable_limit)
+        self.same_error_limit = max(1, same_error_limit)
+        self.halt: threading.Event = threading.Event()
+        self.reason: str | None = None
+        self._unreachable = 0
+        self._same = 0
+        self._last: str | None = None
+
+    @property
+    def tripped(self) -> bool:
+        return self.reason is not None
+
+    def observe(self, failure: ItemFailure | None) -> None:
+        """One image's outcome: None for a success."""
+        if self.reason is not None:
+            return
+        if failure is None or failure.scope == ITEM_SCOPE:
+            self._unreachable, self._same, self._last = 0, 0, None
+            return
+        self._unreachable = self._unreachable + 1 if failure.scope == BACKEND_SCOPE else 0
+        self._same = self._same + 1 if failure.message == self._last else 1
+        self._last = failure.message
+        if self._unreachable >= self.unreachable_limit:
+            count = self._unreachable
+        elif self._same >= self.same_error_limit:
+            count = self._same
+        else:
+            return
+        self.reason = (f"Stopped early after {count} images in a row failed: {failure.message.rstrip('.')} "
+                       "(everything finished is saved; a rerun tries the rest).")
+        log.info("%s", self.reason)  # the caller prints it once (the CLI's summary, the UI's job log)
+        self.halt.set()
+
+
 class LocalExecutor:
     """Runs one step over records on this machine."""
 
@@ -158,6 +223,7 @@ class LocalExecutor:
         self.options = options or RunOptions()
         self.progress = progress or Progress("quiet")
         self.known_signatures: dict[str, str | None] = {}  # read while listing (elsewhere), by image path
+        self.breaker = CircuitBreaker(self.options.stop_after_unreachable, self.options.stop_after_same_error)
 
     def list_records(self, source: Source) -> list[Record]:
         """The source's records (executors with workers elsewhere list in parallel there, in the same order)."""
@@ -208,6 +274,23 @@ class LocalExecutor:
         return plan
 
     def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
+        """Run ``step`` over ``records``; a circuit breaker that trips ends it like a stop request."""
+        caller_options = self.options
+        self.breaker = CircuitBreaker(caller_options.stop_after_unreachable,
+                                      max(caller_options.stop_after_same_error, 2 * step.batch_size))
+        run_stop = _RunStop(caller_options.stop)
+        self.breaker.halt = run_stop  # every executor's stop check (``_StopFlag``) sees the breaker
+        self.options = replace(caller_options, stop=run_stop)
+        try:
+            summary = self._run(step, records, store, sink)
+        finally:
+            self.options = caller_options
+        if self.breaker.reason is not None:
+            summary.stopped_early = self.breaker.reason
+            summary.interrupted = True
+        return summary
+
+    def _run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
         started = time.perf_counter()
         summary = RunSummary(field=step.field, total=len(records))
         plan = self.classify(step, records, store, self.worker_settings(step))
@@ -331,12 +414,20 @@ class LocalExecutor:
         tuner = ThreadTuner(candidates, step.set_cpu_threads if candidates else lambda threads: None)
         last_flush = [time.perf_counter()]
         saving: deque[Future] = deque()
+        previous_failed = [False]  # the last batch failed entirely: its save may trip the circuit breaker
 
         def flush() -> None:
             """Run the model on the batch on this thread; hand saving to the writer thread."""
             tuner.before_batch()
             busy_before = summary.model_busy_s
+            if previous_failed[0]:
+                while saving:  # let the breaker see that batch before the model runs another
+                    saving.popleft().result()
+            if self.breaker.tripped:
+                batch.clear()  # not tried: the next run does them
             outcomes = self._run_batch(step, batch, summary) if batch else []
+            previous_failed[0] = bool(outcomes) and all(
+                not ok or (isinstance(value, ItemFailure) and value.scope != ITEM_SCOPE) for ok, value in outcomes)
             saving.append(writer.submit(deliver, list(batch), outcomes, list(failures)))
             while len(saving) > self.options.saves_in_flight or (saving and saving[0].done()):
                 saving.popleft().result()  # bounded: a kill loses at most the batches in flight
@@ -392,8 +483,10 @@ class LocalExecutor:
         for item, (ok, value) in zip(items, outcomes, strict=True):
             record = item.record
             record_settings, record_fingerprint = self._record_settings.get(record.id, (settings, step_fingerprint))
-            if ok and isinstance(value, ItemFailure):  # the batch ran; this one image did not succeed
-                ok, value = False, value.message
+            failure = value if isinstance(value, ItemFailure) else None if ok else ItemFailure(str(value))
+            self.breaker.observe(failure)
+            if failure is not None:  # the batch ran (or was lost); this one image did not succeed
+                ok, value = False, failure.message
             if ok:
                 text = step.render(value)
                 texts[record.id] = text
@@ -431,7 +524,8 @@ class LocalExecutor:
             if is_out_of_memory(error):
                 step.recover_from_oom()
                 if len(items) == 1:
-                    return [(False, "out of memory even with batch size 1; use a smaller model or dtype")]
+                    return [(False, ItemFailure("out of memory even with batch size 1; use a smaller model or dtype",
+                                                scope=MODEL_SCOPE))]
                 half = max(1, len(items) // 2)
                 if step.batch_size > half:
                     log.warning("Out of memory with a batch of %d; retrying with %d (and keeping that size).",
@@ -439,7 +533,7 @@ class LocalExecutor:
                     step.batch_size = half
                 return self._run_batch(step, items[:half], summary) + self._run_batch(step, items[half:], summary)
             if len(items) == 1:
-                return [(False, f"model failed on this image ({error!r})")]
+                return [(False, ItemFailure(f"model failed on this image ({error!r})", scope=MODEL_SCOPE))]
             half = len(items) // 2
             log.warning("A batch of %d failed (%r); retrying in halves to find the image that causes it.",
                         len(items), error)

@@ -138,6 +138,7 @@ class PipelineReport:
     dry_run: bool = False
     interrupted: bool = False
     path_rule: str = ""  # where the file's relative paths start, and why
+    stopped_early: str | None = None  # a step's circuit breaker: why the run stopped before the end
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -801,6 +802,7 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                 _write_step_results(pipeline, step, store, records)
                 if summary.interrupted:
                     report.interrupted = True
+                    report.stopped_early = summary.stopped_early
                     return report
             if not dry_run:
                 report.table = write_final_table(pipeline, store, base)

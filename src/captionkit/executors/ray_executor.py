@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, require
+from captionkit.errors import CaptionkitError, StoppedEarlyError, require
 from captionkit.executor import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
 from captionkit.executors.transport import pack_prepared, unpack_prepared
@@ -289,7 +289,7 @@ def _release(ray: Any, free: dict[str, float]) -> None:
     log.info("Ray has not freed the last dataset's actors after %d s; going on", RELEASE_WAIT_S)
 
 
-class RayStalledError(CaptionkitError):
+class RayStalledError(StoppedEarlyError):
     """The run made no progress for ``stall_timeout_s``: it is ended, what finished is saved (``summary``)."""
 
     def __init__(self, message: str, summary: RunSummary) -> None:

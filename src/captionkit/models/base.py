@@ -30,10 +30,17 @@ class ItemFailure:
     """Returned in place of a raw result when one image failed but the batch did not.
 
     The executor records ``message`` as that image's error and retries it on the next
-    run (a server error or a refusal says nothing about the file).
+    run (a server error or a refusal says nothing about the file). ``scope`` tells the
+    executor's circuit breaker what the failure says about the rest of the run.
     """
 
     message: str
+    scope: str = "item"  # ITEM_SCOPE, MODEL_SCOPE or BACKEND_SCOPE
+
+
+ITEM_SCOPE = "item"  # this image only (a refusal, a rejected request): never stops a run
+MODEL_SCOPE = "model"  # the model raised: the same message image after image means the model, not the images
+BACKEND_SCOPE = "backend"  # the backend cannot serve anything (unreachable server, DNS, TLS, key refused)
 
 
 class CaptionerBackend(Protocol):

@@ -4,7 +4,11 @@ llama.cpp server, LM Studio, Ollama, hosted APIs) to describe each image.
 The protocol is spoken by the maintained ``openai`` client (``pip install 'captionkit[openai]'``),
 built with ``max_retries=0``: retries are done here, so their policy is the same for every
 server and a failure after the last one becomes an :class:`ItemFailure` for that image
-instead of an exception for the batch. Requests run in a thread pool owned by the backend,
+instead of an exception for the batch. A server that cannot be reached at all is not
+transient: an unresolvable host name (DNS) or a failed TLS handshake is never retried, a
+refused connection gets one short retry (none once the last requests were all refused),
+and those failures are marked so the executor's circuit breaker ends the run at once.
+Requests run in a thread pool owned by the backend,
 at most ``concurrency`` in flight; every sample of every image is its own request (servers
 such as llama.cpp ignore ``n``).
 
@@ -22,6 +26,8 @@ import logging
 import os
 import random
 import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +38,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from captionkit.errors import CaptionkitError, require
 from captionkit.models import register_backend
-from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
+from captionkit.models.base import (
+    BACKEND_SCOPE,
+    ITEM_SCOPE,
+    MODEL_SCOPE,
+    CaptionRequest,
+    ChatSettings,
+    ItemFailure,
+    render_chat_texts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +54,9 @@ PLACEHOLDER_KEY = "EMPTY"  # local servers want no key, but the client sends one
 IMAGE_FORMATS = {"jpeg": "image/jpeg", "jpg": "image/jpeg", "png": "image/png"}
 RETRY_STATUSES = {408, 409, 429}  # plus every 5xx
 MAX_RETRY_AFTER_S = 60.0
+REFUSED_RETRIES = 1  # a refused connection: one short retry (a server restarting), not a 10 s backoff per image
+REFUSED_MAX_DELAY_S = 0.5
+UNREACHABLE_STREAK = 8  # requests in a row that could not reach the server: later ones are not retried
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -52,6 +69,8 @@ class _Attempt:
     error: str | None = None
     retry: bool = False
     retry_after: float | None = None
+    scope: str = ITEM_SCOPE  # what the failure says about other requests (see ItemFailure)
+    refused: bool = False  # connection refused: retried briefly, not with the full backoff
 
 
 # Hosted APIs' model names (and aisuite's "provider:model"): never a local folder or a hub id.
@@ -182,6 +201,8 @@ class OpenAICaptioner:
         self._api_key: str | None = None
         self._openai: Any = None
         self._auth_warned = threading.Event()
+        self._unreachable_lock = threading.Lock()
+        self._unreachable_streak = 0  # requests in a row that ended unable to reach the server
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -316,7 +337,7 @@ class OpenAICaptioner:
                     attempts.append(_Attempt(error=self._scrub(f"{type(error).__name__}: {error}")))
             failed = next((attempt for attempt in attempts if attempt.error is not None), None)
             if failed is not None:
-                results.append(ItemFailure(failed.error or "request failed"))
+                results.append(ItemFailure(failed.error or "request failed", scope=failed.scope))
             else:
                 results.append({
                     "texts": [(attempt.text or "").strip() for attempt in attempts],
@@ -334,19 +355,33 @@ class OpenAICaptioner:
         options = self.request_options(sample)
         attempts = self.max_retries + 1
         result = _Attempt(error="no request was made")
+        made = 0
         for attempt in range(attempts):
             result = self._attempt(messages, options)
+            made += 1
             if result.error is None or not result.retry or attempt == attempts - 1:
                 break
-            if result.retry_after is not None:
+            if result.refused:
+                with self._unreachable_lock:
+                    hopeless = self._unreachable_streak >= UNREACHABLE_STREAK
+                if hopeless or attempt >= REFUSED_RETRIES:
+                    break
+                delay = random.uniform(0, min(REFUSED_MAX_DELAY_S, self.backoff_base_s * 2**attempt))
+            elif result.retry_after is not None:
                 delay = min(result.retry_after, MAX_RETRY_AFTER_S)
             else:  # exponential backoff with full jitter
                 delay = random.uniform(0, min(self.backoff_max_s, self.backoff_base_s * 2**attempt))
             log.debug("%s; retrying in %.2f s (attempt %d of %d)", result.error, delay, attempt + 2, attempts)
             self._sleep(delay)
-        if result.error is not None and result.retry:
-            tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        with self._unreachable_lock:
+            if result.error is None:
+                self._unreachable_streak = 0
+            elif result.scope == BACKEND_SCOPE:
+                self._unreachable_streak += 1
+        if result.error is not None and result.retry and not result.refused:
+            tries = "1 attempt" if made == 1 else f"{made} attempts"
             result.error = f"{result.error} (gave up after {tries}; see --max-retries)"
+            result.scope = MODEL_SCOPE  # the same failure for request after request stops the run
         return result
 
     def _attempt(self, messages: list[dict[str, Any]], options: dict[str, Any]) -> _Attempt:
@@ -364,13 +399,7 @@ class OpenAICaptioner:
                 retry=True,
             )
         except openai.APIConnectionError as error:
-            cause = error.__cause__ or error.__context__
-            detail = f" ({self._short(cause)})" if cause is not None else ""
-            return _Attempt(
-                error=f"cannot connect to the server at {public_url(self.base_url)}{detail}; "
-                "check --base-url and that the server is running",
-                retry=True,
-            )
+            return self._connection_failure(error)
         except openai.APIStatusError as error:
             return self._status_failure(error)
         except (openai.APIResponseValidationError, ValueError) as error:  # JSONDecodeError is a ValueError
@@ -378,6 +407,42 @@ class OpenAICaptioner:
         except Exception as error:  # anything else is this image's failure, not the run's
             return _Attempt(error=f"request failed: {type(error).__name__}: {self._short(error)}")
         return self._read_completion(completion)
+
+    def _connection_failure(self, error: BaseException) -> _Attempt:
+        """Why no connection was made: DNS and TLS failures are not retried, a refusal briefly, the rest fully."""
+        url = public_url(self.base_url)
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        causes: list[BaseException] = []
+        cause: BaseException | None = error.__cause__ or error.__context__
+        while cause is not None and len(causes) < 10:
+            causes.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        root = causes[-1] if causes else None
+        if any(isinstance(item, socket.gaierror) for item in causes):
+            return _Attempt(
+                error=f"cannot resolve the host name '{host}' of the server at {url} (DNS lookup failed: "
+                f"{self._short(root)}); check the spelling of --base-url and this machine's network",
+                scope=BACKEND_SCOPE,
+            )
+        if any(isinstance(item, ssl.SSLError) for item in causes):
+            return _Attempt(
+                error=f"the TLS (https) handshake with the server at {url} failed ({self._short(root)}); use "
+                "http:// for a plain-HTTP server, or make its certificate trusted (SSL_CERT_FILE)",
+                scope=BACKEND_SCOPE,
+            )
+        if any(isinstance(item, ConnectionRefusedError) for item in causes):
+            return _Attempt(
+                error=f"cannot connect to the server at {url}: connection refused (nothing is listening on "
+                f"{host} port {port}); check --base-url and that the server is running",
+                retry=True, refused=True, scope=BACKEND_SCOPE,
+            )
+        detail = f" ({self._short(causes[0])})" if causes else ""
+        return _Attempt(
+            error=f"cannot connect to the server at {url}{detail}; check --base-url and that the server is running",
+            retry=True,
+        )
 
     def _read_completion(self, completion: Any) -> _Attempt:
         if isinstance(completion, (str, bytes)):  # non-JSON content type: the client hands back the text
@@ -422,12 +487,14 @@ class OpenAICaptioner:
             if not self._auth_warned.is_set():
                 self._auth_warned.set()
                 log.warning("the server refused the API key (HTTP %d): %s", status, hint)
-            return _Attempt(error=f"the server refused the API key (HTTP {status}){detail}; {hint}")
+            return _Attempt(error=f"the server refused the API key (HTTP {status}){detail}; {hint}",
+                            scope=BACKEND_SCOPE)
         if status == 404:
             return _Attempt(
                 error=f"the server does not know model '{self.model_name}' or the address (HTTP 404){detail}; "
                 f"list its models at {public_url(self.base_url)}/models, and check that --base-url ends in "
-                "the API prefix (usually /v1)"
+                "the API prefix (usually /v1)",
+                scope=BACKEND_SCOPE,
             )
         if status == 413:
             return _Attempt(error=f"the server refused the image as too large (HTTP 413){detail}; "

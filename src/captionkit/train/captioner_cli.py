@@ -25,6 +25,7 @@ def captioner_command(
 ) -> None:
     """Fine-tune Florence-2 on image/caption pairs (full, LoRA or QLoRA)."""
     from captionkit.errors import CaptionkitError
+    from captionkit.exit_codes import exit_code_for
     from captionkit.train.captioner import load_captioner_config, train_captioner
     from captionkit.train.config import ConfigError
 
@@ -34,7 +35,7 @@ def captioner_command(
         result = train_captioner(settings, resume_from=resume_from)
     except (ConfigError, CaptionkitError) as error:
         typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(code=2) from None
+        raise typer.Exit(code=exit_code_for(error)) from None
     skipped = sum(len(paths) for paths in result.skipped.values())
     typer.echo(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s) on "
                f"{result.images_used} images"

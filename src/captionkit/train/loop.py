@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from captionkit.errors import NothingSucceededError
 from captionkit.train.checkpoints import (
     CheckpointManager,
     atomic_write_json,
@@ -337,6 +338,7 @@ class _Loop:
             self.epoch_started = time.perf_counter()
             if progress.batch_in_epoch == 0:
                 self.epoch_loss, self.epoch_count = 0.0, 0.0
+            epoch_samples = 0
             iterator = task.batches(progress.epoch, progress.batch_in_epoch)
             while True:
                 if stop is not None and stop.is_set():
@@ -365,6 +367,7 @@ class _Loop:
                     self.epoch_loss += result.total
                     self.epoch_count += result.count
                     progress.samples_seen += result.samples
+                    epoch_samples += result.samples
                 grad_norm = None
                 if settings.max_grad_norm and any_batch:
                     grad_norm = accelerator.clip_grad_norm_(parameters, settings.max_grad_norm)
@@ -388,12 +391,17 @@ class _Loop:
                         values["train/grad_norm"] = float(grad_norm)
                     self.reporters.scalars(values, progress.global_step)
                     window_loss, window_count = 0.0, 0.0
+                if end_of_epoch:
+                    self.require_samples(epoch_samples, f"epoch {progress.epoch}")
                 self.after_step(end_of_epoch)
                 if end_of_epoch or progress.global_step >= settings.total_steps:
                     break
             del iterator  # release the loader's workers before the next epoch starts new ones
         if stopped:
             return self.stopped(start, last_train_loss)
+        if progress.global_step > start.global_step:
+            self.require_samples(progress.samples_seen - start.samples_seen,
+                                 f"{progress.global_step - start.global_step} steps")
         if last_train_loss is None and window_count:
             last_train_loss = window_loss / window_count
         elapsed = max(time.perf_counter() - start_time, 1e-9)
@@ -405,6 +413,16 @@ class _Loop:
         if self.main:
             task.export(final_path, self.last_row, progress, final=True)
         return self.result(start, False, final_path, last_train_loss, samples_per_second)
+
+    def require_samples(self, count: int, span: str) -> None:
+        """Training on nothing is no success: every image of the span skipped means no model is written."""
+        import torch
+
+        total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
+        if float(total) == 0:
+            raise NothingSucceededError(
+                f"no training image could be read in {span} (each was skipped; the warnings above name them), "
+                "so no model was written; fix or remove those files")
 
     def stopped(self, start: Progress, train_loss: float | None) -> LoopResult:
         progress = self.progress

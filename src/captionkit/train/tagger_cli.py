@@ -14,9 +14,11 @@ import typer
 
 
 def _fail(error: Exception) -> typer.Exit:
-    """Print a user-facing error (file, cause, fix are in the message) and exit non-zero."""
+    """Print a user-facing error (file, cause, fix are in the message) and exit non-zero (2, or 3: see --help)."""
+    from captionkit.exit_codes import exit_code_for
+
     typer.echo(f"error: {error}", err=True)
-    return typer.Exit(code=2)
+    return typer.Exit(code=exit_code_for(error))
 
 
 def tagger_command(
