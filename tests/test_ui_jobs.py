@@ -327,3 +327,14 @@ def test_stop_button_eta_and_stop_message_follow_the_job(tmp_path, manager):
     status, _, button, message = app.refresh_status()
     assert 'data-state="stopped"' in status and "4 / 10 images" in status and "ETA" not in status
     assert message == "" and button["interactive"] is False and button["variant"] != "stop"
+
+
+def test_the_job_summary_names_why_the_circuit_breaker_stopped_the_run():
+    from captionkit.executor import RunSummary
+    from captionkit.ui.jobs import summary_line
+
+    reason = "Stopped early after 8 images in a row failed: connection refused."
+    summary = RunSummary(field="caption", total=1000, failed=8, interrupted=True, stopped_early=reason)
+    assert summary_line(summary.as_dict()).endswith("; " + reason)
+    summary.stopped_early = None  # Ctrl-C or the Stop button: the generic sentence
+    assert "start again to continue" in summary_line(summary.as_dict())

@@ -168,7 +168,9 @@ def summary_line(summary: dict[str, Any]) -> str:
             f"{summary.get('total', 0)} in {float(summary.get('elapsed_s') or 0):.1f}s "
             f"({float(summary.get('images_per_s') or 0):.2f} images/s, "
             f"{summary.get('files_written', 0)} files written)")
-    if summary.get("interrupted"):
+    if summary.get("stopped_early"):  # the circuit breaker: the cause, in its one sentence
+        text += f"; {summary['stopped_early']}"
+    elif summary.get("interrupted"):
         text += "; stopped early: everything finished so far is saved, start again to continue"
     return text
 
