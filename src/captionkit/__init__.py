@@ -6,10 +6,7 @@ Library API (the CLI is a thin layer over it)::
     summary = caption("photos/", model="florence-community/Florence-2-base", task="<DETAILED_CAPTION>")
 """
 
-from captionkit._torchvision_compat import install_import_hook
-
-install_import_hook()  # before anything can import torchvision: timm, open_clip, transformers, user code
-
+from captionkit import _torchvision_compat  # noqa: F401 - first: its import hook repairs any later torchvision import
 from captionkit.api import ModelOptions, build_captioner, caption, export, render, tag, tag_options
 from captionkit.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
 from captionkit.executor import RunSummary

@@ -52,7 +52,7 @@ def _import_repairing() -> ModuleType | None:
             except RuntimeError as error:
                 if "torchvision::" not in str(error) or "does not exist" not in str(error):
                     raise
-            for name in [module for module in sys.modules if module == "torchvision" or module.startswith("torchvision.")]:
+            for name in [module for module in sys.modules if module.split(".")[0] == "torchvision"]:
                 del sys.modules[name]
             import torch
 
@@ -127,3 +127,6 @@ def ensure_torchvision() -> None:
     """Import torchvision, repairing the CPU-torch/CUDA-torchvision mismatch if it occurs."""
     install_import_hook()
     _import_repairing()
+
+
+install_import_hook()  # importing this module (``import captionkit`` does) is enough
