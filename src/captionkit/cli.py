@@ -604,8 +604,10 @@ def main() -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
+        from captionkit.environment import is_storage_problem
+
         hint = (" Check free space and permissions, or write elsewhere with --output-dir."
-                if _is_storage_problem(str(error)) else "")
+                if is_storage_problem(error) else "")
         print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}.{hint}",
               file=sys.stderr)
         sys.exit(2)
@@ -623,12 +625,6 @@ def main() -> None:
             print(f"error: {describe_os_error(error)}", file=sys.stderr)
             sys.exit(2)
         raise
-
-
-def _is_storage_problem(message: str) -> bool:
-    """SQLite's words for a full disk or a folder it may not write (not for a damaged or locked store)."""
-    return any(word in message.lower() for word in ("full", "readonly", "read-only", "disk i/o", "unable to open",
-                                                     "permission"))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -145,3 +145,10 @@ def describe_os_error(error: OSError) -> str:
     if error.errno in _ACCESS:
         return f"{text}. Check the permissions, or write elsewhere with --output-dir."
     return f"{text}."
+
+
+def is_storage_problem(error: BaseException) -> bool:
+    """SQLite's words for a full disk or a folder it may not write (not for a damaged or locked store)."""
+    message = str(error).lower()
+    return any(word in message for word in ("full", "readonly", "read-only", "disk i/o", "unable to open",
+                                            "permission"))

@@ -77,8 +77,11 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
     except ImportError:  # pragma: no cover - the train package is part of the base install
         pass
     if isinstance(error, sqlite3.Error):
-        return (f"The captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
-                "Check free space and permissions, or write elsewhere with an output folder.")
+        from captionkit.environment import is_storage_problem
+
+        hint = " Check free space and permissions, or write elsewhere with an output folder."
+        return (f"The captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}."
+                + (hint if is_storage_problem(error) else ""))
     if isinstance(error, ModuleNotFoundError):
         name = error.name or "a package"
         return f"A package this needs is not installed ({name}). Run: pip install 'captionkit[all]'"
