@@ -138,8 +138,12 @@ def _prerequisites(words: list[str]) -> list[list[str]]:
         return [TAGGED_FIRST]
     if words[0] in ("export", "render"):
         return [CAPTIONED_FIRST]
-    if "--resume" in words or "runs/florence-lora/final" in words or "lora-run/final" in joined:
+    if "--resume" in words:  # a run stopped after its first checkpoint
+        return [[*TRAINED_FIRST, "--set", "epochs=1", "--set", "save_every_steps=1"]]
+    if "runs/florence-lora/final" in words:
         return [TRAINED_FIRST]
+    if "./lora-run/final" in words:
+        return [[*TRAINED_FIRST, "--set", "output_dir=lora-run"]]
     if words[0] == "run" and ("--from-step" in words or "--only-step" in words):
         return [PIPELINE_FIRST]
     return []
@@ -191,6 +195,7 @@ def workspace(tmp_path_factory, tiny_florence) -> Path:
     template = base / "template"
     write_good_images(template / "photos", 3)
     write_good_images(template / "data", 2)
+    write_good_images(template / "path" / "to" / "images", 1)
     write_good_images(template / "examples" / "datasets" / "my-images", 3)  # pipeline.yaml: from its folder
     write_good_images(template / "datasets" / "my-images", 4)  # captioner.yaml: from the working folder
     for number, image in enumerate(sorted((template / "datasets" / "my-images").iterdir())):
@@ -209,13 +214,13 @@ def workspace(tmp_path_factory, tiny_florence) -> Path:
 
 
 _DRIVER = """
-import contextlib, io, json, os, sys
+import contextlib, io, json, os, sys, time
 from captionkit.cli import main
 for folder, words in json.loads(sys.stdin.read()):
     os.chdir(folder)
     sys.argv = ["captionkit", *words]
     stream = io.StringIO()
-    code = 0
+    code, started = 0, time.monotonic()
     with contextlib.redirect_stderr(stream):
         try:
             main()
@@ -225,7 +230,8 @@ for folder, words in json.loads(sys.stdin.read()):
             import traceback
             traceback.print_exc(file=stream)
             code = 99
-    print(json.dumps({"folder": folder, "words": words, "code": code, "stderr": stream.getvalue()}), flush=True)
+    print(json.dumps({"folder": folder, "words": words, "code": code, "stderr": stream.getvalue(),
+                      "seconds": round(time.monotonic() - started, 1)}), flush=True)
 """
 
 
@@ -267,6 +273,8 @@ def test_documented_commands_that_can_run_here_run_as_written(workspace, tmp_pat
         if result["code"] not in allowed or any(failed) or "Traceback" in result["stderr"]:
             problems.append(f"{place}: captionkit {shlex.join(result['words'])} -> exit {result['code']}\n"
                             f"{result['stderr'][-1500:]}")
+    slowest = sorted(results, key=lambda result: -result["seconds"])[:5]
+    print("slowest:", [(result["seconds"], shlex.join(result["words"])) for result in slowest])
     assert not problems, "\n\n".join(problems)
 
 

@@ -98,6 +98,7 @@ def test_a_missing_pipeline_input_is_named_before_its_models(tmp_path):
     (errno.ENOSPC, "Free some space, or write elsewhere with --output-dir."),
     (errno.EROFS, "Write elsewhere with --output-dir."),
     (errno.EACCES, "Check the permissions, or write elsewhere with --output-dir."),
+    (errno.EEXIST, "Something is in the way there: move it, or write elsewhere with --output-dir."),
     (errno.ENOENT, None),
     (errno.EADDRINUSE, None),
     (None, None),

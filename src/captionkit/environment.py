@@ -132,6 +132,7 @@ def broken_environment(error: BaseException) -> BrokenEnvironmentError | None:
 
 _SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
+_IN_THE_WAY = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR}
 
 
 def describe_os_error(error: OSError) -> str:
@@ -144,6 +145,8 @@ def describe_os_error(error: OSError) -> str:
         return f"{text}. Write elsewhere with --output-dir."
     if error.errno in _ACCESS:
         return f"{text}. Check the permissions, or write elsewhere with --output-dir."
+    if error.errno in _IN_THE_WAY:  # creating a file or folder where another one is
+        return f"{text}. Something is in the way there: move it, or write elsewhere with --output-dir."
     return f"{text}."
 
 
