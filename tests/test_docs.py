@@ -193,11 +193,13 @@ def workspace(tmp_path_factory, tiny_florence) -> Path:
     for repo_id in TINY_HUB_MODELS:
         _put_in_hub_cache(base / "hub", repo_id, built[repo_id])
     template = base / "template"
-    write_good_images(template / "photos", 3)
-    write_good_images(template / "data", 2)
+    # One or two images each: a documented command runs with its own settings (Florence-2's 3 beams and
+    # 256 new tokens; a tiny random model rarely stops early), so every image costs seconds.
+    write_good_images(template / "photos", 2)
+    write_good_images(template / "data", 1)
     write_good_images(template / "path" / "to" / "images", 1)
-    write_good_images(template / "examples" / "datasets" / "my-images", 3)  # pipeline.yaml: from its folder
-    write_good_images(template / "datasets" / "my-images", 4)  # captioner.yaml: from the working folder
+    write_good_images(template / "examples" / "datasets" / "my-images", 1)  # pipeline.yaml: from its folder
+    write_good_images(template / "datasets" / "my-images", 2)  # captioner.yaml: from the working folder
     for number, image in enumerate(sorted((template / "datasets" / "my-images").iterdir())):
         image.with_suffix(".txt").write_text(f"a photo of thing number {number}")
     for source in ("pipeline.yaml", "captioner.yaml", "tagger.yaml"):
