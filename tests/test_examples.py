@@ -93,6 +93,7 @@ def test_the_example_pipeline_runs_as_written_in_a_fresh_process(tmp_path, hub_c
     assert again.returncode == 0 and "0 done, 3 already done" in again.stderr, again.stderr
 
 
+@pytest.mark.slow
 def test_the_example_captioner_trains_as_written_and_its_files_are_readable(tmp_path, hub_cache):
     """examples/captioner.yaml unchanged (the base model served by a tiny Florence-2): a LoRA run, then
     merge-lora. Every file gets the mode a plain open() gives under umask 022 (safetensors writes 0600)."""
@@ -111,6 +112,7 @@ def test_the_example_captioner_trains_as_written_and_its_files_are_readable(tmp_
     assert _modes_not_plain(run) == [] and _modes_not_plain(tmp_path / "merged") == []
 
 
+@pytest.mark.slow
 def test_the_example_tagger_config_trains_with_a_local_backbone(tmp_path, hub_cache):
     """examples/tagger.yaml with only what needs the hub or hours changed (backbone, image size, epochs).
     Its output tree (best/ final/ last/ checkpoints/) is readable like any file the user writes."""
