@@ -1,9 +1,19 @@
-"""The example configs in examples/ stay valid as the config classes change."""
+"""The example files in examples/ stay valid as the config classes change, and run as shipped."""
 
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import yaml
 
 from captionkit.train.captioner import load_captioner_config
 from captionkit.train.tagger import load_tagger_config
+from tests.images import write_good_images
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,3 +28,106 @@ def test_tagger_example_loads_and_overrides_apply():
     config = load_tagger_config(EXAMPLES / "tagger.yaml", ["optimizer.lr=1e-4"])
     assert config.model.backbone == "convnext_tiny" and config.loss.name == "asl" and config.optimizer.lr == 1e-4
     assert config.data.min_count == 50
+
+
+# -- the shipped files, run as written in a fresh process --------------------------------------------------------
+
+ROOT = EXAMPLES.parent
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory, tiny_florence) -> Path:
+    """A Hugging Face cache in which every hub id of examples/ resolves offline to a tiny model."""
+    from captionkit.testing_vlms.llava import build_llava
+    from tests.test_docs import _put_in_hub_cache, _tiny_tagger
+
+    base = tmp_path_factory.mktemp("examples-hub")
+    models = {"florence-community/Florence-2-base": tiny_florence,
+              "SmilingWolf/wd-swinv2-tagger-v3": _tiny_tagger(base / "tagger"),
+              "llava-hf/llava-1.5-7b-hf": build_llava(base / "llava")}
+    shipped = {step["config"]["model"] for step in yaml.safe_load((EXAMPLES / "pipeline.yaml").read_text())["steps"]
+               if "model" in step["config"]}
+    shipped.add(yaml.safe_load((EXAMPLES / "captioner.yaml").read_text())["model"])
+    assert shipped <= set(models), f"add a tiny model for {shipped - set(models)}"
+    for repo_id, folder in models.items():
+        _put_in_hub_cache(base / "hub", repo_id, folder)
+    return base / "hub"
+
+
+def _captionkit(args: list[str], cwd: Path, hub: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`captionkit ARGS` in a fresh interpreter (nothing repaired or imported beforehand), umask 022."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "PYTHONPATH": str(ROOT / "src")}
+    env.pop("HF_HOME", None)
+    return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=lambda: os.umask(0o022))
+
+
+def _modes_not_plain(folder: Path) -> list[str]:
+    """Files not 0644 and folders not 0755 under ``folder`` (what open() and mkdir() give under umask 022)."""
+    wrong = []
+    for path in [folder, *folder.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            continue
+        if mode != (0o755 if path.is_dir() else 0o644):
+            wrong.append(f"{oct(mode)} {path.relative_to(folder)}")
+    return wrong
+
+
+def test_the_example_pipeline_runs_as_written_in_a_fresh_process(tmp_path, hub_cache):
+    """examples/pipeline.yaml unchanged (its hub ids served by tiny models): --dry-run, then the run, then a rerun.
+
+    A fresh process matters: the filter step imports open_clip, which imports torchvision before anything
+    else did; the torchvision repair must cover that path too."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    write_good_images(tmp_path / "examples" / "datasets" / "my-images", 3)
+    plan = _captionkit(["run", "examples/pipeline.yaml", "--dry-run"], tmp_path, hub_cache)
+    assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr[-3000:]
+    assert plan.stderr.count("3 records") == 7, plan.stderr
+    first = _captionkit(["run", "examples/pipeline.yaml", "--quiet"], tmp_path, hub_cache)
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert "0 failed of 3" in first.stderr and " 1 failed" not in first.stderr, first.stderr
+    output = tmp_path / "examples" / "runs" / "pipeline-output"
+    assert (output / "result.jsonl").is_file() and (output / "imagefolder" / "metadata.jsonl").is_file()
+    again = _captionkit(["run", "examples/pipeline.yaml", "--quiet"], tmp_path, hub_cache)
+    assert again.returncode == 0 and "0 done, 3 already done" in again.stderr, again.stderr
+
+
+@pytest.mark.slow
+def test_the_example_captioner_trains_as_written_and_its_files_are_readable(tmp_path, hub_cache):
+    """examples/captioner.yaml unchanged (the base model served by a tiny Florence-2): a LoRA run, then
+    merge-lora. Every file gets the mode a plain open() gives under umask 022 (safetensors writes 0600)."""
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    images = write_good_images(tmp_path / "datasets" / "my-images", 4)  # the config's path, from the working folder
+    for number, image in enumerate(images):
+        image.with_suffix(".txt").write_text(f"a photo of thing number {number}")
+    trained = _captionkit(["train", "captioner", "--config", "examples/captioner.yaml", "--set",
+                           "save_every_steps=2"], tmp_path, hub_cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "runs" / "florence-lora"
+    assert (run / "final" / "adapter_model.safetensors").is_file() and list((run / "checkpoints").iterdir())
+    merged = _captionkit(["merge-lora", "--adapter", "runs/florence-lora/final", "-o", "merged"], tmp_path, hub_cache)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert list((tmp_path / "merged").glob("*.safetensors"))
+    assert _modes_not_plain(run) == [] and _modes_not_plain(tmp_path / "merged") == []
+
+
+@pytest.mark.slow
+def test_the_example_tagger_config_trains_with_a_local_backbone(tmp_path, hub_cache):
+    """examples/tagger.yaml with only what needs the hub or hours changed (backbone, image size, epochs).
+    Its output tree (best/ final/ last/ checkpoints/) is readable like any file the user writes."""
+    from captionkit.train.tagger_synthetic import write_selected_tags, write_shapes_dataset
+
+    shutil.copytree(EXAMPLES, tmp_path / "examples")
+    write_shapes_dataset(tmp_path / "datasets" / "danbooru" / "images", 24)
+    write_selected_tags(tmp_path / "datasets" / "danbooru" / "selected_tags.csv")
+    trained = _captionkit(["train", "tagger", "--config", "examples/tagger.yaml",
+                           "--set", "model.backbone=test_convnext", "--set", "model.pretrained=none",
+                           "--set", "model.image_size=32", "--set", "epochs=2",
+                           "--set", "batch_size=8"], tmp_path, hub_cache)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = tmp_path / "runs" / "tagger"
+    assert {"best", "final", "last", "checkpoints"} <= {path.name for path in run.iterdir()}
+    assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "model.onnx").is_file()
+    assert _modes_not_plain(run) == []
+    json.loads((run / "best" / "config.json").read_text())

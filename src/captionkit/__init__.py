@@ -6,6 +6,7 @@ Library API (the CLI is a thin layer over it)::
     summary = caption("photos/", model="florence-community/Florence-2-base", task="<DETAILED_CAPTION>")
 """
 
+from captionkit import _torchvision_compat  # noqa: F401 - first: its import hook repairs any later torchvision import
 from captionkit.api import ModelOptions, build_captioner, caption, export, render, tag, tag_options
 from captionkit.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
 from captionkit.executor import RunSummary

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from captionkit.errors import CaptionkitError
+from captionkit.errors import CaptionkitError, SourceError
 from captionkit.executor import RunOptions, RunSummary
 from captionkit.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.progress import Progress
@@ -199,6 +199,13 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
     )
 
 
+def check_input_exists(path: str | Path) -> None:
+    """Fail on a missing input path with the same sentence :func:`open_source` gives, but before any model."""
+    location = Path(path).expanduser()
+    if not location.exists():
+        raise SourceError(f"{location}: no such file or folder. Check the path.")
+
+
 def adapter_base_model(adapter: str | Path | None) -> str | None:
     """The base model recorded in a PEFT adapter folder, if any."""
     if adapter is None:
@@ -299,6 +306,7 @@ def caption(
     text = CaptionText(prefix=prefix, suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops,
                        strip_openers=strip_openers, sample_choice=sample_choice, sample_separator=sample_separator)
     given = captioner is not None
+    check_input_exists(path)  # a mistyped folder is named before a model is looked for or loaded
     if captioner is None:  # build (and validate every option) before any file or store is touched
         captioner = build_captioner(options=chosen)
     prompt = chosen.prompt if chosen.prompt is not None else getattr(getattr(captioner, "chat", None), "prompt", None)

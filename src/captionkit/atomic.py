@@ -42,6 +42,33 @@ def file_mode(path: Path) -> int:
         return 0o666 & ~current_umask()
 
 
+def plain_mode(is_dir: bool = False, executable: bool = False) -> int:
+    """The mode ``open()`` (0666) or ``mkdir()`` (0777) gives a new file or folder under the process umask."""
+    return (0o777 if is_dir or executable else 0o666) & ~current_umask()
+
+
+def give_plain_modes(root: str | Path) -> None:
+    """Set every file and folder under ``root`` (a freshly built folder) to the mode a plain ``open()`` gives.
+
+    Why: writers captionkit does not control (safetensors' ``save_file``, so every
+    ``save_pretrained``) create files 0600 whatever the umask, which locks a shared
+    training output away from the group and from other users.
+    """
+    root = Path(root)
+    for folder, folders, files in os.walk(root):
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                continue
+            executable = bool(os.stat(path).st_mode & 0o111)
+            os.chmod(path, plain_mode(executable=executable))
+        for name in folders:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, plain_mode(is_dir=True))
+    os.chmod(root, plain_mode(is_dir=True))
+
+
 @contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """Open a temp file beside ``path``; on success it is flushed (synced if ``durable``) and renamed over ``path``.

@@ -614,8 +614,12 @@ _register_training_commands()
 
 
 def _plain_metavars(command) -> None:
-    """Help shows `--batch-size INTEGER` and bare flags, not Typer's `<int>` and `--help <bool>` labels."""
-    from typer.core import TyperArgument
+    """Help reads like plain Click: `--batch-size INTEGER`, bare flags, `Usage: ... PATH`, defaults on one line.
+
+    Typer's own labels (`<int>`, `--help <bool>`, `{path}` in the usage line) and a default such
+    as a newline printed raw (it breaks the option's row) are replaced here.
+    """
+    from typer.core import TyperArgument, TyperOption
 
     labels = {bool: "", int: "INTEGER", float: "NUMBER", str: "TEXT"}
     help_option = command.get_help_option(typer.Context(command))
@@ -623,8 +627,10 @@ def _plain_metavars(command) -> None:
         help_option.metavar = ""
     for param in command.params:
         if isinstance(param, TyperArgument):
-            param.display_type_rich = lambda ctx: None  # its name already says what it is
+            _plain_argument(param)
             continue
+        if isinstance(param, TyperOption) and isinstance(param.default, str) and _needs_quotes(param.default):
+            param._get_default_string = lambda *, ctx, show_default_is_str, default_value: repr(default_value)
         if param.metavar is not None:
             continue
         if getattr(param, "is_flag", False) or getattr(param, "count", False):
@@ -634,12 +640,28 @@ def _plain_metavars(command) -> None:
         if descriptor is None:
             continue
         annotation = descriptor.annotation
-        if descriptor.is_list:
+        if descriptor.is_list:  # a repeatable option takes one value each time: no '...'
             annotation = getattr(annotation, "__args__", (str,))[0]
-        label = "PATH" if descriptor.is_path else labels.get(annotation, "VALUE")
-        param.metavar = f"{label}..." if descriptor.is_list else label
+        is_path = descriptor.is_path or (isinstance(annotation, type) and issubclass(annotation, Path))
+        param.metavar = "PATH" if is_path else labels.get(annotation, "VALUE")
     for child in getattr(command, "commands", {}).values():
         _plain_metavars(child)
+
+
+def _plain_argument(param) -> None:
+    """`PATH` in the usage line and the Arguments panel (Typer prints `{path}`), `[PATH]` when optional."""
+    name = (param.metavar or param.name or "value").upper()
+    param.metavar = name
+    param.display_type_rich = lambda ctx: None  # its name already says what it is
+    usage = name if param.required else f"[{name}]"
+    if param.nargs != 1:
+        usage += "..."
+    param.get_usage_pieces = lambda ctx: [usage]
+
+
+def _needs_quotes(value: str) -> bool:
+    """A default that prints as nothing, breaks the help row (a newline) or hides spaces is shown quoted."""
+    return value != value.strip() or not value.isprintable()
 
 
 def main() -> None:
@@ -663,17 +685,27 @@ def main() -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_code_for(error))  # 2, or 3 when nothing succeeded
     except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
-        print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
-              "Check free space and permissions, or write elsewhere with --output-dir.", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # e.g. a read-only folder for the store, a full disk
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}. Check the path's permissions and free space, "
-              "or write elsewhere with --output-dir.", file=sys.stderr)
+        from captionkit.environment import is_storage_problem
+
+        hint = (" Check free space and permissions, or write elsewhere with --output-dir."
+                if is_storage_problem(error) else "")
+        print(f"error: the captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}.{hint}",
+              file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - only named causes become messages; the rest re-raise
+        from captionkit.environment import broken_environment, describe_os_error
+
+        broken = broken_environment(error)
+        if broken is not None:  # a package that fails to import: the environment, never the user's files
+            print(f"error: {broken}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(error, OSError):  # the disk-space hint only where the error is about writing
+            print(f"error: {describe_os_error(error)}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -113,7 +113,13 @@ def check_attention(attn_implementation: str, device: str, dtype) -> None:
 
 
 def loading_error(model: str, what: str, needs: str, error: BaseException) -> CaptionkitError:
-    """One plain message when from_pretrained fails: a broken local folder, or a hub model not to be had."""
+    """One plain message when from_pretrained fails: a broken environment, a broken local folder, or a hub
+    model not to be had."""
+    from captionkit.environment import broken_environment
+
+    broken = broken_environment(error)
+    if broken is not None:  # a package failing to import inside transformers: not the folder's fault
+        return broken
     if is_local(model):
         return CaptionkitError(f"{model}: not a loadable {what} folder ({error}). It needs {needs} "
                                "(as saved by save_pretrained).")
@@ -301,9 +307,7 @@ class Florence2Captioner:
             self.processor = AutoProcessor.from_pretrained(self.model_name, cache_dir=self.cache_dir,
                                                            revision=self.revision)
         except OSError as error:
-            if is_local(self.model_name):
-                raise CaptionkitError(f"{self.model_name}: not a loadable Florence-2 folder ({error}).") from error
-            raise model_unavailable(self.model_name, error) from error
+            raise loading_error(self.model_name, "Florence-2", "config.json and the processor files", error) from error
 
     def unload(self) -> None:
         """Free the model (and GPU memory)."""

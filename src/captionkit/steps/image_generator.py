@@ -349,6 +349,10 @@ class ImageGeneratorStep:
                     raise
                 return diffusers.DiffusionPipeline.from_pretrained(source, **options)
         except (OSError, ValueError) as error:
+            from captionkit.environment import broken_environment
+
+            if (broken := broken_environment(error)) is not None:  # the environment, not the folder
+                raise broken from error
             if local:
                 raise CaptionkitError(
                     f"model {self.model_name}: not a loadable diffusers pipeline folder ({error})."

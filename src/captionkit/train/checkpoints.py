@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from captionkit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from captionkit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, give_plain_modes
 from captionkit.errors import CaptionkitError
 
 __all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
@@ -174,7 +174,8 @@ class CheckpointManager:
 def write_folder_atomically(path: str | Path, write_fn: Callable[[Path], None]) -> Path:
     """Build a folder with ``write_fn`` in a sibling temp folder, then rename it to ``path``.
 
-    An existing folder at ``path`` is replaced only once the new one is complete.
+    An existing folder at ``path`` is replaced only once the new one is complete. Its files
+    get the modes a plain ``open()`` gives (third-party writers such as safetensors make 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,7 @@ def write_folder_atomically(path: str | Path, write_fn: Callable[[Path], None]) 
     temp.mkdir()
     try:
         write_fn(temp)
+        give_plain_modes(temp)
         if path.exists():
             trash = path.parent / f"{_TEMP_PREFIX}old-{path.name}-{uuid.uuid4().hex[:8]}"
             os.replace(path, trash)

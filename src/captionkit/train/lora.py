@@ -166,8 +166,11 @@ def merge_lora(base: str | Path | None, adapter: str | Path, output: str | Path,
     try:
         model = Florence2ForConditionalGeneration.from_pretrained(base_name, revision=revision)
     except OSError as error:
+        from captionkit.environment import broken_environment
         from captionkit.models import is_local, model_unavailable
 
+        if (broken := broken_environment(error)) is not None:
+            raise broken from error
         if is_local(base_name):
             raise ValueError(f"{base_name}: not a loadable Florence-2 folder ({error}); pass --base FOLDER") from error
         raise model_unavailable(base_name, error) from error

@@ -46,9 +46,15 @@ def check_hub_model(name: str, revision: str | None = None, key: str = "model") 
     return not hub_reachable()
 
 
-def model_load_failed(name: str, error: BaseException, key: str = "model") -> ConfigError:
-    """The one sentence for a model whose files could not all be loaded (after :func:`check_hub_model`)."""
+def model_load_failed(name: str, error: BaseException, key: str = "model") -> Exception:
+    """The one sentence for a model whose files could not all be loaded (after :func:`check_hub_model`),
+    or for a package that failed to import while loading it (the environment, not the folder)."""
+    from captionkit.environment import broken_environment
     from captionkit.models import is_local, model_unavailable
+
+    broken = broken_environment(error)
+    if broken is not None:
+        return broken
 
     if is_local(name):
         return ConfigError(f"{name}: not a loadable model folder ({type(error).__name__}: {error}); point {key} "

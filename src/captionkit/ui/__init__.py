@@ -72,10 +72,16 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     if warning:
         log.warning("%s", warning)
     blocks, app = build_app(manager)
-    _, url, share_url = blocks.launch(
-        server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True, quiet=True,
-        show_error=False, **launch_options(),
-    )
+    try:
+        _, url, share_url = blocks.launch(
+            server_name=host, server_port=port, auth=credentials, share=share, prevent_thread_lock=True, quiet=True,
+            show_error=False, **launch_options(),
+        )
+    except OSError as error:
+        if "Cannot find empty port" not in str(error):
+            raise
+        taken = f"Port {port} on {host} is in use" if port else f"Ports 7860-7959 on {host} are all in use"
+        raise CaptionkitError(f"{taken}: pick another with --port.") from error
     if not quiet:
         shown = url.replace("0.0.0.0", "127.0.0.1") if url else url
         print(f"captionkit ui: {shown}" + (f" (public link: {share_url})" if share_url else "") +

@@ -65,6 +65,10 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
                 "--dtype bf16/fp16, or close other programs using the GPU, then start again (finished work is kept).")
     if isinstance(error, CaptionkitError):
         return str(error)
+    from captionkit.environment import broken_environment
+
+    if (broken := broken_environment(error)) is not None:  # a package failing to import, not the user's files
+        return str(broken)
     try:
         from captionkit.train.config import ConfigError
 
@@ -73,14 +77,18 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
     except ImportError:  # pragma: no cover - the train package is part of the base install
         pass
     if isinstance(error, sqlite3.Error):
-        return (f"The captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}. "
-                "Check free space and permissions, or write elsewhere with an output folder.")
+        from captionkit.environment import is_storage_problem
+
+        hint = " Check free space and permissions, or write elsewhere with an output folder."
+        return (f"The captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}."
+                + (hint if is_storage_problem(error) else ""))
     if isinstance(error, ModuleNotFoundError):
         name = error.name or "a package"
         return f"A package this needs is not installed ({name}). Run: pip install 'captionkit[all]'"
-    if isinstance(error, OSError):
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}. Check the path's permissions and free space."
+    if isinstance(error, OSError):  # the free-space hint only where the error is about writing
+        from captionkit.environment import describe_os_error
+
+        return describe_os_error(error).replace("--output-dir", "an output folder")
     where = f" The full report is in {log_file}." if log_file is not None else ""
     first = (str(error).strip().splitlines() or [""])[0][:300]
     return f"Unexpected error ({type(error).__name__}: {first}).{where}"
