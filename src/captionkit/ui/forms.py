@@ -34,8 +34,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
              "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>", "<OPEN_VOCABULARY_DETECTION>",
              "<REGION_TO_CATEGORY>", "<REGION_TO_DESCRIPTION>", "<REGION_TO_OCR>"),
 }
-# The page has its own progress view and folder field.
-NOT_IN_FORMS = {"path", "quiet", "progress", "print_scores"}
+# The page has its own progress view and folder field, and no exit code for --max-failures to decide.
+NOT_IN_FORMS = {"path", "quiet", "progress", "print_scores", "max_failures"}
 TRISTATE = ("default", "on", "off")
 
 # Known checkpoints for the model picker; any hub id or local folder may be typed instead.

@@ -127,7 +127,7 @@ def preview_work(manager: JobManager, path: str, options, run: dict[str, Any], c
                     if key not in ("recursive", "image_column", "base_dir", "include_hidden", "output_dir", "export",
                                    "existing", "on_collision", "append_separator", "ext", "keep_results",
                                    "retry_errors", "write_sidecars", "executor", "ray_address", "devices",
-                                   "ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor")}
+                                   "ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor", "ray_stall_timeout")}
         model = model_arguments(manager, options, settings, job)
         summary = api.caption(manifest, progress="quiet", image_column="image", output_dir=scratch / "out",
                               write_sidecars=False, listener=job.on_event, stop=job.stop, **model, **settings)
