@@ -38,14 +38,17 @@ def _touch_all(folder: Path) -> None:
 
 def _change_one_tensor(weights: Path) -> None:
     """One value of one tensor changed: same names, shapes, dtypes and file size."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(weights), "pt") as stream:
+        metadata = stream.metadata()
     tensors = load_file(str(weights))
     name = sorted(name for name, tensor in tensors.items() if tensor.is_floating_point())[0]
     tensors[name] = tensors[name].clone()
     tensors[name].view(-1)[0] += 1.0
     size = weights.stat().st_size
-    save_file(tensors, str(weights), metadata={"format": "pt"})
+    save_file(tensors, str(weights), metadata=metadata)
     assert weights.stat().st_size == size
 
 
@@ -85,7 +88,8 @@ def test_a_touched_or_moved_florence_folder_reuses_the_captions(tmp_path, tiny_f
     moved = Path(shutil.move(model, tmp_path / "moved"))
     again = captionkit.caption(images, model=str(moved), **FAST)
     assert (again.processed, again.reused) == (0, 2)
-    (moved / "generation_config.json").write_text(json.dumps({"num_beams": 2}))  # every config is part of it
+    config = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps({**config, "note": "edited"}))  # every config is part of it
     assert captionkit.caption(images, model=str(moved), **FAST).processed == 2
 
 
