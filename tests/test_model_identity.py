@@ -179,9 +179,9 @@ def test_large_files_are_hashed_once_per_change(tmp_path, monkeypatch):
     assert identity.file_digest(weights) == real
     cache = tmp_path / "cache" / "file-digests.json"
     entries = json.loads(cache.read_text())
-    assert entries[str(weights.resolve())][2] == real
+    assert entries[str(weights.resolve())]["sha256"] == real
     # the cached digest is what a later process reads while size and mtime agree ...
-    entries[str(weights.resolve())][2] = "0" * 64
+    entries[str(weights.resolve())]["sha256"] = "0" * 64
     cache.write_text(json.dumps(entries))
     monkeypatch.setattr(identity, "_memory", {})
     assert identity.file_digest(weights) == "0" * 64
@@ -227,3 +227,26 @@ def test_a_store_keyed_by_the_folder_path_is_rekeyed_by_its_content(tmp_path, ti
     with Store(images) as store:
         assert store.get_meta("schema_version") == SCHEMA_VERSION
         assert all(result.settings["model"] == "local" for result in store.iter_results())
+
+
+def test_a_hub_cache_file_is_known_by_its_blob_name(tmp_path):
+    """A Hugging Face snapshot links to blobs named by their SHA-256: the same digest, nothing read."""
+    from captionkit.models.identity import file_digest, folder_identity
+
+    data = b"tensor bytes" * 100
+    digest = hashlib.sha256(data).hexdigest()
+    blobs = tmp_path / "models--owner--name" / "blobs"
+    blobs.mkdir(parents=True)
+    (blobs / digest).write_bytes(data)
+    snapshot = tmp_path / "models--owner--name" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").symlink_to(Path("../../blobs") / digest)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(data)
+    assert file_digest(snapshot / "model.safetensors") == digest == file_digest(plain / "model.safetensors")
+    assert folder_identity(snapshot) == folder_identity(plain)
+    (blobs / ("a" * 64)).write_bytes(data)  # the name is what counts: the blob is not read
+    (snapshot / "model.safetensors").unlink()
+    (snapshot / "model.safetensors").symlink_to(Path("../../blobs") / ("a" * 64))
+    assert file_digest(snapshot / "model.safetensors") == "a" * 64

@@ -13,7 +13,7 @@ rejected: a safetensors header (names, shapes, dtypes, offsets) plus the file si
 same for a fine-tune and its base model, and a hash of the first and last MiB misses a
 tensor changed in the middle, so either would reuse the wrong captions. A full hash costs
 one read of the file, so for files of :data:`CACHED_FROM_BYTES` or more it is cached by
-(real path, size, mtime) in ``<cache>/captionkit/file-digests.json`` (``CAPTIONKIT_CACHE_DIR``,
+(real path, inode, size, mtime) in ``<cache>/captionkit/file-digests.json`` (``CAPTIONKIT_CACHE_DIR``,
 else ``XDG_CACHE_HOME``, else ``~/.cache``): a folder is read once, then each run costs a
 ``stat`` per file. Files in a Hugging Face cache are symlinks to blobs named by their
 SHA-256 (large files): those cost nothing at all.
@@ -42,7 +42,7 @@ MODEL_FILE_SUFFIXES = (
 CACHED_FROM_BYTES = 64 << 20  # smaller files are hashed on every run (a few ms), larger ones once per change
 _CACHE_FILE = "file-digests.json"
 _HEX = frozenset("0123456789abcdef")
-_memory: dict[tuple[str, int, int], str] = {}
+_memory: dict[tuple[str, int, int, int], str] = {}
 _lock = threading.Lock()
 
 
@@ -59,8 +59,9 @@ def _hub_blob_digest(path: Path) -> str | None:
     """A Hugging Face cache file is a symlink to a blob named by its SHA-256 (large files): use the name."""
     if not path.is_symlink():
         return None
-    name = path.resolve().name
-    return name if len(name) == 64 and set(name) <= _HEX else None
+    target = path.resolve()
+    name = target.name
+    return name if target.parent.name == "blobs" and len(name) == 64 and set(name) <= _HEX else None
 
 
 def _hash_file(path: Path) -> str:
@@ -71,7 +72,7 @@ def _hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_cache(cache: Path) -> dict[str, list]:
+def _read_cache(cache: Path) -> dict[str, Any]:
     try:
         value = json.loads(cache.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -79,14 +80,14 @@ def _read_cache(cache: Path) -> dict[str, list]:
     return value if isinstance(value, dict) else {}
 
 
-def _remember(real: str, size: int, mtime_ns: int, digest: str) -> None:
+def _remember(real: str, entry: dict[str, Any]) -> None:
     """Add one digest to the cache file (merged with what other processes wrote; gone files dropped)."""
     from captionkit.atomic import atomic_write_json
 
     cache = digest_cache_path()
     try:
         entries = {key: value for key, value in _read_cache(cache).items() if os.path.exists(key)}
-        entries[real] = [size, mtime_ns, digest]
+        entries[real] = entry
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(cache, entries)
     except OSError as error:  # a read-only home only costs hashing again next run
@@ -94,47 +95,54 @@ def _remember(real: str, size: int, mtime_ns: int, digest: str) -> None:
 
 
 def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes; large files are read once per (real path, size, mtime)."""
+    """SHA-256 of a file's bytes, read once per (real path, inode, size, mtime) in a process; large files once."""
     blob = _hub_blob_digest(path)
     if blob is not None:
         return blob
     info = path.stat()
-    if info.st_size < CACHED_FROM_BYTES:
-        return _hash_file(path)
     real = os.path.realpath(path)
-    key = (real, info.st_size, info.st_mtime_ns)
+    stamp = {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
+    key = (real, info.st_size, info.st_mtime_ns, info.st_ino)
     with _lock:
         if key in _memory:
             return _memory[key]
-    stored = _read_cache(digest_cache_path()).get(real)
-    if isinstance(stored, list) and len(stored) == 3 and stored[:2] == [info.st_size, info.st_mtime_ns]:
-        digest = str(stored[2])
+    large = info.st_size >= CACHED_FROM_BYTES
+    stored = _read_cache(digest_cache_path()).get(real) if large else None
+    if isinstance(stored, dict) and {name: stored.get(name) for name in stamp} == stamp and stored.get("sha256"):
+        digest = str(stored["sha256"])
     else:
         digest = _hash_file(path)
-        _remember(real, info.st_size, info.st_mtime_ns, digest)
+        if large:
+            _remember(real, {**stamp, "sha256": digest})
     with _lock:
         _memory[key] = digest
     return digest
 
 
-def model_files(folder: Path, subfolders: Iterable[str] = ()) -> list[Path]:
-    """The files of a model folder that decide its output: top level, plus the named subfolders' top level."""
+def model_files(folder: Path, subfolders: Iterable[str] = (), names: Iterable[str] | None = None) -> list[Path]:
+    """The files of a model folder that decide its output: top level, plus the named subfolders' top level.
+
+    ``names``: only these files of the top level (a model given as one file in a shared folder).
+    """
+    wanted = None if names is None else set(names)
     found = []
     for place in [folder, *(folder / name for name in subfolders)]:
         for path in sorted(place.iterdir()):
+            if wanted is not None and place == folder and path.name not in wanted:
+                continue
             if not path.name.startswith(".") and path.suffix in MODEL_FILE_SUFFIXES and path.is_file():
                 found.append(path)
     return found
 
 
-def folder_identity(folder: str | Path, subfolders: Iterable[str] = ()) -> str:
+def folder_identity(folder: str | Path, subfolders: Iterable[str] = (), names: Iterable[str] | None = None) -> str:
     """``content:<hash>`` of a model folder: each file's path inside the folder and SHA-256, nothing else.
 
     The folder's own name and place, and the files' times, are left out on purpose (see the module doc).
     """
     root = Path(folder).expanduser()
     manifest = hashlib.sha256()
-    for path in model_files(root, subfolders):
+    for path in model_files(root, subfolders, names):
         relative = path.relative_to(root).as_posix()
         manifest.update(f"{relative}\0{file_digest(path)}\n".encode())
     return CONTENT_PREFIX + manifest.hexdigest()[:20]

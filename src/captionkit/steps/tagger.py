@@ -36,15 +36,18 @@ def tagger_identity(name_or_path: str, cache_dir: str | Path | None = None) -> d
 
     A local folder is its content (see :mod:`captionkit.models.identity`), a hub tagger its id and commit.
     """
+    from captionkit.models import taggers
     from captionkit.models.identity import LOCAL_MODEL, folder_identity
-    from captionkit.models.taggers import _resolve, detect_format
 
-    folder, revision, prefer_onnx = _resolve(str(name_or_path), cache_dir)
+    folder, revision, prefer_onnx = taggers._resolve(str(name_or_path), cache_dir)
+    # one model.onnx named in a shared folder: only the files a tagger reads, not its neighbours
+    names = (taggers.ONNX_FILE, taggers.TAGS_FILE, taggers.CONFIG_FILE, taggers.THRESHOLDS_FILE,
+             taggers.PREPROCESS_FILE) if prefer_onnx else None
     return {
         "backend": "tagger",
-        "format": detect_format(folder, prefer_onnx=prefer_onnx),
+        "format": taggers.detect_format(folder, prefer_onnx=prefer_onnx),
         "model": LOCAL_MODEL if revision is None else str(name_or_path),
-        "revision": folder_identity(folder) if revision is None else revision,
+        "revision": folder_identity(folder, names=names) if revision is None else revision,
         "onnx_file": prefer_onnx,
         "files": None,
     }
