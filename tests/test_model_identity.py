@@ -250,3 +250,51 @@ def test_a_hub_cache_file_is_known_by_its_blob_name(tmp_path):
     (snapshot / "model.safetensors").unlink()
     (snapshot / "model.safetensors").symlink_to(Path("../../blobs") / ("a" * 64))
     assert file_digest(snapshot / "model.safetensors") == "a" * 64
+
+
+def test_a_tagger_store_keyed_by_the_folder_path_is_rekeyed_by_its_content(tmp_path):
+    images = tmp_path / "images"
+    write_good_images(images, 2)
+    tagger = _tagger_folder(tmp_path / "tagger")
+    assert captionkit.tag(images, model=str(tagger), device="cpu", workers=2).processed == 2
+    files = {}  # what captionkit before schema 3 stored for a tagger folder: its path, sizes and mtimes
+    for path in sorted(tagger.iterdir()):
+        if path.is_file() and path.suffix in (".json", ".csv", ".onnx", ".safetensors", ".bin"):
+            files[path.name] = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    connection = sqlite3.connect(images / ".captionkit" / "store.sqlite")
+    with connection:
+        for step, record_id, settings in connection.execute("SELECT step, record_id, settings FROM results").fetchall():
+            old = {**json.loads(settings), "model": str(tagger.resolve()), "revision": None, "files": files}
+            connection.execute("UPDATE results SET settings = ?, fingerprint = ? WHERE step = ? AND record_id = ?",
+                               (json.dumps(old, sort_keys=True), fingerprint(old), step, record_id))
+        connection.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    connection.close()
+    again = captionkit.tag(images, model=str(tagger), device="cpu", workers=2)
+    assert (again.processed, again.reused) == (0, 2)
+    with Store(images) as store:
+        assert [result.settings["model"] for result in store.iter_results()] == ["local", "local"]
+
+
+def test_rekeyed_adapter_and_diffusers_settings_are_what_a_new_run_computes(tmp_path, tiny_florence):
+    from captionkit.models.florence2 import Florence2Captioner
+    from captionkit.models.identity import upgrade_stored_identity
+    from captionkit.steps.image_generator import pipeline_revision
+    from captionkit.testing_diffusion import build_tiny_flux
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4}))
+    now = Florence2Captioner(str(tiny_florence), adapter=adapter, device="cpu").fingerprint()
+    old = {**now, "model": str(tiny_florence.resolve()), "revision": _legacy_revision(tiny_florence),
+           "adapter": {"path": str(adapter.resolve()), "revision": _legacy_revision(adapter)}}
+    assert upgrade_stored_identity(old) == now
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8}))  # changed since: left to be redone
+    assert upgrade_stored_identity(old) is None
+
+    pipeline = build_tiny_flux(tmp_path / "flux")
+    legacy = hashlib.sha256(_legacy_revision(pipeline).encode())
+    for sub in sorted(path for path in pipeline.iterdir() if path.is_dir() and not path.name.startswith(".")):
+        legacy.update(f"{sub.name}:{_legacy_revision(sub)}".encode())
+    stored = {"backend": "diffusers", "model": str(pipeline.resolve()), "revision": "local:" + legacy.hexdigest()[:16]}
+    assert upgrade_stored_identity(stored) == {"backend": "diffusers", "model": "local",
+                                               "revision": pipeline_revision(pipeline)}

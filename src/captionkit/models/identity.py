@@ -111,6 +111,8 @@ def file_digest(path: Path) -> str:
     if isinstance(stored, dict) and {name: stored.get(name) for name in stamp} == stamp and stored.get("sha256"):
         digest = str(stored["sha256"])
     else:
+        if large:
+            log.info("reading %s (%.1f GB) once to identify the model by its content", path, info.st_size / 1e9)
         digest = _hash_file(path)
         if large:
             _remember(real, {**stamp, "sha256": digest})
@@ -142,6 +144,8 @@ def folder_identity(folder: str | Path, subfolders: Iterable[str] = (), names: I
     """
     root = Path(folder).expanduser()
     manifest = hashlib.sha256()
+    if root.is_file():  # a model given as one file: that file's content, not its name
+        return CONTENT_PREFIX + hashlib.sha256(file_digest(root).encode()).hexdigest()[:20]
     for path in model_files(root, subfolders, names):
         relative = path.relative_to(root).as_posix()
         manifest.update(f"{relative}\0{file_digest(path)}\n".encode())
