@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import captionkit
-from captionkit.store import Store, fingerprint
+from captionkit.store import SCHEMA_VERSION, Store, fingerprint
 from tests.images import write_good_images
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
 
@@ -146,4 +146,4 @@ def test_a_store_from_before_keeps_its_results_and_files(server, tmp_path):
     assert len(server.bodies) == asked
     assert all(path.read_text().endswith(", done") for path in folder.glob("*.txt"))  # still ours: re-rendered
     with Store(folder) as store:
-        assert store.get_meta("schema_version") == 2
+        assert store.get_meta("schema_version") == SCHEMA_VERSION

@@ -127,7 +127,7 @@ def test_fingerprint_follows_settings_not_record_text(lm_folder, local_step, tmp
     assert plain.fingerprint() != editor.fingerprint() != other.fingerprint()
     assert editor.fingerprint() == local_step.fingerprint()  # sys_prompt is the same key
     fingerprint = editor.fingerprint()
-    assert fingerprint["backend"] == "transformers" and fingerprint["revision"].startswith("local:")
+    assert fingerprint["backend"] == "transformers" and fingerprint["revision"].startswith("content:")
     assert "a red cat" not in json.dumps(fingerprint)
     first = editor.record_settings(records({"a": "a red cat", "b": "a dog"}))
     changed = editor.record_settings(records({"a": "a red cat", "b": "a big dog"}))

@@ -17,7 +17,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -26,7 +26,8 @@ STORE_FOLDER = ".captionkit"
 STORE_FILE = "store.sqlite"
 # Bumped when stored rows change meaning; an older store is brought up to date when it is opened.
 #   2: sidecar paths relative to the location; fingerprints of server backends without the server's address.
-SCHEMA_VERSION = 2
+#   3: a local model folder keyed by its content, not its path and file times (models/identity.py).
+SCHEMA_VERSION = 3
 _SCHEMA_KEY = "schema_version"
 # Settings that say where a model is reached, not what it is: never part of a fingerprint (see migrate).
 _ADDRESS_KEYS = {"openai": ("base_url",)}
@@ -85,6 +86,21 @@ def file_signature(path: Path | None) -> str | None:
     except OSError:
         return None
     return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def _without_addresses(settings: dict, memo: dict) -> dict | None:
+    """Schema 2: where a server is reached is not what it is (``base_url`` leaves the settings)."""
+    addresses = _ADDRESS_KEYS.get(settings.get("backend"))
+    if not addresses or not any(key in settings for key in addresses):
+        return None
+    return {key: value for key, value in settings.items() if key not in addresses}
+
+
+def _local_models_by_content(settings: dict, memo: dict) -> dict | None:
+    """Schema 3: a local model folder (still there, unchanged since) keyed by its content, not its path."""
+    from captionkit.models.identity import upgrade_stored_identity
+
+    return upgrade_stored_identity(settings, memo)
 
 
 @dataclass
@@ -177,31 +193,48 @@ class Store:
             return
         with self._connection:
             self._connection.execute("BEGIN IMMEDIATE")  # one process migrates; the others then see it done
-            if (self.get_meta(_SCHEMA_KEY) or 1) >= SCHEMA_VERSION:
+            version = self.get_meta(_SCHEMA_KEY) or 1
+            if version >= SCHEMA_VERSION:
                 return
-            rows = self._connection.execute("SELECT output_path FROM outputs").fetchall()
-            for (old,) in rows:
-                if not Path(old).is_absolute():
-                    continue
-                new = self._key(old)
-                if new != old:
-                    self._connection.execute("DELETE FROM outputs WHERE output_path = ?", (new,))
-                    self._connection.execute("UPDATE outputs SET output_path = ? WHERE output_path = ?", (new, old))
-            updates = []
-            for step, record_id, stored, settings_text in self._connection.execute(
-                    "SELECT step, record_id, fingerprint, settings FROM results WHERE settings IS NOT NULL"):
-                settings = json.loads(settings_text)
-                addresses = _ADDRESS_KEYS.get(settings.get("backend")) if isinstance(settings, dict) else None
-                if not addresses or not any(key in settings for key in addresses):
-                    continue
-                if fingerprint(settings) != stored:  # not the settings it was keyed by: leave it to be redone
-                    continue
-                kept = {key: value for key, value in settings.items() if key not in addresses}
-                updates.append((fingerprint(kept), json.dumps(kept, sort_keys=True, default=str), step, record_id))
-            self._connection.executemany(
-                "UPDATE results SET fingerprint = ?, settings = ? WHERE step = ? AND record_id = ?", updates)
+            if version < 2:
+                self._migrate_to_2()
+            if version < 3:
+                self._rekey(_local_models_by_content)
             self._connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                      (_SCHEMA_KEY, json.dumps(SCHEMA_VERSION)))
+
+    def _migrate_to_2(self) -> None:
+        """Sidecar paths relative to the location; server addresses out of the fingerprints."""
+        rows = self._connection.execute("SELECT output_path FROM outputs").fetchall()
+        for (old,) in rows:
+            if not Path(old).is_absolute():
+                continue
+            new = self._key(old)
+            if new != old:
+                self._connection.execute("DELETE FROM outputs WHERE output_path = ?", (new,))
+                self._connection.execute("UPDATE outputs SET output_path = ? WHERE output_path = ?", (new, old))
+        self._rekey(_without_addresses)
+
+    def _rekey(self, upgrade: Callable[[dict, dict], dict | None]) -> None:
+        """Give each result the settings ``upgrade`` makes of its own, and their fingerprint.
+
+        Only rows keyed by their stored settings are touched (any other is redone anyway);
+        ``upgrade`` returns None to leave a row as it is.
+        """
+        updates = []
+        memo: dict = {}
+        seen: dict[str, tuple[str, dict | None]] = {}  # settings text → (its fingerprint, upgraded); rows share them
+        for step, record_id, stored, settings_text in self._connection.execute(
+                "SELECT step, record_id, fingerprint, settings FROM results WHERE settings IS NOT NULL"):
+            if settings_text not in seen:
+                settings = json.loads(settings_text)
+                seen[settings_text] = ((fingerprint(settings), upgrade(settings, memo)) if isinstance(settings, dict)
+                                       else ("", None))
+            keyed_by, new = seen[settings_text]
+            if new is not None and keyed_by == stored:  # else not the settings it was keyed by: redone anyway
+                updates.append((fingerprint(new), json.dumps(new, sort_keys=True, default=str), step, record_id))
+        self._connection.executemany(
+            "UPDATE results SET fingerprint = ?, settings = ? WHERE step = ? AND record_id = ?", updates)
 
     @classmethod
     def open_existing(cls, location: str | Path) -> Store:

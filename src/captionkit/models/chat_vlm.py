@@ -16,22 +16,13 @@ from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.errors import CaptionkitError
-from captionkit.models import free_accelerator_memory, is_local
+from captionkit.models import free_accelerator_memory
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
+from captionkit.models.identity import model_identity
 
 log = logging.getLogger(__name__)
 
 ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
-
-
-def model_identity(model: str, revision: str | None) -> tuple[str, str]:
-    """(model id, revision) for fingerprints: a local folder is identified by its files, a hub id by revision."""
-    from captionkit.models.florence2 import _folder_revision
-
-    if is_local(model):
-        folder = Path(model).expanduser()
-        return str(folder.resolve()), _folder_revision(folder)
-    return model, revision or "main"
 
 
 def template_writes_bos(processor: Any, texts: list[str]) -> bool:

@@ -9,7 +9,6 @@ layout and do not load with these classes: they are mapped to the converted
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,16 +125,6 @@ def loading_error(model: str, what: str, needs: str, error: BaseException) -> Ca
     return model_unavailable(model, error)
 
 
-def _folder_revision(folder: Path) -> str:
-    """Identity of a local model folder: its config and the sizes/times of its weight files."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.iterdir()):
-        if path.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
-            info = path.stat()
-            digest.update(f"{path.name}:{info.st_size}:{info.st_mtime_ns}".encode())
-    return "local:" + digest.hexdigest()[:16]
-
-
 @dataclass
 class GenerationSettings:
     """Decoding options passed to ``generate``; all are part of the result fingerprint."""
@@ -215,14 +204,12 @@ class Florence2Captioner:
     # identity ----------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the raw output, precision included (fp16 captions differ from fp32 ones)."""
-        if is_local(self.model_name):
-            revision = _folder_revision(Path(self.model_name).expanduser())
-            model_id = str(Path(self.model_name).expanduser().resolve())
-        else:
-            model_id, revision = self.model_name, self.revision or "main"
+        from captionkit.models.identity import folder_identity, model_identity
+
+        model_id, revision = model_identity(self.model_name, self.revision)
         adapter = None
-        if self.adapter is not None:
-            adapter = {"path": str(self.adapter.resolve()), "revision": _folder_revision(self.adapter)}
+        if self.adapter is not None:  # like the model: its content, not its place
+            adapter = {"revision": folder_identity(self.adapter)}
         return {
             "backend": "florence2",
             "model": model_id,

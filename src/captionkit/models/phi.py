@@ -133,9 +133,9 @@ class Phi4MultimodalCaptioner(ChatVLMCaptioner):
         values = super().fingerprint()
         adapter = Path(self.model_name).expanduser() / VISION_ADAPTER
         if is_local(self.model_name) and adapter.is_dir():  # the folder revision does not look into subfolders
-            from captionkit.models.florence2 import _folder_revision
+            from captionkit.models.identity import folder_identity
 
-            values["vision_adapter"] = _folder_revision(adapter)
+            values["vision_adapter"] = folder_identity(adapter)
         return values
 
 

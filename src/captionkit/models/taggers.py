@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import gc
-import hashlib
 import json
 import logging
 import threading
@@ -234,19 +233,6 @@ def preprocessing_from_pretrained_cfg(cfg: dict[str, Any], channel_order: str) -
 # -- the model ------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path) -> str:
-    """sha256 of a file; hub blobs are already named by it, so those cost nothing."""
-    resolved = path.resolve()
-    name = resolved.name
-    if resolved != path.absolute() and len(name) == 64 and all(c in "0123456789abcdef" for c in name):
-        return name
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass
 class TaggerModel:
     """A loaded tagger. Use :func:`load_tagger` to make one.
@@ -293,17 +279,18 @@ class TaggerModel:
         return scores
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies these scores in the store: format, path, revision, file hashes."""
+        """What identifies these scores: format, revision, the files' SHA-256 (not where the folder is)."""
+        from captionkit.models.identity import file_digest
+
         with self._lock:
             if self._fingerprint is None:
                 files = {}
                 for path in [*self._weight_files, self.path / TAGS_FILE, self.path / THRESHOLDS_FILE,
                              self.path / PREPROCESS_FILE]:
                     if path.is_file() and path.name not in files:
-                        files[path.name] = _file_digest(path)
+                        files[path.name] = file_digest(path)
                 self._fingerprint = {
                     "format": self.format,
-                    "path": str(self.path),
                     "revision": self.revision,
                     "files": files,
                     "preprocessing": self.preprocessing.to_dict(),

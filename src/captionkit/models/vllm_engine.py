@@ -399,13 +399,9 @@ class VLLMCaptioner:
         """Settings that change the raw result. Not the parallelism or batch limits: they change
         speed, not text. ``max_model_len`` is in: a caption is cut where prompt + image tokens +
         caption reach it."""
-        from captionkit.models.florence2 import _folder_revision
+        from captionkit.models.identity import model_identity
 
-        if is_local(self.model_name):
-            folder = Path(self.model_name).expanduser()
-            model_id, revision = str(folder.resolve()), _folder_revision(folder)
-        else:
-            model_id, revision = self.model_name, self.revision or "main"
+        model_id, revision = model_identity(self.model_name, self.revision)
         return {
             "backend": "vllm",
             "family": self.model_type,

@@ -129,13 +129,11 @@ def image_stem(record_id: str) -> str:
 
 
 def pipeline_revision(folder: Path) -> str:
-    """Identity of a local diffusers folder: model_index.json and each component's config and weight files."""
-    from captionkit.models.florence2 import _folder_revision
+    """Identity of a local diffusers folder: the content of model_index.json and of each component's folder."""
+    from captionkit.models.identity import folder_identity
 
-    digest = hashlib.sha256(_folder_revision(folder).encode())
-    for sub in sorted(path for path in folder.iterdir() if path.is_dir() and not path.name.startswith(".")):
-        digest.update(f"{sub.name}:{_folder_revision(sub)}".encode())
-    return "local:" + digest.hexdigest()[:16]
+    components = sorted(path.name for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    return folder_identity(folder, components)
 
 
 def pipeline_class_name(folder: Path) -> str | None:
@@ -222,8 +220,10 @@ class ImageGeneratorStep:
         from captionkit.models.florence2 import resolve_device, resolve_dtype
 
         if self._is_local():
-            folder = Path(self.model_name).expanduser().resolve()
-            model_id, revision = str(folder), pipeline_revision(folder)
+            from captionkit.models.identity import LOCAL_MODEL
+
+            folder = Path(self.model_name).expanduser()
+            model_id, revision = LOCAL_MODEL, pipeline_revision(folder)
             pipeline_class = pipeline_class_name(folder)
         else:
             model_id, revision, pipeline_class = self.model_name, "main", None

@@ -32,22 +32,24 @@ def decode_scores(text: str) -> np.ndarray:
 
 
 def tagger_identity(name_or_path: str, cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """What identifies a tagger's scores, read from its files without loading the weights."""
-    from captionkit.models.taggers import _resolve, detect_format
+    """What identifies a tagger's scores, read from its files without loading the weights.
 
-    folder, revision, prefer_onnx = _resolve(str(name_or_path), cache_dir)
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix in (".json", ".csv", ".onnx", ".safetensors", ".bin"):
-            info = path.stat()
-            files[path.name] = f"{info.st_size}:{info.st_mtime_ns}"
+    A local folder is its content (see :mod:`captionkit.models.identity`), a hub tagger its id and commit.
+    """
+    from captionkit.models import taggers
+    from captionkit.models.identity import LOCAL_MODEL, folder_identity
+
+    folder, revision, prefer_onnx = taggers._resolve(str(name_or_path), cache_dir)
+    # one model.onnx named in a shared folder: only the files a tagger reads, not its neighbours
+    names = (taggers.ONNX_FILE, taggers.TAGS_FILE, taggers.CONFIG_FILE, taggers.THRESHOLDS_FILE,
+             taggers.PREPROCESS_FILE) if prefer_onnx else None
     return {
         "backend": "tagger",
-        "format": detect_format(folder, prefer_onnx=prefer_onnx),
-        "model": str(folder.resolve()) if revision is None else str(name_or_path),
-        "revision": revision,
+        "format": taggers.detect_format(folder, prefer_onnx=prefer_onnx),
+        "model": LOCAL_MODEL if revision is None else str(name_or_path),
+        "revision": folder_identity(folder, names=names) if revision is None else revision,
         "onnx_file": prefer_onnx,
-        "files": files if revision is None else None,
+        "files": None,
     }
 
 

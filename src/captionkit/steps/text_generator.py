@@ -83,8 +83,8 @@ class TransformersTextModel:
         self.dtype: Any = None
 
     def fingerprint(self) -> dict[str, Any]:
-        from captionkit.models.chat_vlm import model_identity
         from captionkit.models.florence2 import dtype_label
+        from captionkit.models.identity import model_identity
 
         model_id, revision = model_identity(self.model_name, None)
         return {
