@@ -106,7 +106,7 @@ def decode_only(model_folder: Path, paths: list[Path], workers: int) -> float:
     """captionkit's decode + preprocess alone, in the same worker pool: the ceiling for the pipeline."""
     from transformers import AutoProcessor
 
-    from captionkit.images import load_image
+    from captionkit.core.images import load_image
 
     processor = AutoProcessor.from_pretrained(model_folder)
     size = processor.image_processor.size

@@ -71,8 +71,8 @@ def prepare_cost(model: str, folder: Path, count: int = 40, side: int | None = N
 
     ``side``: preprocess to this square input instead of the tiny model's 64² (768 is Florence-2's).
     """
+    from captionkit.core.records import Record
     from captionkit.models.florence2 import Florence2Captioner
-    from captionkit.records import Record
     from captionkit.steps.captioner import CaptionStep
 
     step = CaptionStep(Florence2Captioner(model=model))
@@ -90,7 +90,7 @@ def prepare_cost(model: str, folder: Path, count: int = 40, side: int | None = N
 
 def tagger_prepare_cost(folder: Path, side: int = 448) -> float:
     """CPU seconds per image of a tagger's prepare: decode (at a reduced scale) + pad, resize, normalise to side²."""
-    from captionkit.images import load_image
+    from captionkit.core.images import load_image
     from captionkit.models.taggers import Preprocessing
 
     preprocessing = Preprocessing(size=(side, side))
@@ -104,11 +104,11 @@ def tagger_prepare_cost(folder: Path, side: int = 448) -> float:
 
 def commit_cost(folder: Path, count: int = 2000, batch: int = 32, sidecars: bool = True) -> float:
     """Driver seconds per image to commit results (one store transaction per batch) and write their sidecars."""
-    from captionkit.executor import LocalExecutor, RunSummary
-    from captionkit.records import Record
-    from captionkit.sinks import SidecarSink
+    from captionkit.core.records import Record
+    from captionkit.core.sinks import SidecarSink
+    from captionkit.core.store import Store
+    from captionkit.executors.local import LocalExecutor, RunSummary
     from captionkit.steps.base import Prepared
-    from captionkit.store import Store
 
     class Step:
         field = "caption"

@@ -117,7 +117,7 @@ def guarded(name: str, work: Callable[[], Any]) -> Any:
 
 def stored_texts(folder: Path, step: str = "caption") -> dict[str, str]:
     """record id → caption text, from a run's store."""
-    from captionkit.store import Store
+    from captionkit.core.store import Store
 
     with Store(folder) as store:
         return {result.record_id: result.text or "" for result in store.iter_results(step)}
@@ -125,7 +125,7 @@ def stored_texts(folder: Path, step: str = "caption") -> dict[str, str]:
 
 def stored_parsed(folder: Path, step: str = "caption") -> dict[str, str]:
     """record id → the raw parsed Florence-2 caption (before captionkit's text clean-up)."""
-    from captionkit.store import Store
+    from captionkit.core.store import Store
 
     with Store(folder) as store:
         return {result.record_id: str((result.raw or {}).get("parsed", "")) for result in store.iter_results(step)}
@@ -294,17 +294,17 @@ def devices(args: argparse.Namespace) -> None:
 
 def vlms(args: argparse.Namespace) -> None:
     import captionkit
-    from captionkit.errors import CaptionkitError
+    from captionkit.core.errors import CaptionkitError
 
     work = Path(args.work)
     folder = work / "vlm-images"
     shutil.rmtree(folder, ignore_errors=True)
     write_images(folder, args.images, args.image_side)
     builders = {
-        "llava": ("captionkit.testing_vlms.llava", "build_llava"),
-        "qwen2_vl": ("captionkit.testing_vlms.qwen_vl", "build_qwen2_vl"),
-        "smolvlm": ("captionkit.testing_vlms.idefics", "build_smolvlm"),
-        "idefics3": ("captionkit.testing_vlms.idefics", "build_idefics3"),
+        "llava": ("captionkit.testing.vlms.llava", "build_llava"),
+        "qwen2_vl": ("captionkit.testing.vlms.qwen_vl", "build_qwen2_vl"),
+        "smolvlm": ("captionkit.testing.vlms.idefics", "build_smolvlm"),
+        "idefics3": ("captionkit.testing.vlms.idefics", "build_idefics3"),
     }
     built: dict[str, Path] = {}
     for family in args.families.split(","):

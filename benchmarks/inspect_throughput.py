@@ -58,7 +58,7 @@ def write_store(folder: Path) -> None:
     """What `captionkit caption` leaves: a store with each image's signature and content hash."""
     import hashlib
 
-    from captionkit.store import Result, Store, file_signature
+    from captionkit.core.store import Result, Store, file_signature
 
     with Store(folder) as store:
         results = []
@@ -108,7 +108,7 @@ def main() -> None:
         from captionkit._torchvision_compat import ensure_torchvision
 
         ensure_torchvision()
-        from captionkit.tokens import clip_token_count
+        from captionkit.core.tokens import clip_token_count
 
         clip_token_count("warm up")
         load_s = time.perf_counter() - started

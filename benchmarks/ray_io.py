@@ -37,9 +37,9 @@ def make_tree(root: Path, files: int, folders: int) -> None:
 def listing(root: Path, cpus: int) -> None:
     import ray
 
+    from captionkit.core.records import open_source
+    from captionkit.core.store import file_signature
     from captionkit.executors.ray_sources import list_records
-    from captionkit.records import open_source
-    from captionkit.store import file_signature
 
     started = time.perf_counter()
     local = list(open_source(root))

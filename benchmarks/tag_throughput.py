@@ -68,8 +68,8 @@ def reference_loop(tagger, paths: list[Path]) -> np.ndarray:
 def pipeline(model_path: str, folder: Path, out: Path, batch_size: int, workers: int, device: str):
     """The real `captionkit tag` pipeline (threaded decode ahead, scaled JPEG decode, store), no files."""
     import captionkit
+    from captionkit.core.store import Store
     from captionkit.steps.tagger import decode_scores
-    from captionkit.store import Store
 
     summary = captionkit.tag(folder, model=model_path, batch_size=batch_size, workers=workers, device=device,
                              output_dir=out, write_sidecars=False, recursive=False)

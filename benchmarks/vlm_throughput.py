@@ -67,7 +67,7 @@ def main() -> None:
         os.environ.pop(name, None)
     ensure_torchvision()
     import captionkit
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     work = Path(tempfile.mkdtemp(prefix="ck-vlm-bench-"))
     try:
@@ -77,7 +77,7 @@ def main() -> None:
         summary = captionkit.caption(work / "images", model=str(model), prompt=PROMPT,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                      write_sidecars=False, progress="quiet")
-        from captionkit.store import Store
+        from captionkit.core.store import Store
 
         with Store(work / "images") as store:
             stored = store.get_many("caption", [path.name for path in paths])

@@ -9,7 +9,7 @@ import pyarrow.parquet as parquet
 import pytest
 
 import captionkit
-from captionkit.store import Store
+from captionkit.core.store import Store
 from tests.images import write_bad_corpus, write_good_images
 
 FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import captionkit
-from captionkit.store import Store
+from captionkit.core.store import Store
 from tests.images import write_good_images
 
 

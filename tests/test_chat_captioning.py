@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 import captionkit
-from captionkit.errors import CaptionkitError
-from captionkit.store import Result, Store
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.store import Result, Store
 
 KEY_ENV = "CK_CHAT_TEST_KEY"
 KEY = "sk-chat-test-SECRET-abcdef0123456789"

@@ -120,7 +120,7 @@ def test_a_resume_with_another_metric_does_not_compare_old_scores(tmp_path):
 
 
 def test_a_damaged_index_is_a_clear_error(tmp_path):
-    from captionkit.errors import CaptionkitError
+    from captionkit.core.errors import CaptionkitError
 
     (tmp_path / "checkpoints.json").write_text('{"checkpoints": [{"no-tag": 1}]')
     with pytest.raises(CaptionkitError, match="delete"):

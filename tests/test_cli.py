@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from captionkit.atomic import TEMP_MARKER
+from captionkit.core.atomic import TEMP_MARKER
 from tests.images import write_good_images
 
 CLI = [sys.executable, "-m", "captionkit.cli"]

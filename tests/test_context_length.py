@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from captionkit.api import build_captioner
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models.base import CaptionRequest, ItemFailure
-from captionkit.testing_vlms.llava import build_llava
+from captionkit.testing.vlms.llava import build_llava
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import captionkit
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
 from tests.run_state import copy_of, state

@@ -179,8 +179,8 @@ def workspace(tmp_path_factory, tiny_florence) -> Path:
     """A template folder (images, manifests, examples/, tiny local models) and a hub cache of tiny models."""
     import pandas as pd
 
-    from captionkit.testing_vlms.llava import build_joycaption, build_llava
-    from captionkit.testing_vlms.qwen_vl import build_qwen2_vl
+    from captionkit.testing.vlms.llava import build_joycaption, build_llava
+    from captionkit.testing.vlms.qwen_vl import build_qwen2_vl
     from tests.images import write_good_images
 
     base = tmp_path_factory.mktemp("docs")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from captionkit.environment import describe_os_error
+from captionkit.core.environment import describe_os_error
 from tests.images import write_good_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def _broken_package(folder: Path, name: str, raise_line: str) -> Path:
 ])
 def test_a_package_that_fails_to_import_is_named_not_the_model_folder_or_the_disk(
         tmp_path, tiny_florence, package, raise_line, model):
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     folder = tiny_florence if model == "florence" else build_llava(tmp_path / "llava")
     write_good_images(tmp_path / "photos", 1)

@@ -38,7 +38,7 @@ ROOT = EXAMPLES.parent
 @pytest.fixture(scope="module")
 def hub_cache(tmp_path_factory, tiny_florence) -> Path:
     """A Hugging Face cache in which every hub id of examples/ resolves offline to a tiny model."""
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
     from tests.test_docs import _put_in_hub_cache, _tiny_tagger
 
     base = tmp_path_factory.mktemp("examples-hub")

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import yaml
 
-from captionkit.errors import CaptionkitError
-from captionkit.executor import LocalExecutor, RunOptions
-from captionkit.exit_codes import FailureAllowance, parse_max_failures, run_exit_code
-from captionkit.records import Record
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.exit_codes import FailureAllowance, parse_max_failures, run_exit_code
+from captionkit.core.records import Record
+from captionkit.core.store import Store
+from captionkit.executors.local import LocalExecutor, RunOptions
 from captionkit.steps.base import Prepared
-from captionkit.store import Store
 from tests.images import write_good_images
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
@@ -352,8 +352,8 @@ def test_training_on_only_unreadable_images_exits_3_and_writes_no_model(tmp_path
 
 
 def test_a_ray_run_that_stopped_moving_exits_3_like_any_run_stopped_early():
-    from captionkit.executor import RunSummary
+    from captionkit.core.exit_codes import exit_code_for
+    from captionkit.executors.local import RunSummary
     from captionkit.executors.ray_executor import RayStalledError
-    from captionkit.exit_codes import exit_code_for
 
     assert exit_code_for(RayStalledError("no progress for 30 s", RunSummary(field="caption"))) == 3

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import captionkit
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.store import Store
 from captionkit.models.florence2 import native_model_id, resolve_device, resolve_dtype
-from captionkit.store import Store
 from tests.images import write_good_images
 
 

@@ -12,10 +12,10 @@ pytest.importorskip("diffusers")
 
 from PIL import Image  # noqa: E402
 
-from captionkit.atomic import TEMP_MARKER  # noqa: E402
-from captionkit.errors import CaptionkitError  # noqa: E402
+from captionkit.core.atomic import TEMP_MARKER  # noqa: E402
+from captionkit.core.errors import CaptionkitError  # noqa: E402
+from captionkit.core.records import Record  # noqa: E402
 from captionkit.models.base import ItemFailure  # noqa: E402
-from captionkit.records import Record  # noqa: E402
 from captionkit.steps.image_generator import derive_seed, image_stem  # noqa: E402
 from captionkit.steps.registry import StepContext, find_step_type  # noqa: E402
 
@@ -24,14 +24,14 @@ HEIGHT, WIDTH = 32, 48
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory) -> Path:
-    from captionkit.testing_diffusion import build_tiny_flux
+    from captionkit.testing.diffusion import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
 
 
 @pytest.fixture(scope="module")
 def tiny_sd3(tmp_path_factory) -> Path:
-    from captionkit.testing_diffusion import build_tiny_sd3
+    from captionkit.testing.diffusion import build_tiny_sd3
 
     return build_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
 

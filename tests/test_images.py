@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from captionkit.errors import ImageLoadError
-from captionkit.images import load_image, parse_color
+from captionkit.core.errors import ImageLoadError
+from captionkit.core.images import load_image, parse_color
 from tests.images import jpeg_bytes, noise_image, write_bad_corpus
 
 

@@ -276,7 +276,7 @@ def test_full_mode_matches_default(planted, planted_report):
 
 
 def test_t5_token_counts_with_a_local_tokenizer(planted, tmp_path):
-    from captionkit.testing_diffusion import build_t5_tokenizer
+    from captionkit.testing.diffusion import build_t5_tokenizer
 
     build_t5_tokenizer().save_pretrained(tmp_path / "t5")
     report = inspect_dataset(planted, t5_tokenizer=tmp_path / "t5", near_duplicates=False, **SMALL)
@@ -286,8 +286,8 @@ def test_t5_token_counts_with_a_local_tokenizer(planted, tmp_path):
 
 
 def _store_data_set(folder: Path) -> None:
-    from captionkit.images import load_image
-    from captionkit.store import Result, Store, file_signature
+    from captionkit.core.images import load_image
+    from captionkit.core.store import Result, Store, file_signature
 
     folder.mkdir()
     for index in range(6):
@@ -341,7 +341,7 @@ def test_store_is_read_without_changing_anything(tmp_path):
 
 
 def test_tag_files_are_known_from_the_ledger_after_the_folder_moved(tmp_path):
-    from captionkit.store import OutputRecord, Store, text_hash
+    from captionkit.core.store import OutputRecord, Store, text_hash
 
     folder = tmp_path / "tagged"
     folder.mkdir()
@@ -445,8 +445,8 @@ def test_contradiction_rules():
 def test_loop_prefilter_never_hides_a_loop():
     import random
 
+    from captionkit.core.text import collapse_repetitions
     from captionkit.inspection.checks import may_loop
-    from captionkit.text import collapse_repetitions
 
     rng = random.Random(0)
     vocabulary = "a b c d e f g h i j k l".split()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import captionkit
-from captionkit.store import SCHEMA_VERSION, Store, fingerprint
+from captionkit.core.store import SCHEMA_VERSION, Store, fingerprint
 from tests.images import write_good_images
 
 FAST = {"max_new_tokens": 8, "num_beams": 1, "progress": "quiet", "workers": 2}
@@ -129,7 +129,7 @@ def test_a_copied_or_touched_tagger_reuses_the_tags_and_a_changed_one_does_not(t
 
 
 def test_a_copied_chat_vlm_folder_reuses_the_captions(tmp_path):
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     images = tmp_path / "images"
     write_good_images(images, 2)
@@ -144,9 +144,9 @@ def test_a_copied_chat_vlm_folder_reuses_the_captions(tmp_path):
 
 
 def test_a_diffusers_folder_and_an_adapter_are_keyed_by_content(tmp_path, tiny_florence):
+    from captionkit.core.identity import pipeline_revision
     from captionkit.models.florence2 import Florence2Captioner
-    from captionkit.steps.image_generator import pipeline_revision
-    from captionkit.testing_diffusion import build_tiny_flux
+    from captionkit.testing.diffusion import build_tiny_flux
 
     pipeline = build_tiny_flux(tmp_path / "flux")
     copy = _copy(pipeline, tmp_path / "copies" / "flux")
@@ -231,7 +231,7 @@ def test_a_store_keyed_by_the_folder_path_is_rekeyed_by_its_content(tmp_path, ti
 
 def test_a_hub_cache_file_is_known_by_its_blob_name(tmp_path):
     """A Hugging Face snapshot links to blobs named by their SHA-256: the same digest, nothing read."""
-    from captionkit.models.identity import file_digest, folder_identity
+    from captionkit.core.identity import file_digest, folder_identity
 
     data = b"tensor bytes" * 100
     digest = hashlib.sha256(data).hexdigest()
@@ -276,10 +276,9 @@ def test_a_tagger_store_keyed_by_the_folder_path_is_rekeyed_by_its_content(tmp_p
 
 
 def test_rekeyed_adapter_and_diffusers_settings_are_what_a_new_run_computes(tmp_path, tiny_florence):
+    from captionkit.core.identity import pipeline_revision, upgrade_stored_identity
     from captionkit.models.florence2 import Florence2Captioner
-    from captionkit.models.identity import upgrade_stored_identity
-    from captionkit.steps.image_generator import pipeline_revision
-    from captionkit.testing_diffusion import build_tiny_flux
+    from captionkit.testing.diffusion import build_tiny_flux
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
-from captionkit.errors import CaptionkitError, MissingDependencyError
+from captionkit.core.errors import CaptionkitError, MissingDependencyError
 from captionkit.models.base import BACKEND_SCOPE, MODEL_SCOPE, CaptionRequest, ChatSettings, ItemFailure
 from captionkit.models.openai_server import (
     REFUSED_MAX_DELAY_S,

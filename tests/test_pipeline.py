@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.pipeline import load_pipeline, run_pipeline
 from tests.images import write_good_images
 
@@ -267,7 +267,7 @@ def _peak_rss_mb(pipeline: Path) -> float:
 @pytest.mark.slow
 def test_one_model_resident_at_a_time(tmp_path):
     """A two-model pipeline peaks near its larger step, not at the sum of both models."""
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     # bf16 makes each load a real copy in memory (fp32 weights would stay memory-mapped from the files)
     first = build_llava(tmp_path / "first", hidden=1024, layers=8, seed=1)
@@ -295,7 +295,7 @@ def test_the_example_pipeline_runs_on_tiny_models(tmp_path, tiny_florence):
     """examples/pipeline.yaml as shipped, with only its model names pointed at tiny local models."""
     from safetensors.torch import save_file
 
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
     from tests.test_taggers_formats import SIZE, TAG_ROWS, tiny_model, write_tags_csv
 
     tagger = tmp_path / "tagger"

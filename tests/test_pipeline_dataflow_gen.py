@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.pipeline import load_pipeline, run_pipeline
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -99,10 +99,10 @@ steps:
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from captionkit.testing_diffusion import build_tiny_flux, build_tiny_sd3
-    from captionkit.testing_text import build_tiny_chat_lm
-    from captionkit.testing_vlms.llava import build_llava
-    from captionkit.testing_vlms.qwen_vl import build_qwen2_vl
+    from captionkit.testing.diffusion import build_tiny_flux, build_tiny_sd3
+    from captionkit.testing.text import build_tiny_chat_lm
+    from captionkit.testing.vlms.llava import build_llava
+    from captionkit.testing.vlms.qwen_vl import build_qwen2_vl
 
     root = tmp_path_factory.mktemp("dataflow-gen-models")
     return {"flux": build_tiny_flux(root / "flux"), "sd3": build_tiny_sd3(root / "sd3"),
@@ -143,7 +143,7 @@ def test_a_dataflow_gen_file_runs_unchanged_and_resumes(tmp_path, tiny_models, o
 # --------------------------------------------------------------- the documentation's example, as written
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> Path:
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     return build_llava(tmp_path_factory.mktemp("dataflow-gen-llava") / "llava")
 
@@ -263,9 +263,9 @@ def test_the_documented_added_step_is_pointed_at_its_indentation_then_its_key_th
 
 
 def test_gpt_text_generator_sends_each_records_text_after_the_prompt(tmp_path, tiny_llava, monkeypatch, caplog):
-    from captionkit.records import Record
+    from captionkit.core.records import Record
     from captionkit.steps.registry import StepContext
-    from captionkit.testing_text import build_tiny_chat_lm
+    from captionkit.testing.text import build_tiny_chat_lm
 
     head = EXAMPLE.read_text().split("\nsteps:")[0]
     block = [" " + line if index else line for index, line in enumerate(added_step_block())]

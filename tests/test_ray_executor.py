@@ -19,10 +19,10 @@ import pyarrow.parquet as parquet
 import pytest
 
 import captionkit
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.sinks import export_parquet_shards
+from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
-from captionkit.sinks import export_parquet_shards
-from captionkit.store import Store
 from tests.images import write_good_images
 from tests.run_state import copy_of, state
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
@@ -378,7 +378,7 @@ def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path,
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     model = build_llava(tmp_path / "llava")
     write_good_images(tmp_path / "local", 6)
@@ -466,9 +466,9 @@ def _tree(root: Path) -> Path:
 
 
 def test_folders_are_listed_in_parallel_with_the_local_records_and_signatures(tmp_path, ray_address):
+    from captionkit.core.records import open_source
+    from captionkit.core.store import file_signature
     from captionkit.executors.ray_executor import RayExecutor
-    from captionkit.records import open_source
-    from captionkit.store import file_signature
 
     root = _tree(tmp_path / "tree")
     expected = list(open_source(root))
@@ -495,8 +495,8 @@ def test_manifests_are_read_by_ray_data_with_the_local_records(tmp_path, ray_add
 
     import pyarrow as pa
 
+    from captionkit.core.records import open_source
     from captionkit.executors.ray_executor import RayExecutor
-    from captionkit.records import open_source
 
     rows = _manifest_rows(tmp_path)
     manifest = tmp_path / f"list.{kind}"
@@ -518,8 +518,8 @@ def test_manifests_are_read_by_ray_data_with_the_local_records(tmp_path, ray_add
 
 
 def test_a_bad_manifest_line_is_named_as_locally(tmp_path, ray_address):
+    from captionkit.core.records import open_source
     from captionkit.executors.ray_executor import RayExecutor
-    from captionkit.records import open_source
 
     write_good_images(tmp_path / "images", 2)
     manifest = tmp_path / "list.jsonl"
@@ -535,9 +535,9 @@ def test_a_bad_manifest_line_is_named_as_locally(tmp_path, ray_address):
 def test_a_ray_instance_started_for_a_listing_that_ends_the_run_is_shut_down(monkeypatch, tmp_path, outcome):
     """No run follows an empty listing (or a failed one) to shut down the Ray this process started."""
     ray = pytest.importorskip("ray")
+    from captionkit.core.records import open_source
     from captionkit.executors import ray_sources
     from captionkit.executors.ray_executor import RayExecutor
-    from captionkit.records import open_source
 
     stopped = []
     monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as parquet
 import pytest
 
-from captionkit.errors import SourceError
-from captionkit.records import open_source
+from captionkit.core.errors import SourceError
+from captionkit.core.records import open_source
 from tests.images import noise_image
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import captionkit
-from captionkit.store import SCHEMA_VERSION, Store, fingerprint
+from captionkit.core.store import SCHEMA_VERSION, Store, fingerprint
 from tests.images import write_good_images
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
 

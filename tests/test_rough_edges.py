@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import captionkit
-from captionkit.atomic import atomic_write_text, current_umask
-from captionkit.errors import CaptionkitError, ImageLoadError
-from captionkit.images import load_image
+from captionkit.core.atomic import atomic_write_text, current_umask
+from captionkit.core.errors import CaptionkitError, ImageLoadError
+from captionkit.core.images import load_image
 from tests.images import write_good_images
 
 CLI = [sys.executable, "-m", "captionkit.cli"]

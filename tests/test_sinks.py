@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from captionkit.atomic import TEMP_MARKER
-from captionkit.records import Record
-from captionkit.sinks import SidecarSink
-from captionkit.store import Store
+from captionkit.core.atomic import TEMP_MARKER
+from captionkit.core.records import Record
+from captionkit.core.sinks import SidecarSink
+from captionkit.core.store import Store
 
 
 def _records(root: Path, names: list[str]) -> list[Record]:
@@ -156,7 +156,7 @@ def test_an_unwritable_target_is_reported_and_the_rest_written(tmp_path):
 
 
 def _failing_writes(monkeypatch):
-    import captionkit.sinks as sinks
+    import captionkit.core.sinks as sinks
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 import captionkit
-from captionkit.images import load_image
+from captionkit.core.images import load_image
+from captionkit.core.store import Store
+from captionkit.core.tagging import TagOptions, render_tags, select_tags
 from captionkit.models.taggers import load_tagger
 from captionkit.steps.tagger import decode_scores
-from captionkit.store import Store
-from captionkit.tagging import TagOptions, render_tags, select_tags
 from tests.images import write_good_images
 from tests.test_taggers_formats import SIZE, TAG_ROWS, tiny_model, write_tags_csv
 

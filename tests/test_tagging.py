@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from captionkit.tagging import (
+from captionkit.core.tagging import (
     TagOptions,
     escape_parentheses,
     mcut_threshold,
@@ -145,7 +145,7 @@ def test_misaligned_inputs_fail():
 
 
 def test_score_lines_for_print_mode():
-    from captionkit.tagging import score_lines
+    from captionkit.core.tagging import score_lines
 
     lines = score_lines("a/b.png", [("long_hair", 0.91234), ("^_^", 0.5)], TagOptions())
     assert lines == ["a/b.png: long hair: 0.9123", "a/b.png: ^_^: 0.5000"]
@@ -154,7 +154,7 @@ def test_score_lines_for_print_mode():
 def test_threshold_keys_may_be_category_numbers_and_rating_is_refused():
     import pytest
 
-    from captionkit.tagging import TagOptions
+    from captionkit.core.tagging import TagOptions
 
     assert TagOptions(thresholds={"4": 0.1}).category_threshold(4) == 0.1
     assert TagOptions(thresholds={"character": 0.2}).category_threshold(4) == 0.2

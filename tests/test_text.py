@@ -1,6 +1,6 @@
 """Caption cleanup: special tokens, whitespace and repetition loops."""
 
-from captionkit.text import clean_caption, collapse_repetitions
+from captionkit.core.text import clean_caption, collapse_repetitions
 
 
 def test_special_and_location_tokens_are_removed():
@@ -20,7 +20,7 @@ def test_whitespace_is_normalised():
 
 
 def test_refusals_are_recognised_and_ordinary_captions_are_not():
-    from captionkit.text import is_refusal
+    from captionkit.core.text import is_refusal
 
     refusals = ["I'm sorry, but I can't help with that image.", "I am sorry, I cannot describe this image.",
                 "I cannot help with this request.", "Sorry, but I can't assist with that.",
@@ -33,7 +33,7 @@ def test_refusals_are_recognised_and_ordinary_captions_are_not():
 
 
 def test_filler_openers_are_removed():
-    from captionkit.text import strip_filler_openers
+    from captionkit.core.text import strip_filler_openers
 
     assert strip_filler_openers("The image shows a cat on a mat.") == "A cat on a mat."
     assert strip_filler_openers("In this image, we can see a red car.") == "A red car."

@@ -8,11 +8,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
 from captionkit.models.base import ItemFailure
-from captionkit.records import Record
 from captionkit.steps.registry import StepContext, find_step_type
-from captionkit.testing_text import build_tiny_chat_lm
+from captionkit.testing.text import build_tiny_chat_lm
 
 KEY_ENV = "CK_TEST_TEXTGEN_KEY"
 KEY = "sk-textgen-SECRET-0123456789abcdef"

@@ -18,8 +18,8 @@ import yaml
 from PIL import Image
 
 import captionkit
+from captionkit.core.text import clean_caption
 from captionkit.steps.captioner import CaptionStep, CaptionText
-from captionkit.text import clean_caption
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
 
 DIRTY = " A red\x01 cat\x10 on a \x1b[31mmat\x1b[0m\ufffd.\r\nIt sleeps\x7f.\n\n\u2028Second\x0cline\x85end\ufeff "
@@ -27,7 +27,7 @@ CLEAN = "A red cat on a mat. It sleeps. Second line end"
 
 
 def test_clean_caption_removes_control_characters_and_joins_lines():
-    from captionkit.text import unclean_characters
+    from captionkit.core.text import unclean_characters
 
     assert clean_caption(DIRTY) == CLEAN
     assert unclean_characters(DIRTY) == {"control": 5, "replacement": 1, "line_breaks": 4}
@@ -98,8 +98,8 @@ def test_openai_server_captions_are_cleaned_and_no_cleanup_keeps_them(tmp_path, 
 
 
 def test_pipeline_text_generator_output_is_cleaned(tmp_path, monkeypatch):
+    from captionkit.core.store import Store
     from captionkit.pipeline import run_pipeline
-    from captionkit.store import Store
 
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)

@@ -1,6 +1,6 @@
 """The CPU-thread tuner: measures before it decides, and only when decoding competes with the model."""
 
-from captionkit.thread_tuning import ThreadTuner
+from captionkit.core.thread_tuning import ThreadTuner
 
 
 def _run(tuner: ThreadTuner, seconds_per_image: dict[int, float], decode_share: float, batches: int = 8):

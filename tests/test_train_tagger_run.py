@@ -124,8 +124,8 @@ def test_tiny_tagger_learns_shapes_and_a_resumed_run_ends_the_same(shapes, tmp_p
         assert resumed.final_metrics[key] == pytest.approx(full.final_metrics[key], abs=1e-4), key
 
     # The exported best model tags new images through the public loader, timm and ONNX alike.
+    from captionkit.core.tagging import TagOptions, select_tags
     from captionkit.models.taggers import TaggerLoadError, load_tagger
-    from captionkit.tagging import TagOptions, select_tags
 
     with pytest.raises(TaggerLoadError, match="training run, not a model; pass --model .*best"):
         load_tagger(str(out), device="cpu")
@@ -237,7 +237,7 @@ def test_pretrained_weights_from_a_local_file_or_a_clear_error_offline(tmp_path,
 def test_missing_training_extras_give_install_hints(tmp_path, monkeypatch):
     import sys
 
-    from captionkit.errors import MissingDependencyError
+    from captionkit.core.errors import MissingDependencyError
     from captionkit.train.captioner import CaptionerTrainConfig, train_captioner
     from captionkit.train.captioner_data import DatasetSpec
 

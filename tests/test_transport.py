@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from captionkit.core.records import Record
 from captionkit.executors.transport import PackedPixels, pack, pack_prepared, payload_bytes, unpack, unpack_prepared
 from captionkit.models.base import CaptionRequest
-from captionkit.records import Record
 from captionkit.steps.base import Prepared
 
 

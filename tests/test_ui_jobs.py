@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.ui import forms, tasks
 from captionkit.ui.jobs import JobManager, JobRefused
 from tests.images import write_good_images
@@ -181,7 +181,7 @@ def _rss_bytes() -> int:
 
 
 def test_switching_models_unloads_the_previous_one_and_frees_its_memory(tmp_path):
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     folder = tmp_path / "photos"
     write_good_images(folder, 2)
@@ -217,7 +217,7 @@ def test_switching_models_unloads_the_previous_one_and_frees_its_memory(tmp_path
 
 
 def test_model_not_found_and_a_missing_extra_are_plain_sentences(tmp_path, manager):
-    from captionkit.errors import MissingDependencyError
+    from captionkit.core.errors import MissingDependencyError
     from captionkit.ui.jobs import plain_error
 
     folder = tmp_path / "photos"
@@ -330,7 +330,7 @@ def test_stop_button_eta_and_stop_message_follow_the_job(tmp_path, manager):
 
 
 def test_the_job_summary_names_why_the_circuit_breaker_stopped_the_run():
-    from captionkit.executor import RunSummary
+    from captionkit.executors.local import RunSummary
     from captionkit.ui.jobs import summary_line
 
     reason = "Stopped early after 8 images in a row failed: connection refused."

@@ -10,8 +10,8 @@ import pytest
 
 import captionkit
 from captionkit import api, cli
-from captionkit.errors import CaptionkitError
-from captionkit.store import Store
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.store import Store
 from captionkit.ui import exposure_warning, forms, parse_auth
 from captionkit.ui.dataset import Dataset
 from tests.images import write_good_images
@@ -77,15 +77,15 @@ def test_opening_and_paging_a_large_folder_decodes_only_the_page(tmp_path, monke
         tiny.save(folder / f"{index:05d}.png")
     (folder / "00007.txt").write_text("a red circle")
     decoded = []
-    import captionkit.images
+    import captionkit.core.images
 
-    real = captionkit.images.load_image
+    real = captionkit.core.images.load_image
 
     def counting(path, *args, **kwargs):
         decoded.append(path)
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(captionkit.images, "load_image", counting)
+    monkeypatch.setattr(captionkit.core.images, "load_image", counting)
     dataset = Dataset(folder)
     assert len(dataset.ids) == 3000 and not decoded  # listing decodes nothing
     page = dataset.page(dataset.ids, 1, 24)

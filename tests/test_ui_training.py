@@ -112,7 +112,7 @@ def test_the_train_tab_job_stops_and_resumes_and_its_curves_and_samples_are_read
 
 
 def test_training_form_errors_are_plain(tmp_path):
-    from captionkit.errors import CaptionkitError
+    from captionkit.core.errors import CaptionkitError
     from captionkit.train.config import ConfigError
 
     manager = JobManager(log_file=tmp_path / "ui.log")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from captionkit.errors import CaptionkitError, MissingDependencyError
+from captionkit.core.errors import CaptionkitError, MissingDependencyError
 from captionkit.models import get_backend
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure
 from captionkit.models.vllm_engine import (

@@ -1,6 +1,6 @@
 """BLIP-2, Mllama and Phi (4-multimodal native, 3-vision remote code) through their registered backends.
 
-Each family runs on a tiny random-weight model built offline (``captionkit.testing_vlms``).
+Each family runs on a tiny random-weight model built offline (``captionkit.testing.vlms``).
 The parity test is the proof that batching is right: images of different sizes and prompts of
 different lengths force left padding, query/image-token expansion, tile padding (Mllama) and crop
 padding (Phi-4), and every row must still decode exactly what it decodes alone.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models import backend_for_model_type, get_backend
 from captionkit.models.base import CaptionRequest, ChatSettings
 from tests.images import noise_image
@@ -22,19 +22,19 @@ MAX_NEW_TOKENS = 8
 
 
 def _build_blip2(folder):
-    from captionkit.testing_vlms.blip2 import build_blip2
+    from captionkit.testing.vlms.blip2 import build_blip2
 
     return build_blip2(folder)
 
 
 def _build_mllama(folder):
-    from captionkit.testing_vlms.mllama import build_mllama
+    from captionkit.testing.vlms.mllama import build_mllama
 
     return build_mllama(folder)
 
 
 def _build_phi4(folder):
-    from captionkit.testing_vlms.phi import build_phi4_multimodal
+    from captionkit.testing.vlms.phi import build_phi4_multimodal
 
     return build_phi4_multimodal(folder, vision_lora=True)
 

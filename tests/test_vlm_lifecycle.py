@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import captionkit
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from tests.images import write_good_images
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
@@ -20,7 +20,7 @@ CLI = [sys.executable, "-m", "captionkit.cli"]
 
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory) -> Path:
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     return build_llava(tmp_path_factory.mktemp("tiny-llava"))
 
@@ -73,7 +73,7 @@ def test_trust_remote_code_is_recorded_in_the_fingerprint(tiny_llava):
 
 @pytest.mark.slow
 def test_ten_loads_and_unloads_leave_memory_where_it_was(tmp_path):
-    from captionkit.testing_vlms.llava import build_llava
+    from captionkit.testing.vlms.llava import build_llava
 
     model = build_llava(tmp_path / "bigger-llava", hidden=512, layers=4)  # ~40 MB of weights: a leak would show
     weights = sum(path.stat().st_size for path in model.glob("*.safetensors"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models import backend_for_model_type, get_backend, read_model_config
 from captionkit.models.base import CaptionRequest, ChatSettings
 from tests.images import noise_image
@@ -35,7 +35,7 @@ def folders(tmp_path_factory) -> dict[str, object]:
 
     built = {}
     for variant, (_, module, function) in VARIANTS.items():
-        builder = getattr(importlib.import_module(f"captionkit.testing_vlms.{module}"), function)
+        builder = getattr(importlib.import_module(f"captionkit.testing.vlms.{module}"), function)
         built[variant] = builder(tmp_path_factory.mktemp(f"tiny-{variant}"))
     return built
 

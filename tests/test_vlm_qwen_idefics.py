@@ -8,17 +8,17 @@ import importlib.util
 
 import pytest
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models import backend_for_model_type
 from captionkit.models.base import CaptionRequest, ChatSettings
 from tests.images import noise_image
 
 BUILDERS = {
-    "qwen2_vl": ("captionkit.testing_vlms.qwen_vl", "build_qwen2_vl", "qwen_vl"),
-    "qwen2_5_vl": ("captionkit.testing_vlms.qwen_vl", "build_qwen2_5_vl", "qwen_vl"),
-    "qwen3_vl": ("captionkit.testing_vlms.qwen_vl", "build_qwen3_vl", "qwen_vl"),
-    "idefics3": ("captionkit.testing_vlms.idefics", "build_idefics3", "idefics3"),
-    "smolvlm": ("captionkit.testing_vlms.idefics", "build_smolvlm", "smolvlm"),
+    "qwen2_vl": ("captionkit.testing.vlms.qwen_vl", "build_qwen2_vl", "qwen_vl"),
+    "qwen2_5_vl": ("captionkit.testing.vlms.qwen_vl", "build_qwen2_5_vl", "qwen_vl"),
+    "qwen3_vl": ("captionkit.testing.vlms.qwen_vl", "build_qwen3_vl", "qwen_vl"),
+    "idefics3": ("captionkit.testing.vlms.idefics", "build_idefics3", "idefics3"),
+    "smolvlm": ("captionkit.testing.vlms.idefics", "build_smolvlm", "smolvlm"),
 }
 FAMILIES = list(BUILDERS)
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

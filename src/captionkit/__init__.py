@@ -8,10 +8,10 @@ Library API (the CLI is a thin layer over it)::
 
 from captionkit import _torchvision_compat  # noqa: F401 - first: its import hook repairs any later torchvision import
 from captionkit.api import ModelOptions, build_captioner, caption, export, render, tag, tag_options
-from captionkit.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
-from captionkit.executor import RunSummary
+from captionkit.core.errors import CaptionkitError, ImageLoadError, ModelNotAvailableError
+from captionkit.core.records import Record, open_source
+from captionkit.executors.local import RunSummary
 from captionkit.models import list_backends
-from captionkit.records import Record, open_source
 
 __all__ = [
     "CaptionkitError", "ImageLoadError", "ModelNotAvailableError", "ModelOptions", "Record", "RunSummary",

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from captionkit.errors import CaptionkitError, SourceError
-from captionkit.executor import RunOptions, RunSummary
-from captionkit.images import DEFAULT_MAX_PIXELS, parse_color
-from captionkit.progress import Progress
-from captionkit.records import Source, open_source
-from captionkit.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
-from captionkit.store import STORE_FOLDER, Store
+from captionkit.core.errors import CaptionkitError, SourceError
+from captionkit.core.images import DEFAULT_MAX_PIXELS, parse_color
+from captionkit.core.records import Source, open_source
+from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
+from captionkit.core.store import STORE_FOLDER, Store
+from captionkit.executors.local import RunOptions, RunSummary
+from captionkit.executors.progress import Progress
 
 log = logging.getLogger("captionkit")
 DEFAULT_CAPTION_MODEL = "florence-community/Florence-2-base"
@@ -455,7 +455,7 @@ def _run_step(
 
 def no_images_message(source: Source) -> str:
     """Why a source gave no records, with what was looked for."""
-    from captionkit.records import FolderSource, ManifestSource, image_extensions
+    from captionkit.core.records import FolderSource, ManifestSource, image_extensions
 
     if isinstance(source, FolderSource):
         extensions = set(source.extensions or image_extensions())
@@ -532,7 +532,7 @@ def tag_options(
     separator: str = ", ",
 ):
     """TagOptions from keyword arguments, with errors users can act on."""
-    from captionkit.tagging import TagOptions
+    from captionkit.core.tagging import TagOptions
 
     try:
         return TagOptions(
@@ -586,7 +586,7 @@ def tag(
 ) -> RunSummary:
     """Tag every image under ``path`` with a WD-style or captionkit-trained tagger.
 
-    ``options`` is a :class:`captionkit.tagging.TagOptions` (see :func:`tag_options`). All
+    ``options`` is a :class:`captionkit.core.tagging.TagOptions` (see :func:`tag_options`). All
     scores are stored, so :func:`render` can apply other options later without the model.
     ``print_scores`` prints ``image: tag: score`` lines for the chosen tags. ``executor``,
     ``ray_address``, ``devices`` and the ``ray_*`` options are :func:`caption`'s.

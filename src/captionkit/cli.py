@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from captionkit.errors import CaptionkitError
-from captionkit.exit_codes import CONTRACT as _EXIT_CODES
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.exit_codes import CONTRACT as _EXIT_CODES
 
 app = typer.Typer(
     name="captionkit",
@@ -48,7 +48,7 @@ _MAX_FAILURES_HELP = ("Still exit 0 when at most this many images fail: a number
 
 def _exit_for_summary(summary, allowance) -> None:
     """Exit with the contract's code (see ``captionkit --help``) for a caption or tag run."""
-    from captionkit.exit_codes import OK, run_exit_code
+    from captionkit.core.exit_codes import OK, run_exit_code
 
     unwritten = len(summary.write_errors)  # stored, but the caption file is missing: not done
     code = run_exit_code(succeeded=summary.processed + summary.reused - unwritten,
@@ -198,7 +198,7 @@ def caption(
 ) -> None:
     """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
     from captionkit import api
-    from captionkit.exit_codes import parse_max_failures
+    from captionkit.core.exit_codes import parse_max_failures
 
     allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
     mode = "quiet" if quiet else progress
@@ -328,7 +328,7 @@ def tag(
 ) -> None:
     """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""
     from captionkit import api
-    from captionkit.exit_codes import parse_max_failures
+    from captionkit.core.exit_codes import parse_max_failures
 
     allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
     options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
@@ -436,7 +436,7 @@ def run_command(
     progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
 ) -> None:
     """Run a multi-step pipeline (caption, tag, template, filter, generate, export); resumable per step and record."""
-    from captionkit.exit_codes import OK, parse_max_failures, run_exit_code
+    from captionkit.core.exit_codes import OK, parse_max_failures, run_exit_code
     from captionkit.pipeline import run_pipeline
 
     if config is not None and pipeline is not None and config != pipeline:
@@ -540,7 +540,7 @@ def inspect_command(
         progress="quiet" if quiet else progress,
     )
     if not result.counts["images"]:  # as caption and tag say it: one sentence, exit 2
-        from captionkit.records import open_source
+        from captionkit.core.records import open_source
 
         source = open_source(dataset, recursive=recursive, image_column=image_column, base_dir=base_dir,
                              include_hidden=include_hidden)
@@ -680,12 +680,12 @@ def main() -> None:
             pass
         command(prog_name="captionkit")
     except CaptionkitError as error:
-        from captionkit.exit_codes import exit_code_for
+        from captionkit.core.exit_codes import exit_code_for
 
         print(f"error: {error}", file=sys.stderr)
         sys.exit(exit_code_for(error))  # 2, or 3 when nothing succeeded
     except sqlite3.Error as error:  # the store: a full disk, a read-only or corrupt store.sqlite
-        from captionkit.environment import is_storage_problem
+        from captionkit.core.environment import is_storage_problem
 
         hint = (" Check free space and permissions, or write elsewhere with --output-dir."
                 if is_storage_problem(error) else "")
@@ -696,7 +696,7 @@ def main() -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - only named causes become messages; the rest re-raise
-        from captionkit.environment import broken_environment, describe_os_error
+        from captionkit.core.environment import broken_environment, describe_os_error
 
         broken = broken_environment(error)
         if broken is not None:  # a package that fails to import: the environment, never the user's files

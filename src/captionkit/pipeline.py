@@ -2,7 +2,7 @@
 
 A pipeline file names an input (an image folder or a manifest), where intermediate and
 final results go, and a list of steps. Each step is built from the step registry
-(:mod:`captionkit.steps.registry`) and run by :class:`captionkit.executor.LocalExecutor`,
+(:mod:`captionkit.steps.registry`) and run by :class:`captionkit.executors.local.LocalExecutor`,
 the same objects `captionkit caption` and `captionkit tag` use. Each step writes its own
 field; the store in ``base_folder`` keeps every result with a per-record fingerprint
 that includes the step's inputs, so a rerun does only what changed.
@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from captionkit.errors import CaptionkitError
-from captionkit.records import MANIFEST_SUFFIXES, Record, open_source
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import MANIFEST_SUFFIXES, Record, open_source
+from captionkit.core.sinks import TABLE_FORMATS, write_table
 from captionkit.steps.registry import StepContext, StepType, find_step_type
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ DATAFLOW_GEN_CLASSES: dict[str, dict[str, tuple[str, ...]]] = {
     "TextGenerator": {"GPTTextGenerator": (), "APIGenerator": (_API,), "LocalModelGenerator": ()},
     "VideoCaptioner": {}, "VideoGenerator": {},
 }
-OUTPUT_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+OUTPUT_FORMATS = TABLE_FORMATS
 _SECRET_KEYS = ("api_key", "openai_api_key", "token", "hf_token", "password")
 
 
@@ -399,7 +400,7 @@ def _image_column(pipeline: Pipeline, columns: list[str]) -> str | None:
         return pipeline.image_key or "image"
     if pipeline.image_key:
         return pipeline.image_key
-    from captionkit.records import _IMAGE_COLUMN_GUESSES
+    from captionkit.core.records import _IMAGE_COLUMN_GUESSES
 
     return next((name for name in _IMAGE_COLUMN_GUESSES if name in columns), None)
 
@@ -570,7 +571,7 @@ def _is_text_only(pipeline: Pipeline) -> bool:
     key = pipeline.image_key
     if key is not None:
         return key not in columns
-    from captionkit.records import _IMAGE_COLUMN_GUESSES
+    from captionkit.core.records import _IMAGE_COLUMN_GUESSES
 
     return not any(name in columns for name in _IMAGE_COLUMN_GUESSES)
 
@@ -589,7 +590,7 @@ def _manifest_columns(pipeline: Pipeline) -> list[str]:
 # ---------------------------------------------------------------------------------------------- running
 def _records(pipeline: Pipeline, lister=None) -> list[Record]:
     """The pipeline's input records; ``lister`` (an executor) lists them where it runs (Ray: in parallel)."""
-    from captionkit.records import ManifestSource
+    from captionkit.core.records import ManifestSource
 
     source = open_source(pipeline.input, recursive=pipeline.recursive, image_column=pipeline.image_key,
                          base_dir=pipeline.meta_folder, text_only=pipeline.text_only)
@@ -709,10 +710,10 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                   progress: str, workers: int, listener, stop, executor: str, scale: dict,
                   stream) -> PipelineReport:
     from captionkit.api import attach_run_log
-    from captionkit.executor import LocalExecutor, RunOptions
+    from captionkit.core.store import Store
     from captionkit.executors import make_executor
-    from captionkit.progress import Progress
-    from captionkit.store import Store
+    from captionkit.executors.local import LocalExecutor, RunOptions
+    from captionkit.executors.progress import Progress
 
     count = len(pipeline.steps)
     if from_step is not None and not 1 <= from_step <= count:
@@ -725,7 +726,7 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
     base = _records(pipeline, lister)
     pipeline.base_folder.mkdir(parents=True, exist_ok=True)
     if not dry_run:  # temp files a killed run left in the folders the pipeline writes (generated images too)
-        from captionkit.atomic import remove_stale_temp_files, remove_stale_temp_files_under
+        from captionkit.core.atomic import remove_stale_temp_files, remove_stale_temp_files_under
         from captionkit.steps.image_generator import OUTPUT_FOLDER
 
         remove_stale_temp_files_under(pipeline.base_folder)
@@ -846,7 +847,7 @@ def _migrate_step_folders(pipeline: Pipeline) -> None:
 
 def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: list[Record]) -> Path:
     """``<base_folder>/step_<n>_<type>_<name>/result.jsonl``: this step's results, as the seed lays them out."""
-    from captionkit.atomic import atomic_write_lines
+    from captionkit.core.atomic import atomic_write_lines
 
     folder = pipeline.base_folder / step_folder_name(step)
     stored = store.get_many(step.output_field, [record.id for record in records])
@@ -898,53 +899,6 @@ def _image_value(pipeline: Pipeline, record: Record) -> str:
     if record.path is None:
         return ""
     return Path(os.path.relpath(record.path.resolve(), root.resolve())).as_posix()
-
-
-def write_table(rows: list[dict[str, Any]], target: Path, fmt: str) -> Path:
-    """Write rows as jsonl, json, csv, tsv or parquet, atomically."""
-    import io
-
-    from captionkit.atomic import atomic_write_bytes, atomic_write_lines, atomic_write_text
-
-    columns: list[str] = []
-    for row in rows:
-        columns.extend(key for key in row if key not in columns)
-    if fmt == "jsonl":
-        atomic_write_lines(target, (json.dumps(row, ensure_ascii=False, default=str) for row in rows))
-    elif fmt == "json":
-        atomic_write_text(target, json.dumps(rows, ensure_ascii=False, indent=2, default=str) + "\n")
-    elif fmt in ("csv", "tsv"):
-        import csv
-
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
-                             for key, value in row.items()})
-        atomic_write_text(target, buffer.getvalue())
-    elif fmt == "parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as parquet
-
-        def uniform(column: str) -> bool:
-            kinds = {type(row.get(column)) for row in rows if row.get(column) is not None}
-            return len(kinds) <= 1 and not kinds & {dict, list}
-
-        # A column of mixed types (1 and "n/a") or nested values is written as text, so it still fits a schema.
-        plain = {column: uniform(column) for column in columns}
-        table = pa.Table.from_pylist([
-            {column: row.get(column) if plain[column] or row.get(column) is None else (
-                json.dumps(row[column], ensure_ascii=False, default=str) if isinstance(row[column], (dict, list))
-                else str(row[column])) for column in columns}
-            for row in rows
-        ])
-        buffer = io.BytesIO()
-        parquet.write_table(table, buffer)
-        atomic_write_bytes(target, buffer.getvalue())
-    else:  # pragma: no cover - validated when the file is read
-        raise CaptionkitError(f"output format {fmt}: use one of {', '.join(OUTPUT_FORMATS)}.")
-    return target
 
 
 def write_final_table(pipeline: Pipeline, store, base: list[Record]) -> Path:

@@ -1,6 +1,6 @@
 """Executors beyond this process: a Ray cluster (``--executor ray``) and every GPU of one machine (``--devices``).
 
-All of them run the same step objects as :class:`captionkit.executor.LocalExecutor` and
+All of them run the same step objects as :class:`captionkit.executors.local.LocalExecutor` and
 commit through its ``_save``: only the driver (the process that was started) writes the
 store and the sidecars; workers return raw results. :func:`make_executor` picks one.
 """
@@ -11,9 +11,9 @@ import pickle
 from collections.abc import Sequence
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.executor import LocalExecutor, RunOptions
-from captionkit.progress import Progress
+from captionkit.core.errors import CaptionkitError
+from captionkit.executors.local import LocalExecutor, RunOptions
+from captionkit.executors.progress import Progress
 from captionkit.steps.base import Prepared
 
 EXECUTORS = ("local", "ray")

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.executor import LocalExecutor, RunOptions, RunSummary, _StopFlag
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
+from captionkit.core.sinks import SidecarSink
+from captionkit.core.store import Store
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
-from captionkit.progress import Progress
-from captionkit.records import Record
-from captionkit.sinks import SidecarSink
+from captionkit.executors.local import LocalExecutor, RunOptions, RunSummary, _StopFlag
+from captionkit.executors.progress import Progress
 from captionkit.steps.base import Prepared, Step
-from captionkit.store import Store
 
 log = logging.getLogger(__name__)
 LOST = ("lost: the worker on {device} died {times} times before finishing it; it is tried again on the "

@@ -47,15 +47,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, StoppedEarlyError, require
-from captionkit.executor import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
+from captionkit.core.errors import CaptionkitError, StoppedEarlyError, require
+from captionkit.core.records import Record, Source
+from captionkit.core.sinks import SidecarSink
+from captionkit.core.store import Store
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
+from captionkit.executors.local import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
+from captionkit.executors.progress import Progress
 from captionkit.executors.transport import pack_prepared, unpack_prepared
-from captionkit.progress import Progress
-from captionkit.records import Record, Source
-from captionkit.sinks import SidecarSink
 from captionkit.steps.base import Prepared, Step
-from captionkit.store import Store
 
 log = logging.getLogger(__name__)
 ISOLATION_WAIT_S = 120  # for a model actor to be placed before the lost images wait for the next run

@@ -1,8 +1,8 @@
 """Records for ``--executor ray``: folders listed by Ray tasks in parallel, manifests read by Ray Data's readers.
 
 The records, their order, the skipped rows and folders are the ones the local sources
-give (the same functions run, only elsewhere): :class:`~captionkit.records.FolderSource`'s
-``list_folder`` in tasks over disjoint subtrees, :func:`~captionkit.records.row_record` over
+give (the same functions run, only elsewhere): :class:`~captionkit.core.records.FolderSource`'s
+``list_folder`` in tasks over disjoint subtrees, :func:`~captionkit.core.records.row_record` over
 the rows Ray Data reads (``read_text`` for JSONL, ``read_csv`` with every column as text,
 ``read_parquet``). Each image's file signature (size, mtime) is read where it is listed, so
 the driver does not stat millions of files one by one before it can ask the store what is done.
@@ -21,9 +21,17 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import SourceError
-from captionkit.records import FolderListing, FolderSource, ManifestSource, Record, Source, image_extensions, row_record
-from captionkit.store import file_signature
+from captionkit.core.errors import SourceError
+from captionkit.core.records import (
+    FolderListing,
+    FolderSource,
+    ManifestSource,
+    Record,
+    Source,
+    image_extensions,
+    row_record,
+)
+from captionkit.core.store import file_signature
 
 log = logging.getLogger(__name__)
 SPLIT_DEPTH = 4  # the driver lists at most this many levels itself to find enough subtrees for the tasks

@@ -22,15 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, MissingDependencyError
-from captionkit.images import DEFAULT_MAX_PIXELS
+from captionkit.core.errors import CaptionkitError, MissingDependencyError
+from captionkit.core.images import DEFAULT_MAX_PIXELS
+from captionkit.core.records import open_source
+from captionkit.executors.progress import Progress
 from captionkit.inspection.buckets import parse_resolution
 from captionkit.inspection.checks import CheckOptions, caption_checks, image_checks, tag_checks, text_file_checks
 from captionkit.inspection.dataset import StoreView, collect, read_selected_tags, source_kind
 from captionkit.inspection.findings import KINDS, SEVERITIES, Finding, resolve_fail_on
 from captionkit.inspection.scan import safe_scan
-from captionkit.progress import Progress
-from captionkit.records import open_source
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -92,14 +92,14 @@ class InspectionReport:
         }
 
     def write_json(self, path: str | Path) -> Path:
-        from captionkit.atomic import atomic_write_text
+        from captionkit.core.atomic import atomic_write_text
 
         path = Path(path).expanduser()
         atomic_write_text(path, json.dumps(self.as_dict(), ensure_ascii=False, indent=1, default=str) + "\n")
         return path
 
     def write_html(self, path: str | Path) -> Path:
-        from captionkit.atomic import atomic_write_text
+        from captionkit.core.atomic import atomic_write_text
         from captionkit.inspection.report import render_html
 
         path = Path(path).expanduser()
@@ -112,7 +112,7 @@ def _clip_counter(notes: list[str]) -> Callable[[str], int] | None:
         from captionkit._torchvision_compat import ensure_torchvision
 
         ensure_torchvision()  # open_clip imports torchvision
-        from captionkit.tokens import clip_token_count
+        from captionkit.core.tokens import clip_token_count
 
         clip_token_count("warm up")
     except MissingDependencyError as error:

@@ -10,19 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.inspection.buckets import Buckets
-from captionkit.inspection.contradictions import find_contradictions
-from captionkit.inspection.dataset import Collected, Entry, tag_key
-from captionkit.inspection.findings import Finding
-from captionkit.inspection.hashing import near_duplicate_pairs
-from captionkit.tagging import category_name
-from captionkit.text import (
+from captionkit.core.tagging import category_name
+from captionkit.core.text import (
     collapse_repetitions,
     is_refusal,
     normalise_whitespace,
     strip_filler_openers,
     unclean_characters,
 )
+from captionkit.inspection.buckets import Buckets
+from captionkit.inspection.contradictions import find_contradictions
+from captionkit.inspection.dataset import Collected, Entry, tag_key
+from captionkit.inspection.findings import Finding
+from captionkit.inspection.hashing import near_duplicate_pairs
 
 CLIP_LIMIT = 77
 T5_LIMITS = (256, 512)

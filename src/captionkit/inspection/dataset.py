@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.records import FolderSource, ManifestSource, Record, Source
-from captionkit.store import STORE_FILE, STORE_FOLDER
+from captionkit.core.records import FolderSource, ManifestSource, Record, Source
+from captionkit.core.store import STORE_FILE, STORE_FOLDER
 
 log = logging.getLogger(__name__)
 

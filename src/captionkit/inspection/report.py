@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from captionkit.errors import MissingDependencyError
+from captionkit.core.errors import MissingDependencyError
 from captionkit.inspection.findings import KINDS, Finding
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from captionkit.errors import ImageLoadError
-from captionkit.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.core.errors import ImageLoadError
+from captionkit.core.images import DEFAULT_MAX_PIXELS, load_image
 from captionkit.inspection.dataset import Entry
 from captionkit.inspection.hashing import phash
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, ModelNotAvailableError
+from captionkit.core.errors import CaptionkitError, ModelNotAvailableError
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 DEFAULT_CHAT_PROMPT = "Describe this image in one detailed sentence."
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.identity import model_identity
 from captionkit.models import free_accelerator_memory
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
-from captionkit.models.identity import model_identity
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.errors import CaptionkitError, MissingDependencyError
+from captionkit.core.errors import CaptionkitError, MissingDependencyError
 from captionkit.models import is_local, model_unavailable, register_backend
 from captionkit.models.base import CaptionRequest
 
@@ -114,7 +114,7 @@ def check_attention(attn_implementation: str, device: str, dtype) -> None:
 def loading_error(model: str, what: str, needs: str, error: BaseException) -> CaptionkitError:
     """One plain message when from_pretrained fails: a broken environment, a broken local folder, or a hub
     model not to be had."""
-    from captionkit.environment import broken_environment
+    from captionkit.core.environment import broken_environment
 
     broken = broken_environment(error)
     if broken is not None:  # a package failing to import inside transformers: not the folder's fault
@@ -204,7 +204,7 @@ class Florence2Captioner:
     # identity ----------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """Everything that changes the raw output, precision included (fp16 captions differ from fp32 ones)."""
-        from captionkit.models.identity import folder_identity, model_identity
+        from captionkit.core.identity import folder_identity, model_identity
 
         model_id, revision = model_identity(self.model_name, self.revision)
         adapter = None
@@ -254,7 +254,7 @@ class Florence2Captioner:
                     f"{self.adapter}: no adapter_config.json; point --adapter at a LoRA adapter folder "
                     "saved by `captionkit train captioner`."
                 )
-            from captionkit._warnings import peft_wrapping_quietly
+            from captionkit.core.warnings_filter import peft_wrapping_quietly
 
             with peft_wrapping_quietly():
                 model = PeftModel.from_pretrained(model, str(self.adapter))

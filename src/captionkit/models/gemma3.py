@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.models import register_backend
 from captionkit.models.base import ChatSettings
 from captionkit.models.chat_vlm import ChatVLMCaptioner

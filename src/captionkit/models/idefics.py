@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from captionkit.errors import CaptionkitError, MissingDependencyError
+from captionkit.core.errors import CaptionkitError, MissingDependencyError
 from captionkit.models import register_backend
 from captionkit.models.chat_vlm import ChatVLMCaptioner
 

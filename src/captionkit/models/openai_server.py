@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from captionkit.errors import CaptionkitError, require
+from captionkit.core.errors import CaptionkitError, require
 from captionkit.models import register_backend
 from captionkit.models.base import (
     BACKEND_SCOPE,

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, MissingDependencyError, ModelNotAvailableError
+from captionkit.core.errors import CaptionkitError, MissingDependencyError, ModelNotAvailableError
 from captionkit.models import is_local, register_backend
 from captionkit.models.base import CaptionRequest, ItemFailure
 from captionkit.models.chat_vlm import ChatVLMCaptioner, remote_code_error
@@ -133,7 +133,7 @@ class Phi4MultimodalCaptioner(ChatVLMCaptioner):
         values = super().fingerprint()
         adapter = Path(self.model_name).expanduser() / VISION_ADAPTER
         if is_local(self.model_name) and adapter.is_dir():  # the folder revision does not look into subfolders
-            from captionkit.models.identity import folder_identity
+            from captionkit.core.identity import folder_identity
 
             values["vision_adapter"] = folder_identity(adapter)
         return values

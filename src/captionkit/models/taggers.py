@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from captionkit.errors import CaptionkitError, ModelNotAvailableError
+from captionkit.core.errors import CaptionkitError, ModelNotAvailableError
 
 _log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class TaggerModel:
     ``tags``/``categories`` are aligned with the columns of :meth:`predict`.
     ``default_thresholds`` maps category names to the model's suggested thresholds and,
     when the model ships tuned per-tag thresholds, ``"per_tag"`` to a float32 array
-    aligned with ``tags`` (pass it to :func:`captionkit.tagging.select_tags`).
+    aligned with ``tags`` (pass it to :func:`captionkit.core.tagging.select_tags`).
     """
 
     format: str
@@ -280,7 +280,7 @@ class TaggerModel:
 
     def fingerprint(self) -> dict[str, Any]:
         """What identifies these scores: format, revision, the files' SHA-256 (not where the folder is)."""
-        from captionkit.models.identity import file_digest
+        from captionkit.core.identity import file_digest
 
         with self._lock:
             if self._fingerprint is None:
@@ -561,7 +561,7 @@ def load_preprocessing(name_or_path: str, cache_dir: str | Path | None = None) -
     fmt = detect_format(folder, prefer_onnx=prefer_onnx)
     if fmt != FORMAT_WD_ONNX:
         return _timm_preprocessing(folder, fmt, _read_json(folder / CONFIG_FILE))
-    from captionkit.errors import require
+    from captionkit.core.errors import require
 
     onnx = require("onnx", "ONNX taggers", extra="onnx")
     model_path = folder / ONNX_FILE
@@ -604,7 +604,7 @@ def _load_onnx(folder: Path, device: str) -> tuple[_OnnxRunner, Preprocessing, l
     try:
         import onnxruntime as ort
     except ImportError as error:
-        from captionkit.errors import MissingDependencyError
+        from captionkit.core.errors import MissingDependencyError
 
         raise MissingDependencyError("onnxruntime", "ONNX taggers", extra="onnx") from error
     providers, cuda_required = _onnx_providers(device)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError, MissingDependencyError, require
+from captionkit.core.errors import CaptionkitError, MissingDependencyError, require
 from captionkit.models import free_accelerator_memory, is_local, read_model_config, register_backend
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
 
@@ -399,7 +399,7 @@ class VLLMCaptioner:
         """Settings that change the raw result. Not the parallelism or batch limits: they change
         speed, not text. ``max_model_len`` is in: a caption is cut where prompt + image tokens +
         caption reach it."""
-        from captionkit.models.identity import model_identity
+        from captionkit.core.identity import model_identity
 
         model_id, revision = model_identity(self.model_name, self.revision)
         return {

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from captionkit.records import Record
+from captionkit.core.records import Record
 
 
 @dataclass

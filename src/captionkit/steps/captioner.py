@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.core.records import Record
+from captionkit.core.text import clean_caption, is_refusal, strip_filler_openers
 from captionkit.models.base import CaptionRequest, ItemFailure
-from captionkit.records import Record
 from captionkit.steps.base import Prepared
-from captionkit.text import clean_caption, is_refusal, strip_filler_openers
 
 SAMPLE_CHOICES = ("first", "longest", "all")
 
@@ -159,7 +159,7 @@ class CaptionStep:
     def use_device(self, device: str) -> None:
         """Run the model on ``device`` (``cpu``, ``cuda``, ``cuda:N``) when it loads; before ``load``."""
         if not hasattr(self.captioner, "device_name"):
-            from captionkit.errors import CaptionkitError
+            from captionkit.core.errors import CaptionkitError
 
             raise CaptionkitError(f"{type(self.captioner).__name__} does not run on a local device; "
                                   "--devices is for models that run in this process.")
@@ -206,14 +206,14 @@ class CaptionStep:
 
     def cpu_thread_candidates(self) -> list[int]:
         """Thread counts the executor may measure when the model runs on the CPU (after load)."""
-        from captionkit.thread_tuning import torch_thread_candidates
+        from captionkit.core.thread_tuning import torch_thread_candidates
 
         if not hasattr(self.captioner, "model"):  # servers: nothing runs in this process
             return []
         return torch_thread_candidates(getattr(self.captioner, "device", "cpu"))
 
     def set_cpu_threads(self, count: int) -> None:
-        from captionkit.thread_tuning import set_torch_threads
+        from captionkit.core.thread_tuning import set_torch_threads
 
         set_torch_threads(count)
 
@@ -278,7 +278,7 @@ def build_pipeline_captioner(config: dict[str, Any], context: Any) -> CaptionSte
     import logging
 
     from captionkit.api import ModelOptions, build_captioner
-    from captionkit.images import parse_color
+    from captionkit.core.images import parse_color
     from captionkit.models.openai_server import api_model_error
 
     options = {key: value for key, value in config.items() if key not in (*_TEXT_KEYS, "batch_size", "background",

@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.records import Record
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
 from captionkit.steps.registry import StepContext, register_step
 
 FORMATS = ("sidecar", "jsonl", "json", "csv", "tsv", "parquet", "imagefolder")
@@ -29,7 +29,7 @@ class ExportStep:
             raise CaptionkitError(f"format '{fmt}': use one of {', '.join(FORMATS)}.")
         if fmt == "sidecar" and not field:
             raise CaptionkitError("format sidecar needs 'field': the record field to write beside each image.")
-        from captionkit.sinks import CollisionPolicy, ExistingPolicy
+        from captionkit.core.sinks import CollisionPolicy, ExistingPolicy
 
         for key, value, policy in (("existing", existing, ExistingPolicy), ("on_collision", on_collision,
                                                                             CollisionPolicy)):
@@ -60,8 +60,8 @@ class ExportStep:
             return self._sidecars(records, store)
         if self.format == "imagefolder":
             return self._imagefolder(records)
-        from captionkit.atomic import remove_stale_temp_files
-        from captionkit.pipeline import write_table
+        from captionkit.core.atomic import remove_stale_temp_files
+        from captionkit.core.sinks import write_table
 
         target = self._destination(f"export.{self.format}")
         remove_stale_temp_files([target.parent])  # a killed export's leftovers
@@ -69,7 +69,7 @@ class ExportStep:
         return len(records)
 
     def _sidecars(self, records: list[Record], store: Any) -> int:
-        from captionkit.sinks import CollisionPolicy, ExistingPolicy, SidecarSink
+        from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink
 
         with_images = [record for record in records if record.path is not None]
         output_dir = self._destination(self.path).resolve() if self.path else None
@@ -84,8 +84,8 @@ class ExportStep:
 
     def _imagefolder(self, records: list[Record]) -> int:
         """``metadata.jsonl`` with ``file_name`` beside the images, as `datasets`' imagefolder loader reads it."""
-        from captionkit.atomic import atomic_open, remove_stale_temp_files_under
-        from captionkit.pipeline import write_table
+        from captionkit.core.atomic import atomic_open, remove_stale_temp_files_under
+        from captionkit.core.sinks import write_table
 
         folder = self._destination("imagefolder")
         remove_stale_temp_files_under(folder)  # half-copied images of a killed run

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.records import Record
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
 from captionkit.steps.base import Prepared
 from captionkit.steps.registry import StepContext, register_step
 
@@ -39,7 +39,7 @@ class FilterStep:
                     raise CaptionkitError(
                         f"{name}: {pattern!r} is not a valid regular expression ({error}).") from error
         if max_clip_tokens is not None:
-            from captionkit.tokens import clip_token_count
+            from captionkit.core.tokens import clip_token_count
 
             clip_token_count("check the tokenizer is installed")
         self.field = field
@@ -75,7 +75,7 @@ class FilterStep:
         if conditions["max_words"] is not None and words > conditions["max_words"]:
             reasons.append(f"{self.input_field} has {words} words (> {conditions['max_words']})")
         if conditions["max_clip_tokens"] is not None:
-            from captionkit.tokens import clip_token_count
+            from captionkit.core.tokens import clip_token_count
 
             count = clip_token_count(text)
             if count > conditions["max_clip_tokens"]:

@@ -26,11 +26,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from captionkit.atomic import atomic_write_bytes
-from captionkit.errors import CaptionkitError, require
+from captionkit.core.atomic import atomic_write_bytes
+from captionkit.core.errors import CaptionkitError, require
+from captionkit.core.records import Record
 from captionkit.models import free_accelerator_memory
 from captionkit.models.base import ItemFailure
-from captionkit.records import Record
 from captionkit.steps.base import Prepared
 from captionkit.steps.captioner import prompt_fields
 from captionkit.steps.registry import StepContext, register_step
@@ -128,14 +128,6 @@ def image_stem(record_id: str) -> str:
     return "/".join(clean)
 
 
-def pipeline_revision(folder: Path) -> str:
-    """Identity of a local diffusers folder: the content of model_index.json and of each component's folder."""
-    from captionkit.models.identity import folder_identity
-
-    components = sorted(path.name for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
-    return folder_identity(folder, components)
-
-
 def pipeline_class_name(folder: Path) -> str | None:
     """``_class_name`` from a diffusers folder's model_index.json (FluxPipeline, StableDiffusion3Pipeline, ...)."""
     try:
@@ -220,7 +212,7 @@ class ImageGeneratorStep:
         from captionkit.models.florence2 import resolve_device, resolve_dtype
 
         if self._is_local():
-            from captionkit.models.identity import LOCAL_MODEL
+            from captionkit.core.identity import LOCAL_MODEL, pipeline_revision
 
             folder = Path(self.model_name).expanduser()
             model_id, revision = LOCAL_MODEL, pipeline_revision(folder)
@@ -349,7 +341,7 @@ class ImageGeneratorStep:
                     raise
                 return diffusers.DiffusionPipeline.from_pretrained(source, **options)
         except (OSError, ValueError) as error:
-            from captionkit.environment import broken_environment
+            from captionkit.core.environment import broken_environment
 
             if (broken := broken_environment(error)) is not None:  # the environment, not the folder
                 raise broken from error

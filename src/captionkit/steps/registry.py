@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 
 @dataclass

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from captionkit.images import DEFAULT_MAX_PIXELS, load_image
-from captionkit.records import Record
+from captionkit.core.images import DEFAULT_MAX_PIXELS, load_image
+from captionkit.core.records import Record
+from captionkit.core.store import Store
+from captionkit.core.tagging import TagOptions, render_tags, select_tags
 from captionkit.steps.base import Prepared
-from captionkit.store import Store
-from captionkit.tagging import TagOptions, render_tags, select_tags
 
 
 def encode_scores(scores: np.ndarray) -> str:
@@ -34,10 +34,10 @@ def decode_scores(text: str) -> np.ndarray:
 def tagger_identity(name_or_path: str, cache_dir: str | Path | None = None) -> dict[str, Any]:
     """What identifies a tagger's scores, read from its files without loading the weights.
 
-    A local folder is its content (see :mod:`captionkit.models.identity`), a hub tagger its id and commit.
+    A local folder is its content (see :mod:`captionkit.core.identity`), a hub tagger its id and commit.
     """
+    from captionkit.core.identity import LOCAL_MODEL, folder_identity
     from captionkit.models import taggers
-    from captionkit.models.identity import LOCAL_MODEL, folder_identity
 
     folder, revision, prefer_onnx = taggers._resolve(str(name_or_path), cache_dir)
     # one model.onnx named in a shared folder: only the files a tagger reads, not its neighbours
@@ -65,7 +65,7 @@ class TagRenderer:
         if key not in self._vocabularies:
             value = self.store.get_meta(key)
             if value is None:
-                from captionkit.errors import CaptionkitError
+                from captionkit.core.errors import CaptionkitError
 
                 raise CaptionkitError(f"{self.store.path}: the tag vocabulary {key} is missing; tag again.")
             self._vocabularies[key] = value
@@ -187,14 +187,14 @@ class TagStep:
 
     def cpu_thread_candidates(self) -> list[int]:
         """Thread counts the executor may measure when the model runs on the CPU (after load)."""
-        from captionkit.thread_tuning import torch_thread_candidates
+        from captionkit.core.thread_tuning import torch_thread_candidates
 
         if self.tagger is None or self.tagger.format == "wd-onnx":
             return []  # onnxruntime schedules its own threads
         return torch_thread_candidates(self.tagger.device)
 
     def set_cpu_threads(self, count: int) -> None:
-        from captionkit.thread_tuning import set_torch_threads
+        from captionkit.core.thread_tuning import set_torch_threads
 
         set_torch_threads(count)
 
@@ -219,7 +219,7 @@ _TAG_OPTION_KEYS = {
 def build_pipeline_tagger(config: dict[str, Any], context: Any) -> TagStep:
     """A pipeline ``tagger`` step: everything `captionkit tag` does; all scores kept for re-rendering."""
     from captionkit.api import tag_options
-    from captionkit.images import parse_color
+    from captionkit.core.images import parse_color
     from captionkit.models.tagger_registry import DEFAULT_TAGGER
 
     options = tag_options(**{key: config[key] for key in _TAG_OPTION_KEYS if key in config})

@@ -10,8 +10,8 @@ import re
 import string
 from typing import Any
 
-from captionkit.errors import CaptionkitError
-from captionkit.records import Record
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
 from captionkit.steps.base import Prepared
 from captionkit.steps.registry import StepContext, register_step
 

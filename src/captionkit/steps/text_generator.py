@@ -22,14 +22,14 @@ import logging
 from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
+from captionkit.core.text import is_refusal
 from captionkit.models import free_accelerator_memory
 from captionkit.models.base import ChatSettings, ItemFailure, render_chat_texts
-from captionkit.records import Record
 from captionkit.steps.base import Prepared
 from captionkit.steps.captioner import CaptionText, prompt_fields
 from captionkit.steps.registry import StepContext, register_step
-from captionkit.text import is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class TransformersTextModel:
         self.dtype: Any = None
 
     def fingerprint(self) -> dict[str, Any]:
+        from captionkit.core.identity import model_identity
         from captionkit.models.florence2 import dtype_label
-        from captionkit.models.identity import model_identity
 
         model_id, revision = model_identity(self.model_name, None)
         return {
@@ -186,7 +186,7 @@ class TransformersTextModel:
         return results  # type: ignore[return-value]
 
     def cpu_thread_candidates(self) -> list[int]:
-        from captionkit.thread_tuning import torch_thread_candidates
+        from captionkit.core.thread_tuning import torch_thread_candidates
 
         return torch_thread_candidates(self.device)
 
@@ -318,7 +318,7 @@ class TextGeneratorStep:
         return self.generator.cpu_thread_candidates()
 
     def set_cpu_threads(self, count: int) -> None:
-        from captionkit.thread_tuning import set_torch_threads
+        from captionkit.core.thread_tuning import set_torch_threads
 
         set_torch_threads(count)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from captionkit._warnings import peft_wrapping_quietly
+from captionkit.core.warnings_filter import peft_wrapping_quietly
 from captionkit.train.captioner_data import (
     AugmentConfig,
     CaptionCollator,
@@ -543,7 +543,7 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
-    from captionkit.errors import require
+    from captionkit.core.errors import require
 
     require("accelerate", "captionkit train captioner", extra="train")
     if config.mode in ("lora", "qlora"):

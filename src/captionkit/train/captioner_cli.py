@@ -24,8 +24,8 @@ def captioner_command(
     ] = None,
 ) -> None:
     """Fine-tune Florence-2 on image/caption pairs (full, LoRA or QLoRA)."""
-    from captionkit.errors import CaptionkitError
-    from captionkit.exit_codes import exit_code_for
+    from captionkit.core.errors import CaptionkitError
+    from captionkit.core.exit_codes import exit_code_for
     from captionkit.train.captioner import load_captioner_config, train_captioner
     from captionkit.train.config import ConfigError
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from captionkit.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, give_plain_modes
-from captionkit.errors import CaptionkitError
+from captionkit.core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text, give_plain_modes
+from captionkit.core.errors import CaptionkitError
 
 __all__ = ["CheckpointManager", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
 

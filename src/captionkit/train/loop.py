@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from captionkit.errors import NothingSucceededError
+from captionkit.core.errors import NothingSucceededError
 from captionkit.train.checkpoints import (
     CheckpointManager,
     atomic_write_json,

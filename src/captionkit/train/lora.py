@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit._warnings import peft_wrapping_quietly
+from captionkit.core.warnings_filter import peft_wrapping_quietly
 from captionkit.train.checkpoints import write_folder_atomically
 
 _LANGUAGE_LAYERS = r"model\.language_model\.(encoder|decoder)\.layers\.\d+\."
@@ -166,7 +166,7 @@ def merge_lora(base: str | Path | None, adapter: str | Path, output: str | Path,
     try:
         model = Florence2ForConditionalGeneration.from_pretrained(base_name, revision=revision)
     except OSError as error:
-        from captionkit.environment import broken_environment
+        from captionkit.core.environment import broken_environment
         from captionkit.models import is_local, model_unavailable
 
         if (broken := broken_environment(error)) is not None:

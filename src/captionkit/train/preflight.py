@@ -32,7 +32,7 @@ def check_hub_model(name: str, revision: str | None = None, key: str = "model") 
     cache or a reachable Hub. True means the Hub is out of reach but the model is cached:
     load it with ``local_files_only=True`` so nothing waits on retries.
     """
-    from captionkit.errors import ModelNotAvailableError
+    from captionkit.core.errors import ModelNotAvailableError
     from captionkit.models import hub_reachable, is_local, read_model_config
 
     try:
@@ -49,7 +49,7 @@ def check_hub_model(name: str, revision: str | None = None, key: str = "model") 
 def model_load_failed(name: str, error: BaseException, key: str = "model") -> Exception:
     """The one sentence for a model whose files could not all be loaded (after :func:`check_hub_model`),
     or for a package that failed to import while loading it (the environment, not the folder)."""
-    from captionkit.environment import broken_environment
+    from captionkit.core.environment import broken_environment
     from captionkit.models import is_local, model_unavailable
 
     broken = broken_environment(error)

@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.train.accelerator import new_accelerator
 from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers  # noqa: F401 (tests)
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
@@ -494,7 +494,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     from captionkit._torchvision_compat import ensure_torchvision
 
     ensure_torchvision()
-    from captionkit.errors import require
+    from captionkit.core.errors import require
 
     require("accelerate", "captionkit train tagger", extra="train")
     if config.export_onnx:  # checked now, not after the last epoch
@@ -779,7 +779,7 @@ class _TaggerTask(TrainingTask):
 
 
 def _write_split(path: Path, paths: list[Path], train_idx: Any, val_idx: Any, method: str) -> None:
-    from captionkit.atomic import atomic_write_json
+    from captionkit.core.atomic import atomic_write_json
 
     atomic_write_json(path, {
         "method": method,

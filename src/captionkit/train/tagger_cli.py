@@ -15,7 +15,7 @@ import typer
 
 def _fail(error: Exception) -> typer.Exit:
     """Print a user-facing error (file, cause, fix are in the message) and exit non-zero (2, or 3: see --help)."""
-    from captionkit.exit_codes import exit_code_for
+    from captionkit.core.exit_codes import exit_code_for
 
     typer.echo(f"error: {error}", err=True)
     return typer.Exit(code=exit_code_for(error))
@@ -38,7 +38,7 @@ def tagger_command(
     """Train a multi-label tagger on a timm backbone."""
     import logging
 
-    from captionkit.errors import CaptionkitError
+    from captionkit.core.errors import CaptionkitError
     from captionkit.train.config import ConfigError
     from captionkit.train.tagger import load_tagger_config, train_tagger
 
@@ -74,7 +74,7 @@ def prepare_command(
     link: Annotated[str, typer.Option(help="How images are placed: symlink, hardlink or copy.")] = "symlink",
 ) -> None:
     """Build image/tag pairs and selected_tags.csv from Danbooru-style metadata."""
-    from captionkit.errors import CaptionkitError
+    from captionkit.core.errors import CaptionkitError
     from captionkit.train.tagger_data import prepare_from_parquet
 
     try:

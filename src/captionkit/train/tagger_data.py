@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from captionkit.atomic import atomic_write_text
-from captionkit.errors import CaptionkitError
+from captionkit.core.atomic import atomic_write_text
+from captionkit.core.errors import CaptionkitError
 
 _log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def scan_tagged_folders(
     Images without a tag file, or with one that holds no tag, are left out: recorded in
     ``report`` when given (the caller reports them), else counted in a log warning.
     """
-    from captionkit.records import image_extensions
+    from captionkit.core.records import image_extensions
 
     extensions = image_extensions()
     items: list[TaggedImage] = []
@@ -340,7 +340,7 @@ def split_indices(
     try:
         from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
     except ImportError as error:
-        from captionkit.errors import MissingDependencyError
+        from captionkit.core.errors import MissingDependencyError
 
         raise MissingDependencyError(
             "iterative-stratification", "the stratified split", extra="train"
@@ -374,8 +374,8 @@ class TaggerDataset:
     def __getitem__(self, position: int) -> tuple[Any, Any] | None:
         import torch
 
-        from captionkit.errors import ImageLoadError
-        from captionkit.images import load_image
+        from captionkit.core.errors import ImageLoadError
+        from captionkit.core.images import load_image
 
         index = self.indices[position]
         size = self.preprocessing.size

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from captionkit.atomic import atomic_write_bytes, atomic_write_json
+from captionkit.core.atomic import atomic_write_bytes, atomic_write_json
+from captionkit.core.tagging import category_name
 from captionkit.models.taggers import (
     CONFIG_FILE,
     FORMAT_CAPTIONKIT,
@@ -39,7 +40,6 @@ from captionkit.models.taggers import (
     THRESHOLDS_FILE,
     Preprocessing,
 )
-from captionkit.tagging import category_name
 from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.tagger_data import Vocabulary
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from captionkit.atomic import atomic_write_bytes, atomic_write_text
+from captionkit.core.atomic import atomic_write_bytes, atomic_write_text
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (235, 200, 20)}

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 log = logging.getLogger("captionkit.ui")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -61,7 +61,7 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     """Start the web UI; returns ``(blocks, app, url)`` when ``block`` is False (tests, notebooks)."""
     import os
 
-    from captionkit.errors import require
+    from captionkit.core.errors import require
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require("gradio", "captionkit ui", extra="ui")

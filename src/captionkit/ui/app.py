@@ -21,7 +21,7 @@ from typing import Any
 
 import gradio as gr
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.ui import forms, tasks
 from captionkit.ui.dataset import Dataset, make_thumbnail
 from captionkit.ui.jobs import JobManager, plain_error

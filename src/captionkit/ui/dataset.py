@@ -10,7 +10,7 @@ modification time.
 Edits are the user's text: the file is replaced atomically, and the store's sidecar
 ledger stops recognising it as captionkit's, so ``--existing skip`` (the default) and
 ``fill-empty`` leave it alone on every later run, whatever the settings (see
-:class:`captionkit.sinks.SidecarSink`). The last edit can be undone: the previous text
+:class:`captionkit.core.sinks.SidecarSink`). The last edit can be undone: the previous text
 and ledger entry are kept in the store.
 """
 
@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from captionkit.api import no_images_message, output_location
-from captionkit.atomic import atomic_open, atomic_write_text
-from captionkit.errors import CaptionkitError
-from captionkit.records import Record, open_source
-from captionkit.sinks import SidecarSink
-from captionkit.store import STORE_FILE, STORE_FOLDER, OutputRecord, Store, file_signature
+from captionkit.core.atomic import atomic_open, atomic_write_text
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record, open_source
+from captionkit.core.sinks import SidecarSink
+from captionkit.core.store import STORE_FILE, STORE_FOLDER, OutputRecord, Store, file_signature
 
 THUMBNAIL_SIDE = 256
 THUMBNAIL_FOLDER = "thumbnails"
@@ -64,7 +64,7 @@ def _read(path: Path) -> str | None:
 def make_thumbnail(image: Path, target: Path, side: int = THUMBNAIL_SIDE) -> Path | None:
     """Write a small JPEG of ``image`` to ``target`` (decoded at a reduced scale where the format allows)."""
     try:
-        from captionkit.images import DEFAULT_MAX_PIXELS, load_image
+        from captionkit.core.images import DEFAULT_MAX_PIXELS, load_image
 
         picture = load_image(image, (255, 255, 255), (side, side), DEFAULT_MAX_PIXELS).image
         picture.thumbnail((side, side))

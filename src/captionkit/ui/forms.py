@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 # Options whose values are a fixed set (the CLI checks them as text).
 CHOICES: dict[str, tuple[str, ...]] = {

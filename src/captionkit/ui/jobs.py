@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 log = logging.getLogger("captionkit.ui")
 
@@ -65,7 +65,7 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
                 "--dtype bf16/fp16, or close other programs using the GPU, then start again (finished work is kept).")
     if isinstance(error, CaptionkitError):
         return str(error)
-    from captionkit.environment import broken_environment
+    from captionkit.core.environment import broken_environment
 
     if (broken := broken_environment(error)) is not None:  # a package failing to import, not the user's files
         return str(broken)
@@ -77,7 +77,7 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
     except ImportError:  # pragma: no cover - the train package is part of the base install
         pass
     if isinstance(error, sqlite3.Error):
-        from captionkit.environment import is_storage_problem
+        from captionkit.core.environment import is_storage_problem
 
         hint = " Check free space and permissions, or write elsewhere with an output folder."
         return (f"The captionkit store (.captionkit/store.sqlite in the output folder) failed: {error}."
@@ -86,7 +86,7 @@ def plain_error(error: BaseException, log_file: Path | None = None) -> str:
         name = error.name or "a package"
         return f"A package this needs is not installed ({name}). Run: pip install 'captionkit[all]'"
     if isinstance(error, OSError):  # the free-space hint only where the error is about writing
-        from captionkit.environment import describe_os_error
+        from captionkit.core.environment import describe_os_error
 
         return describe_os_error(error).replace("--output-dir", "an output folder")
     where = f" The full report is in {log_file}." if log_file is not None else ""

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 from captionkit.ui.jobs import Job, JobManager
 
 log = logging.getLogger("captionkit.ui")
@@ -23,7 +23,7 @@ PREVIEW_COUNT = 4
 
 def check_source(path: str, **source_options: Any):
     """The library's plain error for a missing or unreadable input, before a job is queued."""
-    from captionkit.records import open_source
+    from captionkit.core.records import open_source
 
     if not str(path or "").strip():
         raise CaptionkitError("Enter a folder of images, one image, or a manifest first.")
@@ -98,8 +98,8 @@ def preview_work(manager: JobManager, path: str, options, run: dict[str, Any], c
     Result: ``[(image path, caption or error), ...]``.
     """
     from captionkit import api
-    from captionkit.records import open_source
-    from captionkit.store import STORE_FILE, STORE_FOLDER, Store
+    from captionkit.core.records import open_source
+    from captionkit.core.store import STORE_FILE, STORE_FOLDER, Store
 
     def work(job: Job):
         source = open_source(path, **_source_options(run))
@@ -186,10 +186,10 @@ def submit_render(manager: JobManager, path: str, run: dict[str, Any]) -> Job:
 def tag_preview(path: str, run: dict[str, Any], limit: int = 8) -> list[tuple[str, str, str]]:
     """``(image, tag file now, tag file after re-render)`` for a few images with stored scores; writes nothing."""
     from captionkit.api import output_location
-    from captionkit.records import open_source
-    from captionkit.sinks import SidecarSink
+    from captionkit.core.records import open_source
+    from captionkit.core.sinks import SidecarSink
+    from captionkit.core.store import Store
     from captionkit.steps.tagger import TagRenderer
-    from captionkit.store import Store
 
     source = check_source(path, **_source_options(run))
     location = output_location(source, run.get("output_dir"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.testing_vlms.blip2 import redraw_weights, train_byte_bpe
+from captionkit.testing.vlms.blip2 import redraw_weights, train_byte_bpe
 
 ENDOFTEXT = "<|endoftext|>"
 PHI_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 
-from captionkit.errors import MissingDependencyError
+from captionkit.core.errors import MissingDependencyError
 
 CLIP_LIMIT = 77  # tokens including <|startoftext|> and <|endoftext|>
 

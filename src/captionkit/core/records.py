@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.errors import SourceError
+from captionkit.core.errors import SourceError
 
 log = logging.getLogger(__name__)
 

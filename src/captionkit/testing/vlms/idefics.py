@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.testing_vlms.qwen_vl import redraw_weights, train_bpe
+from captionkit.testing.vlms.qwen_vl import redraw_weights, train_bpe
 
 IMAGE_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"] + [
     f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)

@@ -82,7 +82,7 @@ def _read_cache(cache: Path) -> dict[str, Any]:
 
 def _remember(real: str, entry: dict[str, Any]) -> None:
     """Add one digest to the cache file (merged with what other processes wrote; gone files dropped)."""
-    from captionkit.atomic import atomic_write_json
+    from captionkit.core.atomic import atomic_write_json
 
     cache = digest_cache_path()
     try:
@@ -154,9 +154,7 @@ def folder_identity(folder: str | Path, subfolders: Iterable[str] = (), names: I
 
 def model_identity(model: str, revision: str | None) -> tuple[str, str]:
     """(model, revision) for fingerprints: a local folder is ``local`` + its content, a hub id is id + revision."""
-    from captionkit.models import is_local
-
-    if is_local(model):
+    if Path(model).expanduser().exists():  # a local folder or file (models.is_local)
         return LOCAL_MODEL, folder_identity(model)
     return model, revision or "main"
 
@@ -165,7 +163,7 @@ def model_identity(model: str, revision: str | None) -> tuple[str, str]:
 # Those fingerprints held a local folder's absolute path and its files' sizes and mtimes. They
 # are recomputed here only to recognise such a result: when the folder is still where it was
 # and unchanged since (same sizes and mtimes), the result was made by the content the folder
-# holds now, so it is keyed again by that content (captionkit.store migrates it once).
+# holds now, so it is keyed again by that content (captionkit.core.store migrates it once).
 
 
 def _legacy_revision(folder: Path) -> str:
@@ -209,8 +207,6 @@ def upgrade_stored_identity(settings: dict, memo: dict | None = None) -> dict | 
     result was made (that result is then made again on the next run). ``memo`` keeps what
     was read of each folder across calls (one store holds many rows of one model).
     """
-    from captionkit.steps.image_generator import pipeline_revision
-
     known = {} if memo is None else memo
 
     def once(function: Any, folder: Path) -> Any:
@@ -245,3 +241,9 @@ def upgrade_stored_identity(settings: dict, memo: dict | None = None) -> dict | 
     except (_Changed, OSError):
         return None
     return upgraded if upgraded != settings else None
+
+
+def pipeline_revision(folder: Path) -> str:
+    """Identity of a local diffusers folder: the content of model_index.json and of each component's folder."""
+    components = sorted(path.name for path in folder.iterdir() if path.is_dir() and not path.name.startswith("."))
+    return folder_identity(folder, components)

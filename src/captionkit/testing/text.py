@@ -37,7 +37,7 @@ def build_tiny_chat_lm(
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from captionkit.testing_vlms.llava import build_bpe_tokenizer, redraw_weights
+    from captionkit.testing.vlms.llava import build_bpe_tokenizer, redraw_weights
 
     folder = Path(folder)
     tokenizer = build_bpe_tokenizer(

@@ -206,8 +206,8 @@ def run_state(folder: Path, step: str = "caption") -> dict[str, Any]:
     """
     import json
 
-    from captionkit.atomic import TEMP_MARKER
-    from captionkit.store import Store
+    from captionkit.core.atomic import TEMP_MARKER
+    from captionkit.core.store import Store
 
     with Store(folder) as store:
         rows = {

@@ -98,7 +98,7 @@ def _without_addresses(settings: dict, memo: dict) -> dict | None:
 
 def _local_models_by_content(settings: dict, memo: dict) -> dict | None:
     """Schema 3: a local model folder (still there, unchanged since) keyed by its content, not its path."""
-    from captionkit.models.identity import upgrade_stored_identity
+    from captionkit.core.identity import upgrade_stored_identity
 
     return upgrade_stored_identity(settings, memo)
 
@@ -241,7 +241,7 @@ class Store:
         """Open a store that must already exist (for export and render)."""
         path = Path(location) / STORE_FOLDER / STORE_FILE
         if not path.exists():
-            from captionkit.errors import CaptionkitError
+            from captionkit.core.errors import CaptionkitError
 
             raise CaptionkitError(
                 f"{location}: no captionkit store here ({path} is missing). "

@@ -9,6 +9,7 @@ clobbered by ``skip``/``fill-empty`` and ``append`` never appends twice.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import defaultdict
@@ -16,10 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
-from captionkit.atomic import atomic_write_lines, atomic_write_text, remove_stale_temp_files
-from captionkit.records import Record
-from captionkit.store import OutputRecord, Result, Store, text_hash
+from captionkit.core.atomic import atomic_write_bytes, atomic_write_lines, atomic_write_text, remove_stale_temp_files
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.records import Record
+from captionkit.core.store import OutputRecord, Result, Store, text_hash
 
 log = logging.getLogger(__name__)
 _UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
@@ -307,7 +310,7 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
         import pyarrow as pa
         import pyarrow.parquet as parquet
 
-        from captionkit.atomic import atomic_write_bytes
+        from captionkit.core.atomic import atomic_write_bytes
 
         flat = [
             {key: (json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (dict, list)) else value)
@@ -320,7 +323,7 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
         parquet.write_table(table, buffer)
         atomic_write_bytes(destination, buffer.getvalue())
     else:
-        from captionkit.errors import CaptionkitError
+        from captionkit.core.errors import CaptionkitError
 
         raise CaptionkitError(f"{destination}: export format unknown; use a .jsonl or .parquet file name.")
     return len(ordered)
@@ -343,7 +346,7 @@ def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str]
     import pyarrow as pa
     import pyarrow.parquet as parquet
 
-    from captionkit.atomic import atomic_write_bytes
+    from captionkit.core.atomic import atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -393,3 +396,49 @@ def export_parquet_shards(store: Store, folder: str | Path, steps: Iterable[str]
         if stale.stem[5:].isdigit() and int(stale.stem[5:]) >= written:
             stale.unlink()
     return total
+
+
+TABLE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
+def write_table(rows: list[dict[str, Any]], target: Path, fmt: str) -> Path:
+    """Write rows as jsonl, json, csv, tsv or parquet, atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    if fmt == "jsonl":
+        atomic_write_lines(target, (json.dumps(row, ensure_ascii=False, default=str) for row in rows))
+    elif fmt == "json":
+        atomic_write_text(target, json.dumps(rows, ensure_ascii=False, indent=2, default=str) + "\n")
+    elif fmt in ("csv", "tsv"):
+        import csv
+
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({key: json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else value
+                             for key, value in row.items()})
+        atomic_write_text(target, buffer.getvalue())
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as parquet
+
+        def uniform(column: str) -> bool:
+            kinds = {type(row.get(column)) for row in rows if row.get(column) is not None}
+            return len(kinds) <= 1 and not kinds & {dict, list}
+
+        # A column of mixed types (1 and "n/a") or nested values is written as text, so it still fits a schema.
+        plain = {column: uniform(column) for column in columns}
+        table = pa.Table.from_pylist([
+            {column: row.get(column) if plain[column] or row.get(column) is None else (
+                json.dumps(row[column], ensure_ascii=False, default=str) if isinstance(row[column], (dict, list))
+                else str(row[column])) for column in columns}
+            for row in rows
+        ])
+        buffer = io.BytesIO()
+        parquet.write_table(table, buffer)
+        atomic_write_bytes(target, buffer.getvalue())
+    else:  # pragma: no cover - validated when the file is read
+        raise CaptionkitError(f"output format {fmt}: use one of {', '.join(TABLE_FORMATS)}.")
+    return target

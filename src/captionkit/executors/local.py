@@ -26,14 +26,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from captionkit.errors import ImageLoadError
+from captionkit.core.errors import ImageLoadError
+from captionkit.core.records import Record, Source
+from captionkit.core.sinks import SidecarSink
+from captionkit.core.store import Result, Store, file_signature, fingerprint
+from captionkit.core.thread_tuning import ThreadTuner
+from captionkit.executors.progress import Progress
 from captionkit.models.base import BACKEND_SCOPE, ITEM_SCOPE, MODEL_SCOPE, ItemFailure
-from captionkit.progress import Progress
-from captionkit.records import Record, Source
-from captionkit.sinks import SidecarSink
 from captionkit.steps.base import Prepared, Step, is_out_of_memory
-from captionkit.store import Result, Store, file_signature, fingerprint
-from captionkit.thread_tuning import ThreadTuner
 
 log = logging.getLogger(__name__)
 MODEL_ERROR = "model-error"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from captionkit.errors import CaptionkitError, NothingSucceededError
+from captionkit.core.errors import CaptionkitError, NothingSucceededError
 
 OK = 0
 SOME_FAILED = 1

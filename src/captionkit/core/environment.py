@@ -17,7 +17,7 @@ import sysconfig
 import traceback
 from pathlib import Path
 
-from captionkit.errors import CaptionkitError
+from captionkit.core.errors import CaptionkitError
 
 
 class BrokenEnvironmentError(CaptionkitError):

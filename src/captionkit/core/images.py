@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from captionkit.errors import ImageLoadError
+from captionkit.core.errors import ImageLoadError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Our own pixel limit below replaces Pillow's warning (which would be noise, not a stop).

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.testing_vlms.llava import build_bpe_tokenizer, redraw_weights, save_model_folder
+from captionkit.testing.vlms.llava import build_bpe_tokenizer, redraw_weights, save_model_folder
 
 # google/gemma-3-*-it, without the role-alternation checks.
 GEMMA3_TEMPLATE = (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from captionkit._torchvision_compat import ensure_torchvision
-from captionkit.testing_vlms.blip2 import redraw_weights, train_byte_bpe
+from captionkit.testing.vlms.blip2 import redraw_weights, train_byte_bpe
 
 BEGIN_OF_TEXT = "<|begin_of_text|>"
 END_OF_TEXT = "<|end_of_text|>"
@@ -89,7 +89,7 @@ def build_mllama(
         MllamaVisionConfig,
     )
 
-    from captionkit.testing_vlms.blip2 import CLIP_MEAN, CLIP_STD
+    from captionkit.testing.vlms.blip2 import CLIP_MEAN, CLIP_STD
 
     folder = Path(folder)
     tokenizer = build_llama3_tokenizer()
