@@ -19,15 +19,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("executors", ("captionkit.executors",)),
     ("work", ("captionkit.pipeline", "captionkit.inspection", "captionkit.train")),
     ("api", ("captionkit.api",)),
-    ("surfaces", ("captionkit.cli", "captionkit.ui", "captionkit.train.cli", "captionkit.train.captioner_cli",
-                  "captionkit.train.tagger_cli")),
+    ("ui", ("captionkit.ui",)),  # the web UI calls the api, never the command line
+    ("cli", ("captionkit.cli", "captionkit.train.cli", "captionkit.train.captioner_cli",
+             "captionkit.train.tagger_cli")),  # `captionkit ui` starts the UI
 ]
 # Tiny-model builders for tests and benchmarks: they may use any layer; no product module may use them.
 TESTING = "captionkit.testing"
 
 
 def _layer(module: str) -> int | None:
-    """The layer of a module: the longest matching prefix wins (train.cli is a surface, train a worker)."""
+    """The layer of a module: the longest matching prefix wins (train.cli is the command line, train a worker)."""
     best: tuple[int, int] | None = None
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
