@@ -330,6 +330,6 @@ def test_help_of_every_command_reads_plainly():
             assert "[default: '\\n']" in row or "default: '\\n'" in text, text
             export_row = next(line for line in text.splitlines() if "--export" in line)
             assert re.search(r"--export\s+PATH\s", export_row), export_row
-    for name, argument in (("caption", "PATH"), ("run", "PIPELINE"), ("export", "LOCATION DESTINATION")):
+    for name, argument in (("caption", "PATH"), ("run", "[PIPELINE]"), ("export", "LOCATION DESTINATION")):
         page = next(page for page in pages if page.startswith(name + "\n"))
         assert f"captionkit {name} [OPTIONS] {argument}" in page, page[:400]

@@ -168,7 +168,7 @@ def test_a_diffusers_folder_and_an_adapter_are_keyed_by_content(tmp_path, tiny_f
 
 
 def test_large_files_are_hashed_once_per_change(tmp_path, monkeypatch):
-    from captionkit.models import identity
+    from captionkit.core import identity
 
     monkeypatch.setenv("CAPTIONKIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(identity, "CACHED_FROM_BYTES", 0)
