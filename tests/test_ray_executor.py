@@ -336,9 +336,9 @@ def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path,
     marker = tmp_path / "hung"
     captioner = _waiting_captioner(tiny_florence, marker, "img012.png")  # nobody kills it
     try:
-        with pytest.raises(RayStalledError, match=r"no progress for 30 s .*--ray-stall-timeout") as stalled:
+        with pytest.raises(RayStalledError, match=r"no progress for 15 s .*--ray-stall-timeout") as stalled:
             _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
-                                             workers=2, executor="ray", ray_stall_timeout=30))
+                                             workers=2, executor="ray", ray_stall_timeout=15))
     finally:
         if marker.exists():
             with contextlib.suppress(ProcessLookupError):
