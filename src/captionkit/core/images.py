@@ -15,6 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -196,3 +197,13 @@ def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image
     if mode == "RGB":
         return image
     return image.convert("RGB")
+
+
+def fit_within(image: Any, side: int | None) -> Any:
+    """``image`` downscaled (a copy, LANCZOS) so its longest side is at most ``side``; unchanged when it fits."""
+    if side and max(image.size) > side:
+        from PIL import Image
+
+        image = image.copy()
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image

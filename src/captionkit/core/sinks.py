@@ -25,7 +25,7 @@ from captionkit.core.records import Record
 from captionkit.core.store import OutputRecord, Result, Store, text_hash
 
 log = logging.getLogger(__name__)
-_UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
+UNREADABLE = "\x00unreadable"  # an existing file we may not read: never "empty", never ours
 
 
 class ExistingPolicy(str, Enum):
@@ -112,7 +112,7 @@ class SidecarSink:
         ledger = self.store.get_outputs(str(target) for target in plan.collisions)
         for target, ids in plan.collisions.items():
             entry = ledger.get(str(target))
-            if entry is not None and self._is_ours(_read_text(target), entry, entry.record_id):
+            if entry is not None and self._is_ours(read_sidecar(target), entry, entry.record_id):
                 target.unlink(missing_ok=True)
                 log.warning("%s was written for %s before %s appeared; removed, since it no longer says "
                             "which image it describes.", target, entry.record_id, " and ".join(ids))
@@ -133,7 +133,7 @@ class SidecarSink:
 
         Another step's file, or one written for another image, counts as foreign.
         """
-        if current is None or current is _UNREADABLE or ledger is None:
+        if current is None or current is UNREADABLE or ledger is None:
             return False
         if ledger.step != self.step or ledger.record_id != record_id:
             return False
@@ -147,10 +147,10 @@ class SidecarSink:
         ledger = self.store.get_outputs(str(path) for path in targets.values())
         skipped: dict[str, str] = {}
         for record_id, target in targets.items():
-            current = _read_text(target)
+            current = read_sidecar(target)
             if current is None or self._is_ours(current, ledger.get(str(target)), record_id):
                 continue
-            if current is _UNREADABLE:
+            if current is UNREADABLE:
                 skipped[record_id] = f"caption file exists but cannot be read ({target.name}); check permissions"
             elif self.existing is ExistingPolicy.skip:
                 skipped[record_id] = f"caption file exists ({target.name}); --existing overwrite to replace"
@@ -166,8 +166,8 @@ class SidecarSink:
         ledger = self.store.get_outputs(str(path) for path in targets.values())
         pending: list[tuple[Path, str | None, OutputRecord]] = []
         for record_id, target in targets.items():
-            current = _read_text(target)
-            if current is _UNREADABLE:
+            current = read_sidecar(target)
+            if current is UNREADABLE:
                 self.write_errors[record_id] = (f"{target}: exists but cannot be read, so it was left alone; "
                                                 "fix its permissions and run again")
                 continue
@@ -228,7 +228,7 @@ class SidecarSink:
         return written
 
 
-def _read_text(path: Path) -> str | None:
+def read_sidecar(path: Path) -> str | None:
     """A sidecar's text; None when there is no file (a folder in its place is not one)."""
     try:
         return path.read_text(encoding="utf-8")
@@ -237,7 +237,7 @@ def _read_text(path: Path) -> str | None:
     except UnicodeDecodeError:
         return path.read_bytes().decode("utf-8", errors="replace")
     except OSError:
-        return _UNREADABLE
+        return UNREADABLE
 
 
 def edited_texts(store: Store, step: str) -> dict[str, str]:
@@ -252,8 +252,8 @@ def edited_texts(store: Store, step: str) -> dict[str, str]:
         latest[entry.record_id] = entry
     edits: dict[str, str] = {}
     for record_id, entry in latest.items():
-        current = _read_text(Path(entry.output_path))
-        if current is None or current is _UNREADABLE:
+        current = read_sidecar(Path(entry.output_path))
+        if current is None or current is UNREADABLE:
             continue
         if current == "" and entry.pending_hash and entry.pending_hash != entry.written_hash:
             continue  # our write that a power loss left empty (see SidecarSink._is_ours)

@@ -17,6 +17,7 @@ from typing import Any
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.identity import model_identity
+from captionkit.core.images import fit_within
 from captionkit.models import free_accelerator_memory
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
 
@@ -243,12 +244,7 @@ class ChatVLMCaptioner:
 
     def preprocess(self, image: Any) -> Any:
         """Downscale to --max-image-side (the processor does the rest on the main thread, batched)."""
-        if self.max_image_side and max(image.size) > self.max_image_side:
-            from PIL import Image
-
-            image = image.copy()
-            image.thumbnail((self.max_image_side, self.max_image_side), Image.Resampling.LANCZOS)
-        return image
+        return fit_within(image, self.max_image_side)
 
     def generation_kwargs(self) -> dict[str, Any]:
         chat = self.chat

@@ -16,7 +16,7 @@ from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.core.errors import CaptionkitError, MissingDependencyError
-from captionkit.models import is_local, model_unavailable, register_backend
+from captionkit.models import free_accelerator_memory, is_local, model_unavailable, register_backend
 from captionkit.models.base import CaptionRequest
 
 log = logging.getLogger(__name__)
@@ -300,16 +300,7 @@ class Florence2Captioner:
         """Free the model (and GPU memory)."""
         self.model = None
         self._prompt_inputs = None
-        import gc
-
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover
-            pass
+        free_accelerator_memory()
 
     def recover_from_oom(self) -> None:
         import torch

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from captionkit.core.errors import CaptionkitError, MissingDependencyError, require
+from captionkit.core.images import fit_within
 from captionkit.models import free_accelerator_memory, is_local, read_model_config, register_backend
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts
 
@@ -474,12 +475,7 @@ class VLLMCaptioner:
 
     def preprocess(self, image: Any) -> Any:
         """Downscale to --max-image-side; vLLM's processor does the rest inside the engine."""
-        if self.max_image_side and max(image.size) > self.max_image_side:
-            from PIL import Image
-
-            image = image.copy()
-            image.thumbnail((self.max_image_side, self.max_image_side), Image.Resampling.LANCZOS)
-        return image
+        return fit_within(image, self.max_image_side)
 
     def caption_batch(self, requests: list[CaptionRequest]) -> list[dict[str, Any] | ItemFailure]:
         """One ``generate`` call for the batch (vLLM schedules it); one raw result per request, in order."""

@@ -30,7 +30,7 @@ from captionkit.api import no_images_message, output_location
 from captionkit.core.atomic import atomic_open, atomic_write_text
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import Record, open_source
-from captionkit.core.sinks import SidecarSink
+from captionkit.core.sinks import UNREADABLE, SidecarSink, read_sidecar
 from captionkit.core.store import STORE_FILE, STORE_FOLDER, OutputRecord, Store, file_signature
 
 THUMBNAIL_SIDE = 256
@@ -53,12 +53,11 @@ class Item:
 
 
 def _read(path: Path) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        return None
-    except UnicodeDecodeError:
-        return path.read_bytes().decode("utf-8", errors="replace")
+    """A sidecar's text as the sinks read it; an unreadable file raises (Review shows the error)."""
+    text = read_sidecar(path)
+    if text is UNREADABLE:
+        return path.read_text(encoding="utf-8")  # raises the OSError that made it unreadable
+    return text
 
 
 def make_thumbnail(image: Path, target: Path, side: int = THUMBNAIL_SIDE) -> Path | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from captionkit.core.errors import CaptionkitError
+from captionkit.models import free_accelerator_memory
 
 log = logging.getLogger("captionkit.ui")
 
@@ -256,14 +257,7 @@ class ResidentModel:
             backend.unload()
         finally:
             del backend
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:  # pragma: no cover
-                pass
+            free_accelerator_memory()
             self.unloads += 1
             if job is not None:
                 job.log(f"unloaded model {label}")
