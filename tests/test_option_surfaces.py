@@ -101,3 +101,26 @@ def test_the_settings_that_enter_the_fingerprint_are_the_declared_ones():
     declared = {item.name for item in declared_options(TagOptions) if item.fingerprint}
     assert set(TagOptions().fingerprint()) == declared
     assert set(CaptionText().settings()) == {item.name for item in declared_options(CaptionText) if item.fingerprint}
+
+
+GROUNDING = {"task": "<CAPTION_TO_PHRASE_GROUNDING>", "task_input": "a cat"}
+FLORENCE_CHANGES = {  # option → (the settings before, the change)
+    "task": ({}, {"task": "<OCR>"}), "task_input": (GROUNDING, {**GROUNDING, "task_input": "a dog"}),
+    "num_beams": ({}, {"num_beams": 2}), "early_stopping": ({}, {"early_stopping": True}),
+    "no_repeat_ngram_size": ({}, {"no_repeat_ngram_size": 3}), "max_new_tokens": ({}, {"max_new_tokens": 9}),
+    "repetition_penalty": ({}, {"repetition_penalty": 1.2}), "dtype": ({}, {"dtype": "bf16"}),
+    "attn_implementation": ({}, {"attn_implementation": "eager"}), "device": ({"device": "auto"}, {}),
+    "cache_dir": ({}, {"cache_dir": "elsewhere"}),
+}
+
+
+def test_a_florence_option_changes_the_fingerprint_exactly_when_declared_to(tiny_florence):
+    """The declaration's ``fingerprint`` says which options make a new caption (checked against the model's own)."""
+    def fingerprint(settings):
+        return build_captioner(model=str(tiny_florence), **{"device": "cpu", **settings}).fingerprint()
+
+    checked = [item for item in declared_options(ModelOptions) if item.name in FLORENCE_CHANGES]
+    assert len(checked) == len(FLORENCE_CHANGES)
+    for item in checked:
+        before, after = FLORENCE_CHANGES[item.name]
+        assert (fingerprint(before) != fingerprint(after)) == item.fingerprint, item.name

@@ -15,14 +15,22 @@ from captionkit.core.store import STORE_FOLDER, Store, attach_run_log
 from captionkit.executors.local import RunOptions, RunSummary
 from captionkit.executors.progress import Progress
 from captionkit.options import (
+    BACKENDS,
     DEFAULT_CAPTION_MODEL,
     ModelOptions,
+    adapter_base_model,
     build_captioner,
     check_choice,
     tag_options,
 )
 
 log = logging.getLogger("captionkit")
+# The options and the captioner they build live a layer down (captionkit.options); the api hands them on.
+__all__ = [
+    "BACKENDS", "DEFAULT_CAPTION_MODEL", "ModelOptions", "adapter_base_model", "attach_run_log", "build_captioner",
+    "caption", "check_input_exists", "export", "inspect", "no_images_message", "output_location", "render",
+    "stored_field_values", "tag", "tag_options",
+]
 
 
 def check_input_exists(path: str | Path) -> None:
