@@ -138,10 +138,6 @@ class ModelOptions:
     gpu_memory_utilization: float | None = option(
         None, "Fraction of GPU memory the engine may take (default 0.9).", **_VLLM)
 
-    def given(self, *names: str) -> list[str]:
-        """CLI spellings of the options among ``names`` that were set."""
-        return [f"--{name.replace('_', '-')}" for name in names if getattr(self, name) not in (None, False)]
-
     def chat_settings(self):
         from captionkit.models.base import DEFAULT_CHAT_PROMPT, ChatSettings
 
