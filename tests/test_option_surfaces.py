@@ -20,6 +20,7 @@ from captionkit.core.errors import CaptionkitError
 from captionkit.core.tagging import TagOptions
 from captionkit.options import CAPTION, TAG, CaptionText, ModelOptions, Part, build_captioner
 from captionkit.steps import captioner as captioner_step
+from captionkit.steps import tagger as tagger_step
 from captionkit.steps.registry import find_step_type
 from captionkit.ui import forms
 
@@ -62,28 +63,32 @@ class Extra:
     glossiness: float | None = option(None, "How glossy the caption is.", panel="Test options")
 
 
-def test_an_option_declared_once_appears_on_every_surface(monkeypatch):
-    monkeypatch.setattr(CAPTION, "parts", [*CAPTION.parts, Part(Extra)])
+@pytest.mark.parametrize(("command", "step", "module", "reached_the_api"), [
+    (CAPTION, "captioner", captioner_step, "unknown option 'glossiness'"),  # api.caption's own check
+    (TAG, "tagger", tagger_step, "unexpected keyword argument 'glossiness'"),
+])
+def test_an_option_declared_once_appears_on_every_surface(monkeypatch, command, step, module, reached_the_api):
+    monkeypatch.setattr(command, "parts", [*command.parts, Part(Extra)])
     try:
-        captioner_step._register()  # the pipeline's keys, as importing the step module registers them
-        assert find_step_type("captioner").keys["glossiness"] == (int, float)
-        field = next(field for field in forms.caption_fields() if field.name == "glossiness")
+        module._register()  # the pipeline's keys, as importing the step module registers them
+        assert find_step_type(step).keys["glossiness"] == (int, float)
+        field = next(field for field in forms.declared_fields(command) if field.name == "glossiness")
         assert field.kind == "optional_float" and field.label == "--glossiness" and field.group == "Test options"
-        # the command line: the real `caption` body, given the declaration's parameters again
-        body = types.FunctionType(cli.caption.__code__, cli.caption.__globals__, "caption")
-        body.__annotations__ = {"path": cli.caption.__annotations__["path"]}
+        # the command line: the real command body, given the declaration's parameters again
+        real = getattr(cli, command.name)
+        body = types.FunctionType(real.__code__, real.__globals__, command.name)
+        body.__annotations__ = {"path": real.__annotations__["path"]}
         app = typer.Typer()
-        app.command()(cli._declared(CAPTION)(body))
+        app.command()(cli._declared(command)(body))
         runner = CliRunner()
         assert "--glossiness" in runner.invoke(app, ["--help"], terminal_width=200).output
         result = runner.invoke(app, ["missing-folder", "--glossiness", "0.5"])
         # the value reached the api (which has no such option: the test declared it nowhere else)
-        assert isinstance(result.exception, CaptionkitError)
-        assert "unknown option 'glossiness'" in str(result.exception)
+        assert result.exception is not None and reached_the_api in str(result.exception)
     finally:
         monkeypatch.undo()
-        captioner_step._register()
-    assert "glossiness" not in find_step_type("captioner").keys
+        module._register()
+    assert "glossiness" not in find_step_type(step).keys
 
 
 def test_an_option_that_would_do_nothing_is_refused_with_its_declared_reason():
