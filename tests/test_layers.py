@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "captionkit"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("captionkit._torchvision_compat", "captionkit.core")),
     ("models", ("captionkit.models",)),
-    ("steps", ("captionkit.steps",)),
+    ("steps", ("captionkit.steps", "captionkit.options")),  # options: each command's declared options
     ("executors", ("captionkit.executors",)),
     ("work", ("captionkit.pipeline", "captionkit.inspection", "captionkit.train")),
     ("api", ("captionkit.api",)),

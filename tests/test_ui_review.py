@@ -41,12 +41,12 @@ def test_form_values_convert_like_the_cli_and_bad_ones_get_a_plain_message():
                                          "prefix": "ohwx, ", "export": "a.jsonl, b.parquet", "early_stopping": False})
     options, run = forms.caption_call(values)
     assert options.model == "Qwen/Qwen2-VL-2B-Instruct" and options.max_pixels == 401408
-    assert options.anyres is False and options.temperature == 0.7 and options.early_stopping is None
+    assert options.anyres is False and options.temperature == 0.7 and options.early_stopping is False
     assert run["sample_separator"] == "\n---\n" and run["prefix"] == "ohwx, " and len(run["export"]) == 2
     with pytest.raises(CaptionkitError, match="--num-beams: 'three' is not a whole number"):
         forms.parse_values(fields, {"num_beams": "three"})
-    tag_values = forms.parse_values(forms.tag_fields(), {"threshold": "artist=0.5, meta=0.4", "blacklist": "a, b",
-                                                          "replace": "old=new"})
+    tag_values = forms.parse_values(forms.tag_fields(), {"thresholds": "artist=0.5, meta=0.4", "blacklist": "a, b",
+                                                          "replacements": "old=new"})
     options = forms.tag_call(tag_values)["options"]
     assert options.thresholds == {"artist": 0.5, "meta": 0.4} and options.blacklist == ["a", "b"]
     assert options.replacements == {"old": "new"}

@@ -4,199 +4,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 from captionkit.core.errors import CaptionkitError, SourceError
 from captionkit.core.images import DEFAULT_MAX_PIXELS, parse_color
-from captionkit.core.records import Source, open_source
+from captionkit.core.records import Source, no_images_message, open_source
 from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
-from captionkit.core.store import STORE_FOLDER, Store
+from captionkit.core.store import STORE_FOLDER, Store, attach_run_log
 from captionkit.executors.local import RunOptions, RunSummary
 from captionkit.executors.progress import Progress
+from captionkit.options import (
+    BACKENDS,
+    DEFAULT_CAPTION_MODEL,
+    ModelOptions,
+    adapter_base_model,
+    build_captioner,
+    check_choice,
+    tag_options,
+)
 
 log = logging.getLogger("captionkit")
-DEFAULT_CAPTION_MODEL = "florence-community/Florence-2-base"
-
-
-def attach_run_log(store: Store) -> logging.Handler:
-    """Append this run's log to ``.captionkit/run.log`` in the output location."""
-    handler = logging.FileHandler(store.folder / "run.log", encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("captionkit")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
-    return handler
-
-
-BACKENDS = ("auto", "transformers", "openai", "vllm")
-
-
-@dataclass
-class ModelOptions:
-    """Everything that picks and configures a captioner; one object so CLI, pipelines and UI share it.
-
-    Options a family does not use are left as ``None``; giving one to a family that
-    would ignore it is an error, never silently dropped.
-    """
-
-    model: str | None = None
-    backend: str = "auto"
-    # Florence-2
-    task: str | None = None
-    task_input: str | None = None
-    num_beams: int | None = None
-    early_stopping: bool | None = None
-    no_repeat_ngram_size: int | None = None
-    adapter: str | Path | None = None
-    # chat models (transformers, vLLM, servers)
-    prompt: str | None = None
-    system_prompt: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    samples: int | None = None
-    seed: int | None = None
-    max_image_side: int | None = None
-    min_pixels: int | None = None  # Qwen2-VL family
-    max_pixels: int | None = None  # Qwen2-VL family
-    anyres: bool | None = None  # LLaVA-NeXT / OneVision: False = one tile per image
-    pan_and_scan: bool | None = None  # Gemma 3
-    longest_edge: int | None = None  # Idefics3 / SmolVLM
-    trust_remote_code: bool = False
-    # both
-    max_new_tokens: int | None = None
-    repetition_penalty: float | None = None
-    dtype: str = "auto"
-    attn_implementation: str = "sdpa"
-    device: str = "auto"
-    cache_dir: str | Path | None = None
-    revision: str | None = None
-    # OpenAI-compatible servers
-    base_url: str | None = None
-    api_key_env: str | None = None  # default OPENAI_API_KEY
-    concurrency: int | None = None  # default 8
-    request_timeout: float | None = None  # seconds, default 120
-    max_retries: int | None = None  # default 5
-    # vLLM engines
-    tensor_parallel_size: int | None = None
-    max_model_len: int | None = None
-    max_num_seqs: int | None = None
-    gpu_memory_utilization: float | None = None
-
-    def given(self, *names: str) -> list[str]:
-        """CLI spellings of the options among ``names`` that were set."""
-        return [f"--{name.replace('_', '-')}" for name in names if getattr(self, name) not in (None, False)]
-
-    def chat_settings(self):
-        from captionkit.models.base import DEFAULT_CHAT_PROMPT, ChatSettings
-
-        return ChatSettings(
-            prompt=self.prompt if self.prompt is not None else DEFAULT_CHAT_PROMPT,
-            system_prompt=self.system_prompt, temperature=self.temperature or 0.0, top_p=self.top_p,
-            top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            max_new_tokens=self.max_new_tokens or 256, samples=self.samples or 1, seed=self.seed,
-        )
-
-
-_FLORENCE_ONLY = ("task", "task_input", "num_beams", "early_stopping", "no_repeat_ngram_size", "adapter")
-FAMILY_OPTIONS = ("min_pixels", "max_pixels", "anyres", "pan_and_scan", "longest_edge")
-_CHAT_ONLY = ("prompt", "system_prompt", "temperature", "top_p", "top_k", "samples", "seed", "max_image_side",
-              "trust_remote_code", *FAMILY_OPTIONS)
-_SERVER_ONLY = ("base_url", "api_key_env", "concurrency", "request_timeout", "max_retries")
-_VLLM_ONLY = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
-
-
-def _refuse(options: ModelOptions, names: tuple[str, ...], why: str) -> None:
-    given = options.given(*names)
-    if given:
-        raise CaptionkitError(f"{', '.join(given)}: {why}")
-
-
-def build_captioner(model: str | None = None, options: ModelOptions | None = None, **option_values):
-    """A captioner backend for ``model``; the family is read from the model's config, never its name.
-
-    ``options`` (or keyword arguments named like :class:`ModelOptions` fields) pick the
-    backend (``auto``/``transformers`` local, ``openai`` server, ``vllm`` engine) and its settings.
-    """
-    from captionkit.models import backend_for_model_type, get_backend, read_model_config
-    from captionkit.models.florence2 import GenerationSettings, native_model_id
-
-    if options is None:
-        options = ModelOptions(model=model, **option_values)
-    elif model is not None or option_values:
-        raise CaptionkitError("build_captioner: pass either options or keyword arguments, not both.")
-    _check_choice("--backend", options.backend, list(BACKENDS))
-    if options.backend != "vllm":
-        _refuse(options, _VLLM_ONLY, "these are vLLM engine options; add --backend vllm.")
-    if options.backend != "openai":
-        _refuse(options, _SERVER_ONLY, "these are for --backend openai (an OpenAI-compatible server).")
-    if options.backend == "openai":
-        if not options.model:
-            raise CaptionkitError("--backend openai needs --model NAME (the model name the server serves).")
-        if not options.base_url:
-            raise CaptionkitError("--backend openai needs --base-url (e.g. http://127.0.0.1:8000/v1).")
-        _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to a chat server; use --prompt.")
-        _refuse(options, (*FAMILY_OPTIONS, "trust_remote_code", "cache_dir", "revision"),
-                "the server decides these.")
-        local = [f"--{name.replace('_', '-')}" for name, default in
-                 (("device", "auto"), ("dtype", "auto"), ("attn_implementation", "sdpa"))
-                 if getattr(options, name) != default]
-        if local:
-            raise CaptionkitError(f"{', '.join(local)}: the server decides these; they do not apply to "
-                                  "--backend openai.")
-        factory = get_backend("openai").factory
-        return factory(
-            model=options.model, base_url=options.base_url, chat=options.chat_settings(),
-            api_key_env=options.api_key_env or "OPENAI_API_KEY",
-            concurrency=options.concurrency if options.concurrency is not None else 8,
-            timeout_s=options.request_timeout if options.request_timeout is not None else 120.0,
-            max_retries=options.max_retries if options.max_retries is not None else 5,
-            max_image_side=options.max_image_side,
-        )
-    name = native_model_id(str(options.model or adapter_base_model(options.adapter) or DEFAULT_CAPTION_MODEL))
-    config = read_model_config(name, cache_dir=options.cache_dir, revision=options.revision)
-    model_type = str(config.get("model_type", ""))
-    if options.backend == "vllm":
-        _refuse(options, _FLORENCE_ONLY, "Florence-2 options do not apply to the vLLM backend; use --prompt.")
-        _refuse(options, FAMILY_OPTIONS, "not passed to vLLM engines; use --max-image-side.")
-        return get_backend("vllm").factory(
-            model=name, chat=options.chat_settings(), dtype=options.dtype, trust_remote_code=options.trust_remote_code,
-            cache_dir=options.cache_dir, revision=options.revision, max_image_side=options.max_image_side,
-            **{key: getattr(options, key) for key in _VLLM_ONLY if getattr(options, key) is not None},
-        )
-    try:
-        info = backend_for_model_type(model_type, "captioner")
-    except CaptionkitError:
-        if config.get("auto_map") and not options.trust_remote_code:
-            from captionkit.models.chat_vlm import remote_code_error
-
-            raise remote_code_error(name, model_type) from None
-        raise
-    if info.style == "florence":
-        _refuse(options, _CHAT_ONLY, "Florence-2 takes a --task, not a chat prompt or sampling options.")
-        if options.early_stopping and options.num_beams is not None and options.num_beams <= 1:
-            raise CaptionkitError("--early-stopping only applies to beam search; use --num-beams 2 or more.")
-        return info.factory(
-            model=name, task=options.task or "<CAPTION>", task_input=options.task_input,
-            generation=GenerationSettings(
-                max_new_tokens=options.max_new_tokens or 256,
-                num_beams=options.num_beams if options.num_beams is not None else 3,
-                early_stopping=bool(options.early_stopping), repetition_penalty=options.repetition_penalty,
-                no_repeat_ngram_size=options.no_repeat_ngram_size,
-            ),
-            dtype=options.dtype, attn_implementation=options.attn_implementation, device=options.device,
-            cache_dir=options.cache_dir, revision=options.revision, adapter=options.adapter,
-        )
-    _refuse(options, _FLORENCE_ONLY, f"Florence-2 options do not apply to {model_type} models; use --prompt.")
-    family_options = {key: getattr(options, key) for key in FAMILY_OPTIONS if getattr(options, key) is not None}
-    return info.factory(
-        model=name, chat=options.chat_settings(), dtype=options.dtype,
-        attn_implementation=options.attn_implementation, device=options.device, cache_dir=options.cache_dir,
-        revision=options.revision, trust_remote_code=options.trust_remote_code,
-        max_image_side=options.max_image_side, model_type=model_type, **family_options,
-    )
+# The options and the captioner they build live a layer down (captionkit.options); the api hands them on.
+__all__ = [
+    "BACKENDS", "DEFAULT_CAPTION_MODEL", "ModelOptions", "adapter_base_model", "attach_run_log", "build_captioner",
+    "caption", "check_input_exists", "export", "inspect", "no_images_message", "output_location", "render",
+    "stored_field_values", "tag", "tag_options",
+]
 
 
 def check_input_exists(path: str | Path) -> None:
@@ -204,18 +38,6 @@ def check_input_exists(path: str | Path) -> None:
     location = Path(path).expanduser()
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")
-
-
-def adapter_base_model(adapter: str | Path | None) -> str | None:
-    """The base model recorded in a PEFT adapter folder, if any."""
-    if adapter is None:
-        return None
-    config = Path(adapter).expanduser() / "adapter_config.json"
-    if not config.is_file():
-        return None
-    import json
-
-    return json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or None
 
 
 def output_location(source: Source, output_dir: str | Path | None) -> Path:
@@ -399,8 +221,8 @@ def _run_step(
 
     if batch_size < 1:
         raise CaptionkitError("--batch-size must be at least 1.")
-    _check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
-    _check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
+    check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
+    check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
     options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors, stop=stop)
     reporter = Progress(progress, listener=listener)
     runner = make_executor(executor, options, reporter, ray_address=ray_address, devices=devices,
@@ -453,25 +275,6 @@ def _run_step(
             handler.close()
 
 
-def no_images_message(source: Source) -> str:
-    """Why a source gave no records, with what was looked for."""
-    from captionkit.core.records import FolderSource, ManifestSource, image_extensions
-
-    if isinstance(source, FolderSource):
-        extensions = set(source.extensions or image_extensions())
-        common = [ext for ext in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
-                  if ext in extensions]
-        rest = len(extensions) - len(common)
-        shown = ", ".join(common) + (f" and {rest} more formats Pillow reads" if rest else "")
-        hidden = ("hidden files and folders (names starting with '.') were skipped; --include-hidden takes them"
-                  if not source.include_hidden else "hidden files were included")
-        depth = "sub-folders included" if source.recursive else "sub-folders not searched (--recursive to search)"
-        return f"{source.root}: no images found (looked for {shown}; {depth}; {hidden})."
-    if isinstance(source, ManifestSource):
-        return f"{source.manifest}: the manifest has no rows."
-    return f"{source.description}: no images found."
-
-
 def store_has_results(path: Path) -> bool:
     import sqlite3
 
@@ -507,44 +310,6 @@ def export(location: str | Path, destination: str | Path, steps: Sequence[str] |
     """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count."""
     with Store.open_existing(location) as store:
         return export_results(store, destination, steps)
-
-
-def _check_choice(option: str, value: str, choices: list[str]) -> None:
-    if value not in choices:
-        raise CaptionkitError(f"{option} {value}: use one of {', '.join(choices)}.")
-
-
-def tag_options(
-    *,
-    general_threshold: float = 0.35,
-    character_threshold: float = 0.85,
-    thresholds: dict[str, float] | None = None,
-    use_model_thresholds: bool = False,
-    mcut: bool = False,
-    max_tags: int | None = None,
-    include_rating: bool = False,
-    blacklist: Sequence[str] = (),
-    replacements: dict[str, str] | None = None,
-    always_first: Sequence[str] = (),
-    underscores_to_spaces: bool = True,
-    escape_parentheses: bool = False,
-    order: str = "score",
-    separator: str = ", ",
-):
-    """TagOptions from keyword arguments, with errors users can act on."""
-    from captionkit.core.tagging import TagOptions
-
-    try:
-        return TagOptions(
-            general_threshold=general_threshold, character_threshold=character_threshold,
-            thresholds=dict(thresholds or {}), use_model_thresholds=use_model_thresholds, mcut=mcut,
-            max_tags=max_tags, include_rating=include_rating, blacklist=list(blacklist),
-            replacements=dict(replacements or {}), always_first=list(always_first),
-            underscores_to_spaces=underscores_to_spaces, escape_parentheses=escape_parentheses, order=order,
-            separator=separator,
-        )
-    except ValueError as error:
-        raise CaptionkitError(str(error)) from error
 
 
 def tag(
@@ -649,9 +414,9 @@ def render(
     from captionkit.steps.captioner import CaptionText
     from captionkit.steps.tagger import TagRenderer
 
-    _check_choice("--field", field, ["tags", "caption"])
-    _check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
-    _check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
+    check_choice("--field", field, ["tags", "caption"])
+    check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
+    check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
     location = output_location(source, output_dir)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sqlite3
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from captionkit.core.declare import Option, declared_options
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.exit_codes import CONTRACT as _EXIT_CODES
+from captionkit.core.tagging import TagOptions
+from captionkit.options.commands import CAPTION, RENDER, TAG, Command, ScaleOptions
 
 app = typer.Typer(
     name="captionkit",
@@ -37,13 +42,6 @@ def _root(
                                           is_eager=True)] = False,
 ) -> None:
     """Caption, tag and train the labellers of image datasets for text-to-image training."""
-
-
-_MODEL_HELP = "Hub id or local folder (a model downloaded elsewhere, or trained with captionkit)."
-
-
-_MAX_FAILURES_HELP = ("Still exit 0 when at most this many images fail: a number (5) or a percentage of the "
-                      "images tried (2%). Default 0.")
 
 
 def _exit_for_summary(summary, allowance) -> None:
@@ -106,296 +104,92 @@ def _failure_line(record_id: str, reason: str) -> str:
     return f"{record_id}: {reason}"
 
 
-_FLORENCE = "Florence-2 options"
-_CHAT = "Chat model options (BLIP-2, LLaVA, Qwen2-VL, ...; also servers and vLLM)"
-_SERVER = "OpenAI-compatible server (--backend openai)"
-_VLLM = "vLLM engine (--backend vllm)"
-_SCALE = "Scaling out (a Ray cluster, several GPUs; docs/scaling.md)"
-_EXECUTOR = typer.Option(help="local (this process) or ray (a Ray cluster; pip install 'captionkit\\[ray]'). Results are the same.", rich_help_panel=_SCALE)
-_RAY_ADDRESS = typer.Option(help="With --executor ray: auto (the cluster this machine is in), ray://HOST:10001, or leave out to start Ray here.", rich_help_panel=_SCALE)
-_RAY_ACTORS = typer.Option(help="With --executor ray: model replicas (default: one per GPU of the cluster, or 1).", rich_help_panel=_SCALE)
-_RAY_GPUS = typer.Option(help="With --executor ray: GPUs per model replica, fractions allowed (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE)
-_RAY_CPUS = typer.Option(help="With --executor ray: CPUs per model replica.", rich_help_panel=_SCALE)
-_RAY_STALL = typer.Option(help="With --executor ray: end the run (keeping what finished) when nothing moves for this many seconds: a hung model, actors that cannot be placed. 0: never.", rich_help_panel=_SCALE)
-_DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker process per device over disjoint shards.", rich_help_panel=_SCALE)
+def _typer_option(item: Option):
+    """The Typer option of a declared option: its flags, help and help panel."""
+    return typer.Option(*item.flags, help=item.help, rich_help_panel=item.panel)
+
+
+def _cli_type(item: Option):
+    """The type Typer parses: a NAME=VALUE mapping is a repeatable text option; lists and optionals may be absent."""
+    base = list[str] if item.value_type is dict else item.value_type
+    if item.optional or item.value_type is dict or typing.get_origin(base) is list:
+        return base | None
+    return base
+
+
+def _declared(command: Command):
+    """Give a command function the declared options of ``command`` as its Typer parameters.
+
+    The function keeps its own parameters (the path argument) and takes the options as ``**values``.
+    """
+    def wrap(body):
+        hints = typing.get_type_hints(body, include_extras=True)
+        own = [parameter.replace(annotation=hints[name])
+               for name, parameter in inspect.signature(body).parameters.items()
+               if parameter.kind is not inspect.Parameter.VAR_KEYWORD]
+        declared = [
+            inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[
+                _cli_type(item), _typer_option(item)],
+                default=None if isinstance(item.default, list | dict) else item.default)
+            for item in command.options("cli")
+        ]
+        body.__signature__ = inspect.Signature([*own, *declared], return_annotation=None)
+        body.__annotations__ = {parameter.name: parameter.annotation for parameter in body.__signature__.parameters.values()}
+        return body
+
+    return wrap
+
+
+_SCALE = {item.name: _typer_option(item) for item in declared_options(ScaleOptions)}
 
 
 @app.command(epilog=_EXIT_CODES)
+@_declared(CAPTION)
 def caption(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
-    model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " The family comes from its config.json. Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
-    backend: Annotated[str, typer.Option(help="auto (transformers, in this process), openai (an OpenAI-compatible server) or vllm (a vLLM engine).")] = "auto",
-    task: Annotated[str | None, typer.Option(help="Florence-2 task: <CAPTION> (default), <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...", rich_help_panel=_FLORENCE)] = None,
-    task_input: Annotated[str | None, typer.Option(help="Text for tasks that take one (e.g. <CAPTION_TO_PHRASE_GROUNDING>).", rich_help_panel=_FLORENCE)] = None,
-    num_beams: Annotated[int | None, typer.Option(help="Beam search width (default 3; 1 = greedy, fastest).", rich_help_panel=_FLORENCE)] = None,
-    early_stopping: Annotated[bool, typer.Option(help="Stop beam search when num_beams candidates are done.", rich_help_panel=_FLORENCE)] = False,
-    no_repeat_ngram_size: Annotated[int | None, typer.Option(help="Forbid repeating n-grams of this size.", rich_help_panel=_FLORENCE)] = None,
-    adapter: Annotated[Path | None, typer.Option(help="LoRA adapter folder from `captionkit train captioner`.", rich_help_panel=_FLORENCE)] = None,
-    prompt: Annotated[str | None, typer.Option(help="What to ask the model. May name fields of the image: 'Its tags: {tags}' (filled from `captionkit tag` results or manifest columns).", rich_help_panel=_CHAT)] = None,
-    system_prompt: Annotated[str | None, typer.Option(help="System instructions, for families that have a system role.", rich_help_panel=_CHAT)] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy (default); above 0 samples.", rich_help_panel=_CHAT)] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (with --temperature > 0).", rich_help_panel=_CHAT)] = None,
-    top_k: Annotated[int | None, typer.Option(help="Top-k sampling (with --temperature > 0).", rich_help_panel=_CHAT)] = None,
-    samples: Annotated[int | None, typer.Option(help="Captions per image, all kept in the store (see --sample-choice).", rich_help_panel=_CHAT)] = None,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed: the same command with the same seed gives the same captions.", rich_help_panel=_CHAT)] = None,
-    sample_choice: Annotated[str, typer.Option(help="With --samples: first, longest or all (joined by --sample-separator).", rich_help_panel=_CHAT)] = "first",
-    sample_separator: Annotated[str, typer.Option(help="Between samples with --sample-choice all.", rich_help_panel=_CHAT)] = "\n",
-    strip_openers: Annotated[bool, typer.Option(help="Remove filler openers ('The image shows', 'In this image,').", rich_help_panel=_CHAT)] = False,
-    max_image_side: Annotated[int | None, typer.Option(help="Downscale images so the longest side is at most this (also for servers).", rich_help_panel=_CHAT)] = None,
-    min_pixels: Annotated[int | None, typer.Option(help="Qwen2-VL family: smallest image area the processor resizes to.", rich_help_panel=_CHAT)] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="Qwen2-VL family: largest image area (fewer image tokens, faster).", rich_help_panel=_CHAT)] = None,
-    anyres: Annotated[bool | None, typer.Option("--anyres/--no-anyres", help="LLaVA-NeXT/OneVision: tile large images (default: as the model ships); --no-anyres = one tile, faster.", rich_help_panel=_CHAT)] = None,
-    pan_and_scan: Annotated[bool | None, typer.Option("--pan-and-scan/--no-pan-and-scan", help="Gemma 3: add crops of wide or tall images.", rich_help_panel=_CHAT)] = None,
-    longest_edge: Annotated[int | None, typer.Option(help="Idefics3/SmolVLM: longest image side the processor resizes to.", rich_help_panel=_CHAT)] = None,
-    trust_remote_code: Annotated[bool, typer.Option(help="Run the model's own Python code (Phi-3-vision); only for models you trust. Recorded in the results.", rich_help_panel=_CHAT)] = False,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Longest caption in tokens (default 256).")] = None,
-    repetition_penalty: Annotated[float | None, typer.Option(help="Penalise repeated tokens (>1.0).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (bf16/fp16 on a GPU, fp32 on CPU), fp32, fp16, bf16. Part of the settings: a change re-captions.")] = "auto",
-    attn_implementation: Annotated[str, typer.Option(help="sdpa, eager or flash_attention_2.")] = "sdpa",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option(help="Folder for downloaded models.")] = None,
-    revision: Annotated[str | None, typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    base_url: Annotated[str | None, typer.Option(help="Server address, e.g. http://127.0.0.1:8000/v1.", rich_help_panel=_SERVER)] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="Environment variable that holds the API key (default OPENAI_API_KEY; never stored or logged).", rich_help_panel=_SERVER)] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once (default 8).", rich_help_panel=_SERVER)] = None,
-    request_timeout: Annotated[float | None, typer.Option(help="Seconds per request before it is retried (default 120).", rich_help_panel=_SERVER)] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries per request on 429, 5xx, timeouts and dropped connections (default 5).", rich_help_panel=_SERVER)] = None,
-    tensor_parallel_size: Annotated[int | None, typer.Option(help="GPUs per engine.", rich_help_panel=_VLLM)] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length of the engine.", rich_help_panel=_VLLM)] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences the engine runs at once.", rich_help_panel=_VLLM)] = None,
-    gpu_memory_utilization: Annotated[float | None, typer.Option(help="Fraction of GPU memory the engine may take (default 0.9).", rich_help_panel=_VLLM)] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per model call, halved automatically on out-of-memory (default 8; 4 x --concurrency for servers).")] = None,
-    workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
-    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
-    include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
-    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
-    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Write captions into a mirrored tree here instead of beside the images.")] = None,
-    ext: Annotated[str, typer.Option(help="Caption file extension (.txt, .caption, ...).")] = ".txt",
-    existing: Annotated[str, typer.Option(help="Existing caption files: skip, overwrite, append or fill-empty.")] = "skip",
-    on_collision: Annotated[str, typer.Option(help="Two images, one caption file (a.png + a.jpg): skip (write neither) or keep-extension (a.png.txt).")] = "skip",
-    append_separator: Annotated[str, typer.Option(help="Put between the old and new text with --existing append.")] = ", ",
-    prefix: Annotated[str, typer.Option(help="Text put before every caption, verbatim (e.g. 'ohwx, ').")] = "",
-    suffix: Annotated[str, typer.Option(help="Text put after every caption, verbatim.")] = "",
-    cleanup: Annotated[bool, typer.Option(help="Strip special tokens and extra whitespace.")] = True,
-    collapse_loops: Annotated[bool, typer.Option(help="Collapse repeated-phrase loops.")] = True,
-    background: Annotated[str, typer.Option(help="Colour transparent images are composited on.")] = "white",
-    max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
-    keep_results: Annotated[bool, typer.Option(help="Reuse stored captions even if made with other settings.")] = False,
-    retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if the file did not change.")] = False,
-    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable); a folder gets sharded Parquet (part-00000.parquet, ...).")] = None,
-    write: Annotated[bool, typer.Option(help="Write caption files (--no-write: results only in the store and --export; for very large runs).")] = True,
-    executor: Annotated[str, _EXECUTOR] = "local",
-    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
-    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
-    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
-    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
-    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
-    devices: Annotated[str | None, _DEVICES] = None,
-    max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
+    **values,
 ) -> None:
     """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
     from captionkit import api
     from captionkit.core.exit_codes import parse_max_failures
 
-    allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
-    mode = "quiet" if quiet else progress
-    options = api.ModelOptions(
-        model=model, backend=backend, task=task, task_input=task_input, num_beams=num_beams,
-        early_stopping=early_stopping or None, no_repeat_ngram_size=no_repeat_ngram_size, adapter=adapter,
-        prompt=prompt, system_prompt=system_prompt, temperature=temperature, top_p=top_p, top_k=top_k,
-        samples=samples, seed=seed, max_image_side=max_image_side, min_pixels=min_pixels, max_pixels=max_pixels,
-        anyres=anyres, pan_and_scan=pan_and_scan, longest_edge=longest_edge, trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-        dtype=dtype, attn_implementation=attn_implementation, device=device, cache_dir=cache_dir, revision=revision,
-        base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, request_timeout=request_timeout,
-        max_retries=max_retries, tensor_parallel_size=tensor_parallel_size, max_model_len=max_model_len,
-        max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
-    )
-    summary = api.caption(
-        path, options=options, batch_size=batch_size, workers=workers, recursive=recursive,
-        include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, output_dir=output_dir, ext=ext,
-        existing=existing, on_collision=on_collision, append_separator=append_separator, prefix=prefix,
-        suffix=suffix, cleanup=cleanup, collapse_loops=collapse_loops, strip_openers=strip_openers,
-        sample_choice=sample_choice, sample_separator=sample_separator, background=background,
-        max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
-        write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
-        devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
-        ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
-    )
+    allowance = parse_max_failures(values["max_failures"])  # a bad value fails before the model loads
+    mode = "quiet" if values["quiet"] else values["progress"]
+    summary = api.caption(path, progress=mode, **CAPTION.api_arguments(values))
     _print_summary(summary, mode)
     _exit_for_summary(summary, allowance)
 
 
-def _split_list(values: list[str] | None) -> list[str]:
-    """Repeatable options that also accept comma-separated values."""
-    return [part.strip() for value in values or [] for part in value.split(",") if part.strip()]
-
-
-def _pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    pairs = {}
-    for value in values or []:
-        if "=" not in value:
-            raise CaptionkitError(f"{option} {value!r}: write it as NAME=VALUE.")
-        name, _, target = value.partition("=")
-        pairs[name.strip()] = target.strip()
-    return pairs
-
-
-def _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
-                 include_rating, blacklist, replace, always_first, underscores_to_spaces, escape_parentheses, order,
-                 separator):
-    from captionkit import api
-
-    try:
-        thresholds = {name: float(value) for name, value in _pairs(threshold, "--threshold").items()}
-    except ValueError as error:
-        raise CaptionkitError(f"--threshold: {error}; write it as CATEGORY=0.5") from error
-    return api.tag_options(
-        general_threshold=general_threshold, character_threshold=character_threshold, thresholds=thresholds,
-        use_model_thresholds=use_model_thresholds, mcut=mcut, max_tags=max_tags, include_rating=include_rating,
-        blacklist=_split_list(blacklist), replacements=_pairs(replace, "--replace"),
-        always_first=_split_list(always_first), underscores_to_spaces=underscores_to_spaces,
-        escape_parentheses=escape_parentheses, order=order, separator=separator,
-    )
-
-
-_GENERAL = typer.Option(help="Threshold for general tags.")
-_CHARACTER = typer.Option(help="Threshold for character tags.")
-_THRESHOLD = typer.Option(help="Per-category threshold, e.g. artist=0.5, copyright=0.6, meta=0.4 (repeatable).")
-_MODEL_THRESHOLDS = typer.Option(help="Use the thresholds the model ships (per-tag tuned ones from captionkit training).")
-_MCUT = typer.Option(help="Adaptive MCut threshold for general and character tags.")
-_MAX_TAGS = typer.Option(help="Keep at most this many predicted tags (highest scores).")
-_RATING = typer.Option(help="Add the most likely rating tag.")
-_BLACKLIST = typer.Option(help="Tags never written (repeatable or comma-separated).")
-_REPLACE = typer.Option(help="Rename a tag: OLD=NEW (repeatable; NEW empty removes it).")
-_FIRST = typer.Option(help="Tags written first, added even when not predicted (repeatable or comma-separated).")
-_UNDERSCORES = typer.Option(help="long_hair → long hair (kaomoji like ^_^ are kept).")
-_ESCAPE = typer.Option(help="Escape parentheses: name_(series) → name_\\(series\\).")
-_ORDER = typer.Option(help="score or name.")
-_SEPARATOR = typer.Option(help="Between tags.")
-
-
 @app.command(epilog=_EXIT_CODES)
+@_declared(TAG)
 def tag(
     path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
-    model: Annotated[str, typer.Option(help="Tagger: WD-style hub repo or folder (model.onnx or timm weights + selected_tags.csv), or a folder from `captionkit train tagger`.")] = "SmilingWolf/wd-swinv2-tagger-v3",
-    general_threshold: Annotated[float, _GENERAL] = 0.35,
-    character_threshold: Annotated[float, _CHARACTER] = 0.85,
-    threshold: Annotated[list[str] | None, _THRESHOLD] = None,
-    use_model_thresholds: Annotated[bool, _MODEL_THRESHOLDS] = False,
-    mcut: Annotated[bool, _MCUT] = False,
-    max_tags: Annotated[int | None, _MAX_TAGS] = None,
-    include_rating: Annotated[bool, _RATING] = False,
-    blacklist: Annotated[list[str] | None, _BLACKLIST] = None,
-    replace: Annotated[list[str] | None, _REPLACE] = None,
-    always_first: Annotated[list[str] | None, _FIRST] = None,
-    underscores_to_spaces: Annotated[bool, _UNDERSCORES] = True,
-    escape_parentheses: Annotated[bool, _ESCAPE] = False,
-    order: Annotated[str, _ORDER] = "score",
-    separator: Annotated[str, _SEPARATOR] = ", ",
-    print_scores: Annotated[bool, typer.Option("--print", help="Print 'image: tag: score' lines for the chosen tags.")] = False,
-    write: Annotated[bool, typer.Option(help="Write tag files (--no-write with --print only prints).")] = True,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (a GPU asked for never falls back to CPU).")] = "auto",
-    cache_dir: Annotated[Path | None, typer.Option(help="Folder for downloaded models.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per model call (halved automatically on out-of-memory).")] = 32,
-    workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
-    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
-    include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
-    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
-    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Write tag files into a mirrored tree here.")] = None,
-    ext: Annotated[str, typer.Option(help="Tag file extension.")] = ".txt",
-    existing: Annotated[str, typer.Option(help="Existing files: skip, overwrite, append or fill-empty.")] = "skip",
-    on_collision: Annotated[str, typer.Option(help="a.png + a.jpg: skip or keep-extension.")] = "skip",
-    append_separator: Annotated[str, typer.Option(help="Between old and new text with --existing append.")] = ", ",
-    background: Annotated[str, typer.Option(help="Colour transparent images are composited on.")] = "white",
-    max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
-    keep_results: Annotated[bool, typer.Option(help="Reuse stored scores even if made by another model version.")] = False,
-    retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if unchanged.")] = False,
-    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to .jsonl or .parquet; a folder gets sharded Parquet.")] = None,
-    executor: Annotated[str, _EXECUTOR] = "local",
-    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
-    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
-    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
-    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
-    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
-    devices: Annotated[str | None, _DEVICES] = None,
-    max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
+    **values,
 ) -> None:
     """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""
     from captionkit import api
     from captionkit.core.exit_codes import parse_max_failures
 
-    allowance = parse_max_failures(max_failures)  # a bad value fails before the model loads
-    options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
-                           include_rating, blacklist, replace, always_first, underscores_to_spaces,
-                           escape_parentheses, order, separator)
-    mode = "quiet" if quiet or (print_scores and progress == "bar") else progress
-    summary = api.tag(
-        path, model=model, device=device, cache_dir=cache_dir, options=options, print_scores=print_scores,
-        batch_size=batch_size, workers=workers, recursive=recursive, include_hidden=include_hidden,
-        image_column=image_column, base_dir=base_dir, output_dir=output_dir, ext=ext, existing=existing,
-        on_collision=on_collision, append_separator=append_separator, background=background,
-        max_image_pixels=max_image_pixels, keep_results=keep_results, retry_errors=retry_errors,
-        write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
-        devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
-        ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
-    )
+    allowance = parse_max_failures(values["max_failures"])  # a bad value fails before the model loads
+    progress = values["progress"]
+    mode = "quiet" if values["quiet"] or (values["print_scores"] and progress == "bar") else progress
+    summary = api.tag(path, progress=mode, **TAG.api_arguments(values))
     _print_summary(summary, mode)
     _exit_for_summary(summary, allowance)
 
 
 @app.command()
+@_declared(RENDER)
 def render(
     path: Annotated[Path, typer.Argument(help="The folder (or manifest) that was tagged or captioned.")],
-    field: Annotated[str, typer.Option(help="tags or caption.")] = "tags",
-    general_threshold: Annotated[float, _GENERAL] = 0.35,
-    character_threshold: Annotated[float, _CHARACTER] = 0.85,
-    threshold: Annotated[list[str] | None, _THRESHOLD] = None,
-    use_model_thresholds: Annotated[bool, _MODEL_THRESHOLDS] = False,
-    mcut: Annotated[bool, _MCUT] = False,
-    max_tags: Annotated[int | None, _MAX_TAGS] = None,
-    include_rating: Annotated[bool, _RATING] = False,
-    blacklist: Annotated[list[str] | None, _BLACKLIST] = None,
-    replace: Annotated[list[str] | None, _REPLACE] = None,
-    always_first: Annotated[list[str] | None, _FIRST] = None,
-    underscores_to_spaces: Annotated[bool, _UNDERSCORES] = True,
-    escape_parentheses: Annotated[bool, _ESCAPE] = False,
-    order: Annotated[str, _ORDER] = "score",
-    separator: Annotated[str, _SEPARATOR] = ", ",
-    prefix: Annotated[str, typer.Option(help="Captions only: text put before every caption.")] = "",
-    suffix: Annotated[str, typer.Option(help="Captions only: text put after every caption.")] = "",
-    cleanup: Annotated[bool, typer.Option(help="Captions only: strip special tokens and whitespace noise.")] = True,
-    collapse_loops: Annotated[bool, typer.Option(help="Captions only: collapse repeated-phrase loops.")] = True,
-    strip_openers: Annotated[bool, typer.Option(help="Captions only: remove filler openers ('The image shows').")] = False,
-    sample_choice: Annotated[str, typer.Option(help="Captions only, with several samples: first, longest or all.")] = "first",
-    sample_separator: Annotated[str, typer.Option(help="Captions only: between samples with --sample-choice all.")] = "\n",
-    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
-    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
-    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="The --output-dir of the original run.")] = None,
-    ext: Annotated[str, typer.Option(help="File extension.")] = ".txt",
-    existing: Annotated[str, typer.Option(help="Files captionkit did not write: skip, overwrite, append or fill-empty.")] = "skip",
-    on_collision: Annotated[str, typer.Option(help="a.png + a.jpg: skip or keep-extension.")] = "skip",
-    append_separator: Annotated[str, typer.Option(help="Between old and new text with --existing append.")] = ", ",
+    **values,
 ) -> None:
     """Rewrite tag or caption files from the stored results with new settings, without running a model."""
     from captionkit import api
 
-    options = _tag_options(general_threshold, character_threshold, threshold, use_model_thresholds, mcut, max_tags,
-                           include_rating, blacklist, replace, always_first, underscores_to_spaces,
-                           escape_parentheses, order, separator) if field == "tags" else None
-    written = api.render(
-        path, field=field, options=options, prefix=prefix, suffix=suffix, cleanup=cleanup,
-        collapse_loops=collapse_loops, strip_openers=strip_openers, sample_choice=sample_choice,
-        sample_separator=sample_separator, recursive=recursive, image_column=image_column, base_dir=base_dir,
-        output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
-        append_separator=append_separator,
-    )
+    if values["field"] != "tags":  # tag options mean nothing for captions: not even checked
+        values = {name: value for name, value in values.items() if RENDER.owner(name) is not TagOptions}
+    written = api.render(path, **RENDER.api_arguments(values))
     print(f"{written} files rewritten", file=sys.stderr)
 
 
@@ -424,13 +218,13 @@ def run_command(
     from_step: Annotated[int | None, typer.Option(help="Start at this step (1-based); earlier steps' stored results are used.")] = None,
     only_step: Annotated[str | None, typer.Option(help="Run only the step with this name.")] = None,
     workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
-    executor: Annotated[str, _EXECUTOR] = "local",
-    ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
-    ray_actors: Annotated[int | None, _RAY_ACTORS] = None,
-    ray_gpus_per_actor: Annotated[float | None, _RAY_GPUS] = None,
-    ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
-    ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
-    devices: Annotated[str | None, _DEVICES] = None,
+    executor: Annotated[str, _SCALE["executor"]] = "local",
+    ray_address: Annotated[str | None, _SCALE["ray_address"]] = None,
+    ray_actors: Annotated[int | None, _SCALE["ray_actors"]] = None,
+    ray_gpus_per_actor: Annotated[float | None, _SCALE["ray_gpus_per_actor"]] = None,
+    ray_cpus_per_actor: Annotated[float, _SCALE["ray_cpus_per_actor"]] = 1.0,
+    ray_stall_timeout: Annotated[float, _SCALE["ray_stall_timeout"]] = 600.0,
+    devices: Annotated[str | None, _SCALE["devices"]] = None,
     max_failures: Annotated[str | None, typer.Option(help="Still exit 0 when at most this many records fail in each step: a number (5) or a percentage of the records the step tried (2%). Default 0.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",

@@ -598,7 +598,7 @@ def _records(pipeline: Pipeline, lister=None) -> list[Record]:
         source.video_column = pipeline.video_key
     records = lister.list_records(source) if lister is not None else list(source)
     if not records:
-        from captionkit.api import no_images_message
+        from captionkit.core.records import no_images_message
 
         raise CaptionkitError(no_images_message(source))
     return records
@@ -709,8 +709,7 @@ def executor_for(step, executor: str, scale: dict) -> bool:
 def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, only_step: str | None,
                   progress: str, workers: int, listener, stop, executor: str, scale: dict,
                   stream) -> PipelineReport:
-    from captionkit.api import attach_run_log
-    from captionkit.core.store import Store
+    from captionkit.core.store import Store, attach_run_log
     from captionkit.executors import make_executor
     from captionkit.executors.local import LocalExecutor, RunOptions
     from captionkit.executors.progress import Progress

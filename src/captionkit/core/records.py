@@ -288,3 +288,20 @@ def open_source(
             text_only=text_only,
         )
     return SingleImageSource(root=path.resolve().parent, description=str(path), image=path.resolve())
+
+
+def no_images_message(source: Source) -> str:
+    """Why a source gave no records, with what was looked for."""
+    if isinstance(source, FolderSource):
+        extensions = set(source.extensions or image_extensions())
+        common = [ext for ext in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+                  if ext in extensions]
+        rest = len(extensions) - len(common)
+        shown = ", ".join(common) + (f" and {rest} more formats Pillow reads" if rest else "")
+        hidden = ("hidden files and folders (names starting with '.') were skipped; --include-hidden takes them"
+                  if not source.include_hidden else "hidden files were included")
+        depth = "sub-folders included" if source.recursive else "sub-folders not searched (--recursive to search)"
+        return f"{source.root}: no images found (looked for {shown}; {depth}; {hidden})."
+    if isinstance(source, ManifestSource):
+        return f"{source.manifest}: the manifest has no rows."
+    return f"{source.description}: no images found."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -393,3 +394,14 @@ class Store:
                 base_exists=bool(row["base_exists"]), base_text=row["base_text"], pending_hash=row["pending_hash"],
                 written_hash=row["written_hash"],
             )
+
+
+def attach_run_log(store: Store) -> logging.Handler:
+    """Append this run's log to ``.captionkit/run.log`` in the output location."""
+    handler = logging.FileHandler(store.folder / "run.log", encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("captionkit")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    return handler

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from captionkit.core.declare import declared_options, option
 
 #: Danbooru / ``selected_tags.csv`` category numbers and the names options use for them.
 CATEGORY_NAMES: dict[int, str] = {
@@ -70,20 +72,29 @@ class TagOptions:
     tags are written first in the given order, added even when not predicted.
     """
 
-    general_threshold: float = 0.35
-    character_threshold: float = 0.85
-    thresholds: dict[str, float] = field(default_factory=dict)
-    use_model_thresholds: bool = False
-    mcut: bool = False
-    max_tags: int | None = None
-    include_rating: bool = False
-    blacklist: list[str] = field(default_factory=list)
-    replacements: dict[str, str] = field(default_factory=dict)
-    always_first: list[str] = field(default_factory=list)
-    underscores_to_spaces: bool = True
-    escape_parentheses: bool = False
-    order: str = "score"
-    separator: str = ", "
+    general_threshold: float = option(0.35, "Threshold for general tags.", fingerprint=True)
+    character_threshold: float = option(0.85, "Threshold for character tags.", fingerprint=True)
+    thresholds: dict[str, float] = option(
+        help="Per-category threshold, e.g. artist=0.5, copyright=0.6, meta=0.4 (repeatable).",
+        default_factory=dict, flags=("--threshold",), pair_value=float, fingerprint=True)
+    use_model_thresholds: bool = option(
+        False, "Use the thresholds the model ships (per-tag tuned ones from captionkit training).", fingerprint=True)
+    mcut: bool = option(False, "Adaptive MCut threshold for general and character tags.", fingerprint=True)
+    max_tags: int | None = option(None, "Keep at most this many predicted tags (highest scores).", fingerprint=True)
+    include_rating: bool = option(False, "Add the most likely rating tag.", fingerprint=True)
+    blacklist: list[str] = option(help="Tags never written (repeatable or comma-separated).", default_factory=list,
+                                  split_commas=True, fingerprint=True)
+    replacements: dict[str, str] = option(help="Rename a tag: OLD=NEW (repeatable; NEW empty removes it).",
+                                          default_factory=dict, flags=("--replace",), fingerprint=True)
+    always_first: list[str] = option(
+        help="Tags written first, added even when not predicted (repeatable or comma-separated).",
+        default_factory=list, split_commas=True, fingerprint=True)
+    underscores_to_spaces: bool = option(True, "long_hair → long hair (kaomoji like ^_^ are kept).",
+                                         fingerprint=True)
+    escape_parentheses: bool = option(False, "Escape parentheses: name_(series) → name_\\(series\\).",
+                                      fingerprint=True)
+    order: str = option("score", "score or name.", choices=("score", "name"), fingerprint=True)
+    separator: str = option(", ", "Between tags.", fingerprint=True)
 
     def __post_init__(self) -> None:
         if self.order not in ("score", "name"):
@@ -118,23 +129,12 @@ class TagOptions:
         return float(self.general_threshold)
 
     def fingerprint(self) -> dict:
-        """Every setting, for the store's ledger (a change means a re-render)."""
-        return {
-            "general_threshold": self.general_threshold,
-            "character_threshold": self.character_threshold,
-            "thresholds": dict(sorted(self.thresholds.items())),
-            "use_model_thresholds": self.use_model_thresholds,
-            "mcut": self.mcut,
-            "max_tags": self.max_tags,
-            "include_rating": self.include_rating,
-            "blacklist": list(self.blacklist),
-            "replacements": dict(self.replacements),
-            "always_first": list(self.always_first),
-            "underscores_to_spaces": self.underscores_to_spaces,
-            "escape_parentheses": self.escape_parentheses,
-            "order": self.order,
-            "separator": self.separator,
-        }
+        """What the written tags depend on (a change means a re-render): the options declared ``fingerprint=True``."""
+        return {item.name: _copy(getattr(self, item.name)) for item in declared_options(TagOptions) if item.fingerprint}
+
+
+def _copy(value):
+    return dict(sorted(value.items())) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
 
 
 def _key(tag: str) -> str:

@@ -10,59 +10,17 @@ from __future__ import annotations
 
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.images import DEFAULT_MAX_PIXELS, load_image
 from captionkit.core.records import Record
-from captionkit.core.text import clean_caption, is_refusal, strip_filler_openers
+from captionkit.core.text import is_refusal
 from captionkit.models.base import CaptionRequest, ItemFailure
+from captionkit.options.commands import CAPTION, CaptionRun
+from captionkit.options.model import ModelOptions, build_captioner
+from captionkit.options.text import CaptionText
 from captionkit.steps.base import Prepared
-
-SAMPLE_CHOICES = ("first", "longest", "all")
-
-
-@dataclass
-class CaptionText:
-    """How raw model text becomes the caption written to files."""
-
-    prefix: str = ""
-    suffix: str = ""
-    cleanup: bool = True
-    collapse_loops: bool = True
-    strip_openers: bool = False
-    sample_choice: str = "first"
-    sample_separator: str = "\n"
-
-    def __post_init__(self) -> None:
-        if self.sample_choice not in SAMPLE_CHOICES:
-            raise CaptionkitError(f"--sample-choice {self.sample_choice}: use one of {', '.join(SAMPLE_CHOICES)}.")
-
-    def settings(self) -> dict[str, Any]:
-        return {
-            "prefix": self.prefix, "suffix": self.suffix, "cleanup": self.cleanup,
-            "collapse_loops": self.collapse_loops, "strip_openers": self.strip_openers,
-            "sample_choice": self.sample_choice, "sample_separator": self.sample_separator,
-        }
-
-    def clean(self, text: str) -> str:
-        if self.cleanup:
-            text = clean_caption(text, collapse_loops=self.collapse_loops)
-        if self.strip_openers:
-            text = strip_filler_openers(text)
-        return text
-
-    def render(self, texts: list[str]) -> str:
-        """Clean every candidate, leave out refusals and empties, then choose (first, longest or all)."""
-        cleaned = [self.clean(text) for text in texts]
-        kept = [text for text in cleaned if text and not is_refusal(text)] or cleaned[:1]
-        if not kept:
-            return f"{self.prefix}{self.suffix}"
-        if self.sample_choice == "all":  # every sample is a caption of its own: each gets the trigger words
-            return self.sample_separator.join(f"{self.prefix}{text}{self.suffix}" for text in kept)
-        body = max(kept, key=len) if self.sample_choice == "longest" else kept[0]
-        return f"{self.prefix}{body}{self.suffix}"
 
 
 def prompt_fields(template: str) -> list[str]:
@@ -221,25 +179,10 @@ class CaptionStep:
         self.captioner.recover_from_oom()
 
 
-_TEXT_KEYS = {"prefix": str, "suffix": str, "cleanup": bool, "collapse_loops": bool, "strip_openers": bool,
-              "sample_choice": str, "sample_separator": str}
-_VLLM_ENGINE_KEYS = ("tensor_parallel_size", "max_model_len", "max_num_seqs", "gpu_memory_utilization")
-
-
-def _captioner_keys() -> dict[str, Any]:
-    from dataclasses import fields
-
-    from captionkit.api import ModelOptions
-
-    types = {"str": str, "int": int, "float": float, "bool": bool}
-    keys: dict[str, Any] = {}
-    for item in fields(ModelOptions):
-        annotation = str(item.type)
-        keys[item.name] = next((kind for name, kind in types.items() if annotation.startswith(name)), str)
-    keys.update({"cache_dir": str, "adapter": str, "temperature": (int, float), "top_p": (int, float),
-                 "repetition_penalty": (int, float), "request_timeout": (int, float),
-                 "gpu_memory_utilization": (int, float)})
-    return {**keys, **_TEXT_KEYS, "batch_size": int, "background": str, "max_image_pixels": int}
+def _owned_by(cls: type, config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a step's config that ``cls`` declares (ModelOptions, CaptionText, CaptionRun)."""
+    keys = CAPTION.names("pipeline")
+    return {key: value for key, value in config.items() if key in keys and CAPTION.owner(key) is cls}
 
 
 def choose_backend(backend: str, engine_keys: list[str], vllm_installed: bool,
@@ -277,18 +220,18 @@ def build_pipeline_captioner(config: dict[str, Any], context: Any) -> CaptionSte
     import importlib.util
     import logging
 
-    from captionkit.api import ModelOptions, build_captioner
     from captionkit.core.images import parse_color
     from captionkit.models.openai_server import api_model_error
 
-    options = {key: value for key, value in config.items() if key not in (*_TEXT_KEYS, "batch_size", "background",
-                                                                          "max_image_pixels")}
+    options = _owned_by(ModelOptions, config)
     backend = str(options.get("backend", "auto"))
     if backend != "openai" and isinstance(options.get("model"), str):
         error = api_model_error(options["model"], f"step '{context.name}'")
         if error is not None:
             raise error
-    engine = [key for key in _VLLM_ENGINE_KEYS if key in options]
+    # Options declared to warn in a pipeline (vLLM's engine keys, on every step of a Dataflow-Gen file)
+    engine = [item.name for item in CAPTION.options("pipeline")
+              if item.pipeline_inapplicable == "warn" and item.name in options]
     if backend == "vllm" or engine:
         import torch
 
@@ -302,12 +245,12 @@ def build_pipeline_captioner(config: dict[str, Any], context: Any) -> CaptionSte
         if note and getattr(context, "announce", True):
             logging.getLogger("captionkit").warning("step %s: %s", context.name, note)
     captioner = build_captioner(options=ModelOptions(**options))
-    text = CaptionText(**{key: config[key] for key in _TEXT_KEYS if key in config})
+    text = CaptionText(**_owned_by(CaptionText, config))
+    run = CaptionRun(**_owned_by(CaptionRun, config))
     # A list of samples stays a list in the store; the field later steps read is the rendered text.
     return CaptionStep(
-        captioner, text, batch_size=int(config.get("batch_size", 8)),
-        background=parse_color(config.get("background", "white")),
-        max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+        captioner, text, batch_size=int(run.batch_size or 8), background=parse_color(run.background),
+        max_pixels=int(run.max_image_pixels),
         prompt=options.get("prompt") or getattr(getattr(captioner, "chat", None), "prompt", None),
     )
 
@@ -318,12 +261,11 @@ def _register() -> None:
     register_step(
         "captioner",
         description="caption images with Florence-2, a chat VLM (transformers or vLLM) or an OpenAI-compatible server",
-        keys=_captioner_keys(),
+        keys=CAPTION.pipeline_keys(),
         aliases=("ImageCaptioner", "BLIPCaptioner", "LLaVACaptioner", "LLaVANeXTCaptioner",
                  "LLaVAOneVisionCaptioner", "MLLamaCaptioner", "Phi3VCaptioner", "QwenVLCaptioner", "GPTCaptioner",
                  "ImageAPICaptioner"),
-        key_aliases={"model_path": "model", "repeat_time": "samples", "sys_prompt": "system_prompt",
-                     "max_tokens": "max_new_tokens"},
+        key_aliases=CAPTION.pipeline_aliases(),
     )(build_pipeline_captioner)
 
 

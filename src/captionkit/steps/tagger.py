@@ -208,39 +208,30 @@ class TagStep:
             pass
 
 
-_TAG_OPTION_KEYS = {
-    "general_threshold": (int, float), "character_threshold": (int, float), "thresholds": dict,
-    "use_model_thresholds": bool, "mcut": bool, "max_tags": int, "include_rating": bool, "blacklist": list,
-    "replacements": dict, "always_first": list, "underscores_to_spaces": bool, "escape_parentheses": bool,
-    "order": str, "separator": str,
-}
-
-
 def build_pipeline_tagger(config: dict[str, Any], context: Any) -> TagStep:
     """A pipeline ``tagger`` step: everything `captionkit tag` does; all scores kept for re-rendering."""
-    from captionkit.api import tag_options
     from captionkit.core.images import parse_color
-    from captionkit.models.tagger_registry import DEFAULT_TAGGER
+    from captionkit.options.commands import TAG, TagRun
 
-    options = tag_options(**{key: config[key] for key in _TAG_OPTION_KEYS if key in config})
+    keys = set(TAG.names("pipeline"))
+    arguments = TAG.api_arguments({key: value for key, value in config.items() if key in keys})
+    run = TagRun(**{key: value for key, value in arguments.items() if key != "options"})
     return TagStep(
-        str(config.get("model", DEFAULT_TAGGER)), context.store, options, device=config.get("device", "auto"),
-        cache_dir=config.get("cache_dir"), batch_size=int(config.get("batch_size", 32)),
-        background=parse_color(config.get("background", "white")),
-        max_pixels=int(config.get("max_image_pixels", DEFAULT_MAX_PIXELS)),
+        str(run.model), context.store, arguments["options"], device=run.device, cache_dir=run.cache_dir,
+        batch_size=int(run.batch_size), background=parse_color(run.background), max_pixels=int(run.max_image_pixels),
     )
 
 
 def _register() -> None:
+    from captionkit.options.commands import TAG
     from captionkit.steps.registry import register_step
 
     register_step(
         "tagger",
         description="tag images with a WD-style or captionkit-trained tagger (thresholds, lists, rating)",
-        keys={"model": str, "device": str, "cache_dir": str, "batch_size": int, "background": str,
-              "max_image_pixels": int, **_TAG_OPTION_KEYS},
+        keys=TAG.pipeline_keys(),
         aliases=("ImageTagger", "WDTagger"),
-        key_aliases={"model_path": "model"},
+        key_aliases=TAG.pipeline_aliases(),
     )(build_pipeline_tagger)
 
 

@@ -378,7 +378,7 @@ class App:
         components["model"] = widget(by_name["model"], "tag")
         gr.Markdown("### Which tags are written\nChanging these updates the preview below at once (from the stored "
                     "scores, no model); **Apply** rewrites the tag files, **Start tagging** runs the tagger.")
-        option_names = [name for name in forms.TAG_OPTION_NAMES]
+        option_names = forms.tag_option_names()
         for start in range(0, len(option_names), 4):
             with gr.Row():
                 for name in option_names[start:start + 4]:
@@ -426,7 +426,7 @@ class App:
         inputs = [folder, *components_list(components, names)]
         start.click(on_start, inputs=inputs, outputs=[message])
         apply.click(on_apply, inputs=inputs, outputs=[message])
-        for name in forms.TAG_OPTION_NAMES:
+        for name in option_names:
             components[name].change(on_preview, inputs=inputs, outputs=[message, preview], show_progress="hidden")
         folder.submit(on_preview, inputs=inputs, outputs=[message, preview])
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from captionkit.api import no_images_message, output_location
+from captionkit.api import output_location
 from captionkit.core.atomic import atomic_open, atomic_write_text
 from captionkit.core.errors import CaptionkitError
-from captionkit.core.records import Record, open_source
+from captionkit.core.records import Record, no_images_message, open_source
 from captionkit.core.sinks import UNREADABLE, SidecarSink, read_sidecar
 from captionkit.core.store import STORE_FILE, STORE_FOLDER, OutputRecord, Store, file_signature
 

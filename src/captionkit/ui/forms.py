@@ -1,41 +1,25 @@
-"""The UI's forms, read from the CLI commands' own signatures, and their values turned into API calls.
+"""The UI's forms, read from the declared options of each command, and their values handed to the api.
 
-Why from the signatures: every option `captionkit caption` (or `tag`, `render`) has shows
-up in the page with the same default and help text, and an option added to the CLI later
-appears without anyone editing the UI. Values arrive as strings/numbers from widgets and
-leave as the keyword arguments :mod:`captionkit.api` takes, converted the way the CLI
-converts them. No gradio here.
+Why from the declaration (:mod:`captionkit.options`): every option `captionkit caption` (or
+`tag`, `render`) has shows up in the page with the same default, help text and choices, and
+an option declared later appears without anyone editing the UI. Values arrive as
+strings/numbers from widgets, are parsed here into the option's declared type, and the
+declaration turns them into the api's keywords. No gradio here, and no command line.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from captionkit.core.declare import Option
 from captionkit.core.errors import CaptionkitError
+from captionkit.core.tagging import TagOptions
+from captionkit.options.commands import CAPTION, RENDER, TAG, Command
+from captionkit.options.text import CaptionText
 
-# Options whose values are a fixed set (the CLI checks them as text).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "backend": ("auto", "transformers", "openai", "vllm"),
-    "existing": ("skip", "overwrite", "append", "fill-empty"),
-    "on_collision": ("skip", "keep-extension"),
-    "sample_choice": ("first", "longest", "all"),
-    "dtype": ("auto", "fp32", "fp16", "bf16"),
-    "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "order": ("score", "name"),
-    "field": ("tags", "caption"),
-    "task": ("", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<OCR>", "<OCR_WITH_REGION>", "<OD>",
-             "<DENSE_REGION_CAPTION>", "<REGION_PROPOSAL>", "<CAPTION_TO_PHRASE_GROUNDING>",
-             "<REFERRING_EXPRESSION_SEGMENTATION>", "<REGION_TO_SEGMENTATION>", "<OPEN_VOCABULARY_DETECTION>",
-             "<REGION_TO_CATEGORY>", "<REGION_TO_DESCRIPTION>", "<REGION_TO_OCR>"),
-}
-# The page has its own progress view and folder field, and no exit code for --max-failures to decide.
-NOT_IN_FORMS = {"path", "quiet", "progress", "print_scores", "max_failures"}
 TRISTATE = ("default", "on", "off")
 
 # Known checkpoints for the model picker; any hub id or local folder may be typed instead.
@@ -57,12 +41,14 @@ class Field:
     """One option of a command as a widget: its name, kind, default, help and section."""
 
     name: str
-    kind: str  # text, optional_text, optional_int, optional_float, int, float, bool, tristate, choice, list
+    kind: str  # text, optional_text, path, optional_path, optional_int, optional_float, int, float, bool, tristate,
+    #            choice, list
     default: Any
     help: str
     group: str | None
     choices: tuple[str, ...] = ()
     flag: str = ""
+    item_type: Any = str  # list items: str or Path
 
     @property
     def label(self) -> str:
@@ -74,13 +60,41 @@ class Field:
             return {None: "default", True: "on", False: "off"}[self.default]
         if self.kind == "list":
             return ", ".join(str(item) for item in self.default or [])
-        if self.kind in ("optional_text", "optional_int", "optional_float"):
+        if self.kind in ("optional_text", "optional_int", "optional_float", "path", "optional_path"):
             return "" if self.default is None else str(self.default)
         if self.kind == "text":
             return escape(self.default) if "separator" in self.name else self.default
         if self.kind == "choice":
             return "" if self.default is None else self.default
         return self.default
+
+
+def field_for(item: Option) -> Field:
+    """The widget of a declared option."""
+    value_type = item.value_type
+    item_type = str
+    if value_type is dict or typing.get_origin(value_type) is list:
+        kind = "list"  # NAME=VALUE pairs too: "artist=0.5, meta=0.4"
+        item_type = next(iter(typing.get_args(value_type)), str)
+    elif value_type is bool:
+        kind = "tristate" if item.optional else "bool"
+    elif value_type is int:
+        kind = "optional_int" if item.optional else "int"
+    elif value_type is float:
+        kind = "optional_float" if item.optional else "float"
+    elif item.choices:
+        kind = "choice"
+    elif value_type is Path:
+        kind = "optional_path" if item.optional else "path"
+    else:
+        kind = "optional_text" if item.optional else "text"
+    choices = (("",) if item.optional else ()) + item.choices if kind == "choice" else ()
+    return Field(item.name, kind, item.default, item.help, item.panel, choices, item.flag, item_type)
+
+
+def declared_fields(command: Command) -> list[Field]:
+    """The form fields of a command: its declared options that the page shows, in order."""
+    return [field_for(item) for item in command.options("ui")]
 
 
 def escape(text: str) -> str:
@@ -102,48 +116,8 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def _split_union(annotation: Any) -> tuple[Any, bool]:
-    """(the type, whether None is allowed) for ``X | None``."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return (args[0] if len(args) == 1 else annotation), True
-    return annotation, False
-
-
-def command_fields(command) -> list[Field]:
-    """The fields of a Typer command function, in its order."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    fields: list[Field] = []
-    for name, parameter in inspect.signature(command).parameters.items():
-        if name in NOT_IN_FORMS:
-            continue
-        annotation = hints[name]
-        info = annotation.__metadata__[0] if hasattr(annotation, "__metadata__") else None
-        base, optional = _split_union(annotation.__origin__ if hasattr(annotation, "__metadata__") else annotation)
-        flags = [decl for decl in (getattr(info, "param_decls", None) or ()) if decl.startswith("--")]
-        help_text = (getattr(info, "help", None) or "").strip()
-        group = getattr(info, "rich_help_panel", None)
-        default = parameter.default
-        if typing.get_origin(base) is list:
-            kind = "list"
-        elif base is bool:
-            kind = "tristate" if optional else "bool"
-        elif base is int:
-            kind = "optional_int" if optional else "int"
-        elif base is float:
-            kind = "optional_float" if optional else "float"
-        elif name in CHOICES:
-            kind = "choice"
-        else:
-            kind = "optional_text" if optional else "text"
-        flag = flags[0].split("/")[0] if flags else ""
-        fields.append(Field(name, kind, default, help_text, group, CHOICES.get(name, ()), flag))
-    return fields
-
-
 def parse_value(field: Field, raw: Any) -> Any:
-    """A widget's value → the value the CLI would have passed, or a plain error naming the option."""
+    """A widget's value → the option's declared type, or a plain error naming the option."""
     if field.kind == "bool":
         return bool(raw)
     if field.kind == "tristate":
@@ -172,7 +146,14 @@ def parse_value(field: Field, raw: Any) -> Any:
     if field.kind == "list":
         text = "" if raw is None else str(raw)
         items = [part.strip() for line in text.splitlines() for part in line.split(",") if part.strip()]
+        if field.item_type is Path:
+            return [Path(item).expanduser() for item in items] or None
         return items or None
+    if field.kind in ("path", "optional_path"):
+        text = "" if raw is None else str(raw).strip()
+        if not text:
+            return field.default
+        return Path(text).expanduser()
     if field.kind == "optional_text":
         text = "" if raw is None else str(raw).strip()
         return text or None
@@ -192,88 +173,37 @@ def parse_values(fields: list[Field], raw_values: dict[str, Any]) -> dict[str, A
 # --- the commands ---------------------------------------------------------------------------------
 
 def caption_fields() -> list[Field]:
-    from captionkit import cli
-
-    return command_fields(cli.caption)
+    return declared_fields(CAPTION)
 
 
 def tag_fields() -> list[Field]:
-    from captionkit import cli
-
-    return command_fields(cli.tag)
+    return declared_fields(TAG)
 
 
 def render_fields() -> list[Field]:
-    from captionkit import cli
-
-    return command_fields(cli.render)
+    return declared_fields(RENDER)
 
 
-TAG_OPTION_NAMES = ("general_threshold", "character_threshold", "threshold", "use_model_thresholds", "mcut",
-                    "max_tags", "include_rating", "blacklist", "replace", "always_first", "underscores_to_spaces",
-                    "escape_parentheses", "order", "separator")
+def tag_option_names() -> list[str]:
+    """The tag form's "which tags are written" options: those TagOptions declares."""
+    return [name for name in TAG.names("ui") if TAG.owner(name) is TagOptions]
 
 
 def caption_call(values: dict[str, Any]):
-    """``(ModelOptions, keyword arguments of api.caption)`` from parsed caption-form values, as the CLI builds them."""
-    from captionkit.api import ModelOptions
-
-    defaults = {item.name: item.default for item in dataclasses.fields(ModelOptions)}
-    # An empty box is the library's default (a field that is not None by default keeps its own).
-    model_values = {name: value for name, value in values.items()
-                    if name in defaults and not (value is None and defaults[name] is not None)}
-    names = set(defaults)
-    if model_values.get("early_stopping") is False:
-        model_values["early_stopping"] = None  # the CLI passes `early_stopping or None`
-    for name in ("adapter", "cache_dir"):
-        if model_values.get(name) is not None:
-            model_values[name] = Path(str(model_values[name])).expanduser()
-    for name in ("task",):
-        if not model_values.get(name):
-            model_values[name] = None
-    options = ModelOptions(**model_values)
-    run = {name: value for name, value in values.items() if name not in names}
-    run["write_sidecars"] = run.pop("write", True)  # the CLI's --write/--no-write
-    for name in ("base_dir", "output_dir"):
-        if run.get(name) is not None:
-            run[name] = Path(str(run[name])).expanduser()
-    run["export"] = [Path(item).expanduser() for item in run.get("export") or []]
-    return options, run
-
-
-def tag_options_from(values: dict[str, Any]):
-    """TagOptions from parsed tag-form values (the CLI's own conversion)."""
-    from captionkit import cli
-
-    return cli._tag_options(*(values[name] for name in TAG_OPTION_NAMES))
+    """``(ModelOptions, keyword arguments of api.caption)`` from parsed caption-form values."""
+    arguments = CAPTION.api_arguments(values)
+    return arguments.pop("options"), arguments
 
 
 def tag_call(values: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of api.tag from parsed tag-form values."""
-    options = tag_options_from(values)
-    run = {name: value for name, value in values.items() if name not in TAG_OPTION_NAMES}
-    run["write_sidecars"] = run.pop("write", True)
-    for name in ("base_dir", "output_dir", "cache_dir"):
-        if run.get(name) is not None:
-            run[name] = Path(str(run[name])).expanduser()
-    run["export"] = [Path(item).expanduser() for item in run.get("export") or []]
-    run["options"] = options
-    return run
+    return TAG.api_arguments(values)
 
 
 def render_call(tag_values: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments of api.render (field tags) from the tag form: the same files, new options."""
-    names = {field.name for field in render_fields()}
-    run = {name: value for name, value in tag_values.items()
-           if name in names and name not in TAG_OPTION_NAMES and name != "field"}
-    for name in ("base_dir", "output_dir"):
-        if run.get(name) is not None:
-            run[name] = Path(str(run[name])).expanduser()
-    for caption_only in ("prefix", "suffix", "cleanup", "collapse_loops", "strip_openers", "sample_choice",
-                         "sample_separator"):
-        run.pop(caption_only, None)
-    run["options"] = tag_options_from(tag_values)
-    return run
+    names = {name for name in RENDER.names("ui") if name != "field" and RENDER.owner(name) is not CaptionText}
+    return RENDER.api_arguments({name: value for name, value in tag_values.items() if name in names})
 
 
 def model_choices() -> list[str]:

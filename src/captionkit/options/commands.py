@@ -1,0 +1,285 @@
+"""Each command's options, declared once: what `caption`, `tag` and `render` take, on every surface.
+
+A :class:`Command` strings together the declaring dataclasses (:class:`ModelOptions`,
+:class:`CaptionText`, :class:`TagOptions` and the run options below) in the order ``--help``
+shows them. The command line builds its Typer parameters from it, the web UI its form
+fields, the pipeline its YAML keys (with Dataflow-Gen's spellings), and all three hand their
+values to :meth:`Command.api_arguments`, which turns them into the api's keywords.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from captionkit.core.declare import Option, declared_options, option
+from captionkit.core.errors import CaptionkitError
+from captionkit.core.images import DEFAULT_MAX_PIXELS
+from captionkit.core.tagging import TagOptions
+from captionkit.models.tagger_registry import DEFAULT_TAGGER
+from captionkit.options.model import ModelOptions
+from captionkit.options.text import CaptionText
+
+CLI_AND_UI = frozenset({"cli", "ui"})
+CLI_ONLY = frozenset({"cli"})
+EXISTING = ("skip", "overwrite", "append", "fill-empty")
+COLLISIONS = ("skip", "keep-extension")
+SCALE_PANEL = "Scaling out (a Ray cluster, several GPUs; docs/scaling.md)"
+MAX_FAILURES_HELP = ("Still exit 0 when at most this many images fail: a number (5) or a percentage of the "
+                     "images tried (2%). Default 0.")
+
+
+def _run(default: Any, help: str, **details: Any) -> Any:
+    """A run option: the command line and the form have it; a pipeline sets these for the whole file."""
+    details.setdefault("surfaces", CLI_AND_UI)
+    return option(default, help, **details)
+
+
+def _step(default: Any, help: str, **details: Any) -> Any:
+    """A run option a pipeline step takes too (batch size, background, the pixel limit)."""
+    return option(default, help, **details)
+
+
+@dataclass
+class CaptionRun:
+    """How `caption` reads images and writes its files."""
+
+    batch_size: int | None = _step(None, "Images per model call, halved automatically on out-of-memory (default 8; "
+                                   "4 x --concurrency for servers).")
+    workers: int = _run(4, "Parallel decode/preprocess workers.")
+    recursive: bool = _run(True, "Descend into sub-folders.")
+    include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
+    image_column: str | None = _run(None, "Manifest column with the image path.")
+    base_dir: Path | None = _run(None, "Folder that relative manifest paths start from.")
+    output_dir: Path | None = _run(None, "Write captions into a mirrored tree here instead of beside the images.")
+    ext: str = _run(".txt", "Caption file extension (.txt, .caption, ...).")
+    existing: str = _run("skip", "Existing caption files: skip, overwrite, append or fill-empty.", choices=EXISTING)
+    on_collision: str = _run("skip", "Two images, one caption file (a.png + a.jpg): skip (write neither) or "
+                             "keep-extension (a.png.txt).", choices=COLLISIONS)
+    append_separator: str = _run(", ", "Put between the old and new text with --existing append.")
+    background: str = _step("white", "Colour transparent images are composited on.")
+    max_image_pixels: int = _step(DEFAULT_MAX_PIXELS, "Refuse images with more pixels (decompression bombs).")
+    keep_results: bool = _run(False, "Reuse stored captions even if made with other settings.")
+    retry_errors: bool = _run(False, "Retry images that failed before even if the file did not change.")
+    export: list[Path] | None = _run(None, "Also write all results to this .jsonl or .parquet (repeatable); a "
+                                     "folder gets sharded Parquet (part-00000.parquet, ...).")
+    write: bool = _run(True, "Write caption files (--no-write: results only in the store and --export; for very "
+                       "large runs).", api_name="write_sidecars")
+
+
+@dataclass
+class TagRun:
+    """Which tagger `tag` runs, how it reads images and writes its files."""
+
+    model: str = _step(DEFAULT_TAGGER, "Tagger: WD-style hub repo or folder (model.onnx or timm "
+                       "weights + selected_tags.csv), or a folder from `captionkit train tagger`.",
+                       aliases=("model_path",), fingerprint=True)
+    print_scores: bool = _run(False, "Print 'image: tag: score' lines for the chosen tags.", flags=("--print",),
+                              surfaces=CLI_ONLY)
+    write: bool = _run(True, "Write tag files (--no-write with --print only prints).", api_name="write_sidecars")
+    device: str = _step("auto", "auto, cpu, cuda or cuda:N (a GPU asked for never falls back to CPU).")
+    cache_dir: Path | None = _step(None, "Folder for downloaded models.")
+    batch_size: int = _step(32, "Images per model call (halved automatically on out-of-memory).")
+    workers: int = _run(4, "Parallel decode/preprocess workers.")
+    recursive: bool = _run(True, "Descend into sub-folders.")
+    include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
+    image_column: str | None = _run(None, "Manifest column with the image path.")
+    base_dir: Path | None = _run(None, "Folder that relative manifest paths start from.")
+    output_dir: Path | None = _run(None, "Write tag files into a mirrored tree here.")
+    ext: str = _run(".txt", "Tag file extension.")
+    existing: str = _run("skip", "Existing files: skip, overwrite, append or fill-empty.", choices=EXISTING)
+    on_collision: str = _run("skip", "a.png + a.jpg: skip or keep-extension.", choices=COLLISIONS)
+    append_separator: str = _run(", ", "Between old and new text with --existing append.")
+    background: str = _step("white", "Colour transparent images are composited on.")
+    max_image_pixels: int = _step(DEFAULT_MAX_PIXELS, "Refuse images with more pixels (decompression bombs).")
+    keep_results: bool = _run(False, "Reuse stored scores even if made by another model version.")
+    retry_errors: bool = _run(False, "Retry images that failed before even if unchanged.")
+    export: list[Path] | None = _run(None, "Also write all results to .jsonl or .parquet; a folder gets sharded "
+                                     "Parquet.")
+
+
+@dataclass
+class RenderRun:
+    """Which stored field `render` rewrites, and where its files are."""
+
+    field: str = _run("tags", "tags or caption.", choices=("tags", "caption"))
+    recursive: bool = _run(True, "Descend into sub-folders.")
+    image_column: str | None = _run(None, "Manifest column with the image path.")
+    base_dir: Path | None = _run(None, "Folder that relative manifest paths start from.")
+    output_dir: Path | None = _run(None, "The --output-dir of the original run.")
+    ext: str = _run(".txt", "File extension.")
+    existing: str = _run("skip", "Files captionkit did not write: skip, overwrite, append or fill-empty.",
+                         choices=EXISTING)
+    on_collision: str = _run("skip", "a.png + a.jpg: skip or keep-extension.", choices=COLLISIONS)
+    append_separator: str = _run(", ", "Between old and new text with --existing append.")
+
+
+@dataclass
+class ScaleOptions:
+    """Where the model runs: this process, a Ray cluster, or one process per GPU (same results)."""
+
+    executor: str = _run("local", "local (this process) or ray (a Ray cluster; pip install 'captionkit\\[ray]'). "
+                         "Results are the same.", choices=("local", "ray"), panel=SCALE_PANEL)
+    ray_address: str | None = _run(None, "With --executor ray: auto (the cluster this machine is in), "
+                                   "ray://HOST:10001, or leave out to start Ray here.", panel=SCALE_PANEL)
+    ray_actors: int | None = _run(None, "With --executor ray: model replicas (default: one per GPU of the cluster, "
+                                  "or 1).", panel=SCALE_PANEL)
+    ray_gpus_per_actor: float | None = _run(None, "With --executor ray: GPUs per model replica, fractions allowed "
+                                            "(default: 1 when the cluster has GPUs, else 0).", panel=SCALE_PANEL)
+    ray_cpus_per_actor: float = _run(1.0, "With --executor ray: CPUs per model replica.", panel=SCALE_PANEL)
+    ray_stall_timeout: float = _run(600.0, "With --executor ray: end the run (keeping what finished) when nothing "
+                                    "moves for this many seconds: a hung model, actors that cannot be placed. 0: "
+                                    "never.", panel=SCALE_PANEL)
+    devices: str | None = _run(None, "Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker "
+                               "process per device over disjoint shards.", panel=SCALE_PANEL)
+
+
+@dataclass
+class Reporting:
+    """What the command line prints and its exit code: the page shows its own progress and has no exit code."""
+
+    max_failures: str | None = _run(None, MAX_FAILURES_HELP, surfaces=CLI_ONLY, api=False)
+    quiet: bool = _run(False, "No progress bar.", flags=("--quiet", "-q"), surfaces=CLI_ONLY, api=False)
+    progress: str = _run("bar", "bar, json (JSON lines on stdout) or quiet.", choices=("bar", "json", "quiet"),
+                         surfaces=CLI_ONLY, api=False)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A run of one declaring class's fields (``first`` to ``last``), optionally re-worded for this command."""
+
+    cls: type
+    first: str | None = None
+    last: str | None = None
+    help: dict[str, str] = field(default_factory=dict, hash=False)
+    panel: str | None = "keep"  # None: no help panel in this command
+
+    def options(self) -> list[Option]:
+        every = declared_options(self.cls)
+        names = [item.name for item in every]
+        start = names.index(self.first) if self.first else 0
+        stop = names.index(self.last) + 1 if self.last else len(every)
+        chosen = every[start:stop]
+        return [replace(item, help=self.help.get(item.name, item.help),
+                        panel=item.panel if self.panel == "keep" else self.panel) for item in chosen]
+
+
+def tag_options(
+    *,
+    general_threshold: float = 0.35,
+    character_threshold: float = 0.85,
+    thresholds: dict[str, float] | None = None,
+    use_model_thresholds: bool = False,
+    mcut: bool = False,
+    max_tags: int | None = None,
+    include_rating: bool = False,
+    blacklist: Iterable[str] = (),
+    replacements: dict[str, str] | None = None,
+    always_first: Iterable[str] = (),
+    underscores_to_spaces: bool = True,
+    escape_parentheses: bool = False,
+    order: str = "score",
+    separator: str = ", ",
+) -> TagOptions:
+    """TagOptions from keyword arguments, with errors users can act on."""
+    try:
+        return TagOptions(
+            general_threshold=general_threshold, character_threshold=character_threshold,
+            thresholds=dict(thresholds or {}), use_model_thresholds=use_model_thresholds, mcut=mcut,
+            max_tags=max_tags, include_rating=include_rating, blacklist=list(blacklist),
+            replacements=dict(replacements or {}), always_first=list(always_first),
+            underscores_to_spaces=underscores_to_spaces, escape_parentheses=escape_parentheses, order=order,
+            separator=separator,
+        )
+    except ValueError as error:
+        raise CaptionkitError(str(error)) from error
+
+
+@dataclass
+class Command:
+    """One command's options, in ``--help`` order, and how their values become the api's keywords."""
+
+    name: str
+    parts: list[Part]
+    builds: dict[type, tuple[str, Callable[..., Any]]] = field(default_factory=dict)  # class → (keyword, builder)
+
+    def options(self, surface: str | None = None) -> list[Option]:
+        found = [(part.cls, item) for part in self.parts for item in part.options()]
+        names = [item.name for _, item in found]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:  # two declaring classes disagree about who owns an option
+            raise ValueError(f"{self.name}: declared twice: {', '.join(duplicated)}")
+        return [item for _, item in found if surface is None or surface in item.surfaces]
+
+    def owner(self, name: str) -> type:
+        return next(part.cls for part in self.parts for item in part.options() if item.name == name)
+
+    def names(self, surface: str | None = None) -> list[str]:
+        return [item.name for item in self.options(surface)]
+
+    def pipeline_keys(self) -> dict[str, Any]:
+        """YAML key → the type a pipeline file may give it."""
+        return {item.name: yaml_type(item) for item in self.options("pipeline")}
+
+    def pipeline_aliases(self) -> dict[str, str]:
+        """Other tools' spellings (Dataflow-Gen) → captionkit's key."""
+        return {alias: item.name for item in self.options("pipeline") for alias in item.aliases}
+
+    def api_arguments(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The api's keywords from a surface's values (only those given); declared classes built into one object."""
+        arguments: dict[str, Any] = {}
+        gathered: dict[type, dict[str, Any]] = {cls: {} for cls in self.builds}
+        for part in self.parts:
+            for item in part.options():
+                if item.name not in values or not item.api:
+                    continue
+                value = item.convert(values[item.name])
+                if part.cls in gathered:
+                    gathered[part.cls][item.name] = value
+                else:
+                    arguments[item.keyword] = value
+        for cls, (keyword, builder) in self.builds.items():
+            arguments[keyword] = builder(**gathered[cls])
+        return arguments
+
+
+def yaml_type(item: Option) -> Any:
+    """What a YAML value of this option may be (a number for a float, a mapping for NAME=VALUE pairs)."""
+    if item.value_type is dict:
+        return dict
+    if item.value_type is float:
+        return (int, float)
+    if item.value_type is Path:
+        return str
+    if item.value_type in (int, bool, str):
+        return item.value_type
+    return list
+
+
+_RENDER_TEXT_HELP = {
+    "prefix": "Captions only: text put before every caption.", "suffix": "Captions only: text put after every caption.",
+    "cleanup": "Captions only: strip special tokens and whitespace noise.",
+    "collapse_loops": "Captions only: collapse repeated-phrase loops.",
+    "strip_openers": "Captions only: remove filler openers ('The image shows').",
+    "sample_choice": "Captions only, with several samples: first, longest or all.",
+    "sample_separator": "Captions only: between samples with --sample-choice all.",
+}
+
+CAPTION = Command("caption", [
+    Part(ModelOptions, last="seed"), Part(CaptionText, first="sample_choice"),
+    Part(CaptionText, first="strip_openers", last="strip_openers"), Part(ModelOptions, first="max_image_side"),
+    Part(CaptionRun, last="append_separator"), Part(CaptionText, last="collapse_loops"),
+    Part(CaptionRun, first="background"), Part(ScaleOptions), Part(Reporting),
+], builds={ModelOptions: ("options", ModelOptions)})
+
+TAG = Command("tag", [
+    Part(TagRun, last="model"), Part(TagOptions), Part(TagRun, first="print_scores"), Part(ScaleOptions),
+    Part(Reporting),
+], builds={TagOptions: ("options", tag_options)})
+
+RENDER = Command("render", [
+    Part(RenderRun, last="field"), Part(TagOptions), Part(CaptionText, help=_RENDER_TEXT_HELP, panel=None),
+    Part(RenderRun, first="recursive"),
+], builds={TagOptions: ("options", tag_options)})
