@@ -22,6 +22,8 @@ import pytest
 
 from tests.images import write_good_images
 
+pytestmark = pytest.mark.slow  # a server start of 10-30 s (more on a busy machine), and a restart
+
 LAUNCHER = Path(__file__).with_name("transformers_serve.py")
 CLI = [sys.executable, "-m", "captionkit.cli"]
 START_TIMEOUT_S = 180
@@ -163,7 +165,7 @@ def test_a_rerun_through_localhost_reuses_every_result(tmp_path, server):
 def test_the_server_killed_mid_run_stops_it_early_and_a_rerun_does_only_the_rest(tmp_path, server):
     """Last in the module: it kills the module's server, and starts it again."""
     folder = tmp_path / "images"
-    total = 40
+    total = 24
     write_good_images(folder, total, suffix=".jpg")
     run = subprocess.Popen(
         _caption(folder, server.url(), server.model, "--progress", "json", "--batch-size", "2", "--concurrency", "1"),
