@@ -162,6 +162,22 @@ def test_a_rerun_through_localhost_reuses_every_result(tmp_path, server):
     assert _caption_files(folder) == captions
 
 
+def test_a_model_the_server_does_not_serve_stops_the_run_early(tmp_path, server):
+    """transformers serve answers a model it does not serve with HTTP 400 (vLLM and Ollama with 404):
+    the same for every image, so the run stops after a few instead of asking once per image."""
+    folder = tmp_path / "images"
+    total = 40
+    write_good_images(folder, total)
+    result = _run([*CLI, "caption", str(folder), "--backend", "openai", "--base-url", server.url(), "--model",
+                   "tiny-llava-typo", "--batch-size", "4", "--max-retries", "0", "-q"])
+    assert result.returncode == 3, result.stderr
+    sentences = [line for line in result.stderr.splitlines() if line.startswith("Stopped early")]
+    assert len(sentences) == 1, result.stderr
+    assert "'tiny-llava-typo'" in sentences[0] and "HTTP 400" in sentences[0], sentences[0]
+    assert f"{server.url()}/models" in sentences[0] and "--model" in sentences[0], sentences[0]
+    assert len(_stored(folder)) < total
+
+
 def test_the_server_killed_mid_run_stops_it_early_and_a_rerun_does_only_the_rest(tmp_path, server):
     """Last in the module: it kills the module's server, and starts it again."""
     folder = tmp_path / "images"
