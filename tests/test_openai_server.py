@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from captionkit.core.errors import CaptionkitError, MissingDependencyError
-from captionkit.models.base import BACKEND_SCOPE, MODEL_SCOPE, CaptionRequest, ChatSettings, ItemFailure
+from captionkit.models.base import BACKEND_SCOPE, ITEM_SCOPE, MODEL_SCOPE, CaptionRequest, ChatSettings, ItemFailure
 from captionkit.models.openai_server import (
     REFUSED_MAX_DELAY_S,
     UNREACHABLE_STREAK,
@@ -355,6 +355,24 @@ def test_failures_say_what_they_mean_for_the_rest_of_the_run(server):
     gone, busy = backend.caption_batch(requests_for(backend, ["gone", "busy"]))
     assert gone.scope == BACKEND_SCOPE  # the same for every image: the circuit breaker may stop the run
     assert busy.scope == MODEL_SCOPE and "gave up after 3 attempts" in busy.message
+
+
+def test_a_400_naming_the_requested_model_is_the_runs_failure_not_the_images(server):
+    """transformers serve answers a model it does not serve with 400, not 404 (its exact words below);
+    a 400 that only contains the name inside another word stays this image's failure."""
+    server.script = {
+        "pinned": [("status", 400, {}, {"message": "Server is pinned to 'org/tiny'; requested 'test-vlm'."})],
+        "sentence": [("status", 400, {}, {"message": "unknown model test-vlm."})],
+        "longer": [("status", 400, {}, {"message": "context too long for test-vlm-2.1"})],
+        "plain": [("status", 400, {}, {"message": "image too big"})],
+    }
+    backend = make_backend(server.url)
+    pinned, sentence, longer, plain = backend.caption_batch(requests_for(backend, list(server.script)))
+    assert server.counts == Counter(pinned=1, sentence=1, longer=1, plain=1)  # none retried
+    assert pinned.scope == BACKEND_SCOPE and sentence.scope == BACKEND_SCOPE
+    assert "refused model 'test-vlm' (HTTP 400)" in pinned.message and "pinned to 'org/tiny'" in pinned.message
+    assert f"{server.url}/models" in pinned.message and "--model" in pinned.message
+    assert longer.scope == ITEM_SCOPE and plain.scope == ITEM_SCOPE and "HTTP 400" in plain.message
 
 
 @pytest.mark.parametrize(

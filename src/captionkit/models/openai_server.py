@@ -496,10 +496,25 @@ class OpenAICaptioner:
                 "the API prefix (usually /v1)",
                 scope=BACKEND_SCOPE,
             )
+        if status in (400, 422) and self._names_the_model(detail):
+            # transformers serve answers a model it does not serve with 400 ("Server is pinned to 'a';
+            # requested 'b'."), not 404 as vLLM does: a wrong --model, the same for every image
+            return _Attempt(
+                error=f"the server refused model '{self.model_name}' (HTTP {status}){detail}; list its models at "
+                f"{public_url(self.base_url)}/models and pass one of them as --model",
+                scope=BACKEND_SCOPE,
+            )
         if status == 413:
             return _Attempt(error=f"the server refused the image as too large (HTTP 413){detail}; "
                             "set --max-image-side (e.g. 1024)")
         return _Attempt(error=f"the server rejected the request (HTTP {status}){detail}")
+
+    def _names_the_model(self, message: str) -> bool:
+        """Whether the server's message names the requested model (as a whole name, not inside a word)."""
+        name = self.model_name.strip()
+        if not name:
+            return False
+        return re.search(rf"(?<![\w./:-]){re.escape(name)}(?![\w/:-]|\.\w)", message) is not None
 
     def _server_message(self, error: Any) -> str:
         """': <the server's own message>' (short, key scrubbed), or ''."""
