@@ -10,10 +10,7 @@ run. A real process proves that status once (the usage-error test below).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import re
 import socket
@@ -33,6 +30,7 @@ from captionkit.core.store import Store
 from captionkit.executors.local import LocalExecutor, RunOptions
 from captionkit.steps.base import Prepared
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
@@ -52,29 +50,7 @@ def _process(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess
 
 def _cli(*arguments: str) -> subprocess.CompletedProcess:
     """``captionkit ARGUMENTS`` through the console entry point in this process: its exit code and output."""
-    from captionkit.cli import main
-
-    environment = dict(os.environ)
-    handlers = list(logging.getLogger().handlers)
-    stdout, stderr = io.StringIO(), io.StringIO()
-    saved_argv = sys.argv
-    os.environ.clear()
-    os.environ.update(_env())
-    sys.argv = ["captionkit", *arguments]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            main()
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    finally:
-        sys.argv = saved_argv
-        os.environ.clear()
-        os.environ.update(environment)
-        for handler in logging.getLogger().handlers[:]:
-            if handler not in handlers:  # main's own stderr handler, one per call
-                logging.getLogger().removeHandler(handler)
-    return subprocess.CompletedProcess([*CLI, *arguments], code, stdout.getvalue(), stderr.getvalue())
+    return run_cli(*arguments, env=_env())
 
 
 def _florence(folder: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
