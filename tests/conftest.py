@@ -64,13 +64,14 @@ def one_torch_thread():
 # Seconds per test module (sum of its tests, both workers busy, measured on a loaded 2-core machine), for
 # the modules that cost most; every other module is a few seconds. Only the order is drawn from these.
 SLOW_MODULES = {
-    "test_ray_executor.py": 250, "test_train_captioner_learning.py": 80, "test_exit_codes.py": 50,
-    "test_examples.py": 40, "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
-    "test_train_tagger_run.py": 25, "test_devices_executor.py": 20, "test_vlm_lifecycle.py": 16,
-    "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13,
+    "test_ray_executor.py": 250, "test_train_captioner_learning.py": 80, "test_examples.py": 40,
+    "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
+    "test_train_tagger_run.py": 25, "test_train_captioner.py": 25, "test_devices_executor.py": 20,
+    "test_exit_codes.py": 15, "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13, "test_vlm_lifecycle.py": 12,
 }
 
 
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the slices are cut from what runs
 def pytest_collection_modifyitems(config, items: list) -> None:
     """Under pytest-xdist, start each worker's share with its costliest modules.
 
