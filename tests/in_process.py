@@ -19,11 +19,12 @@ from pathlib import Path
 def run_cli(*arguments: str, env: dict[str, str] | None = None, cwd: Path | None = None,
             ) -> subprocess.CompletedProcess:
     """``captionkit ARGUMENTS`` through ``captionkit.cli.main``, with ``env`` as the whole environment and
-    ``cwd`` as the working folder while it runs; both, ``sys.argv`` and the root logger are put back after."""
+    ``cwd`` as the working folder while it runs; both, ``sys.argv`` and the loggers main sets are put back after."""
     from captionkit.cli import main
 
     saved_environment, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
     handlers = list(logging.getLogger().handlers)
+    levels = {name: logging.getLogger(name).level for name in ("httpx", "httpcore", "huggingface_hub", "transformers")}
     stdout, stderr = io.StringIO(), io.StringIO()
     if env is not None:
         os.environ.clear()
@@ -45,5 +46,7 @@ def run_cli(*arguments: str, env: dict[str, str] | None = None, cwd: Path | None
         for handler in logging.getLogger().handlers[:]:
             if handler not in handlers:  # main's own stderr handler, one per call
                 logging.getLogger().removeHandler(handler)
+        for name, level in levels.items():  # main quiets these; other tests may read their warnings
+            logging.getLogger(name).setLevel(level)
     return subprocess.CompletedProcess([sys.executable, "-m", "captionkit.cli", *arguments], code,
                                        stdout.getvalue(), stderr.getvalue())
