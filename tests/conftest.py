@@ -59,3 +59,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# Seconds per test module (sum of its tests, both workers busy, measured on a loaded 2-core machine), for
+# the modules that cost most; every other module is a few seconds. Only the order is drawn from these.
+SLOW_MODULES = {
+    "test_ray_executor.py": 250, "test_train_captioner_learning.py": 80, "test_examples.py": 40,
+    "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
+    "test_train_tagger_run.py": 25, "test_train_captioner.py": 25, "test_devices_executor.py": 20,
+    "test_exit_codes.py": 15, "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13, "test_vlm_lifecycle.py": 12,
+}
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the slices are cut from what runs
+def pytest_collection_modifyitems(config, items: list) -> None:
+    """Under pytest-xdist, start each worker's share with its costliest modules.
+
+    ``--dist worksteal`` hands worker k the k-th contiguous slice of the collection (as evenly as it
+    can by count) and a worker that runs dry steals the end of another's queue. In file order the
+    Ray module (a third of the suite's time) began minutes into one worker's slice, so the run
+    ended with that worker alone on it. Here the known-slow modules are dealt out to the slices
+    longest first (each slice's heaviest first, a module's tests kept together for its module
+    fixtures), and the quick tests fill the rest of each slice: the tail that is stolen is quick.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or len(items) < 2 * workers:
+        return
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.path.name, []).append(item)
+    slow = sorted((name for name in modules if name in SLOW_MODULES), key=lambda name: -SLOW_MODULES[name])
+    quick = [item for name, group in modules.items() if name not in SLOW_MODULES for item in group]
+    sizes, left = [], len(items)  # the scheduler's slices: len(pending) // workers still to serve
+    for remaining in range(workers, 0, -1):
+        sizes.append(left // remaining)
+        left -= sizes[-1]
+    shares: list[list] = [[] for _ in range(workers)]
+    loads = [0.0] * workers
+    for name in slow:  # longest processing time first, to the least loaded slice that has room
+        fitting = [index for index in range(workers) if len(shares[index]) + len(modules[name]) <= sizes[index]]
+        if not fitting:
+            return  # a selection of only slow tests: file order
+        target = min(fitting, key=lambda index: loads[index])
+        shares[target].extend(modules[name])
+        loads[target] += SLOW_MODULES[name]
+    for index in range(workers):
+        room = sizes[index] - len(shares[index])
+        shares[index].extend(quick[:room])
+        quick = quick[room:]
+    items[:] = [item for share in shares for item in share]

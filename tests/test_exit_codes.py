@@ -2,6 +2,10 @@
 
 0 every item done or skipped as asked (or failures within --max-failures); 1 some failed;
 2 usage or configuration error; 3 none succeeded, or stopped early; 130 Ctrl-C.
+
+The commands run in this process through the console entry point (``captionkit.cli.main``, whose
+``sys.exit`` code is the process's exit status): a fresh interpreter costs seconds of imports per
+run. A real process proves that status once (the usage-error test below).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from captionkit.core.store import Store
 from captionkit.executors.local import LocalExecutor, RunOptions
 from captionkit.steps.base import Prepared
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
@@ -38,8 +43,14 @@ def _env() -> dict[str, str]:
     return environment
 
 
-def _cli(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def _process(*arguments: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The command line in a fresh interpreter, as users run it."""
     return subprocess.run([*CLI, *arguments], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _cli(*arguments: str) -> subprocess.CompletedProcess:
+    """``captionkit ARGUMENTS`` through the console entry point in this process: its exit code and output."""
+    return run_cli(*arguments, env=_env())
 
 
 def _florence(folder: Path, model: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -114,7 +125,7 @@ def test_a_bad_max_failures_value_is_a_usage_error_before_anything_runs(tmp_path
     folder = tmp_path / "images"
     write_good_images(folder, 1)
     for command in ("caption", "tag"):
-        result = _cli(command, str(folder), "--model", str(tmp_path / "no-model"), "--max-failures", "5 images")
+        result = _process(command, str(folder), "--model", str(tmp_path / "no-model"), "--max-failures", "5 images")
         assert result.returncode == 2
         assert result.stderr.strip().startswith("error: --max-failures '5 images'"), result.stderr
     assert not (folder / ".captionkit").exists()
@@ -130,7 +141,7 @@ def test_a_dead_port_stops_a_1000_image_run_early_in_one_sentence(tmp_path):
         Image.new("RGB", (16, 12), (index % 256, 40, 90)).save(folder / f"img{index:04d}.png")
     port = _closed_port()
     result = _cli("caption", str(folder), "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
-                  "--model", "x", "-q", timeout=120)
+                  "--model", "x", "-q")
     assert result.returncode == 3, result.stderr
     sentences = [line for line in result.stderr.splitlines() if line.startswith("Stopped early")]
     assert len(sentences) == 1, result.stderr
@@ -142,7 +153,7 @@ def test_a_dead_port_stops_a_1000_image_run_early_in_one_sentence(tmp_path):
     assert all(status == "error" and "model-error" in json.loads(notes) for _, status, notes in rows)
     # recorded as the run's failure, not the files': the next run tries them again
     again = _cli("caption", str(folder), "--backend", "openai", "--base-url",
-                 f"http://127.0.0.1:{port}/v1", "--model", "x", "--progress", "json", timeout=120)
+                 f"http://127.0.0.1:{port}/v1", "--model", "x", "--progress", "json")
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert again.returncode == 3 and summary["failed_earlier"] == 0 and summary["stopped_early"]
 
@@ -151,7 +162,7 @@ def test_an_unresolvable_host_stops_the_run_early(tmp_path):
     folder = tmp_path / "images"
     write_good_images(folder, 40)
     result = _cli("caption", str(folder), "--backend", "openai", "--base-url",
-                  "http://captionkit-no-such-host.invalid:8000/v1", "--model", "x", "-q", timeout=120)
+                  "http://captionkit-no-such-host.invalid:8000/v1", "--model", "x", "-q")
     assert result.returncode == 3, result.stderr
     sentences = [line for line in result.stderr.splitlines() if line.startswith("Stopped early")]
     assert len(sentences) == 1 and "cannot resolve the host name 'captionkit-no-such-host.invalid'" in sentences[0]

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +24,8 @@ from captionkit.inspection import KINDS, inspect_dataset, resolve_fail_on
 from captionkit.inspection.buckets import Buckets, make_bucket_resolutions
 from captionkit.inspection.contradictions import find_contradictions
 from captionkit.inspection.hashing import near_duplicate_pairs
+from tests.in_process import run_cli
 
-CLI = [sys.executable, "-m", "captionkit.cli"]
 SMALL = {"resolution": 256, "min_bucket": 128, "max_bucket": 512, "trigger": "ohwx", "tag_ext": ".tags",
          "workers": 2}
 SMALL_CLI = ["--resolution", "256", "--min-bucket", "128", "--max-bucket", "512", "--trigger", "ohwx",
@@ -377,8 +376,7 @@ def test_manifest_captions(tmp_path):
 
 def _run(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*CLI, "inspect", *arguments], capture_output=True, text=True, env=env, cwd=cwd,
-                          timeout=300)
+    return run_cli("inspect", *arguments, env=env, cwd=cwd)  # in this process: about the report and exit codes
 
 
 def test_cli_fail_on_exit_codes(planted, tmp_path):

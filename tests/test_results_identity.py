@@ -12,7 +12,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import pytest
 import captionkit
 from captionkit.core.store import SCHEMA_VERSION, Store, fingerprint
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
 
 FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
@@ -39,8 +39,7 @@ def server(monkeypatch):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key not in PROXIES}
     env.update({KEY_ENV: KEY, "PYTHONPATH": str(Path(captionkit.__file__).parents[1])})
-    return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_cli(*args, env=env)  # in this process: the test is about the results, not the interpreter
 
 
 def _server_caption(folder: Path, url: str, *extra: str) -> subprocess.CompletedProcess:

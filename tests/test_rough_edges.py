@@ -17,6 +17,7 @@ from captionkit.core.atomic import atomic_write_text, current_umask
 from captionkit.core.errors import CaptionkitError, ImageLoadError
 from captionkit.core.images import load_image
 from tests.images import write_good_images
+from tests.in_process import run_cli
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
 FAST = {"max_new_tokens": 8, "num_beams": 1, "progress": "quiet"}
@@ -80,8 +81,7 @@ def test_an_empty_folder_is_an_error_and_leaves_no_store(tmp_path, tiny_florence
 def test_the_cli_exits_non_zero_on_an_empty_folder(tmp_path, tiny_florence):
     folder = tmp_path / "empty"
     folder.mkdir()
-    done = subprocess.run([*CLI, "caption", str(folder), "--model", str(tiny_florence)], capture_output=True,
-                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    done = run_cli("caption", str(folder), "--model", str(tiny_florence), env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2
     assert "no images found" in done.stderr and "Traceback" not in done.stderr
     assert not (folder / ".captionkit").exists()
@@ -126,10 +126,8 @@ def test_summary_names_each_failed_file_once_and_collisions_once(tmp_path, tiny_
     Image.new("RGB", (20, 20)).save(folder / "pair.png")
     Image.new("RGB", (20, 20)).save(folder / "pair.jpg")
     (folder / "broken.png").write_bytes(b"not an image")
-    done = subprocess.run(
-        [*CLI, "caption", str(folder), "--model", str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "8",
-         "--quiet"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120,
-    )
+    done = run_cli("caption", str(folder), "--model", str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "8",
+                   "--quiet", env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 1, done.stderr  # broken.png failed: some failed
     failure_lines = [line for line in done.stderr.splitlines() if "broken.png" in line]
     assert len(failure_lines) == 1 and failure_lines[0].count("broken.png") == 1

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from PIL import Image
 import captionkit
 from captionkit.core.text import clean_caption
 from captionkit.steps.captioner import CaptionStep, CaptionText
+from tests.in_process import run_cli
 from tests.test_openai_server import KEY, KEY_ENV, FakeServer
 
 DIRTY = " A red\x01 cat\x10 on a \x1b[31mmat\x1b[0m\ufffd.\r\nIt sleeps\x7f.\n\n\u2028Second\x0cline\x85end\ufeff "
@@ -75,8 +75,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, KEY_ENV: KEY, "PYTHONPATH": str(Path(captionkit.__file__).parents[1])}
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return run_cli(*args, env=env)  # in this process: the test is about the text, not the interpreter
 
 
 def test_openai_server_captions_are_cleaned_and_no_cleanup_keeps_them(tmp_path, monkeypatch):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
@@ -14,8 +12,7 @@ import pytest
 import captionkit
 from captionkit.core.errors import CaptionkitError
 from tests.images import write_good_images
-
-CLI = [sys.executable, "-m", "captionkit.cli"]
+from tests.in_process import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +32,15 @@ def _rss_bytes() -> int:
 def test_cli_captions_with_a_chat_model_and_resumes(tmp_path, tiny_llava):
     folder = tmp_path / "photos"
     write_good_images(folder, 3)
-    command = [*CLI, "caption", str(folder), "--model", str(tiny_llava), "--prompt",
+    command = ["caption", str(folder), "--model", str(tiny_llava), "--prompt",
                "Describe this image in one sentence.", "--max-new-tokens", "8", "--batch-size", "2", "--quiet"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    first = run_cli(*command, env=env)  # the console entry point in this process: no second torch import
     assert first.returncode == 0, first.stderr
     assert "3 done" in first.stderr and len(list(folder.glob("*.txt"))) == 3
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    second = run_cli(*command, env=env)
     assert second.returncode == 0 and "3 already done" in second.stderr
-    listed = subprocess.run([*CLI, "models"], capture_output=True, text=True, env=env, timeout=120)
+    listed = run_cli("models", env=env)
     assert "llava" in listed.stdout and "qwen2_vl" in listed.stdout and "captionkit[vllm]" in listed.stdout
 
 
