@@ -12,6 +12,7 @@ from captionkit.core.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.core.records import Source, open_source
 from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
 from captionkit.core.store import STORE_FOLDER, Store
+from captionkit.core.webdataset import WebDatasetSource
 from captionkit.executors.local import RunOptions, RunSummary
 from captionkit.executors.progress import Progress
 
@@ -201,6 +202,11 @@ def build_captioner(model: str | None = None, options: ModelOptions | None = Non
 
 def check_input_exists(path: str | Path) -> None:
     """Fail on a missing input path with the same sentence :func:`open_source` gives, but before any model."""
+    from captionkit.core.webdataset import is_shard_pattern, open_shards
+
+    if is_shard_pattern(path):  # WebDataset shards: every shard of the pattern must be there
+        open_shards(path)
+        return
     location = Path(path).expanduser()
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")
@@ -407,6 +413,9 @@ def _run_step(
                            **(ray_options or {}))  # before any file: a missing extra is one plain sentence
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
+    shards = isinstance(source, WebDatasetSource)
+    if shards:
+        check_shard_output(source, output_dir)
     records = runner.list_records(source)
     if not records:
         raise CaptionkitError(no_images_message(source))
@@ -425,7 +434,7 @@ def _run_step(
             step = make_step(store)
             log.info("%s %s: %d images, %s", step.field, source.description, len(records), description)
             sink = None
-            if write_sidecars:
+            if write_sidecars and not shards:  # shards get new shards (below), never sidecars beside them
                 sink = SidecarSink(
                     store, step.field, extension=ext,
                     output_dir=Path(output_dir).expanduser().resolve() if output_dir else None,
@@ -433,6 +442,8 @@ def _run_step(
                     append_separator=append_separator,
                 )
             summary = runner.run(step, records, store, sink)
+            if shards and write_sidecars:
+                write_shards_of_run(store, records, Path(output_dir).expanduser(), summary)
             if after is not None:
                 after(step, records, store)
             for destination in export:
@@ -451,6 +462,32 @@ def _run_step(
         if handler is not None:
             logging.getLogger("captionkit").removeHandler(handler)
             handler.close()
+
+
+def check_shard_output(source: WebDatasetSource, output_dir: str | Path | None) -> None:
+    """WebDataset input writes new shards of the same names: they need an --output-dir that is not the input's."""
+    if not output_dir:
+        raise CaptionkitError(f"{source.description}: WebDataset shards need --output-dir: new shards with the same "
+                              "names and keys (and a caption/tags member per sample) are written there; the input "
+                              "shards are never changed.")
+    target = Path(output_dir).expanduser().resolve()
+    if any(shard.parent == target for shard in source.shards):
+        raise CaptionkitError(f"--output-dir {output_dir}: the input shards are in this folder and the output shards "
+                              "have the same names; choose another folder.")
+
+
+def write_shards_of_run(store: Store, records: list, output_dir: Path, summary: RunSummary) -> None:
+    """The run's output shards (see :func:`captionkit.core.webdataset.write_output_shards`), counted in ``summary``."""
+    from captionkit.core.webdataset import write_output_shards
+
+    report = write_output_shards(store, records, output_dir)
+    summary.files_written += len(report.written)
+    if report.left_out:  # their errors are the run's (summary.errors); the shards hold every other sample
+        log.info("%d sample(s) left out of the output shards (their step failed)", len(report.left_out))
+    if report.pending:
+        log.info("%d shard(s) not written yet (samples without a result; a rerun finishes them): %s",
+                 len(report.pending), ", ".join(Path(shard).name for shard in report.pending))
+    log.info("output shards: %d written, %d unchanged", len(report.written), len(report.unchanged))
 
 
 def no_images_message(source: Source) -> str:

@@ -1,0 +1,335 @@
+"""WebDataset shards in and out: ``.tar`` shards of samples (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) as records.
+
+A sample's image is not unpacked: its record points at the member inside the shard
+(:class:`ShardMember`: shard, member name, byte offset and size), and the decode step reads
+exactly those bytes, wherever it runs (a Ray decode task reads them itself, never through the
+driver). A record's id is ``<shard file name>/<key>``, so the store keys results by shard and
+key and a rerun does only what is not stored. ``.txt`` members become the field ``txt`` and a
+``.json`` object's keys become fields (an img2dataset ``caption``, ``url``, ...).
+
+Output: each input shard becomes a new shard of the same name in ``--output-dir`` with the
+same keys, every original member, and one member per step, ``KEY.<step>.txt`` (``caption.txt``,
+``tags.txt``), as a training loader reads a WebDataset (the shard is complete on its own; the
+input shards are never changed). A sample whose step failed (a corrupt image) is left out
+of the output shard and named in the run's errors. A finished output shard is not rewritten.
+Key grouping, brace patterns and shard writing are the ``webdataset`` library's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from captionkit.core.errors import ImageLoadError, SourceError, require
+from captionkit.core.records import Record, Source, image_extensions
+
+log = logging.getLogger(__name__)
+SHARD_SUFFIX = ".tar"
+_RE_DOWNLOAD = "Re-download or rewrite the shard (e.g. with img2dataset or webdataset.ShardWriter)."
+_META_PREFIX = "webdataset_output:"
+
+
+def is_shard_pattern(path: str | Path) -> bool:
+    """True for a ``.tar`` shard or a brace pattern of them (``shard-{00000..00099}.tar``)."""
+    return str(path).lower().endswith(SHARD_SUFFIX)
+
+
+def expand_shards(pattern: str | Path) -> list[Path]:
+    """The shard paths a brace pattern names, in order (``braceexpand``, as the webdataset library reads them)."""
+    require("webdataset", "reading WebDataset shards", extra="webdataset")
+    from braceexpand import braceexpand
+
+    return [Path(os.path.expanduser(item)) for item in braceexpand(str(pattern))]
+
+
+@dataclass(frozen=True)
+class ShardMember:
+    """Where one image's bytes come from: a member of a tar shard, read by offset without unpacking the shard."""
+
+    shard: str
+    key: str
+    member: str
+    offset: int
+    size: int
+    shard_signature: str | None = None
+
+    decode_fix = ("Rewrite that sample in the shard or re-download the shard; the other samples are not "
+                  "affected.")
+
+    @property
+    def name(self) -> str:
+        return self.member
+
+    @property
+    def suffix(self) -> str:
+        return Path(self.member).suffix
+
+    def __str__(self) -> str:
+        return f"{self.shard}: key {self.key}, member {self.member}"
+
+    def signature(self) -> str | None:
+        """The shard's size and mtime plus where the member lies: evidence the image did not change."""
+        if self.shard_signature is None:
+            return None
+        return f"{self.shard_signature}@{self.offset}+{self.size}"
+
+    def read_bytes(self) -> bytes:
+        """The member's bytes, or :class:`ImageLoadError` naming shard, key, member, cause and fix."""
+        try:
+            with open(self.shard, "rb") as stream:
+                stream.seek(self.offset)
+                data = stream.read(self.size)
+        except OSError as error:
+            raise ImageLoadError(str(self), f"cannot read the shard ({error.strerror or error})",
+                                 "Check that the shard exists and is readable.") from error
+        if len(data) < self.size:
+            raise ImageLoadError(str(self), f"the shard is truncated: this member needs {self.size} bytes, "
+                                 f"{len(data)} are there", _RE_DOWNLOAD)
+        return data
+
+
+@dataclass
+class ShardListing:
+    """One shard as listed: its samples' records (in shard order) and what was wrong with it."""
+
+    shard: Path
+    records: list[Record]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _signature(path: Path) -> str | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return f"{info.st_size}:{info.st_mtime_ns}"
+
+
+def _members(path: Path, warnings: list[str]) -> list[tarfile.TarInfo]:
+    """The shard's file members in order; a truncated shard gives those before the cut, with a warning."""
+    members: list[tarfile.TarInfo] = []
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            while True:
+                member = archive.next()
+                if member is None:
+                    break
+                if member.isfile():
+                    members.append(member)
+    except (tarfile.TarError, EOFError, OSError) as error:
+        warnings.append(f"{path}: truncated or corrupt after {len(members)} members ({error}); the samples "
+                        f"before that are used, later ones are lost. {_RE_DOWNLOAD}")
+        return members
+    end = 0
+    if members:
+        last = members[-1]
+        end = last.offset_data + ((last.size + 511) // 512) * 512
+    if end > size or (members and size - end < 1024):  # no end-of-archive marker: cut off
+        warnings.append(f"{path}: truncated (it ends at byte {size} without the end-of-archive marker); samples "
+                        f"after key {_key_of(members[-1].name) if members else '(none)'} are lost and an incomplete "
+                        f"last member fails on its own. {_RE_DOWNLOAD}")
+    return members
+
+
+def _key_of(name: str) -> str:
+    from webdataset.tariterators import base_plus_ext
+
+    key, _ = base_plus_ext(name)
+    return key or name
+
+
+def list_shard(path: Path) -> ShardListing:
+    """Records of one shard: one per key with an image member, its ``.txt``/``.json`` members as fields.
+
+    Runs wherever the shard is listed (a Ray task for many shards); reads only headers and
+    the small text members.
+    """
+    require("webdataset", "reading WebDataset shards", extra="webdataset")
+    from webdataset.tariterators import base_plus_ext
+
+    listing = ShardListing(path, [])
+    try:
+        members = _members(path, listing.warnings)
+    except OSError as error:
+        listing.warnings.append(f"{path}: cannot read shard ({error.strerror or error}); skipped.")
+        return listing
+    images = {ext.lstrip(".") for ext in image_extensions()}
+    signature = _signature(path)
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for member in members:
+        key, extension = base_plus_ext(member.name)
+        if key is None or key.startswith("__") or not extension:
+            continue
+        samples.setdefault(key, {}).setdefault(extension, member)
+    with open(path, "rb") as stream:
+        for key, parts in samples.items():
+            image = next((ext for ext in parts if ext.lower() in images), None)
+            if image is None:
+                listing.warnings.append(f"{path}: key {key} has no image member (members: {', '.join(parts)}); "
+                                        "skipped.")
+                continue
+            fields = _fields(stream, path, key, parts, listing.warnings)
+            member = parts[image]
+            location = ShardMember(str(path), key, member.name, member.offset_data, member.size, signature)
+            listing.records.append(Record(id=f"{path.name}/{key}", path=location, fields=fields))  # type: ignore[arg-type]
+    return listing
+
+
+def _fields(stream: Any, path: Path, key: str, parts: dict[str, tarfile.TarInfo],
+            warnings: list[str]) -> dict[str, Any]:
+    """``txt`` (and ``*.txt``) members as text fields, a ``json`` object's keys as fields; a bad one is named."""
+    fields: dict[str, Any] = {}
+    for extension, member in parts.items():
+        kind = extension.lower().rsplit(".", 1)[-1]
+        if kind not in ("txt", "json"):
+            continue
+        stream.seek(member.offset_data)
+        data = stream.read(member.size)
+        where = f"{path}: key {key}, member {member.name}"
+        if len(data) < member.size:
+            warnings.append(f"{where}: truncated; its fields are left out. {_RE_DOWNLOAD}")
+            continue
+        try:
+            text = data.decode("utf-8")
+            if kind == "txt":
+                fields[extension] = text
+                continue
+            value = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            warnings.append(f"{where}: not valid {'UTF-8 text' if kind == 'txt' else 'JSON'} ({error}); its "
+                            "fields are left out. Fix or rewrite that member.")
+            continue
+        if isinstance(value, dict):
+            for name, item in value.items():
+                fields.setdefault(str(name), item)
+        else:
+            fields[extension] = value
+    return fields
+
+
+@dataclass
+class WebDatasetSource(Source):
+    """Samples of one or more ``.tar`` shards (a brace pattern), in shard order then key order."""
+
+    shards: list[Path] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[Record]:
+        for shard in self.shards:
+            listing = list_shard(shard)
+            for message in listing.warnings:
+                log.warning("%s", message)
+            yield from listing.records
+
+
+def open_shards(pattern: str | Path) -> WebDatasetSource:
+    """A source for a shard or a brace pattern; every shard must exist and shard names must be unique."""
+    shards = expand_shards(pattern)
+    missing = [str(shard) for shard in shards if not shard.is_file()]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise SourceError(f"{pattern}: {len(missing)} of {len(shards)} shard(s) not found ({shown}). "
+                          "Check the path and the brace range.")
+    names = [shard.name for shard in shards]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{pattern}: two shards share a file name; record ids are <shard name>/<key>, so shard "
+                          "names must be unique.")
+    root = Path(os.path.commonpath([str(shard.resolve().parent) for shard in shards]))
+    return WebDatasetSource(root=root, description=str(pattern), shards=[shard.resolve() for shard in shards])
+
+
+# ------------------------------------------------------------------------------------------- output
+@dataclass
+class ShardReport:
+    """What writing the output shards did."""
+
+    written: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)  # finished before, same content: not rewritten
+    pending: list[str] = field(default_factory=list)  # some samples have no result yet (an interrupted run)
+    left_out: dict[str, str] = field(default_factory=dict)  # record id → why it is not in its output shard
+
+
+def write_output_shards(store: Any, records: list[Record], output_dir: str | Path) -> ShardReport:
+    """Each input shard whose samples all have results → ``output_dir/<shard name>``: originals + ``KEY.<step>.txt``.
+
+    Every step stored for those samples adds its member, so tagging and then captioning into
+    the same ``--output-dir`` gives shards with both. A shard already written with the same
+    content is left alone; each is written to a temporary file and renamed.
+    """
+    require("webdataset", "writing WebDataset shards", extra="webdataset")
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    by_shard: dict[str, list[Record]] = {}
+    for record in records:
+        location = record.path
+        if isinstance(location, ShardMember):
+            by_shard.setdefault(location.shard, []).append(record)
+    steps = store.steps()
+    report = ShardReport()
+    for shard, members in by_shard.items():
+        ids = [record.id for record in members]
+        results = {step: store.get_many(step, ids) for step in steps}
+        if any(record.id not in stored for stored in results.values() for record in members):
+            report.pending.append(shard)
+            continue
+        texts: dict[str, dict[str, str]] = {}
+        for record in members:
+            for step, stored in results.items():
+                result = stored[record.id]
+                if result.status != "ok" or result.text is None:
+                    report.left_out[record.id] = result.error or f"the {step} step failed"
+                else:
+                    texts.setdefault(record.id, {})[step] = result.text
+        kept = [record for record in members if record.id not in report.left_out]
+        digest = hashlib.sha256(json.dumps(
+            [members[0].path.shard_signature, [(record.id, texts[record.id]) for record in kept]],  # type: ignore[union-attr]
+            sort_keys=True).encode("utf-8")).hexdigest()
+        target = output / Path(shard).name
+        meta_key = _META_PREFIX + target.name
+        if target.exists() and store.get_meta(meta_key) == digest:
+            report.unchanged.append(str(target))
+            continue
+        _write_shard(Path(shard), target, kept, texts, report)
+        store.put_meta(meta_key, digest)
+        report.written.append(str(target))
+    return report
+
+
+def _write_shard(source: Path, target: Path, kept: list[Record], texts: dict[str, dict[str, str]],
+                 report: ShardReport) -> None:
+    """Copy the kept samples' original members and add one ``<step>.txt`` member each, through ``TarWriter``."""
+    import webdataset
+
+    from webdataset.tariterators import base_plus_ext
+
+    from captionkit.core.atomic import atomic_open
+
+    wanted = {record.path.key: record for record in kept}  # type: ignore[union-attr]
+    parts: dict[str, dict[str, bytes]] = {}
+    warnings: list[str] = []
+    members = _members(source, warnings)
+    with open(source, "rb") as stream:
+        for member in members:
+            key, extension = base_plus_ext(member.name)
+            if key not in wanted or not extension:
+                continue
+            stream.seek(member.offset_data)
+            data = stream.read(member.size)
+            if len(data) < member.size:  # a truncated side member: the sample goes without it
+                continue
+            parts.setdefault(key, {}).setdefault(extension, data)
+    with atomic_open(target, "wb") as handle:
+        writer = webdataset.TarWriter(handle, encoder=False)
+        for key, record in wanted.items():
+            sample: dict[str, Any] = {"__key__": key, **parts.get(key, {})}
+            for step, text in texts[record.id].items():
+                sample[f"{step}.txt"] = text.encode("utf-8")
+            writer.write(sample)
+        writer.close()
