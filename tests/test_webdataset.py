@@ -212,20 +212,25 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
     output = tmp_path / "out"
     process = subprocess.Popen(_command(pattern, output, tiny_florence, "-q"), env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while _committed(output) < 4:
+    deadline = time.time() + 300
+    first = output / "shard-00000.tar"
+    while not first.exists():  # written as soon as its samples are done, while the run goes on
         assert process.poll() is None, "the run finished before it could be killed; use more images"
-        assert time.time() < deadline, "no progress within 180 s"
+        assert time.time() < deadline, "no finished shard within 300 s"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
     committed = _committed(output)
-    assert 4 <= committed < count
+    assert per_shard <= committed < count
+    finished = (first.stat().st_ino, first.stat().st_mtime_ns)
+    written_before = len(list(output.glob("shard-*.tar")))
     rerun = subprocess.run(_command(pattern, output, tiny_florence, "--progress", "json"), env=_env(),
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["processed"], summary["reused"]) == (count - committed, committed)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == finished  # a finished shard is not rewritten
+    assert summary["files_written"] == 3 - written_before
     samples = read_shards(str(output / "shard-{00000..00002}.tar"))
     assert sorted(samples) == sorted(images)
     with Store(output) as store:

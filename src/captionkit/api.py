@@ -434,7 +434,11 @@ def _run_step(
             step = make_step(store)
             log.info("%s %s: %d images, %s", step.field, source.description, len(records), description)
             sink = None
-            if write_sidecars and not shards:  # shards get new shards (below), never sidecars beside them
+            if shards and write_sidecars:  # new shards in --output-dir, never sidecars beside the input shards
+                from captionkit.core.webdataset import ShardSink
+
+                sink = ShardSink(store, Path(output_dir).expanduser())
+            elif write_sidecars:
                 sink = SidecarSink(
                     store, step.field, extension=ext,
                     output_dir=Path(output_dir).expanduser().resolve() if output_dir else None,
@@ -443,7 +447,7 @@ def _run_step(
                 )
             summary = runner.run(step, records, store, sink)
             if shards and write_sidecars:
-                write_shards_of_run(store, records, Path(output_dir).expanduser(), summary)
+                finish_shards(sink, summary)
             if after is not None:
                 after(step, records, store)
             for destination in export:
@@ -476,18 +480,18 @@ def check_shard_output(source: WebDatasetSource, output_dir: str | Path | None) 
                               "have the same names; choose another folder.")
 
 
-def write_shards_of_run(store: Store, records: list, output_dir: Path, summary: RunSummary) -> None:
-    """The run's output shards (see :func:`captionkit.core.webdataset.write_output_shards`), counted in ``summary``."""
-    from captionkit.core.webdataset import write_output_shards
-
-    report = write_output_shards(store, records, output_dir)
-    summary.files_written += len(report.written)
+def finish_shards(sink, summary: RunSummary) -> None:
+    """Output shards the run did not write as it went (their last samples failed), counted in ``summary``."""
+    before = len(sink.report.written)
+    report = sink.finish()
+    summary.files_written += len(report.written) - before
     if report.left_out:  # their errors are the run's (summary.errors); the shards hold every other sample
         log.info("%d sample(s) left out of the output shards (their step failed)", len(report.left_out))
     if report.pending:
         log.info("%d shard(s) not written yet (samples without a result; a rerun finishes them): %s",
                  len(report.pending), ", ".join(Path(shard).name for shard in report.pending))
-    log.info("output shards: %d written, %d unchanged", len(report.written), len(report.unchanged))
+    log.info("output shards: %d written by this run, %d finished before (not rewritten)", len(report.written),
+             len(report.unchanged) - before)
 
 
 def no_images_message(source: Source) -> str:

@@ -302,6 +302,59 @@ def write_output_shards(store: Any, records: list[Record], output_dir: str | Pat
     return report
 
 
+@dataclass
+class _Placed:
+    collisions: dict = field(default_factory=dict)  # shards have no file-name collisions (SidecarSink's shape)
+
+
+class ShardSink:
+    """The executors' sink for WebDataset input: an output shard is written as soon as all its samples have results.
+
+    Executors call it as they call :class:`captionkit.core.sinks.SidecarSink` (``plan``,
+    ``wants_model``, ``write`` after each committed batch), so a long run's shards appear while it
+    runs and a killed run leaves its finished shards in place; :meth:`finish` writes those whose
+    last samples failed. Only the driver writes (the executors' one writer thread).
+    """
+
+    def __init__(self, store: Any, output_dir: str | Path) -> None:
+        self.store = store
+        self.output_dir = Path(output_dir)
+        self.write_errors: dict[str, str] = {}
+        self.report = ShardReport()
+        self._shard_of: dict[str, str] = {}
+        self._records: dict[str, list[Record]] = {}
+
+    def plan(self, records: list[Record]) -> _Placed:
+        for record in records:
+            if isinstance(record.path, ShardMember):
+                self._shard_of[record.id] = record.path.shard
+                self._records.setdefault(record.path.shard, []).append(record)
+        return _Placed()
+
+    def wants_model(self, record_ids: list[str]) -> dict[str, str]:
+        return {}  # no existing-caption policy: the output shards are captionkit's own
+
+    def write(self, texts: dict[str, str]) -> int:
+        """After a batch is stored: write the shards of these samples that are now complete; returns how many."""
+        shards = dict.fromkeys(self._shard_of[record_id] for record_id in texts if record_id in self._shard_of)
+        return self._write([record for shard in shards for record in self._records[shard]])
+
+    def finish(self) -> ShardReport:
+        """At the end of a run: every complete shard not written yet (its last samples failed, say)."""
+        self._write([record for records in self._records.values() for record in records])
+        return self.report
+
+    def _write(self, records: list[Record]) -> int:
+        if not records:
+            return 0
+        report = write_output_shards(self.store, records, self.output_dir)
+        self.report.written.extend(report.written)
+        self.report.left_out.update(report.left_out)
+        self.report.unchanged = report.unchanged
+        self.report.pending = report.pending
+        return len(report.written)
+
+
 def _write_shard(source: Path, target: Path, kept: list[Record], texts: dict[str, dict[str, str]],
                  report: ShardReport) -> None:
     """Copy the kept samples' original members and add one ``<step>.txt`` member each, through ``TarWriter``."""
