@@ -359,7 +359,6 @@ def _write_shard(source: Path, target: Path, kept: list[Record], texts: dict[str
                  report: ShardReport) -> None:
     """Copy the kept samples' original members and add one ``<step>.txt`` member each, through ``TarWriter``."""
     import webdataset
-
     from webdataset.tariterators import base_plus_ext
 
     from captionkit.core.atomic import atomic_open
