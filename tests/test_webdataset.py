@@ -23,6 +23,7 @@ import pytest
 import captionkit
 from captionkit.core.store import Store
 from tests.images import jpeg_bytes, noise_image
+from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 webdataset = pytest.importorskip("webdataset")
 
@@ -136,6 +137,21 @@ def test_record_fields_come_from_the_txt_and_json_members(corpus):
     assert len(records) == 6
     assert records[4].fields["txt"] == "alt text 4"
     assert records[4].fields["caption"] == "alt text 4" and records[4].fields["url"] == "https://x/4.jpg"
+
+
+def test_tagging_after_captioning_adds_its_member_to_the_same_shards(corpus, tiny_florence, tagger_folder, tmp_path):
+    root, images, expected = corpus
+    pattern, output = str(root / "shards" / "shard-{00000..00002}.tar"), tmp_path / "out"
+    captionkit.caption(pattern, model=str(tiny_florence), batch_size=2, output_dir=output, **FAST)
+    summary = captionkit.tag(pattern, model=str(tagger_folder), device="cpu", batch_size=4, output_dir=output,
+                             progress="quiet")
+    assert (summary.processed, summary.files_written) == (9, 3)
+    with Store(output) as store:
+        tags = {result.record_id.split("/")[1]: result.text for result in store.iter_results("tags")}
+    samples = read_shards(str(output / "shard-{00000..00002}.tar"))
+    assert {key: sample["tags.txt"].decode() for key, sample in samples.items()} == tags
+    assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == expected
+    assert all(sample["jpg"] == images[key] for key, sample in samples.items())
 
 
 def test_shards_need_an_output_dir_and_missing_shards_are_named(corpus, tiny_florence, tmp_path):

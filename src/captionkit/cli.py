@@ -122,7 +122,7 @@ _DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,c
 
 @app.command(epilog=_EXIT_CODES)
 def caption(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
+    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest (jsonl/json/csv/tsv/parquet), or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
     model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " The family comes from its config.json. Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
     backend: Annotated[str, typer.Option(help="auto (transformers, in this process), openai (an OpenAI-compatible server) or vllm (a vLLM engine).")] = "auto",
     task: Annotated[str | None, typer.Option(help="Florence-2 task: <CAPTION> (default), <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...", rich_help_panel=_FLORENCE)] = None,
@@ -279,7 +279,7 @@ _SEPARATOR = typer.Option(help="Between tags.")
 
 @app.command(epilog=_EXIT_CODES)
 def tag(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
+    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest, or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
     model: Annotated[str, typer.Option(help="Tagger: WD-style hub repo or folder (model.onnx or timm weights + selected_tags.csv), or a folder from `captionkit train tagger`.")] = "SmilingWolf/wd-swinv2-tagger-v3",
     general_threshold: Annotated[float, _GENERAL] = 0.35,
     character_threshold: Annotated[float, _CHARACTER] = 0.85,
