@@ -139,7 +139,7 @@ def test_record_fields_come_from_the_txt_and_json_members(corpus):
     assert records[4].fields["caption"] == "alt text 4" and records[4].fields["url"] == "https://x/4.jpg"
 
 
-def test_tagging_after_captioning_adds_its_member_to_the_same_shards(corpus, tiny_florence, tagger_folder, tmp_path):
+def test_tagging_after_captioning_adds_its_member_to_the_same_shards(corpus, tiny_florence, tagger_folder, tmp_path):  # noqa: F811
     root, images, expected = corpus
     pattern, output = str(root / "shards" / "shard-{00000..00002}.tar"), tmp_path / "out"
     captionkit.caption(pattern, model=str(tiny_florence), batch_size=2, output_dir=output, **FAST)
@@ -152,6 +152,24 @@ def test_tagging_after_captioning_adds_its_member_to_the_same_shards(corpus, tin
     assert {key: sample["tags.txt"].decode() for key, sample in samples.items()} == tags
     assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == expected
     assert all(sample["jpg"] == images[key] for key, sample in samples.items())
+
+
+def test_shards_in_object_storage_are_read_by_byte_range_through_fsspec(corpus, tiny_florence, tmp_path):
+    """fsspec's in-memory filesystem stands in for a bucket (the object-storage tests use a real S3 server)."""
+    import fsspec
+
+    root, images, expected = corpus
+    memory = fsspec.filesystem("memory")
+    for number in range(3):
+        memory.pipe_file(f"/wds-test/shard-{number:05d}.tar",
+                         (root / "shards" / f"shard-{number:05d}.tar").read_bytes())
+    try:
+        summary = captionkit.caption("memory://wds-test/shard-{00000..00002}.tar", model=str(tiny_florence),
+                                     batch_size=2, output_dir=tmp_path / "out", **FAST)
+    finally:
+        memory.rm("/wds-test", recursive=True)
+    assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
+    check_output(tmp_path / "out", images, expected)
 
 
 def test_shards_need_an_output_dir_and_missing_shards_are_named(corpus, tiny_florence, tmp_path):

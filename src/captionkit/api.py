@@ -475,7 +475,7 @@ def check_shard_output(source: WebDatasetSource, output_dir: str | Path | None) 
                               "names and keys (and a caption/tags member per sample) are written there; the input "
                               "shards are never changed.")
     target = Path(output_dir).expanduser().resolve()
-    if any(shard.parent == target for shard in source.shards):
+    if any(isinstance(shard, Path) and shard.parent == target for shard in source.shards):
         raise CaptionkitError(f"--output-dir {output_dir}: the input shards are in this folder and the output shards "
                               "have the same names; choose another folder.")
 

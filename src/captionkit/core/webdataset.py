@@ -21,11 +21,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
 
 from captionkit.core.errors import ImageLoadError, SourceError, require
 from captionkit.core.records import Record, Source, image_extensions
@@ -41,12 +42,67 @@ def is_shard_pattern(path: str | Path) -> bool:
     return str(path).lower().endswith(SHARD_SUFFIX)
 
 
-def expand_shards(pattern: str | Path) -> list[Path]:
-    """The shard paths a brace pattern names, in order (``braceexpand``, as the webdataset library reads them)."""
+def expand_shards(pattern: str | Path) -> list[Shard]:
+    """The shards a brace pattern names, in order (``braceexpand``, as the webdataset library reads them).
+
+    Local shards are :class:`~pathlib.Path` objects; shards in object storage stay URL strings.
+    """
     require("webdataset", "reading WebDataset shards", extra="webdataset")
     from braceexpand import braceexpand
 
-    return [Path(os.path.expanduser(item)) for item in braceexpand(str(pattern))]
+    return [item if is_url(item) else _local(item) for item in braceexpand(str(pattern))]
+
+
+# ----------------------------------------------------------------------------- where shards are read
+# A shard is a local path or a URL read through fsspec (s3://, gs://, ... and memory:// in tests). Only
+# these four functions touch the bytes; with core.locations (object storage) they become its
+# filesystem() and with_retries(), so shards get its credentials, retries and 403/404 errors.
+Shard = Path | str
+_URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+def is_url(shard: Shard) -> bool:
+    """True for a shard in object storage (``file://`` is a local path)."""
+    match = _URL.match(str(shard)) if isinstance(shard, str) else None
+    return match is not None and match.group(1).lower() != "file"
+
+
+def _local(text: str) -> Path:
+    return Path(os.path.expanduser(text.removeprefix("file://")))
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    fsspec = require("fsspec", "reading shards from object storage", extra="webdataset")
+    return fsspec.core.url_to_fs(url)
+
+
+def _open(shard: Shard) -> IO[bytes]:
+    """The shard as a seekable binary file (an fsspec file reads byte ranges on demand)."""
+    if is_url(shard):
+        fs, path = _filesystem(str(shard))
+        return fs.open(path, "rb")
+    return open(shard, "rb")
+
+
+def _info(shard: Shard) -> tuple[int, str] | None:
+    """(size, signature) of a shard: size and mtime locally, size and ETag/mtime in object storage; None: missing."""
+    if is_url(shard):
+        fs, path = _filesystem(str(shard))
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            return None
+        tag = next((info[name] for name in ("ETag", "etag", "mtime", "LastModified", "created") if info.get(name)), "")
+        return int(info["size"]), f"{info['size']}:{str(tag or '').strip(chr(34))}"
+    try:
+        stat = Path(shard).stat()
+    except OSError:
+        return None
+    return stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def shard_name(shard: Shard) -> str:
+    return PurePosixPath(str(shard)).name
 
 
 @dataclass(frozen=True)
@@ -83,7 +139,7 @@ class ShardMember:
     def read_bytes(self) -> bytes:
         """The member's bytes, or :class:`ImageLoadError` naming shard, key, member, cause and fix."""
         try:
-            with open(self.shard, "rb") as stream:
+            with _open(self.shard) as stream:
                 stream.seek(self.offset)
                 data = stream.read(self.size)
         except OSError as error:
@@ -99,25 +155,20 @@ class ShardMember:
 class ShardListing:
     """One shard as listed: its samples' records (in shard order) and what was wrong with it."""
 
-    shard: Path
+    shard: Shard
     records: list[Record]
     warnings: list[str] = field(default_factory=list)
 
 
-def _signature(path: Path) -> str | None:
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return f"{info.st_size}:{info.st_mtime_ns}"
-
-
-def _members(path: Path, warnings: list[str]) -> list[tarfile.TarInfo]:
+def _members(path: Shard, warnings: list[str]) -> list[tarfile.TarInfo]:
     """The shard's file members in order; a truncated shard gives those before the cut, with a warning."""
     members: list[tarfile.TarInfo] = []
-    size = path.stat().st_size
+    info = _info(path)
+    if info is None:
+        raise FileNotFoundError(f"no such shard: {path}")
+    size = info[0]
     try:
-        with tarfile.open(path, mode="r:") as archive:
+        with _open(path) as stream, tarfile.open(fileobj=stream, mode="r:") as archive:
             while True:
                 member = archive.next()
                 if member is None:
@@ -146,7 +197,7 @@ def _key_of(name: str) -> str:
     return key or name
 
 
-def list_shard(path: Path) -> ShardListing:
+def list_shard(path: Shard) -> ShardListing:
     """Records of one shard: one per key with an image member, its ``.txt``/``.json`` members as fields.
 
     Runs wherever the shard is listed (a Ray task for many shards); reads only headers and
@@ -162,14 +213,15 @@ def list_shard(path: Path) -> ShardListing:
         listing.warnings.append(f"{path}: cannot read shard ({error.strerror or error}); skipped.")
         return listing
     images = {ext.lstrip(".") for ext in image_extensions()}
-    signature = _signature(path)
+    info = _info(path)
+    signature = info[1] if info is not None else None
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     for member in members:
         key, extension = base_plus_ext(member.name)
         if key is None or key.startswith("__") or not extension:
             continue
         samples.setdefault(key, {}).setdefault(extension, member)
-    with open(path, "rb") as stream:
+    with _open(path) as stream:
         for key, parts in samples.items():
             image = next((ext for ext in parts if ext.lower() in images), None)
             if image is None:
@@ -179,11 +231,11 @@ def list_shard(path: Path) -> ShardListing:
             fields = _fields(stream, path, key, parts, listing.warnings)
             member = parts[image]
             location = ShardMember(str(path), key, member.name, member.offset_data, member.size, signature)
-            listing.records.append(Record(id=f"{path.name}/{key}", path=location, fields=fields))  # type: ignore[arg-type]
+            listing.records.append(Record(id=f"{shard_name(path)}/{key}", path=location, fields=fields))  # type: ignore[arg-type]
     return listing
 
 
-def _fields(stream: Any, path: Path, key: str, parts: dict[str, tarfile.TarInfo],
+def _fields(stream: Any, path: Shard, key: str, parts: dict[str, tarfile.TarInfo],
             warnings: list[str]) -> dict[str, Any]:
     """``txt`` (and ``*.txt``) members as text fields, a ``json`` object's keys as fields; a bad one is named."""
     fields: dict[str, Any] = {}
@@ -219,7 +271,7 @@ def _fields(stream: Any, path: Path, key: str, parts: dict[str, tarfile.TarInfo]
 class WebDatasetSource(Source):
     """Samples of one or more ``.tar`` shards (a brace pattern), in shard order then key order."""
 
-    shards: list[Path] = field(default_factory=list)
+    shards: list[Shard] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Record]:
         for shard in self.shards:
@@ -232,17 +284,20 @@ class WebDatasetSource(Source):
 def open_shards(pattern: str | Path) -> WebDatasetSource:
     """A source for a shard or a brace pattern; every shard must exist and shard names must be unique."""
     shards = expand_shards(pattern)
-    missing = [str(shard) for shard in shards if not shard.is_file()]
+    missing = [str(shard) for shard in shards if _info(shard) is None]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise SourceError(f"{pattern}: {len(missing)} of {len(shards)} shard(s) not found ({shown}). "
                           "Check the path and the brace range.")
-    names = [shard.name for shard in shards]
+    names = [shard_name(shard) for shard in shards]
     if len(set(names)) != len(names):
         raise SourceError(f"{pattern}: two shards share a file name; record ids are <shard name>/<key>, so shard "
                           "names must be unique.")
-    root = Path(os.path.commonpath([str(shard.resolve().parent) for shard in shards]))
-    return WebDatasetSource(root=root, description=str(pattern), shards=[shard.resolve() for shard in shards])
+    local = [shard.resolve() for shard in shards if isinstance(shard, Path)]
+    # ids are relative to no folder (<shard name>/<key>); root is where results go without --output-dir (refused)
+    root = Path(os.path.commonpath([str(shard.parent) for shard in local])) if local else Path.cwd()
+    return WebDatasetSource(root=root, description=str(pattern),
+                            shards=[shard.resolve() if isinstance(shard, Path) else shard for shard in shards])
 
 
 # ------------------------------------------------------------------------------------------- output
@@ -291,12 +346,12 @@ def write_output_shards(store: Any, records: list[Record], output_dir: str | Pat
         digest = hashlib.sha256(json.dumps(
             [members[0].path.shard_signature, [(record.id, texts[record.id]) for record in kept]],  # type: ignore[union-attr]
             sort_keys=True).encode("utf-8")).hexdigest()
-        target = output / Path(shard).name
+        target = output / shard_name(shard)
         meta_key = _META_PREFIX + target.name
         if target.exists() and store.get_meta(meta_key) == digest:
             report.unchanged.append(str(target))
             continue
-        _write_shard(Path(shard), target, kept, texts, report)
+        _write_shard(shard, target, kept, texts, report)
         store.put_meta(meta_key, digest)
         report.written.append(str(target))
     return report
@@ -355,7 +410,7 @@ class ShardSink:
         return len(report.written)
 
 
-def _write_shard(source: Path, target: Path, kept: list[Record], texts: dict[str, dict[str, str]],
+def _write_shard(source: Shard, target: Path, kept: list[Record], texts: dict[str, dict[str, str]],
                  report: ShardReport) -> None:
     """Copy the kept samples' original members and add one ``<step>.txt`` member each, through ``TarWriter``."""
     import webdataset
@@ -367,7 +422,7 @@ def _write_shard(source: Path, target: Path, kept: list[Record], texts: dict[str
     parts: dict[str, dict[str, bytes]] = {}
     warnings: list[str] = []
     members = _members(source, warnings)
-    with open(source, "rb") as stream:
+    with _open(source) as stream:
         for member in members:
             key, extension = base_plus_ext(member.name)
             if key not in wanted or not extension:
