@@ -130,12 +130,15 @@ TAGGED_FIRST = ["tag", "photos/", "--model", "SmilingWolf/wd-swinv2-tagger-v3", 
 CAPTIONED_FIRST = ["caption", "photos/"]
 TRAINED_FIRST = ["train", "captioner", "--config", "examples/captioner.yaml"]
 PIPELINE_FIRST = ["run", "examples/pipeline.yaml"]
+SHARDS_CAPTIONED_FIRST = ["caption", "shards/shard-{00000..00001}.tar", "--output-dir", "captioned/"]
 
 
 def _prerequisites(words: list[str]) -> list[list[str]]:
     joined = " ".join(words)
     if "{tags}" in joined or words[:2] == ["render", "photos/"] and "--general-threshold" in words:
         return [TAGGED_FIRST]
+    if words[:2] == ["export", "captioned/"]:  # the WebDataset example: its shards captioned first
+        return [SHARDS_CAPTIONED_FIRST]
     if words[0] in ("export", "render"):
         return [CAPTIONED_FIRST]
     if "--resume" in words:  # a run stopped after its first checkpoint
@@ -200,6 +203,9 @@ def workspace(tmp_path_factory, tiny_florence) -> Path:
     write_good_images(template / "path" / "to" / "images", 1)
     write_good_images(template / "examples" / "datasets" / "my-images", 1)  # pipeline.yaml: from its folder
     write_good_images(template / "datasets" / "my-images", 2)  # captioner.yaml: from the working folder
+    from tests.test_webdataset import write_shards
+
+    write_shards(template / "shards", 2, per_shard=1)  # the WebDataset example: shard-00000.tar, shard-00001.tar
     for number, image in enumerate(sorted((template / "datasets" / "my-images").iterdir())):
         image.with_suffix(".txt").write_text(f"a photo of thing number {number}")
     for source in ("pipeline.yaml", "captioner.yaml", "tagger.yaml"):

@@ -12,6 +12,7 @@ from captionkit.core.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.core.records import Source, no_images_message, open_source
 from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink, export_results
 from captionkit.core.store import STORE_FOLDER, Store, attach_run_log
+from captionkit.core.webdataset import WebDatasetSource
 from captionkit.executors.local import RunOptions, RunSummary
 from captionkit.executors.progress import Progress
 from captionkit.options import (
@@ -35,6 +36,11 @@ __all__ = [
 
 def check_input_exists(path: str | Path) -> None:
     """Fail on a missing input path with the same sentence :func:`open_source` gives, but before any model."""
+    from captionkit.core.webdataset import is_shard_pattern, open_shards
+
+    if is_shard_pattern(path):  # WebDataset shards: every shard of the pattern must be there
+        open_shards(path)
+        return
     location = Path(path).expanduser()
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")
@@ -229,6 +235,9 @@ def _run_step(
                            **(ray_options or {}))  # before any file: a missing extra is one plain sentence
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
+    shards = isinstance(source, WebDatasetSource)
+    if shards:
+        check_shard_output(source, output_dir)
     records = runner.list_records(source)
     if not records:
         raise CaptionkitError(no_images_message(source))
@@ -247,7 +256,11 @@ def _run_step(
             step = make_step(store)
             log.info("%s %s: %d images, %s", step.field, source.description, len(records), description)
             sink = None
-            if write_sidecars:
+            if shards and write_sidecars:  # new shards in --output-dir, never sidecars beside the input shards
+                from captionkit.core.webdataset import ShardSink
+
+                sink = ShardSink(store, Path(output_dir).expanduser())
+            elif write_sidecars:
                 sink = SidecarSink(
                     store, step.field, extension=ext,
                     output_dir=Path(output_dir).expanduser().resolve() if output_dir else None,
@@ -255,6 +268,8 @@ def _run_step(
                     append_separator=append_separator,
                 )
             summary = runner.run(step, records, store, sink)
+            if shards and write_sidecars:
+                finish_shards(sink, summary)
             if after is not None:
                 after(step, records, store)
             for destination in export:
@@ -273,6 +288,32 @@ def _run_step(
         if handler is not None:
             logging.getLogger("captionkit").removeHandler(handler)
             handler.close()
+
+
+def check_shard_output(source: WebDatasetSource, output_dir: str | Path | None) -> None:
+    """WebDataset input writes new shards of the same names: they need an --output-dir that is not the input's."""
+    if not output_dir:
+        raise CaptionkitError(f"{source.description}: WebDataset shards need --output-dir: new shards with the same "
+                              "names and keys (and a caption/tags member per sample) are written there; the input "
+                              "shards are never changed.")
+    target = Path(output_dir).expanduser().resolve()
+    if any(isinstance(shard, Path) and shard.parent == target for shard in source.shards):
+        raise CaptionkitError(f"--output-dir {output_dir}: the input shards are in this folder and the output shards "
+                              "have the same names; choose another folder.")
+
+
+def finish_shards(sink, summary: RunSummary) -> None:
+    """Output shards the run did not write as it went (their last samples failed), counted in ``summary``."""
+    before = len(sink.report.written)
+    report = sink.finish()
+    summary.files_written += len(report.written) - before
+    if report.left_out:  # their errors are the run's (summary.errors); the shards hold every other sample
+        log.info("%d sample(s) left out of the output shards (their step failed)", len(report.left_out))
+    if report.pending:
+        log.info("%d shard(s) not written yet (samples without a result; a rerun finishes them): %s",
+                 len(report.pending), ", ".join(Path(shard).name for shard in report.pending))
+    log.info("output shards: %d written by this run, %d finished before (not rewritten)", len(report.written),
+             len(report.unchanged) - before)
 
 
 def store_has_results(path: Path) -> bool:

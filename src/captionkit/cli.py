@@ -146,7 +146,7 @@ _SCALE = {item.name: _typer_option(item) for item in declared_options(ScaleOptio
 @app.command(epilog=_EXIT_CODES)
 @_declared(CAPTION)
 def caption(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
+    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest (jsonl/json/csv/tsv/parquet), or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
     **values,
 ) -> None:
     """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
@@ -163,7 +163,7 @@ def caption(
 @app.command(epilog=_EXIT_CODES)
 @_declared(TAG)
 def tag(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
+    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest, or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
     **values,
 ) -> None:
     """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""

@@ -15,7 +15,7 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -32,6 +32,16 @@ try:  # optional accelerator for JPEG; Pillow does everything else
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - simplejpeg is a dependency, but keep decoding working
     _simplejpeg = None
+
+
+class ImageBytes(Protocol):
+    """Where an image's bytes come from when it is not a local file (a WebDataset shard member)."""
+
+    suffix: str
+
+    def read_bytes(self) -> bytes:
+        """The encoded image; raises :class:`ImageLoadError` naming where and why when it cannot."""
+        ...
 
 
 @dataclass
@@ -63,7 +73,7 @@ def parse_color(value: str | tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def load_image(
-    path: str | Path,
+    path: str | Path | ImageBytes,
     background: tuple[int, int, int] = (255, 255, 255),
     target_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -73,6 +83,16 @@ def load_image(
     ``target_size`` (width, height) is the size the model will resize to; JPEGs much larger
     than it are decoded at a reduced DCT scale that is still at least that large.
     """
+    if not isinstance(path, (str, Path)) and hasattr(path, "read_bytes"):
+        # bytes from elsewhere (a WebDataset shard member): it names itself and raises ImageLoadError itself
+        data = path.read_bytes()
+        try:
+            return decode_image(data, str(path), path.suffix, background, target_size, max_pixels)
+        except ImageLoadError as error:
+            fix = getattr(path, "decode_fix", None)  # how to fix it there (rewrite the sample), not a file's fix
+            if fix is None or error.fix == fix:
+                raise
+            raise ImageLoadError(error.path, error.cause, fix) from error
     path = Path(path)
     name = str(path)
     try:
@@ -83,6 +103,18 @@ def load_image(
         raise ImageLoadError(
             name, f"cannot read the file ({error.strerror or error})", "Check that it exists and is readable."
         ) from error
+    return decode_image(data, name, path.suffix, background, target_size, max_pixels)
+
+
+def decode_image(
+    data: bytes,
+    name: str,
+    suffix: str = "",
+    background: tuple[int, int, int] = (255, 255, 255),
+    target_size: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> LoadedImage:
+    """:func:`load_image` on bytes already read; ``name`` and ``suffix`` say where they came from in errors."""
     if not data:
         raise ImageLoadError(name, "empty file (0 bytes)", "Re-download or re-export it, or delete it.")
     content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
@@ -96,7 +128,7 @@ def load_image(
     except UnidentifiedImageError as error:
         raise ImageLoadError(
             name,
-            f"not an image Pillow can read (its extension says {path.suffix or 'nothing'})",
+            f"not an image Pillow can read (its extension says {suffix or 'nothing'})",
             "Delete it, or convert it to PNG or JPEG.",
         ) from error
     except (OSError, ValueError, SyntaxError) as error:

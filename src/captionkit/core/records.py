@@ -271,10 +271,14 @@ def open_source(
     include_hidden: bool = False,
     text_only: bool = False,
 ) -> Source:
-    """A source for a folder, one image, or a manifest file, chosen by what ``path`` is.
+    """A source for a folder, one image, a manifest file, or WebDataset ``.tar`` shards (brace patterns too).
 
     ``text_only``: a manifest whose rows have no image (prompts for image generation).
     """
+    if str(path).lower().endswith(".tar"):  # WebDataset shards, a brace pattern included
+        from captionkit.core.webdataset import open_shards
+
+        return open_shards(path)
     path = Path(path).expanduser()
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder. Check the path.")

@@ -82,6 +82,8 @@ def file_signature(path: Path | None) -> str | None:
     """Size and modification time: cheap evidence that an image did not change since its result."""
     if path is None:  # a text-only record: its inputs are in the step's per-record settings
         return None
+    if not isinstance(path, Path) and hasattr(path, "signature"):  # a shard member (core.webdataset)
+        return path.signature()
     try:
         info = path.stat()
     except OSError:

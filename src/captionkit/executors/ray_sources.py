@@ -1,4 +1,5 @@
-"""Records for ``--executor ray``: folders listed by Ray tasks in parallel, manifests read by Ray Data's readers.
+"""Records for ``--executor ray``: folders and WebDataset shards listed by Ray tasks in parallel, manifests read
+by Ray Data's readers.
 
 The records, their order, the skipped rows and folders are the ones the local sources
 give (the same functions run, only elsewhere): :class:`~captionkit.core.records.FolderSource`'s
@@ -41,6 +42,10 @@ def list_records(source: Source, ray: Any) -> tuple[list[Record], dict[str, str 
     """The source's records as the local executor lists them, and their file signatures by path, read on Ray."""
     if isinstance(source, FolderSource) and source.recursive:
         return _folder_records(source, ray)
+    from captionkit.core.webdataset import WebDatasetSource
+
+    if isinstance(source, WebDatasetSource) and len(source.shards) > 1:
+        return _shard_records(source, ray)
     if isinstance(source, ManifestSource) and not source.text_only \
             and source.manifest.suffix.lower() in (".jsonl", ".csv", ".tsv", ".parquet"):
         return _manifest_records(source, ray)
@@ -107,6 +112,24 @@ def _folder_records(source: FolderSource, ray: Any) -> tuple[list[Record], dict[
             visited.add(listing.key)
             records.extend(listing.records)
             signatures.update((str(record.path), found.get(str(record.path))) for record in listing.records)
+    return records, signatures
+
+
+# ------------------------------------------------------------------------------------------- shards
+def _shard_records(source: Any, ray: Any) -> tuple[list[Record], dict[str, str | None]]:
+    """WebDataset shards listed by one Ray task each (headers and text members only), merged in shard order."""
+    from captionkit.core.webdataset import list_shard
+
+    task = ray.remote(num_cpus=0.5)(list_shard)
+    futures = [task.remote(shard) for shard in source.shards]
+    records: list[Record] = []
+    signatures: dict[str, str | None] = {}
+    for future in futures:
+        listing = ray.get(future)
+        for message in listing.warnings:
+            log.warning("%s", message)
+        records.extend(listing.records)
+        signatures.update((str(record.path), file_signature(record.path)) for record in listing.records)
     return records, signatures
 
 

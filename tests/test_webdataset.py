@@ -1,0 +1,292 @@
+"""WebDataset shards (written by the webdataset library, as img2dataset writes them) in, new shards out.
+
+Captions from shards equal those of the same images in a plain folder; the output shards
+have the same keys and every original member plus ``KEY.caption.txt``, read back with the
+webdataset library; on the local executor, on Ray and from the CLI; a truncated shard and a
+corrupt member cost only themselves; a rerun after kill -9 does only the unfinished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+import captionkit
+from captionkit.core.store import Store
+from tests.images import jpeg_bytes, noise_image
+from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
+
+webdataset = pytest.importorskip("webdataset")
+
+FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
+CLI = [sys.executable, "-m", "captionkit.cli"]
+PER_SHARD = 3
+
+
+def write_shards(folder: Path, shards: int, per_shard: int = PER_SHARD) -> dict[str, bytes]:
+    """img2dataset-style shards through ``webdataset.ShardWriter``; returns key → the JPEG bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images: dict[str, bytes] = {}
+    with webdataset.ShardWriter(str(folder / "shard-%05d.tar"), maxcount=per_shard, verbose=0) as writer:
+        for index in range(shards * per_shard):
+            key = f"{index:09d}"
+            images[key] = jpeg_bytes(noise_image(index))
+            writer.write({"__key__": key, "jpg": images[key], "txt": f"alt text {index}",
+                          "json": {"key": key, "caption": f"alt text {index}", "url": f"https://x/{index}.jpg"}})
+    return images
+
+
+def plain_folder(folder: Path, images: dict[str, bytes]) -> Path:
+    """The same images as files (same bytes) for the reference run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, data in images.items():
+        (folder / f"{key}.jpg").write_bytes(data)
+    return folder
+
+
+def folder_captions(folder: Path, tiny_florence: Path) -> dict[str, str]:
+    """key → caption text of a plain-folder run (the reference)."""
+    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=2, write_sidecars=False, **FAST)
+    assert summary.failed == 0
+    with Store(folder) as store:
+        return {result.record_id.removesuffix(".jpg"): result.text for result in store.iter_results("caption")}
+
+
+def read_shards(pattern: str) -> dict[str, dict]:
+    """key → sample, read with the webdataset library (no decoding: bytes per member)."""
+    samples = {}
+    for sample in webdataset.WebDataset(pattern, shardshuffle=False, empty_check=False):
+        samples[sample["__key__"]] = sample
+    return samples
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_florence):
+    root = tmp_path_factory.mktemp("wds")
+    images = write_shards(root / "shards", 3)
+    expected = folder_captions(plain_folder(root / "plain", images), tiny_florence)
+    assert len(set(expected.values())) > 1  # the tiny model says different things
+    return root, images, expected
+
+
+def check_output(output: Path, images: dict[str, bytes], expected: dict[str, str], shards: int = 3) -> None:
+    assert sorted(path.name for path in output.glob("*.tar")) == [f"shard-{n:05d}.tar" for n in range(shards)]
+    samples = read_shards(str(output / f"shard-{{00000..{shards - 1:05d}}}.tar"))
+    assert sorted(samples) == sorted(expected)
+    for key, sample in samples.items():
+        assert sample["caption.txt"].decode() == expected[key]
+        assert sample["jpg"] == images[key]  # the original members, unchanged
+        assert sample["txt"].decode() == f"alt text {int(key)}"
+        assert json.loads(sample["json"])["key"] == key
+    # each output shard holds the keys its input shard held, in the same order
+    for number in range(shards):
+        with tarfile.open(output / f"shard-{number:05d}.tar") as archive:
+            keys = list(dict.fromkeys(name.split(".")[0] for name in archive.getnames()))
+        assert keys == [f"{index:09d}" for index in range(number * PER_SHARD, (number + 1) * PER_SHARD)]
+
+
+def _env() -> dict[str, str]:
+    source = str(Path(captionkit.__file__).resolve().parents[1])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
+
+
+def _command(pattern: str, output: Path, model: Path, *extra: str) -> list[str]:
+    return [*CLI, "caption", pattern, "--output-dir", str(output), "--model", str(model), "--num-beams", "1",
+            "--max-new-tokens", "12", "--batch-size", "2", "--workers", "2", *extra]
+
+
+def test_cli_shards_in_shards_out_with_the_captions_of_a_plain_folder(corpus, tiny_florence, tmp_path):
+    root, images, expected = corpus
+    output = tmp_path / "out"
+    result = subprocess.run(_command(str(root / "shards" / "shard-{00000..00002}.tar"), output, tiny_florence,
+                                     "--progress", "json"),
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["processed"], summary["failed"], summary["files_written"]) == (9, 0, 3)
+    check_output(output, images, expected)
+    with Store(output) as store:  # keyed by shard and key; the json/txt members became record fields
+        ids = sorted(result.record_id for result in store.iter_results("caption"))
+    assert ids[0] == "shard-00000.tar/000000000" and len(ids) == 9
+    # a rerun changes nothing: a finished output shard is not rewritten
+    before = {path.name: path.stat().st_mtime_ns for path in output.glob("*.tar")}
+    again = subprocess.run(_command(str(root / "shards" / "shard-{00000..00002}.tar"), output, tiny_florence,
+                                    "--progress", "json"), env=_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert (summary["processed"], summary["reused"], summary["files_written"]) == (0, 9, 0)
+    assert {path.name: path.stat().st_mtime_ns for path in output.glob("*.tar")} == before
+
+
+def test_record_fields_come_from_the_txt_and_json_members(corpus):
+    root, _, _ = corpus
+    from captionkit.core.records import open_source
+
+    records = list(open_source(root / "shards" / "shard-{00000..00001}.tar"))
+    assert [record.id for record in records][:2] == ["shard-00000.tar/000000000", "shard-00000.tar/000000001"]
+    assert len(records) == 6
+    assert records[4].fields["txt"] == "alt text 4"
+    assert records[4].fields["caption"] == "alt text 4" and records[4].fields["url"] == "https://x/4.jpg"
+
+
+def test_tagging_after_captioning_adds_its_member_to_the_same_shards(corpus, tiny_florence, tagger_folder, tmp_path):  # noqa: F811
+    root, images, expected = corpus
+    pattern, output = str(root / "shards" / "shard-{00000..00002}.tar"), tmp_path / "out"
+    captionkit.caption(pattern, model=str(tiny_florence), batch_size=2, output_dir=output, **FAST)
+    summary = captionkit.tag(pattern, model=str(tagger_folder), device="cpu", batch_size=4, output_dir=output,
+                             progress="quiet")
+    assert (summary.processed, summary.files_written) == (9, 3)
+    with Store(output) as store:
+        tags = {result.record_id.split("/")[1]: result.text for result in store.iter_results("tags")}
+    samples = read_shards(str(output / "shard-{00000..00002}.tar"))
+    assert {key: sample["tags.txt"].decode() for key, sample in samples.items()} == tags
+    assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == expected
+    assert all(sample["jpg"] == images[key] for key, sample in samples.items())
+
+
+def test_shards_in_object_storage_are_read_by_byte_range_through_fsspec(corpus, tiny_florence, tmp_path):
+    """fsspec's in-memory filesystem stands in for a bucket (the object-storage tests use a real S3 server)."""
+    import fsspec
+
+    root, images, expected = corpus
+    memory = fsspec.filesystem("memory")
+    for number in range(3):
+        memory.pipe_file(f"/wds-test/shard-{number:05d}.tar",
+                         (root / "shards" / f"shard-{number:05d}.tar").read_bytes())
+    try:
+        summary = captionkit.caption("memory://wds-test/shard-{00000..00002}.tar", model=str(tiny_florence),
+                                     batch_size=2, output_dir=tmp_path / "out", **FAST)
+    finally:
+        memory.rm("/wds-test", recursive=True)
+    assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
+    check_output(tmp_path / "out", images, expected)
+
+
+def test_shards_need_an_output_dir_and_missing_shards_are_named(corpus, tiny_florence, tmp_path):
+    root, _, _ = corpus
+    with pytest.raises(captionkit.CaptionkitError, match="need --output-dir"):
+        captionkit.caption(root / "shards" / "shard-00000.tar", model=str(tiny_florence), **FAST)
+    with pytest.raises(captionkit.CaptionkitError, match=r"1 of 4 shard\(s\) not found .*shard-00003.tar"):
+        captionkit.caption(str(root / "shards" / "shard-{00000..00003}.tar"), model=str(tiny_florence),
+                           output_dir=tmp_path / "out", **FAST)
+
+
+def test_truncated_shard_and_corrupt_member_cost_only_themselves(corpus, tiny_florence, tmp_path, caplog):
+    root, images, expected = corpus
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for number in range(3):
+        (shards / f"shard-{number:05d}.tar").write_bytes((root / "shards" / f"shard-{number:05d}.tar").read_bytes())
+    # shard 1: cut inside the image of its last sample (key 5)
+    with tarfile.open(shards / "shard-00001.tar") as archive:
+        member = archive.getmember("000000005.jpg")
+    data = (shards / "shard-00001.tar").read_bytes()
+    (shards / "shard-00001.tar").write_bytes(data[:member.offset_data + member.size // 2])
+    # shard 2: the image of key 7 is garbage of the same length, the json of key 8 is not JSON
+    rewritten = tmp_path / "rewritten.tar"
+    with tarfile.open(shards / "shard-00002.tar") as source, tarfile.open(rewritten, "w") as target:
+        for info in source.getmembers():
+            content = source.extractfile(info).read()
+            if info.name == "000000007.jpg":
+                content = b"\x00not a jpeg" * (len(content) // 11)
+            if info.name == "000000008.json":
+                content = b"{broken"
+            info.size = len(content)
+            target.addfile(info, __import__("io").BytesIO(content))
+    rewritten.replace(shards / "shard-00002.tar")
+    output = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="captionkit"):
+        summary = captionkit.caption(str(shards / "shard-{00000..00002}.tar"), model=str(tiny_florence),
+                                     batch_size=2, output_dir=output, **FAST)
+    assert (summary.processed, summary.failed) == (7, 2)
+    truncated = summary.errors["shard-00001.tar/000000005"]
+    assert "shard-00001.tar: key 000000005, member 000000005.jpg" in truncated and "truncated" in truncated
+    assert "Re-download or rewrite the shard" in truncated
+    corrupt = summary.errors["shard-00002.tar/000000007"]
+    assert "shard-00002.tar: key 000000007, member 000000007.jpg" in corrupt and "not an image" in corrupt
+    assert "Rewrite that sample in the shard" in corrupt
+    logged = caplog.text
+    assert "shard-00001.tar: truncated or corrupt after 7 members" in logged
+    assert "key 000000008, member 000000008.json: not valid JSON" in logged
+    samples = read_shards(str(output / "shard-{00000..00002}.tar"))
+    good = sorted(set(expected) - {"000000005", "000000007"})
+    assert sorted(samples) == good  # the others keep their keys, originals and captions
+    for key in good:
+        assert samples[key]["caption.txt"].decode() == expected[key]
+        assert samples[key]["jpg"] == images[key]
+    assert samples["000000008"]["json"] == b"{broken"  # the bad json member costs only its fields
+
+
+def _committed(output: Path) -> int:
+    database = output / ".captionkit" / "store.sqlite"
+    if not database.exists():
+        return 0
+    try:
+        with sqlite3.connect(database, timeout=1) as connection:
+            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_florence):
+    per_shard, count = 16, 48
+    images = write_shards(tmp_path / "shards", 3, per_shard=per_shard)
+    pattern = str(tmp_path / "shards" / "shard-{00000..00002}.tar")
+    output = tmp_path / "out"
+    process = subprocess.Popen(_command(pattern, output, tiny_florence, "-q"), env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    first = output / "shard-00000.tar"
+    while not first.exists():  # written as soon as its samples are done, while the run goes on
+        assert process.poll() is None, "the run finished before it could be killed; use more images"
+        assert time.time() < deadline, "no finished shard within 300 s"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    committed = _committed(output)
+    assert per_shard <= committed < count
+    finished = (first.stat().st_ino, first.stat().st_mtime_ns)
+    written_before = len(list(output.glob("shard-*.tar")))
+    rerun = subprocess.run(_command(pattern, output, tiny_florence, "--progress", "json"), env=_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert (summary["processed"], summary["reused"]) == (count - committed, committed)
+    assert (first.stat().st_ino, first.stat().st_mtime_ns) == finished  # a finished shard is not rewritten
+    assert summary["files_written"] == 3 - written_before
+    samples = read_shards(str(output / "shard-{00000..00002}.tar"))
+    assert sorted(samples) == sorted(images)
+    with Store(output) as store:
+        texts = {result.record_id.split("/")[1]: result.text for result in store.iter_results("caption")}
+    assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == texts
+    assert not [path for path in output.iterdir() if ".ck-tmp-" in path.name]
+
+
+@pytest.mark.slow
+def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_florence, tmp_path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    root, images, expected = corpus
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        summary = captionkit.caption(str(root / "shards" / "shard-{00000..00002}.tar"), model=str(tiny_florence),
+                                     batch_size=2, output_dir=tmp_path / "out", executor="ray", ray_actors=1,
+                                     ray_cpus_per_actor=0.5, **FAST)
+    finally:
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
+    assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
+    check_output(tmp_path / "out", images, expected)
