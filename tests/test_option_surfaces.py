@@ -19,7 +19,7 @@ from captionkit.core.declare import declared_options, option
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.tagging import TagOptions
 from captionkit.options import CAPTION, TAG, CaptionText, ModelOptions, Part, build_captioner
-from captionkit.options.commands import INSPECT, RUN
+from captionkit.options.commands import EXPORT, INSPECT, RUN, UI
 from captionkit.steps import captioner as captioner_step
 from captionkit.steps import tagger as tagger_step
 from captionkit.steps.registry import find_step_type
@@ -92,7 +92,8 @@ def test_an_option_declared_once_appears_on_every_surface(monkeypatch, command, 
     assert "glossiness" not in find_step_type(step).keys
 
 
-COMMAND_BODIES = {"inspect": "inspect_command", "run": "run_command"}  # command → its function in cli.py
+# command → its function in cli.py
+COMMAND_BODIES = {"inspect": "inspect_command", "run": "run_command", "export": "export_command", "ui": "ui_command"}
 
 
 def cli_parameters(name: str) -> dict[str, object]:
@@ -101,9 +102,9 @@ def cli_parameters(name: str) -> dict[str, object]:
     return {param.name: param for param in command.params if isinstance(param, typer.core.TyperOption)}
 
 
-@pytest.mark.parametrize("command", [INSPECT, RUN], ids=["inspect", "run"])
-def test_inspect_and_run_take_exactly_their_declared_options(command):
-    """`inspect` and `run`: flags, defaults and help panels on the command line are the declaration's."""
+@pytest.mark.parametrize("command", [INSPECT, RUN, EXPORT, UI], ids=["inspect", "run", "export", "ui"])
+def test_inspect_run_export_and_ui_take_exactly_their_declared_options(command):
+    """`inspect`, `run`, `export`, `ui`: flags, defaults and help panels on the command line are the declaration's."""
     on_cli = cli_parameters(command.name)
     assert list(on_cli) == command.names("cli") == command.names()
     for item in command.options():
@@ -111,10 +112,12 @@ def test_inspect_and_run_take_exactly_their_declared_options(command):
         assert item.flag in param.opts, item.name
         assert param.help == item.help and param.rich_help_panel == item.panel, item.name
         assert param.default == (None if isinstance(item.default, list | dict) else item.default), item.name
-    assert on_cli["json_report" if command is INSPECT else "config"].opts == [
-        "--json" if command is INSPECT else "--config"]
+    if command is INSPECT:
+        assert on_cli["json_report"].opts == ["--json"]
+    if command is RUN:
+        assert on_cli["config"].opts == ["--config"]
     # The page has no form for these commands (its inspection button and pipeline tab pass their own few
-    # values); what the declaration gives the page is what the form code builds: nothing yet.
+    # values; export and ui are command-line only); the form code builds what the declaration gives the page.
     assert [field.name for field in forms.declared_fields(command)] == command.names("ui") == []
 
 

@@ -17,7 +17,7 @@ from captionkit.core.declare import Option
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.exit_codes import CONTRACT as _EXIT_CODES
 from captionkit.core.tagging import TagOptions
-from captionkit.options.commands import CAPTION, INSPECT, RENDER, RUN, TAG, Command
+from captionkit.options.commands import CAPTION, EXPORT, INSPECT, RENDER, RUN, TAG, UI, Command
 
 app = typer.Typer(
     name="captionkit",
@@ -315,28 +315,25 @@ def inspect_command(
 
 
 @app.command("ui")
-def ui_command(
-    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every network (use --auth).")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port (default: 7860, or the next free one).")] = None,
-    auth: Annotated[str | None, typer.Option(help="USER:PASS, or a file with one USER:PASS per line: the page asks for them.")] = None,
-    share: Annotated[bool, typer.Option(help="Also publish a temporary public gradio.live link (off by default; use --auth).")] = False,
-) -> None:
+@_declared(UI)
+def ui_command(**values) -> None:
     """Open the web UI: caption, tag, train, run pipelines and review a data set in the browser."""
     from captionkit.ui import launch
 
-    launch(host=host, port=port, auth=auth, share=share)
+    launch(**UI.api_arguments(values))
 
 
 @app.command("export")
+@_declared(EXPORT)
 def export_command(
     location: Annotated[Path, typer.Argument(help="The captioned folder (or the --output-dir used).")],
     destination: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file to write.")],
-    step: Annotated[list[str] | None, typer.Option(help="Only these fields (caption, tags); default all.")] = None,
+    **values,
 ) -> None:
     """Export every stored result (text, raw output, errors, settings) to JSONL or Parquet."""
     from captionkit import api
 
-    count = api.export(location, destination, step)
+    count = api.export(location, destination, **EXPORT.api_arguments(values))
     print(f"wrote {count} rows to {destination}", file=sys.stderr)
 
 

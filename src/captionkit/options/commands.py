@@ -346,6 +346,28 @@ class PipelineRun:
     workers: int = _cli(4, "Parallel decode/preprocess workers.")
 
 
+@dataclass
+class ExportRun:
+    """Which stored fields `export` writes."""
+
+    step: list[str] | None = _cli(None, "Only these fields (caption, tags); default all.", api_name="steps",
+                                keep_none=True)
+
+
+@dataclass
+class UiServe:
+    """Where `ui` serves the page and who may open it."""
+
+    host: str = _cli("127.0.0.1", "Address to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every network "
+                     "(use --auth).")
+    port: int | None = _cli(None, "Port (default: 7860, or the next free one).")
+    auth: str | None = _cli(None, "USER:PASS, or a file with one USER:PASS per line: the page asks for them.")
+    share: bool = _cli(False, "Also publish a temporary public gradio.live link (off by default; use --auth).")
+
+
+EXPORT = Command("export", [Part(ExportRun)])
+UI = Command("ui", [Part(UiServe)])
+
 # The page has no form for these two: its inspection button and pipeline tab pass their own few values.
 INSPECT = Command("inspect", [Part(InspectRun), Part(Reporting, first="quiet")])
 
