@@ -19,6 +19,7 @@ from captionkit.core.declare import declared_options, option
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.tagging import TagOptions
 from captionkit.options import CAPTION, TAG, CaptionText, ModelOptions, Part, build_captioner
+from captionkit.options.commands import EXPORT, INSPECT, RUN, UI
 from captionkit.steps import captioner as captioner_step
 from captionkit.steps import tagger as tagger_step
 from captionkit.steps.registry import find_step_type
@@ -89,6 +90,58 @@ def test_an_option_declared_once_appears_on_every_surface(monkeypatch, command, 
         monkeypatch.undo()
         module._register()
     assert "glossiness" not in find_step_type(step).keys
+
+
+# command → its function in cli.py
+COMMAND_BODIES = {"inspect": "inspect_command", "run": "run_command", "export": "export_command", "ui": "ui_command"}
+
+
+def cli_parameters(name: str) -> dict[str, object]:
+    """The options (not the arguments) of a real `captionkit` command: parameter name → its Click parameter."""
+    command = typer.main.get_command(cli.app).commands[name]
+    return {param.name: param for param in command.params if isinstance(param, typer.core.TyperOption)}
+
+
+@pytest.mark.parametrize("command", [INSPECT, RUN, EXPORT, UI], ids=["inspect", "run", "export", "ui"])
+def test_inspect_run_export_and_ui_take_exactly_their_declared_options(command):
+    """`inspect`, `run`, `export`, `ui`: flags, defaults and help panels on the command line are the declaration's."""
+    on_cli = cli_parameters(command.name)
+    assert list(on_cli) == command.names("cli") == command.names()
+    for item in command.options():
+        param = on_cli[item.name]
+        assert item.flag in param.opts, item.name
+        assert param.help == item.help and param.rich_help_panel == item.panel, item.name
+        assert param.default == (None if isinstance(item.default, list | dict) else item.default), item.name
+    if command is INSPECT:
+        assert on_cli["json_report"].opts == ["--json"]
+    if command is RUN:
+        assert on_cli["config"].opts == ["--config"]
+    # The page has no form for these commands (its inspection button and pipeline tab pass their own few
+    # values; export and ui are command-line only); the form code builds what the declaration gives the page.
+    assert [field.name for field in forms.declared_fields(command)] == command.names("ui") == []
+
+
+@pytest.mark.parametrize(("command", "argument", "reached_the_api"), [
+    (INSPECT, "dataset", "unexpected keyword argument 'glossiness'"),  # inspect_dataset's own signature
+    (RUN, "pipeline", "unexpected keyword argument 'glossiness'"),  # run_pipeline's own signature
+], ids=["inspect", "run"])
+def test_an_option_declared_for_inspect_or_run_appears_on_the_command_line(monkeypatch, tmp_path, command, argument,
+                                                                           reached_the_api):
+    monkeypatch.setattr(command, "parts", [*command.parts, Part(Extra)])
+    assert [field.name for field in forms.declared_fields(command)] == ["glossiness"]  # a form would show it
+    real = getattr(cli, COMMAND_BODIES[command.name])
+    body = types.FunctionType(real.__code__, real.__globals__, command.name, real.__defaults__)
+    body.__annotations__ = {argument: real.__annotations__[argument]}
+    app = typer.Typer()
+    app.command()(cli._declared(command)(body))
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["--help"], terminal_width=200).output
+    assert "--glossiness" in help_text and "Test options" in help_text
+    given = tmp_path / "pipeline.yaml"
+    given.write_text("steps: []\n")
+    result = runner.invoke(app, [str(given), "--glossiness", "0.5"])
+    # the value reached the library (which has no such option: the test declared it nowhere else)
+    assert result.exception is not None and reached_the_api in str(result.exception)
 
 
 def test_an_option_that_would_do_nothing_is_refused_with_its_declared_reason():

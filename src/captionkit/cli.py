@@ -13,11 +13,11 @@ from typing import Annotated
 
 import typer
 
-from captionkit.core.declare import Option, declared_options
+from captionkit.core.declare import Option
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.exit_codes import CONTRACT as _EXIT_CODES
 from captionkit.core.tagging import TagOptions
-from captionkit.options.commands import CAPTION, RENDER, TAG, Command, ScaleOptions
+from captionkit.options.commands import CAPTION, EXPORT, INSPECT, RENDER, RUN, TAG, UI, Command
 
 app = typer.Typer(
     name="captionkit",
@@ -140,9 +140,6 @@ def _declared(command: Command):
     return wrap
 
 
-_SCALE = {item.name: _typer_option(item) for item in declared_options(ScaleOptions)}
-
-
 @app.command(epilog=_EXIT_CODES)
 @_declared(CAPTION)
 def caption(
@@ -211,39 +208,24 @@ def models() -> None:
 
 @app.command("run", epilog=_EXIT_CODES.replace("every image", "every record").replace(
     "--max-failures", "--max-failures, per step"))
+@_declared(RUN)
 def run_command(
     pipeline: Annotated[Path | None, typer.Argument(help="A pipeline YAML file (captionkit's or Dataflow-Gen's spelling).")] = None,
-    config: Annotated[Path | None, typer.Option("--config", help="The pipeline file, given as an option (as Dataflow-Gen's run_pipeline.py and the trainers take it).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Validate and show the plan: steps, records, what is already done.")] = False,
-    from_step: Annotated[int | None, typer.Option(help="Start at this step (1-based); earlier steps' stored results are used.")] = None,
-    only_step: Annotated[str | None, typer.Option(help="Run only the step with this name.")] = None,
-    workers: Annotated[int, typer.Option(help="Parallel decode/preprocess workers.")] = 4,
-    executor: Annotated[str, _SCALE["executor"]] = "local",
-    ray_address: Annotated[str | None, _SCALE["ray_address"]] = None,
-    ray_actors: Annotated[int | None, _SCALE["ray_actors"]] = None,
-    ray_gpus_per_actor: Annotated[float | None, _SCALE["ray_gpus_per_actor"]] = None,
-    ray_cpus_per_actor: Annotated[float, _SCALE["ray_cpus_per_actor"]] = 1.0,
-    ray_stall_timeout: Annotated[float, _SCALE["ray_stall_timeout"]] = 600.0,
-    devices: Annotated[str | None, _SCALE["devices"]] = None,
-    max_failures: Annotated[str | None, typer.Option(help="Still exit 0 when at most this many records fail in each step: a number (5) or a percentage of the records the step tried (2%). Default 0.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
-    progress: Annotated[str, typer.Option(help="bar, json or quiet.")] = "bar",
+    **values,
 ) -> None:
     """Run a multi-step pipeline (caption, tag, template, filter, generate, export); resumable per step and record."""
     from captionkit.core.exit_codes import OK, parse_max_failures, run_exit_code
     from captionkit.pipeline import run_pipeline
 
+    config = values["config"]
     if config is not None and pipeline is not None and config != pipeline:
         raise typer.BadParameter(f"two pipeline files ({pipeline} and --config {config}); give one.")
     pipeline = pipeline or config
     if pipeline is None:
         raise typer.BadParameter("give the pipeline file: captionkit run PIPELINE.yaml (or --config PIPELINE.yaml).")
-    allowance = parse_max_failures(max_failures)  # a bad value fails before any model loads
-    report = run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
-                          progress="quiet" if quiet else progress, workers=workers, executor=executor,
-                          ray_address=ray_address, devices=devices, ray_actors=ray_actors,
-                          ray_gpus_per_actor=ray_gpus_per_actor, ray_cpus_per_actor=ray_cpus_per_actor,
-                          ray_stall_timeout=ray_stall_timeout)
+    allowance = parse_max_failures(values["max_failures"])  # a bad value fails before any model loads
+    report = run_pipeline(pipeline, progress="quiet" if values["quiet"] else values["progress"],
+                          **RUN.api_arguments(values))
     stopped_early = report.stopped_early
     out = sys.stderr
     if report.path_rule:
@@ -286,58 +268,27 @@ _INSPECT_EXIT_CODES = ("Exit codes: 0 inspected (findings are in the reports); 1
 
 
 @app.command("inspect", epilog=_INSPECT_EXIT_CODES)
+@_declared(INSPECT)
 def inspect_command(
     dataset: Annotated[Path, typer.Argument(help="Image folder (with sidecar captions/tags) or a manifest (jsonl/json/csv/tsv/parquet).")],
-    report: Annotated[Path | None, typer.Option(help="Write the self-contained HTML report (plots, tables linking to files) here.")] = None,
-    json_report: Annotated[Path | None, typer.Option("--json", help="Write the findings as JSON here (for scripts and CI).")] = None,
-    fail_on: Annotated[list[str] | None, typer.Option(help="Exit 1 when any of these are found: finding kinds, a severity (error, warning, info: that or worse) or any (repeatable or comma-separated).")] = None,
-    trigger: Annotated[str | None, typer.Option(help="Trigger word every caption must contain.")] = None,
-    resolution: Annotated[str, typer.Option(help="Training resolution for buckets: 1024 or WIDTHxHEIGHT.")] = "1024",
-    min_bucket: Annotated[int, typer.Option(help="Smallest bucket side (kohya min_bucket_reso).")] = 256,
-    max_bucket: Annotated[int, typer.Option(help="Largest bucket side (kohya max_bucket_reso).")] = 2048,
-    bucket_step: Annotated[int, typer.Option(help="Bucket side step (kohya bucket_reso_steps).")] = 64,
-    min_side: Annotated[int | None, typer.Option(help="Images whose shorter side is below this are tiny (default: --min-bucket).")] = None,
-    max_crop: Annotated[float, typer.Option(help="Odd aspect ratio: more than this share of the image cropped to fit its bucket.")] = 0.10,
-    full: Annotated[bool, typer.Option("--full", help="Decode every image (finds truncated data; slower).")] = False,
-    near_duplicates: Annotated[bool, typer.Option(help="Perceptual hashes for near-duplicates (a reduced decode); --no-near-duplicates reads headers only.")] = True,
-    near_duplicate_distance: Annotated[int, typer.Option(help="Near-duplicate threshold: Hamming distance of the 64-bit perceptual hashes.")] = 6,
-    min_count: Annotated[int, typer.Option(help="Tags on fewer images than this are the long tail.")] = 3,
-    common_fraction: Annotated[float, typer.Option(help="Tags on at least this share of the tagged images are reported.")] = 0.95,
-    caption_ext: Annotated[str, typer.Option(help="Caption file extension.")] = ".txt",
-    tag_ext: Annotated[str | None, typer.Option(help="Tag file extension (may equal --caption-ext); tags in the store are used where there are some.")] = None,
-    selected_tags: Annotated[Path | None, typer.Option(help="A selected_tags.csv giving tag categories (the store's tagger vocabulary is used too).")] = None,
-    t5_tokenizer: Annotated[Path | None, typer.Option(help="A T5 tokenizer (folder, tokenizer.json or spiece.model) for T5 token counts; default: the hub cache, if it has one.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="The --output-dir the captions were written to (store and sidecars there).")] = None,
-    recursive: Annotated[bool, typer.Option(help="Descend into sub-folders.")] = True,
-    include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
-    image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
-    base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    workers: Annotated[int, typer.Option(help="Parallel image readers.")] = 4,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
+    **values,
 ) -> None:
     """Find what would spoil a training run (captions, images, tags) without changing the data set; HTML and JSON reports."""
     from captionkit import api
     from captionkit.inspection import KINDS, resolve_fail_on
 
+    fail_on, report, json_report = values["fail_on"], values["report"], values["json_report"]
     try:
         resolve_fail_on(fail_on or [])  # a typo fails before the inspection, not after
     except ValueError as error:
         raise CaptionkitError(str(error)) from error
-    result = api.inspect(
-        dataset, trigger=trigger, resolution=resolution,
-        min_bucket=min_bucket, max_bucket=max_bucket, bucket_step=bucket_step, min_side=min_side, max_crop=max_crop,
-        full=full, near_duplicates=near_duplicates, near_duplicate_distance=near_duplicate_distance,
-        min_count=min_count, common_fraction=common_fraction, caption_ext=caption_ext, tag_ext=tag_ext,
-        selected_tags=selected_tags, t5_tokenizer=t5_tokenizer, output_dir=output_dir, recursive=recursive,
-        include_hidden=include_hidden, image_column=image_column, base_dir=base_dir, workers=workers,
-        progress="quiet" if quiet else progress,
-    )
+    arguments = INSPECT.api_arguments(values)
+    result = api.inspect(dataset, progress="quiet" if values["quiet"] else values["progress"], **arguments)
     if not result.counts["images"]:  # as caption and tag say it: one sentence, exit 2
         from captionkit.core.records import open_source
 
-        source = open_source(dataset, recursive=recursive, image_column=image_column, base_dir=base_dir,
-                             include_hidden=include_hidden)
+        source = open_source(dataset, recursive=arguments["recursive"], image_column=arguments["image_column"],
+                             base_dir=arguments["base_dir"], include_hidden=arguments["include_hidden"])
         raise CaptionkitError(api.no_images_message(source))
     if report is not None:
         result.write_html(report)
@@ -364,28 +315,25 @@ def inspect_command(
 
 
 @app.command("ui")
-def ui_command(
-    host: Annotated[str, typer.Option(help="Address to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every network (use --auth).")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port (default: 7860, or the next free one).")] = None,
-    auth: Annotated[str | None, typer.Option(help="USER:PASS, or a file with one USER:PASS per line: the page asks for them.")] = None,
-    share: Annotated[bool, typer.Option(help="Also publish a temporary public gradio.live link (off by default; use --auth).")] = False,
-) -> None:
+@_declared(UI)
+def ui_command(**values) -> None:
     """Open the web UI: caption, tag, train, run pipelines and review a data set in the browser."""
     from captionkit.ui import launch
 
-    launch(host=host, port=port, auth=auth, share=share)
+    launch(**UI.api_arguments(values))
 
 
 @app.command("export")
+@_declared(EXPORT)
 def export_command(
     location: Annotated[Path, typer.Argument(help="The captioned folder (or the --output-dir used).")],
     destination: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file to write.")],
-    step: Annotated[list[str] | None, typer.Option(help="Only these fields (caption, tags); default all.")] = None,
+    **values,
 ) -> None:
     """Export every stored result (text, raw output, errors, settings) to JSONL or Parquet."""
     from captionkit import api
 
-    count = api.export(location, destination, step)
+    count = api.export(location, destination, **EXPORT.api_arguments(values))
     print(f"wrote {count} rows to {destination}", file=sys.stderr)
 
 

@@ -44,6 +44,7 @@ class Option:
     optional: bool = False  # None is a value (the library's own default)
     pair_value: Any = str  # for dict options: the type of VALUE in NAME=VALUE
     split_commas: bool = False  # list options: "a, b" is two items
+    keep_none: bool = False  # list options: not given stays None (the library reads None as "all"), not []
     default: Any = None
 
     @property
@@ -72,7 +73,7 @@ class Option:
             return _pairs(self, value)
         if _is_list(self.value_type):
             if value is None:
-                return []
+                return None if self.keep_none else []
             items = list(value)
             if self.split_commas:
                 items = [part.strip() for item in items for part in str(item).split(",") if part.strip()]

@@ -37,6 +37,12 @@ def _run(default: Any, help: str, **details: Any) -> Any:
     return option(default, help, **details)
 
 
+def _cli(default: Any, help: str, **details: Any) -> Any:
+    """An option only the command line shows: the page has no form for the command (inspect, run)."""
+    details.setdefault("surfaces", CLI_ONLY)
+    return option(default, help, **details)
+
+
 def _step(default: Any, help: str, **details: Any) -> Any:
     """A run option a pipeline step takes too (batch size, background, the pixel limit)."""
     return option(default, help, **details)
@@ -155,6 +161,7 @@ class Part:
     last: str | None = None
     help: dict[str, str] = field(default_factory=dict, hash=False)
     panel: str | None = "keep"  # None: no help panel in this command
+    surfaces: frozenset[str] | None = None  # where this command shows them, when narrower than declared
 
     def options(self) -> list[Option]:
         every = declared_options(self.cls)
@@ -163,7 +170,9 @@ class Part:
         stop = names.index(self.last) + 1 if self.last else len(every)
         chosen = every[start:stop]
         return [replace(item, help=self.help.get(item.name, item.help),
-                        panel=item.panel if self.panel == "keep" else self.panel) for item in chosen]
+                        panel=item.panel if self.panel == "keep" else self.panel,
+                        surfaces=item.surfaces if self.surfaces is None else item.surfaces & self.surfaces)
+                for item in chosen]
 
 
 def tag_options(
@@ -283,3 +292,86 @@ RENDER = Command("render", [
     Part(RenderRun, last="field"), Part(TagOptions), Part(CaptionText, help=_RENDER_TEXT_HELP, panel=None),
     Part(RenderRun, first="recursive"),
 ], builds={TagOptions: ("options", tag_options)})
+
+
+@dataclass
+class InspectRun:
+    """What `inspect` checks and where it writes its reports (it changes nothing in the data set)."""
+
+    report: Path | None = _cli(None, "Write the self-contained HTML report (plots, tables linking to files) here.",
+                               api=False)
+    json_report: Path | None = _cli(None, "Write the findings as JSON here (for scripts and CI).", flags=("--json",),
+                                    api=False)
+    fail_on: list[str] | None = _cli(None, "Exit 1 when any of these are found: finding kinds, a severity (error, "
+                                     "warning, info: that or worse) or any (repeatable or comma-separated).",
+                                     surfaces=CLI_ONLY, api=False)
+    trigger: str | None = _cli(None, "Trigger word every caption must contain.")
+    resolution: str = _cli("1024", "Training resolution for buckets: 1024 or WIDTHxHEIGHT.")
+    min_bucket: int = _cli(256, "Smallest bucket side (kohya min_bucket_reso).")
+    max_bucket: int = _cli(2048, "Largest bucket side (kohya max_bucket_reso).")
+    bucket_step: int = _cli(64, "Bucket side step (kohya bucket_reso_steps).")
+    min_side: int | None = _cli(None, "Images whose shorter side is below this are tiny (default: --min-bucket).")
+    max_crop: float = _cli(0.10, "Odd aspect ratio: more than this share of the image cropped to fit its bucket.")
+    full: bool = _cli(False, "Decode every image (finds truncated data; slower).", flags=("--full",))
+    near_duplicates: bool = _cli(True, "Perceptual hashes for near-duplicates (a reduced decode); "
+                                 "--no-near-duplicates reads headers only.")
+    near_duplicate_distance: int = _cli(6, "Near-duplicate threshold: Hamming distance of the 64-bit perceptual "
+                                        "hashes.")
+    min_count: int = _cli(3, "Tags on fewer images than this are the long tail.")
+    common_fraction: float = _cli(0.95, "Tags on at least this share of the tagged images are reported.")
+    caption_ext: str = _cli(".txt", "Caption file extension.")
+    tag_ext: str | None = _cli(None, "Tag file extension (may equal --caption-ext); tags in the store are used "
+                               "where there are some.")
+    selected_tags: Path | None = _cli(None, "A selected_tags.csv giving tag categories (the store's tagger "
+                                      "vocabulary is used too).")
+    t5_tokenizer: Path | None = _cli(None, "A T5 tokenizer (folder, tokenizer.json or spiece.model) for T5 token "
+                                     "counts; default: the hub cache, if it has one.")
+    output_dir: Path | None = _cli(None, "The --output-dir the captions were written to (store and sidecars there).")
+    recursive: bool = _cli(True, "Descend into sub-folders.")
+    include_hidden: bool = _cli(False, "Also take files and folders whose names start with '.'.")
+    image_column: str | None = _cli(None, "Manifest column with the image path.")
+    base_dir: Path | None = _cli(None, "Folder that relative manifest paths start from.")
+    workers: int = _cli(4, "Parallel image readers.")
+
+
+@dataclass
+class PipelineRun:
+    """Which pipeline file `run` runs, and which of its steps."""
+
+    config: Path | None = _cli(None, "The pipeline file, given as an option (as Dataflow-Gen's run_pipeline.py and "
+                               "the trainers take it).", flags=("--config",), api=False)
+    dry_run: bool = _cli(False, "Validate and show the plan: steps, records, what is already done.")
+    from_step: int | None = _cli(None, "Start at this step (1-based); earlier steps' stored results are used.")
+    only_step: str | None = _cli(None, "Run only the step with this name.")
+    workers: int = _cli(4, "Parallel decode/preprocess workers.")
+
+
+@dataclass
+class ExportRun:
+    """Which stored fields `export` writes."""
+
+    step: list[str] | None = _cli(None, "Only these fields (caption, tags); default all.", api_name="steps",
+                                keep_none=True)
+
+
+@dataclass
+class UiServe:
+    """Where `ui` serves the page and who may open it."""
+
+    host: str = _cli("127.0.0.1", "Address to listen on. 127.0.0.1 = this machine only; 0.0.0.0 = every network "
+                     "(use --auth).")
+    port: int | None = _cli(None, "Port (default: 7860, or the next free one).")
+    auth: str | None = _cli(None, "USER:PASS, or a file with one USER:PASS per line: the page asks for them.")
+    share: bool = _cli(False, "Also publish a temporary public gradio.live link (off by default; use --auth).")
+
+
+EXPORT = Command("export", [Part(ExportRun)])
+UI = Command("ui", [Part(UiServe)])
+
+# The page has no form for these two: its inspection button and pipeline tab pass their own few values.
+INSPECT = Command("inspect", [Part(InspectRun), Part(Reporting, first="quiet")])
+
+RUN = Command("run", [Part(PipelineRun), Part(ScaleOptions, surfaces=CLI_ONLY), Part(Reporting, help={
+    "max_failures": "Still exit 0 when at most this many records fail in each step: a number (5) or a percentage "
+                    "of the records the step tried (2%). Default 0.",
+    "quiet": "No progress bars.", "progress": "bar, json or quiet."})])
