@@ -27,12 +27,23 @@ _IMAGE_COLUMN_GUESSES = ("image", "file_name", "path", "image_path", "file", "fi
 class Record:
     """One image plus named fields written by steps (``caption``, ``tags``) or given by a manifest.
 
-    ``path`` is None for a text-only record (a prompt to generate an image from, in a pipeline).
+    ``path`` is None for a text-only record (a prompt to generate an image from, in a pipeline) and
+    for a remote image, whose URL (``s3://bucket/key.jpg``) is ``url`` (see ``core.locations``).
     """
 
     id: str
     path: Path | None
     fields: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None
+
+    @property
+    def location(self) -> str | None:
+        """Where the image's bytes are: the URL of a remote image, the local path, or None (text-only)."""
+        return self.url if self.url is not None else (str(self.path) if self.path is not None else None)
+
+    @property
+    def has_image(self) -> bool:
+        return self.path is not None or self.url is not None
 
 
 def image_extensions() -> frozenset[str]:
