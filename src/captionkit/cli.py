@@ -117,12 +117,14 @@ _RAY_ACTORS = typer.Option(help="With --executor ray: model replicas (default: o
 _RAY_GPUS = typer.Option(help="With --executor ray: GPUs per model replica, fractions allowed (default: 1 when the cluster has GPUs, else 0).", rich_help_panel=_SCALE)
 _RAY_CPUS = typer.Option(help="With --executor ray: CPUs per model replica.", rich_help_panel=_SCALE)
 _RAY_STALL = typer.Option(help="With --executor ray: end the run (keeping what finished) when nothing moves for this many seconds: a hung model, actors that cannot be placed. 0: never.", rich_help_panel=_SCALE)
+_STORAGE_OPTIONS = typer.Option(help="Object storage (s3://, gs://, az://, hf:// inputs and outputs): JSON of fsspec filesystem options, e.g. '{\"client_kwargs\": {\"endpoint_url\": \"http://minio:9000\"}}'. Credentials also come from the environment and profiles; never stored or logged.", rich_help_panel=_SCALE)
+_IO_WORKERS = typer.Option(help="Object-store fetches in flight at once (remote images; retried on 5xx and timeouts).", rich_help_panel=_SCALE)
 _DEVICES = typer.Option(help="Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker process per device over disjoint shards.", rich_help_panel=_SCALE)
 
 
 @app.command(epilog=_EXIT_CODES)
 def caption(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet).")],
+    path: Annotated[str, typer.Argument(help="Folder of images, one image, or a manifest (jsonl/json/csv/tsv/parquet); local or a URL (s3://bucket/prefix, gs://, az://, hf://).")],
     model: Annotated[str | None, typer.Option(help=_MODEL_HELP + " The family comes from its config.json. Default: florence-community/Florence-2-base, or the base of --adapter.")] = None,
     backend: Annotated[str, typer.Option(help="auto (transformers, in this process), openai (an OpenAI-compatible server) or vllm (a vLLM engine).")] = "auto",
     task: Annotated[str | None, typer.Option(help="Florence-2 task: <CAPTION> (default), <DETAILED_CAPTION>, <MORE_DETAILED_CAPTION>, <OCR>, <OD>, ...", rich_help_panel=_FLORENCE)] = None,
@@ -170,7 +172,7 @@ def caption(
     include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
     image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
     base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Write captions into a mirrored tree here instead of beside the images.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Write captions into a mirrored tree here instead of beside the images (a folder or a URL; required for remote images).")] = None,
     ext: Annotated[str, typer.Option(help="Caption file extension (.txt, .caption, ...).")] = ".txt",
     existing: Annotated[str, typer.Option(help="Existing caption files: skip, overwrite, append or fill-empty.")] = "skip",
     on_collision: Annotated[str, typer.Option(help="Two images, one caption file (a.png + a.jpg): skip (write neither) or keep-extension (a.png.txt).")] = "skip",
@@ -183,7 +185,7 @@ def caption(
     max_image_pixels: Annotated[int, typer.Option(help="Refuse images with more pixels (decompression bombs).")] = 178_956_970,
     keep_results: Annotated[bool, typer.Option(help="Reuse stored captions even if made with other settings.")] = False,
     retry_errors: Annotated[bool, typer.Option(help="Retry images that failed before even if the file did not change.")] = False,
-    export: Annotated[list[Path] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable); a folder gets sharded Parquet (part-00000.parquet, ...).")] = None,
+    export: Annotated[list[str] | None, typer.Option(help="Also write all results to this .jsonl or .parquet (repeatable; a path or a URL); a folder gets sharded Parquet (part-00000.parquet, ...).")] = None,
     write: Annotated[bool, typer.Option(help="Write caption files (--no-write: results only in the store and --export; for very large runs).")] = True,
     executor: Annotated[str, _EXECUTOR] = "local",
     ray_address: Annotated[str | None, _RAY_ADDRESS] = None,
@@ -192,6 +194,8 @@ def caption(
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
     ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
+    storage_options: Annotated[str | None, _STORAGE_OPTIONS] = None,
+    io_workers: Annotated[int, _IO_WORKERS] = 16,
     max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
@@ -223,6 +227,7 @@ def caption(
         write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
         devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
         ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
+        storage_options=storage_options, io_workers=io_workers,
     )
     _print_summary(summary, mode)
     _exit_for_summary(summary, allowance)
@@ -279,7 +284,7 @@ _SEPARATOR = typer.Option(help="Between tags.")
 
 @app.command(epilog=_EXIT_CODES)
 def tag(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, or a manifest.")],
+    path: Annotated[str, typer.Argument(help="Folder of images, one image, or a manifest; local or a URL (s3://, gs://, az://, hf://).")],
     model: Annotated[str, typer.Option(help="Tagger: WD-style hub repo or folder (model.onnx or timm weights + selected_tags.csv), or a folder from `captionkit train tagger`.")] = "SmilingWolf/wd-swinv2-tagger-v3",
     general_threshold: Annotated[float, _GENERAL] = 0.35,
     character_threshold: Annotated[float, _CHARACTER] = 0.85,
@@ -305,7 +310,7 @@ def tag(
     include_hidden: Annotated[bool, typer.Option(help="Also take files and folders whose names start with '.'.")] = False,
     image_column: Annotated[str | None, typer.Option(help="Manifest column with the image path.")] = None,
     base_dir: Annotated[Path | None, typer.Option(help="Folder that relative manifest paths start from.")] = None,
-    output_dir: Annotated[Path | None, typer.Option(help="Write tag files into a mirrored tree here.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Write tag files into a mirrored tree here (a folder or a URL; required for remote images).")] = None,
     ext: Annotated[str, typer.Option(help="Tag file extension.")] = ".txt",
     existing: Annotated[str, typer.Option(help="Existing files: skip, overwrite, append or fill-empty.")] = "skip",
     on_collision: Annotated[str, typer.Option(help="a.png + a.jpg: skip or keep-extension.")] = "skip",
@@ -322,6 +327,8 @@ def tag(
     ray_cpus_per_actor: Annotated[float, _RAY_CPUS] = 1.0,
     ray_stall_timeout: Annotated[float, _RAY_STALL] = 600.0,
     devices: Annotated[str | None, _DEVICES] = None,
+    storage_options: Annotated[str | None, _STORAGE_OPTIONS] = None,
+    io_workers: Annotated[int, _IO_WORKERS] = 16,
     max_failures: Annotated[str | None, typer.Option(help=_MAX_FAILURES_HELP)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     progress: Annotated[str, typer.Option(help="bar, json (JSON lines on stdout) or quiet.")] = "bar",
@@ -344,6 +351,7 @@ def tag(
         write_sidecars=write, export=export or (), progress=mode, executor=executor, ray_address=ray_address,
         devices=devices, ray_actors=ray_actors, ray_gpus_per_actor=ray_gpus_per_actor,
         ray_cpus_per_actor=ray_cpus_per_actor, ray_stall_timeout=ray_stall_timeout,
+        storage_options=storage_options, io_workers=io_workers,
     )
     _print_summary(summary, mode)
     _exit_for_summary(summary, allowance)

@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,17 @@ def set_default_storage_options(options: dict[str, Any] | None) -> None:
     global _default_storage_options
     with _defaults_lock:
         _default_storage_options = dict(options or {})
+
+
+@contextmanager
+def storage_options_set(options: dict[str, Any] | str | None) -> Iterator[None]:
+    """The run's options (a dict or ``--storage-options`` JSON) as the default while the block runs."""
+    previous = default_storage_options()
+    set_default_storage_options(parse_storage_options(options) if isinstance(options, str) else options)
+    try:
+        yield
+    finally:
+        set_default_storage_options(previous)
 
 
 def default_storage_options() -> dict[str, Any]:
@@ -179,6 +191,30 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     with_retries(url, lambda: fs.pipe_file(path, data))
 
 
+def upload_tree(folder: Path, url: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Copy every file under the local ``folder`` to the prefix ``url`` (same relative keys); returns the count.
+
+    Only files whose bytes differ from the object already there are sent (sizes compared first).
+    """
+    fs, prefix = filesystem(url, storage_options)
+    count = 0
+    for file in sorted(folder.rglob("*")):
+        if not file.is_file():
+            continue
+        key = prefix.rstrip("/") + "/" + file.relative_to(folder).as_posix()
+        data = file.read_bytes()
+        target = f"{scheme(url)}://{key}"
+        try:
+            existing = fs.info(key)
+        except (FileNotFoundError, OSError):
+            existing = None
+        if existing is not None and existing.get("size") == len(data) and fs.cat_file(key) == data:
+            continue
+        with_retries(target, lambda key=key, data=data: fs.pipe_file(key, data))
+        count += 1
+    return count
+
+
 @dataclass(frozen=True)
 class RemoteObject:
     """One listed object: its URL and the signature that says whether it changed (ETag, size, mtime)."""
@@ -204,6 +240,7 @@ def list_objects(url: str, extensions: frozenset[str], storage_options: dict[str
                  recursive: bool = True) -> Iterator[RemoteObject]:
     """Every object under the prefix ``url`` whose extension is in ``extensions``, sorted by key."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)  # fsspec keeps listings per process: a run sees the bucket as it is now
     protocol = scheme(url) or "s3"
     found = with_retries(url, lambda: fs.find(path, maxdepth=None if recursive else 1, detail=True))
     for key in sorted(found):
@@ -218,6 +255,7 @@ def list_objects(url: str, extensions: frozenset[str], storage_options: dict[str
 def kind(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """'file' (one object), 'directory' (a prefix with objects under it), or a 404 :class:`RemoteError`."""
     fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
     if with_retries(url, lambda: fs.isfile(path)):
         return "file"
     if with_retries(url, lambda: fs.isdir(path)):
@@ -230,6 +268,11 @@ def join(base: str, relative: str) -> str:
     if scheme(relative):
         return relative
     return base.rstrip("/") + "/" + relative.lstrip("/")
+
+
+def parent(url: str) -> str:
+    """The prefix holding ``url`` (``s3://b/x/y.jpg`` → ``s3://b/x``)."""
+    return url.rstrip("/").rsplit("/", 1)[0]
 
 
 def relative_key(url: str, root: str) -> str:

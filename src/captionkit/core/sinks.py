@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from captionkit.core.atomic import atomic_write_bytes, atomic_write_lines, atomic_write_text, remove_stale_temp_files
@@ -73,8 +73,11 @@ class SidecarSink:
         self.write_errors: dict[str, str] = {}  # record id → why its file could not be written
 
     def _target(self, record: Record, keep_extension: bool) -> Path:
-        name = (record.path.name if keep_extension else record.path.stem) + self.extension
+        image = record.path if record.path is not None else PurePosixPath(str(record.url).split("://", 1)[-1])
+        name = (image.name if keep_extension else image.stem) + self.extension
         if self.output_dir is None:
+            if record.path is None:
+                raise CaptionkitError(f"{record.url}: a remote image's results need --output-dir.")
             return record.path.parent / name
         relative_parent = Path(record.id).parent
         if relative_parent.is_absolute():  # a manifest row outside the root: flatten under "_external"
