@@ -171,3 +171,32 @@ def test_a_missing_key_in_a_manifest_is_one_clear_error_and_the_rest_are_caption
     assert (summary.processed, summary.failed) == (1, 1)
     (error,) = summary.errors.values()
     assert "no such object (404)" in error and f"s3://{BUCKET}/set/gone.png" in error
+
+
+def test_a_url_output_dir_gets_the_caption_files_and_the_store_stays_in_a_local_cache(s3, tiny_florence, tmp_path,
+                                                                                      monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(cache))
+    local = tmp_path / "local"
+    captionkit.caption(s3.local / "set", model=str(tiny_florence), output_dir=local, **FAST)
+    expected = _texts(local)
+    output = f"s3://{BUCKET}/captions/run1"
+    summary = captionkit.caption(f"s3://{BUCKET}/set", model=str(tiny_florence), output_dir=output,
+                                 storage_options=s3.storage_options(),
+                                 export=[f"s3://{BUCKET}/exports/all.jsonl"], **FAST)
+    assert summary.processed == IMAGES
+    client = s3.client()
+    for name, text in expected.items():
+        key = f"captions/run1/{Path(name).with_suffix('.txt')}"
+        assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode() == text
+    exported = client.get_object(Bucket=BUCKET, Key="exports/all.jsonl")["Body"].read().decode()
+    assert {Path(json.loads(line)["id"]).name: json.loads(line)["caption"] for line in exported.splitlines()} \
+        == expected
+    assert captionkit.export(output, f"s3://{BUCKET}/exports/shards", storage_options=s3.storage_options()) == IMAGES
+    assert client.list_objects_v2(Bucket=BUCKET, Prefix="exports/shards/part-")["KeyCount"] >= 1
+    (database,) = cache.rglob("store.sqlite")  # the store: local SQLite, keyed by the output URL
+    assert _texts(database.parent.parent) == expected
+    _assert_no_secret(cache, s3.key, s3.secret)
+    again = captionkit.caption(f"s3://{BUCKET}/set", model=str(tiny_florence), output_dir=output,
+                               storage_options=s3.storage_options(), **FAST)
+    assert (again.processed, again.reused) == (0, IMAGES)

@@ -565,9 +565,16 @@ def remove_store_folder(folder: Path, handler: logging.Handler) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None) -> int:
-    """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count."""
-    with Store.open_existing(location) as store:
+def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None,
+           storage_options: dict | str | None = None) -> int:
+    """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count.
+
+    ``location`` may be the URL ``--output-dir`` of a run (its store is in :func:`remote_output_cache`);
+    ``destination`` may be a URL too (uploaded once written).
+    """
+    if locations.is_url(str(location)):
+        location = remote_output_cache(str(location))
+    with Store.open_existing(locations.local_path(location)) as store, locations.storage_options_set(storage_options):
         return export_results(store, destination, steps)
 
 

@@ -592,14 +592,15 @@ def ui_command(
 
 @app.command("export")
 def export_command(
-    location: Annotated[Path, typer.Argument(help="The captioned folder (or the --output-dir used).")],
-    destination: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file to write.")],
+    location: Annotated[str, typer.Argument(help="The captioned folder (or the --output-dir used, a URL included).")],
+    destination: Annotated[str, typer.Argument(help="A .jsonl or .parquet file to write (a path or a URL such as s3://bucket/out.parquet).")],
     step: Annotated[list[str] | None, typer.Option(help="Only these fields (caption, tags); default all.")] = None,
+    storage_options: Annotated[str | None, _STORAGE_OPTIONS] = None,
 ) -> None:
     """Export every stored result (text, raw output, errors, settings) to JSONL or Parquet."""
     from captionkit import api
 
-    count = api.export(location, destination, step)
+    count = api.export(location, destination, step, storage_options=storage_options)
     print(f"wrote {count} rows to {destination}", file=sys.stderr)
 
 

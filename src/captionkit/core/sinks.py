@@ -289,9 +289,24 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
     ``part-00000.parquet`` ... of :data:`ROWS_PER_SHARD` rows, streamed from the store.
     A step's column holds the text the user sees: a caption file edited since captionkit
     wrote it (in Review, or by hand) gives its text, ``<step>_edited`` says so and
-    ``<step>_model`` keeps the model's text.
+    ``<step>_model`` keeps the model's text. A URL destination (``s3://bucket/out.parquet``) is
+    written locally first, then uploaded (a shard folder object by object).
     """
-    destination = Path(destination)
+    from captionkit.core import locations
+
+    if locations.is_url(str(destination)):
+        import tempfile
+
+        url = str(destination).rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="captionkit-export-") as staging:
+            local = Path(staging) / PurePosixPath(url.split("://", 1)[1]).name
+            count = export_results(store, local, steps)
+            if local.is_dir():
+                locations.upload_tree(local, url)
+            else:
+                locations.write_bytes(url, local.read_bytes())
+        return count
+    destination = locations.local_path(destination)
     wanted = list(steps) if steps is not None else store.steps()
     if destination.is_dir() or not destination.suffix:
         return export_parquet_shards(store, destination, wanted)
