@@ -17,7 +17,7 @@ import captionkit
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.store import Store
 from tests.images import write_good_images
-from tests.s3_server import moto_server
+from captionkit.testing.s3_server import moto_server
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")

@@ -1,4 +1,4 @@
-"""A real S3-compatible server for tests: moto's standalone server in a subprocess on 127.0.0.1.
+"""A real S3-compatible server for tests and benchmarks: moto's standalone server in a subprocess on 127.0.0.1.
 
 As s3fs's own test suite does. Authentication is on (``INITIAL_NO_AUTH_ACTION_COUNT``): the first
 three requests create an IAM user with full access and its key, every later request must be signed
