@@ -16,8 +16,8 @@ import pytest
 import captionkit
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.store import Store
-from tests.images import write_good_images
 from captionkit.testing.s3_server import moto_server
+from tests.images import write_good_images
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -39,6 +39,9 @@ def s3(tmp_path_factory):
         write_good_images(folder / "big", KILL_IMAGES)
         server.upload_folder(folder / "set", BUCKET, "set")
         server.upload_folder(folder / "big", BUCKET, "big")
+        server.upload_folder(folder / "set", BUCKET, "tree/a")  # sub-prefixes: Ray lists them in parallel
+        server.upload_folder(folder / "set", BUCKET, "tree/b/deeper")
+        server.client().put_object(Bucket=BUCKET, Key="tree/top.png", Body=(folder / "set/img001.png").read_bytes())
         server.local = folder  # type: ignore[attr-defined]
         yield server
 
@@ -200,3 +203,35 @@ def test_a_url_output_dir_gets_the_caption_files_and_the_store_stays_in_a_local_
     again = captionkit.caption(f"s3://{BUCKET}/set", model=str(tiny_florence), output_dir=output,
                                storage_options=s3.storage_options(), **FAST)
     assert (again.processed, again.reused) == (0, IMAGES)
+
+
+@pytest.mark.slow
+def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_results(s3, tiny_florence, tmp_path):
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    local = tmp_path / "local"
+    url = f"s3://{BUCKET}/tree"
+    reference = captionkit.caption(url, model=str(tiny_florence), output_dir=local,
+                                   storage_options=s3.storage_options(), batch_size=4, **FAST)
+    assert reference.processed == 2 * IMAGES + 1
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        on_ray = tmp_path / "ray"
+        summary = captionkit.caption(url, model=str(tiny_florence), output_dir=on_ray,
+                                     storage_options=s3.storage_options(), batch_size=4, executor="ray",
+                                     ray_address=ray.get_runtime_context().gcs_address, ray_actors=1,
+                                     ray_cpus_per_actor=0.5, **FAST)
+    finally:
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
+    assert (summary.processed, summary.failed) == (2 * IMAGES + 1, 0)
+    with Store(local) as first, Store(on_ray) as second:
+        expected = {result.record_id: result.text for result in first.iter_results("caption")}
+        assert {result.record_id: result.text for result in second.iter_results("caption")} == expected
+    assert sorted(expected) == sorted(["top.png", *(f"a/img00{i}.png" for i in range(IMAGES)),
+                                       *(f"b/deeper/img00{i}.png" for i in range(IMAGES))])
+    for record_id, text in expected.items():
+        assert (on_ray / record_id).with_suffix(".txt").read_text() == text
+    _assert_no_secret(on_ray, s3.key, s3.secret)

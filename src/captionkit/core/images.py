@@ -84,8 +84,7 @@ def load_image(
         if data is None:
             data = locations.read_bytes(name) if remote else Path(path).read_bytes()
     except locations.RemoteError as error:
-        cause, _, fix = str(error).removeprefix(f"{name}: ").partition(". ")
-        raise ImageLoadError(name, cause, fix or "Check the URL.") from error
+        raise locations.as_image_error(name, error) from error
     except IsADirectoryError as error:
         raise ImageLoadError(name, "is a folder, not a file", "Rename it so it has no image extension.") from error
     except OSError as error:

@@ -185,6 +185,31 @@ def read_bytes(location: str | Path, storage_options: dict[str, Any] | None = No
     return with_retries(url, lambda: fs.cat_file(path), retries)
 
 
+def as_image_error(url: str, error: RemoteError) -> Any:
+    """A failed fetch as the record's :class:`~captionkit.core.errors.ImageLoadError` (the run goes on)."""
+    from captionkit.core.errors import ImageLoadError
+
+    cause, _, fix = str(error).removeprefix(f"{url}: ").partition(". ")
+    return ImageLoadError(url, cause, fix or "Check the URL.")
+
+
+def fetch_all(urls: list[str], workers: int, storage_options: dict[str, Any] | None = None
+              ) -> dict[str, bytes | RemoteError]:
+    """Every URL's bytes, ``workers`` requests at a time; a failure is that URL's :class:`RemoteError`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(url: str) -> bytes | RemoteError:
+        try:
+            return read_bytes(url, storage_options)
+        except RemoteError as error:
+            return error
+
+    if not urls:
+        return {}
+    with ThreadPoolExecutor(max(1, min(workers, len(urls))), thread_name_prefix="captionkit-fetch") as pool:
+        return dict(zip(urls, pool.map(one, urls), strict=True))
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
     """Write one object (object stores put whole objects: no partial file is ever visible)."""
     fs, path = filesystem(url, storage_options)

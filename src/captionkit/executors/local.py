@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from captionkit.core.errors import ImageLoadError
-from captionkit.core.locations import RemoteError, read_bytes
+from captionkit.core.locations import RemoteError, as_image_error, read_bytes
 from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Result, Store, file_signature, fingerprint
@@ -397,8 +397,7 @@ class LocalExecutor:
                 try:
                     record = replace(record, data=fetched.result())
                 except RemoteError as error:
-                    cause, _, fix = str(error).removeprefix(f"{record.url}: ").partition(". ")
-                    raise ImageLoadError(record.url or record.id, cause, fix or "Check the URL.") from error
+                    raise as_image_error(record.url or record.id, error) from error
             started = time.perf_counter()
             try:
                 prepared = step.prepare(record)
