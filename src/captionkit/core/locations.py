@@ -150,6 +150,9 @@ def classify(url: str, error: BaseException) -> RemoteError | None:
     if isinstance(error, PermissionError) or status in (401, 403):
         return RemoteError(f"{url}: access denied (403). Check the credentials (environment, profile or "
                            "--storage-options) and the bucket policy: they must allow reading this object.")
+    if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        return RemoteError(f"{url}: no credentials found ({error}). Set them the usual way (environment "
+                           "variables, a profile, an instance role) or pass --storage-options.")
     if isinstance(error, (IsADirectoryError, NotADirectoryError)):
         return RemoteError(f"{url}: is a prefix (folder), not an object.")
     if status is not None and 400 <= status < 500 and status not in (408, 429):
