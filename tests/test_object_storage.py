@@ -250,3 +250,46 @@ def test_run_and_inspect_refuse_remote_images_in_one_sentence(tmp_path, tiny_flo
     result = subprocess.run([*CLI, "run", str(pipeline), "--dry-run"], env=_cli_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode != 0 and "not read by `captionkit run` yet" in result.stderr, result.stderr
+
+
+def test_5xx_answers_are_retried_and_a_404_is_not(tmp_path):
+    """A real HTTP server (fsspec's http:// filesystem) answers 503 twice, then the bytes; a missing path 404s."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from captionkit.core import locations
+
+    hits: dict[str, int] = {}
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            hits[self.path] = hits.get(self.path, 0) + 1
+            if self.path == "/flaky.png" and hits[self.path] <= 2:
+                self.send_response(503)
+                self.end_headers()
+                return
+            if self.path != "/flaky.png":
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"bytes")
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert locations.read_bytes(f"{base}/flaky.png", {}) == b"bytes"
+        assert hits["/flaky.png"] == 3
+        with pytest.raises(locations.RemoteError, match=r"no such object \(404\)"):
+            locations.read_bytes(f"{base}/gone.png", {})
+        assert hits["/gone.png"] == 1  # not retried
+    finally:
+        server.shutdown()
