@@ -151,12 +151,12 @@ def classify(url: str, error: BaseException) -> RemoteError | None:
         return RemoteError(f"{url}: access denied (403). Check the credentials (environment, profile or "
                            "--storage-options) and the bucket policy: they must allow reading this object.")
     if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
-        return RemoteError(f"{url}: no credentials found ({error}). Set them the usual way (environment "
-                           "variables, a profile, an instance role) or pass --storage-options.")
+        return RemoteError(redact(f"{url}: no credentials found ({error}). Set them the usual way (environment "
+                           "variables, a profile, an instance role) or pass --storage-options."))
     if isinstance(error, (IsADirectoryError, NotADirectoryError)):
         return RemoteError(f"{url}: is a prefix (folder), not an object.")
     if status is not None and 400 <= status < 500 and status not in (408, 429):
-        return RemoteError(f"{url}: the object store refused the request ({status}: {error}).")
+        return RemoteError(redact(f"{url}: the object store refused the request ({status}: {error})."))
     return None
 
 
@@ -172,8 +172,9 @@ def with_retries(url: str, action: Any, retries: int = RETRIES) -> Any:
             if permanent is not None:
                 raise permanent from error
             if attempt == retries:
-                raise RemoteError(f"{url}: still failing after {retries + 1} attempts ({type(error).__name__}: "
-                                  f"{error}). Check the endpoint and network; the next run tries again.") from error
+                raise RemoteError(redact(f"{url}: still failing after {retries + 1} attempts ({type(error).__name__}: "
+                                         f"{error}). Check the endpoint and network; the next run tries again.")
+                                  ) from error
             time.sleep(_BACKOFF_S * (2 ** attempt))
     raise AssertionError("unreachable")
 
@@ -312,7 +313,10 @@ def relative_key(url: str, root: str) -> str:
 
 
 def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
-    """``text`` with every secret-looking value of ``storage_options`` replaced by ``***`` (for messages)."""
+    """``text`` with every secret-looking value of ``storage_options`` replaced by ``***``.
+
+    For messages that quote a backend's own error text (which could echo a token or a SAS string).
+    """
     options = default_storage_options() if storage_options is None else storage_options
     for value in _secret_values(options):
         text = text.replace(value, "***")
