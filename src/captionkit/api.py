@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from captionkit.core import locations
 from captionkit.core.errors import CaptionkitError, SourceError
 from captionkit.core.images import DEFAULT_MAX_PIXELS, parse_color
 from captionkit.core.records import Source, no_images_message, open_source
@@ -41,7 +42,9 @@ def check_input_exists(path: str | Path) -> None:
     if is_shard_pattern(path):  # WebDataset shards: every shard of the pattern must be there
         open_shards(path)
         return
-    location = Path(path).expanduser()
+    if locations.is_url(str(path)):
+        return  # an object-store URL is checked when it is opened (one request, with the run's credentials)
+    location = locations.local_path(path)
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")
 
@@ -107,6 +110,8 @@ def caption(
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
     ray_stall_timeout: float | None = None,
+    storage_options: dict | str | None = None,
+    io_workers: int = 16,
     **model_options,
 ) -> RunSummary:
     """Caption every image under ``path`` (folder, image or manifest); resumable and safe with bad files.
@@ -122,6 +127,9 @@ def caption(
     ``ray_gpus_per_actor`` GPUs and ``ray_cpus_per_actor`` CPUs each; ``ray_stall_timeout`` seconds without
     progress end the run, default 600, 0: never); ``devices=["cuda:0", "cuda:1"]``
     runs one worker process per GPU of this machine. Results are the same as with the local executor.
+
+    ``path`` may be an object-store URL (``s3://bucket/prefix``, a manifest object, one image) and a
+    manifest's image column may hold URLs: see :func:`_run_step` for ``storage_options`` and ``io_workers``.
     """
     from captionkit.steps.captioner import CaptionStep, CaptionText
 
@@ -165,6 +173,7 @@ def caption(
         write_sidecars=write_sidecars, export=export, progress=progress, listener=listener, stop=stop,
         executor=executor, ray_address=ray_address, devices=devices,
         ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor, ray_stall_timeout),
+        storage_options=storage_options, io_workers=io_workers,
     )
 
 
@@ -215,8 +224,17 @@ def _run_step(
     ray_address: str | None = None,
     devices: str | Sequence[str] | None = None,
     ray_options: dict | None = None,
+    storage_options: dict | str | None = None,
+    io_workers: int = 16,
 ) -> RunSummary:
     """Shared by every step: source → store → executor → sidecars → exports.
+
+    Object-store inputs (``s3://``, ``gs://``, ``az://``, ``hf://``; ``file://`` is local): credentials
+    come from the environment and profiles as each fsspec backend reads them, plus ``storage_options``
+    (a dict or JSON text: the filesystem's keyword arguments, e.g. an ``endpoint_url``); they stay in
+    memory only. A remote image needs ``output_dir`` (local or a URL): the store is SQLite on a local
+    disk (in ``output_dir``, or for a URL ``output_dir`` in :func:`remote_output_cache`).
+    ``io_workers`` object fetches are in flight at once, each retried on 5xx and timeouts.
 
     ``listener`` receives progress events as dicts; setting the ``stop`` event (a
     ``threading.Event``) from another thread ends the run after the current batch.
@@ -229,10 +247,40 @@ def _run_step(
         raise CaptionkitError("--batch-size must be at least 1.")
     check_choice("--existing", existing, [policy.value for policy in ExistingPolicy])
     check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
-    options = RunOptions(workers=workers, keep_results=keep_results, retry_errors=retry_errors, stop=stop)
+    if io_workers < 1:
+        raise CaptionkitError("--io-workers must be at least 1.")
+    options = RunOptions(workers=workers, io_workers=io_workers, keep_results=keep_results,
+                         retry_errors=retry_errors, stop=stop)
     reporter = Progress(progress, listener=listener)
     runner = make_executor(executor, options, reporter, ray_address=ray_address, devices=devices,
                            **(ray_options or {}))  # before any file: a missing extra is one plain sentence
+    with locations.storage_options_set(storage_options):
+        return _run_listed(path, make_step, description, runner, reporter, recursive=recursive,
+                           image_column=image_column, base_dir=base_dir, include_hidden=include_hidden,
+                           output_dir=output_dir, ext=ext, existing=existing, on_collision=on_collision,
+                           append_separator=append_separator, write_sidecars=write_sidecars, export=export,
+                           after=after)
+
+
+def remote_output_cache(output_url: str) -> Path:
+    """The local folder holding the store (and staged sidecars) of a run whose ``--output-dir`` is a URL.
+
+    Keyed by the URL (without credentials: options are never part of it), under
+    ``$CAPTIONKIT_CACHE`` or ``~/.cache/captionkit/remote``; the same URL resumes from the same store.
+    """
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("CAPTIONKIT_CACHE") or Path.home() / ".cache" / "captionkit").expanduser()
+    key = hashlib.blake2b(output_url.rstrip("/").encode("utf-8"), digest_size=8).hexdigest()
+    name = "".join(char if char.isalnum() or char in "-_." else "_" for char in output_url.split("://", 1)[-1])
+    return base / "remote" / f"{name[:60]}-{key}"
+
+
+def _run_listed(path, make_step, description: str, runner, reporter, *, recursive: bool, image_column,
+                base_dir, include_hidden: bool, output_dir, ext: str, existing: str, on_collision: str,
+                append_separator: str, write_sidecars: bool, export, after) -> RunSummary:
+    """:func:`_run_step` after the executor is made, with the run's storage options in effect."""
     source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
                          include_hidden=include_hidden)
     shards = isinstance(source, WebDatasetSource)
@@ -241,7 +289,18 @@ def _run_step(
     records = runner.list_records(source)
     if not records:
         raise CaptionkitError(no_images_message(source))
-    location = output_location(source, output_dir)
+    remote_output = output_dir is not None and locations.is_url(str(output_dir))
+    destination_url = str(output_dir) if remote_output else None
+    if output_dir is None and (source.remote or any(record.url is not None for record in records)):
+        raise CaptionkitError(
+            f"{source.description}: images in object storage need --output-dir (a local folder or a URL): "
+            "captions cannot be written beside them. The store (SQLite) and the caption files go there.")
+    if remote_output:  # the store and staged caption files live in a local cache keyed by the URL
+        location = remote_output_cache(str(output_dir))
+        output_dir = location / "files"
+    else:
+        output_dir = locations.local_path(output_dir) if output_dir is not None else None
+        location = output_location(source, output_dir)
     new_store = not (location / STORE_FOLDER).exists()
     created = location  # the outermost folder this run creates, removed again if it fails before any result
     while not created.parent.exists():
@@ -270,6 +329,9 @@ def _run_step(
             summary = runner.run(step, records, store, sink)
             if shards and write_sidecars:
                 finish_shards(sink, summary)
+            if remote_output and sink is not None:
+                uploaded = locations.upload_tree(output_dir, str(destination_url))
+                log.info("uploaded %d caption files to %s", uploaded, destination_url)
             if after is not None:
                 after(step, records, store)
             for destination in export:
@@ -347,9 +409,16 @@ def remove_store_folder(folder: Path, handler: logging.Handler) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None) -> int:
-    """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count."""
-    with Store.open_existing(location) as store:
+def export(location: str | Path, destination: str | Path, steps: Sequence[str] | None = None,
+           storage_options: dict | str | None = None) -> int:
+    """Write the results stored under ``location`` to a .jsonl or .parquet file; returns the row count.
+
+    ``location`` may be the URL ``--output-dir`` of a run (its store is in :func:`remote_output_cache`);
+    ``destination`` may be a URL too (uploaded once written).
+    """
+    if locations.is_url(str(location)):
+        location = remote_output_cache(str(location))
+    with Store.open_existing(locations.local_path(location)) as store, locations.storage_options_set(storage_options):
         return export_results(store, destination, steps)
 
 
@@ -389,13 +458,16 @@ def tag(
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
     ray_stall_timeout: float | None = None,
+    storage_options: dict | str | None = None,
+    io_workers: int = 16,
 ) -> RunSummary:
     """Tag every image under ``path`` with a WD-style or captionkit-trained tagger.
 
     ``options`` is a :class:`captionkit.core.tagging.TagOptions` (see :func:`tag_options`). All
     scores are stored, so :func:`render` can apply other options later without the model.
     ``print_scores`` prints ``image: tag: score`` lines for the chosen tags. ``executor``,
-    ``ray_address``, ``devices`` and the ``ray_*`` options are :func:`caption`'s.
+    ``ray_address``, ``devices``, the ``ray_*`` options, ``storage_options`` and ``io_workers`` are
+    :func:`caption`'s.
     """
     import sys
 
@@ -426,6 +498,7 @@ def tag(
         progress=progress, after=print_lines if print_scores else None, listener=listener, stop=stop,
         executor=executor, ray_address=ray_address, devices=devices,
         ray_options=_ray_options(ray_actors, ray_gpus_per_actor, ray_cpus_per_actor, ray_stall_timeout),
+        storage_options=storage_options, io_workers=io_workers,
     )
 
 

@@ -106,7 +106,7 @@ def _failure_line(record_id: str, reason: str) -> str:
 
 def _typer_option(item: Option):
     """The Typer option of a declared option: its flags, help and help panel."""
-    return typer.Option(*item.flags, help=item.help, rich_help_panel=item.panel)
+    return typer.Option(*item.flags, help=item.help, rich_help_panel=item.panel, metavar=item.metavar)
 
 
 def _cli_type(item: Option):
@@ -143,7 +143,7 @@ def _declared(command: Command):
 @app.command(epilog=_EXIT_CODES)
 @_declared(CAPTION)
 def caption(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest (jsonl/json/csv/tsv/parquet), or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
+    path: Annotated[str, typer.Argument(help="Folder of images, one image, a manifest (jsonl/json/csv/tsv/parquet), or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir); local or a URL (s3://bucket/prefix, gs://, az://, hf://).")],
     **values,
 ) -> None:
     """Caption every image (Florence-2, chat VLMs, an OpenAI-compatible server or vLLM); safe to stop and run again."""
@@ -160,7 +160,7 @@ def caption(
 @app.command(epilog=_EXIT_CODES)
 @_declared(TAG)
 def tag(
-    path: Annotated[Path, typer.Argument(help="Folder of images, one image, a manifest, or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir).")],
+    path: Annotated[str, typer.Argument(help="Folder of images, one image, a manifest, or WebDataset shards ('shard-{00000..00099}.tar', needs --output-dir); local or a URL (s3://bucket/prefix, gs://, az://, hf://).")],
     **values,
 ) -> None:
     """Tag every image with a Danbooru-style tagger; all scores are stored for `captionkit render`."""
@@ -326,8 +326,8 @@ def ui_command(**values) -> None:
 @app.command("export")
 @_declared(EXPORT)
 def export_command(
-    location: Annotated[Path, typer.Argument(help="The captioned folder (or the --output-dir used).")],
-    destination: Annotated[Path, typer.Argument(help="A .jsonl or .parquet file to write.")],
+    location: Annotated[str, typer.Argument(help="The captioned folder (or the --output-dir used, a URL included).")],
+    destination: Annotated[str, typer.Argument(help="A .jsonl or .parquet file to write (a path or a URL such as s3://bucket/out.parquet).")],
     **values,
 ) -> None:
     """Export every stored result (text, raw output, errors, settings) to JSONL or Parquet."""

@@ -597,6 +597,11 @@ def _records(pipeline: Pipeline, lister=None) -> list[Record]:
     if isinstance(source, ManifestSource):
         source.video_column = pipeline.video_key
     records = lister.list_records(source) if lister is not None else list(source)
+    remote = next((record.url for record in records if record.url is not None), None)
+    if remote is not None:  # not done (issue 18): refused plainly rather than read as text-only rows
+        raise CaptionkitError(f"{pipeline.input}: images in object storage ({remote}) are not read by "
+                              "`captionkit run` yet; caption or tag them with `captionkit caption/tag "
+                              "--output-dir`, or copy them to a local folder.")
     if not records:
         from captionkit.core.records import no_images_message
 

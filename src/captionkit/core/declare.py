@@ -45,6 +45,7 @@ class Option:
     pair_value: Any = str  # for dict options: the type of VALUE in NAME=VALUE
     split_commas: bool = False  # list options: "a, b" is two items
     keep_none: bool = False  # list options: not given stays None (the library reads None as "all"), not []
+    metavar: str | None = None  # the --help label when the type's own would mislead (a URL-or-path text: PATH)
     default: Any = None
 
     @property

@@ -14,7 +14,7 @@ import io
 import struct
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,11 +77,13 @@ def load_image(
     background: tuple[int, int, int] = (255, 255, 255),
     target_size: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
 ) -> LoadedImage:
-    """Decode ``path`` to RGB, or raise :class:`ImageLoadError` naming the cause and the fix.
+    """Decode ``path`` (a local path or an object-store URL) to RGB, or raise :class:`ImageLoadError`.
 
     ``target_size`` (width, height) is the size the model will resize to; JPEGs much larger
-    than it are decoded at a reduced DCT scale that is still at least that large.
+    than it are decoded at a reduced DCT scale that is still at least that large. ``data``: the
+    bytes already fetched (the executor fetches remote objects ahead, ``--io-workers`` at a time).
     """
     if not isinstance(path, (str, Path)) and hasattr(path, "read_bytes"):
         # bytes from elsewhere (a WebDataset shard member): it names itself and raises ImageLoadError itself
@@ -93,10 +95,17 @@ def load_image(
             if fix is None or error.fix == fix:
                 raise
             raise ImageLoadError(error.path, error.cause, fix) from error
-    path = Path(path)
+
+    from captionkit.core import locations
+
     name = str(path)
+    remote = locations.is_url(name)
+    path = PurePosixPath(name.split("://", 1)[1]) if remote else locations.local_path(path)
     try:
-        data = path.read_bytes()
+        if data is None:
+            data = locations.read_bytes(name) if remote else Path(path).read_bytes()
+    except locations.RemoteError as error:
+        raise locations.as_image_error(name, error) from error
     except IsADirectoryError as error:
         raise ImageLoadError(name, "is a folder, not a file", "Rename it so it has no image extension.") from error
     except OSError as error:

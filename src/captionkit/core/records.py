@@ -7,14 +7,16 @@ source root, in POSIX form. The store keys everything on it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from captionkit.core import locations
 from captionkit.core.errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -27,12 +29,30 @@ _IMAGE_COLUMN_GUESSES = ("image", "file_name", "path", "image_path", "file", "fi
 class Record:
     """One image plus named fields written by steps (``caption``, ``tags``) or given by a manifest.
 
-    ``path`` is None for a text-only record (a prompt to generate an image from, in a pipeline).
+    ``path`` is None for a text-only record (a prompt to generate an image from, in a pipeline) and
+    for a remote image, whose URL (``s3://bucket/key.jpg``) is ``url`` (see ``core.locations``).
     """
 
     id: str
     path: Path | None
     fields: dict[str, Any] = field(default_factory=dict)
+    url: str | None = None
+    # a remote image's bytes, fetched ahead by the executor (``--io-workers`` at a time); never stored
+    data: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def location(self) -> str | None:
+        """Where the image's bytes are: the URL of a remote image, the local path, or None (text-only)."""
+        return self.url if self.url is not None else (str(self.path) if self.path is not None else None)
+
+    @property
+    def image_source(self) -> Any:
+        """What ``load_image`` reads: the URL, the local path, or a shard member that reads its own bytes."""
+        return self.url if self.url is not None else self.path
+
+    @property
+    def has_image(self) -> bool:
+        return self.path is not None or self.url is not None
 
 
 def image_extensions() -> frozenset[str]:
@@ -45,10 +65,15 @@ def image_extensions() -> frozenset[str]:
 
 @dataclass
 class Source:
-    """Where records come from. ``root`` is what record ids are relative to."""
+    """Where records come from. ``root`` is what record ids are relative to (a URL prefix for remote sources)."""
 
-    root: Path
+    root: Path | str
     description: str
+
+    @property
+    def remote(self) -> bool:
+        """True when the source itself is an object-store URL (then results need an --output-dir)."""
+        return isinstance(self.root, str)
 
     def __iter__(self) -> Iterator[Record]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -134,40 +159,71 @@ def _log_warning(message: str) -> None:
 class SingleImageSource(Source):
     """One image file; its folder is the root."""
 
-    image: Path = Path()
+    image: Path | str = Path()
 
     def __iter__(self) -> Iterator[Record]:
-        yield Record(id=self.image.name, path=self.image)
+        if isinstance(self.image, str):  # a URL
+            yield Record(id=PurePosixPath(self.image).name, path=None, url=self.image)
+        else:
+            yield Record(id=self.image.name, path=self.image)
+
+
+@dataclass
+class RemoteFolderSource(Source):
+    """Every image under an object-store prefix (``s3://bucket/photos/``); ids are keys relative to it.
+
+    ``signatures`` (URL → ETag/size/mtime) come with the listing, so resuming needs no request per object.
+    """
+
+    recursive: bool = True
+    extensions: frozenset[str] | None = None
+    signatures: dict[str, str] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Record]:
+        assert isinstance(self.root, str)
+        for found in locations.list_objects(self.root, self.extensions or image_extensions(),
+                                            recursive=self.recursive):
+            self.signatures[found.url] = found.signature
+            yield Record(id=locations.relative_key(found.url, self.root), path=None, url=found.url)
 
 
 @dataclass
 class ManifestSource(Source):
     """Rows of a jsonl/json/csv/tsv/parquet file; one column names the image, others become fields."""
 
-    manifest: Path = Path()
+    manifest: Path | str = Path()  # a URL string for a manifest in object storage
     image_column: str | None = None
-    base_dir: Path | None = None
+    base_dir: Path | str | None = None
     text_only: bool = False  # rows without images: ids from an `id` column or the row number
     video_column: str | None = None  # Dataflow-Gen's video_key: rows with a video and no image are skipped
 
+    @property
+    def suffix(self) -> str:
+        return PurePosixPath(str(self.manifest)).suffix.lower()
+
+    def _text(self, raw: bytes) -> str:
+        return raw.decode("utf-8-sig")  # -sig: tolerate a byte-order mark (Excel writes one)
+
     def _rows(self) -> list[dict[str, Any]]:
-        suffix = self.manifest.suffix.lower()
+        suffix = self.suffix
+        if suffix not in MANIFEST_SUFFIXES:
+            raise SourceError(f"{self.manifest}: unknown manifest type; use one of {sorted(MANIFEST_SUFFIXES)}.")
         try:
+            raw = locations.read_bytes(self.manifest)
             if suffix == ".jsonl":
                 rows = []
-                with self.manifest.open(encoding="utf-8-sig") as stream:  # -sig: tolerate a byte-order mark
-                    for number, line in enumerate(stream, 1):
-                        if line.strip():
-                            try:
-                                rows.append(json.loads(line))
-                            except json.JSONDecodeError as error:
-                                raise SourceError(
-                                    f"{self.manifest}:{number}: not valid JSON ({error.msg}). "
-                                    "Fix that line: each line must be one JSON object."
-                                ) from error
+                for number, line in enumerate(self._text(raw).splitlines(), 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as error:
+                            raise SourceError(
+                                f"{self.manifest}:{number}: not valid JSON ({error.msg}). "
+                                "Fix that line: each line must be one JSON object."
+                            ) from error
                 return rows
             if suffix == ".json":
-                data = json.loads(self.manifest.read_text(encoding="utf-8-sig"))
+                data = json.loads(self._text(raw))
                 if isinstance(data, dict):
                     data = next((value for value in data.values() if isinstance(value, list)), None)
                 if not isinstance(data, list):
@@ -177,15 +233,13 @@ class ManifestSource(Source):
                     )
                 return data
             if suffix in (".csv", ".tsv"):
-                with self.manifest.open(encoding="utf-8-sig", newline="") as stream:  # Excel writes a BOM
-                    return list(csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ","))
-            if suffix == ".parquet":
-                import pyarrow.parquet as parquet
+                stream = io.StringIO(self._text(raw), newline="")
+                return list(csv.DictReader(stream, delimiter="\t" if suffix == ".tsv" else ","))
+            import pyarrow.parquet as parquet
 
-                return parquet.read_table(self.manifest).to_pylist()
+            return parquet.read_table(io.BytesIO(raw)).to_pylist()
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise SourceError(f"{self.manifest}: cannot read manifest ({error}).") from error
-        raise SourceError(f"{self.manifest}: unknown manifest type; use one of {sorted(MANIFEST_SUFFIXES)}.")
 
     def __iter__(self) -> Iterator[Record]:
         rows = self._rows()
@@ -197,7 +251,8 @@ class ManifestSource(Source):
         # With videos mixed in, the first row may be a video's: look at every row's columns.
         columns = list(dict.fromkeys(key for row in rows for key in row)) if self.video_column else list(rows[0])
         column = self.choose_image_column(columns)
-        base = self.base_dir or self.manifest.parent
+        base = self.base_dir or (locations.parent(self.manifest) if isinstance(self.manifest, str)
+                                 else self.manifest.parent)
         if self.video_column:
             videos = [row for row in rows if row.get(self.video_column) and not row.get(column)]
             if videos:  # one warning for all of them: a video data set would otherwise print one per row
@@ -248,19 +303,30 @@ class ManifestSource(Source):
             yield Record(id=record_id, path=None, fields=dict(row))
 
 
-def row_record(row: dict[str, Any], column: str, base: Path, root: Path) -> Record | None:
-    """One manifest row's record (its image resolved against ``base``, its id relative to ``root``); None: no image."""
+def row_record(row: dict[str, Any], column: str, base: Path | str, root: Path | str) -> Record | None:
+    """One manifest row's record (its image resolved against ``base``, its id relative to ``root``); None: no image.
+
+    A URL value (``s3://bucket/a.jpg``) or a relative value under a URL ``base`` makes a remote record;
+    its id is the key relative to a URL ``root``, else the URL without its scheme (``bucket/a.jpg``).
+    """
     value = row.get(column)
     if not value:
         return None
-    path = Path(str(value)).expanduser()
+    fields = {key: item for key, item in row.items() if key != column}
+    text = str(value)
+    if locations.is_url(text) or (isinstance(base, str) and not locations.scheme(text)
+                                  and not Path(text).is_absolute()):
+        url = text if locations.is_url(text) else locations.join(str(base), text)
+        record_id = locations.relative_key(url, root) if isinstance(root, str) else url.split("://", 1)[1]
+        return Record(id=record_id, path=None, fields=fields, url=url)
+    path = locations.local_path(text)
     if not path.is_absolute():
-        path = base / path
+        path = Path(base) / path
     try:
-        record_id = path.resolve().relative_to(root.resolve()).as_posix()
+        record_id = path.resolve().relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         record_id = path.resolve().as_posix()
-    return Record(id=record_id, path=path, fields={key: item for key, item in row.items() if key != column})
+    return Record(id=record_id, path=path, fields=fields)
 
 
 def open_source(
@@ -273,13 +339,17 @@ def open_source(
 ) -> Source:
     """A source for a folder, one image, a manifest file, or WebDataset ``.tar`` shards (brace patterns too).
 
+    ``path`` may be an object-store URL (``s3://bucket/prefix/``, ``gs://...``, ``hf://...``: a prefix,
+    one image or a manifest); ``file://`` URLs are local paths. Credentials: see ``core.locations``.
     ``text_only``: a manifest whose rows have no image (prompts for image generation).
     """
     if str(path).lower().endswith(".tar"):  # WebDataset shards, a brace pattern included
         from captionkit.core.webdataset import open_shards
 
         return open_shards(path)
-    path = Path(path).expanduser()
+    if locations.is_url(str(path)):
+        return _open_remote_source(str(path), recursive, image_column, base_dir, text_only)
+    path = locations.local_path(path)
     if not path.exists():
         raise SourceError(f"{path}: no such file or folder. Check the path.")
     if path.is_dir():
@@ -309,3 +379,21 @@ def no_images_message(source: Source) -> str:
     if isinstance(source, ManifestSource):
         return f"{source.manifest}: the manifest has no rows."
     return f"{source.description}: no images found."
+
+
+def _open_remote_source(url: str, recursive: bool, image_column: str | None, base_dir: str | Path | None,
+                        text_only: bool) -> Source:
+    """The source for an object-store URL: a prefix (every image under it), a manifest object or one image."""
+    try:
+        found = locations.kind(url)
+    except locations.RemoteError as error:
+        raise SourceError(str(error)) from error
+    if found == "directory":
+        prefix = url.rstrip("/")
+        return RemoteFolderSource(root=prefix, description=url, recursive=recursive)
+    if PurePosixPath(url).suffix.lower() in MANIFEST_SUFFIXES:
+        base: Path | str = str(base_dir) if base_dir and locations.is_url(str(base_dir)) else \
+            (Path(base_dir).expanduser().resolve() if base_dir else locations.parent(url))
+        return ManifestSource(root=base, description=url, manifest=url, image_column=image_column, base_dir=base,
+                              text_only=text_only)
+    return SingleImageSource(root=locations.parent(url), description=url, image=url)

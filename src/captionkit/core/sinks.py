@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from captionkit.core.atomic import atomic_write_bytes, atomic_write_lines, atomic_write_text, remove_stale_temp_files
@@ -73,8 +73,11 @@ class SidecarSink:
         self.write_errors: dict[str, str] = {}  # record id → why its file could not be written
 
     def _target(self, record: Record, keep_extension: bool) -> Path:
-        name = (record.path.name if keep_extension else record.path.stem) + self.extension
+        image = record.path if record.path is not None else PurePosixPath(str(record.url).split("://", 1)[-1])
+        name = (image.name if keep_extension else image.stem) + self.extension
         if self.output_dir is None:
+            if record.path is None:
+                raise CaptionkitError(f"{record.url}: a remote image's results need --output-dir.")
             return record.path.parent / name
         relative_parent = Path(record.id).parent
         if relative_parent.is_absolute():  # a manifest row outside the root: flatten under "_external"
@@ -286,9 +289,24 @@ def export_results(store: Store, destination: str | Path, steps: Iterable[str] |
     ``part-00000.parquet`` ... of :data:`ROWS_PER_SHARD` rows, streamed from the store.
     A step's column holds the text the user sees: a caption file edited since captionkit
     wrote it (in Review, or by hand) gives its text, ``<step>_edited`` says so and
-    ``<step>_model`` keeps the model's text.
+    ``<step>_model`` keeps the model's text. A URL destination (``s3://bucket/out.parquet``) is
+    written locally first, then uploaded (a shard folder object by object).
     """
-    destination = Path(destination)
+    from captionkit.core import locations
+
+    if locations.is_url(str(destination)):
+        import tempfile
+
+        url = str(destination).rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="captionkit-export-") as staging:
+            local = Path(staging) / PurePosixPath(url.split("://", 1)[1]).name
+            count = export_results(store, local, steps)
+            if local.is_dir():
+                locations.upload_tree(local, url)
+            else:
+                locations.write_bytes(url, local.read_bytes())
+        return count
+    destination = locations.local_path(destination)
     wanted = list(steps) if steps is not None else store.steps()
     if destination.is_dir() or not destination.suffix:
         return export_parquet_shards(store, destination, wanted)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from captionkit.core.errors import ImageLoadError
+from captionkit.core.locations import RemoteError, as_image_error, read_bytes
 from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Result, Store, file_signature, fingerprint
@@ -44,6 +45,7 @@ class RunOptions:
     """How the executor schedules work (not what the model does)."""
 
     workers: int = 4  # decode/preprocess threads
+    io_workers: int = 16  # object-store fetches in flight (remote images only; local files are read by decoders)
     prefetch_batches: int = 4
     saves_in_flight: int = 1  # batches whose store commit + sidecar writes may lag behind the model
     keep_results: bool = False  # reuse stored results made with other settings
@@ -127,12 +129,12 @@ def as_load_error(record: Record, error: BaseException) -> ImageLoadError:
 
 
 def _where(record: Record) -> str:
-    """How messages name a record: its image, or its id when it has none (text-only)."""
-    return str(record.path) if record.path is not None else record.id
+    """How messages name a record: its image (path or URL), or its id when it has none (text-only)."""
+    return record.location or record.id
 
 
 def _stored_path(record: Record) -> str:
-    return str(record.path) if record.path is not None else ""
+    return record.location or ""
 
 
 class _StopFlag:
@@ -227,7 +229,34 @@ class LocalExecutor:
 
     def list_records(self, source: Source) -> list[Record]:
         """The source's records (executors with workers elsewhere list in parallel there, in the same order)."""
-        return list(source)
+        records = list(source)
+        self.known_signatures.update(getattr(source, "signatures", {}))  # an object-store listing's ETags
+        return records
+
+    def _remote_signatures(self, records: list[Record]) -> None:
+        """ETag/size/mtime of remote images not listed from a prefix (manifest rows), ``io_workers`` HEADs at a time.
+
+        A missing object gets no signature (its load fails with a clear 404 error); a refused one (403)
+        ends the run here, before any model loads, with one clear error.
+        """
+        from captionkit.core import locations
+
+        wanted = [record.url for record in records if record.url is not None
+                  and record.url not in self.known_signatures]
+        if not wanted:
+            return
+
+        def head(url: str) -> str | None:
+            try:
+                return locations.signature(url)
+            except locations.RemoteError as error:
+                if "(404)" in str(error):
+                    return None
+                raise
+
+        with ThreadPoolExecutor(max(1, self.options.io_workers), thread_name_prefix="captionkit-head") as pool:
+            for url, signature in zip(wanted, pool.map(head, wanted), strict=True):
+                self.known_signatures[url] = signature
 
     def classify(self, step: Step, records: list[Record], store: Store,
                  settings: dict[str, Any] | None = None) -> WorkPlan:
@@ -246,9 +275,10 @@ class LocalExecutor:
                 merged = {**settings, "record": extra}
                 plan.record_settings[record_id] = (merged, fingerprint(merged))
         stored = store.get_many(step.field, (record.id for record in records))
+        self._remote_signatures(records)
         present = getattr(step, "outputs_present", None)  # a step that writes files: a result whose file is gone
         for record in records:
-            listed = str(record.path)
+            listed = record.location or ""
             signature = self.known_signatures[listed] if listed in self.known_signatures \
                 else file_signature(record.path)
             plan.signatures[record.id] = signature
@@ -359,15 +389,30 @@ class LocalExecutor:
         upcoming = iter(records)
         ahead = max(1, step.batch_size * self.options.prefetch_batches)
 
-        def timed_prepare(record: Record) -> Prepared:
+        fetcher = ThreadPoolExecutor(max(1, self.options.io_workers), thread_name_prefix="captionkit-fetch") \
+            if any(record.url is not None for record in records) else None
+
+        def timed_prepare(record: Record, fetched: Future | None = None) -> Prepared:
+            if fetched is not None:  # a remote image: its bytes were requested ahead, io_workers at a time
+                try:
+                    record = replace(record, data=fetched.result())
+                except RemoteError as error:
+                    raise as_image_error(record.url or record.id, error) from error
             started = time.perf_counter()
             try:
-                return step.prepare(record)
+                prepared = step.prepare(record)
+                if fetched is not None:
+                    prepared.record = replace(prepared.record, data=None)  # the bytes are decoded: free them
+                return prepared
             finally:
                 self._decode_seconds.append(time.perf_counter() - started)
 
+        def submit(record: Record) -> Future:
+            fetched = fetcher.submit(read_bytes, record.url) if fetcher is not None and record.url else None
+            return pool.submit(timed_prepare, record, fetched)
+
         for record in upcoming:
-            window.append((record, pool.submit(timed_prepare, record)))
+            window.append((record, submit(record)))
             if len(window) >= ahead:
                 break
         try:
@@ -382,10 +427,12 @@ class LocalExecutor:
                     return
                 following = next(upcoming, None)
                 if following is not None:
-                    window.append((following, pool.submit(timed_prepare, following)))
+                    window.append((following, submit(following)))
         finally:
             for _, pending in window:
                 pending.cancel()
+            if fetcher is not None:
+                fetcher.shutdown(wait=False, cancel_futures=True)
 
     def _process(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None,
                  summary: RunSummary, settings: dict, step_fingerprint: str,

@@ -44,9 +44,11 @@ import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from captionkit.core import locations
 from captionkit.core.errors import CaptionkitError, StoppedEarlyError, require
 from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
@@ -98,12 +100,27 @@ def _records_table(records: list[Record]):
                      "record": pa.array([pickle.dumps(record) for record in records], pa.large_binary())})
 
 
-def _prepare_all(step: Step, records: list[Record], threads: int) -> list[tuple]:
-    """``step.prepare`` over records on ``threads`` threads: ("ok", Prepared) or ("bad", record, why)."""
+def _prepare_all(step: Step, records: list[Record], threads: int, remote: RemoteAccess | None = None) -> list[tuple]:
+    """``step.prepare`` over records on ``threads`` threads: ("ok", Prepared) or ("bad", record, why).
+
+    Remote images' bytes are fetched here, on the worker, ``remote.io_workers`` at a time (never via the driver).
+    """
+    fetched: dict[str, Any] = {}
+    if remote is not None:
+        locations.set_default_storage_options(remote.storage_options)
+        fetched = locations.fetch_all([record.url for record in records if record.url], remote.io_workers)
 
     def one(record: Record) -> tuple:
         try:
-            return ("ok", step.prepare(record))
+            data = fetched.get(record.url) if record.url is not None else None
+            if isinstance(data, locations.RemoteError):
+                raise locations.as_image_error(record.url or record.id, data)
+            if data is not None:
+                record = replace(record, data=data)
+            prepared = step.prepare(record)
+            if data is not None:
+                prepared.record = replace(prepared.record, data=None)
+            return ("ok", prepared)
         except Exception as error:  # a bad file (or a preprocessing bug) is that record's failure
             return ("bad", record, str(as_load_error(record, error)))
 
@@ -117,7 +134,15 @@ def _prepare_all(step: Step, records: list[Record], threads: int) -> list[tuple]
 _DECODERS: dict[str, Step] = {}  # per worker process: steps whose preprocessing is loaded, by pickle hash
 
 
-def decode_batch(table, blob: bytes, threads: int):
+@dataclass(frozen=True)
+class RemoteAccess:
+    """How workers reach object storage: the run's storage options (kept in memory only) and fetch concurrency."""
+
+    storage_options: dict[str, Any]
+    io_workers: int
+
+
+def decode_batch(table, blob: bytes, threads: int, remote: RemoteAccess | None = None):
     """CPU stage (Ray tasks): records → prepared items, with only the step's preprocessing loaded."""
     key = hashlib.sha1(blob).hexdigest()
     step = _DECODERS.get(key)
@@ -128,7 +153,7 @@ def decode_batch(table, blob: bytes, threads: int):
         _DECODERS[key] = step
     records = [pickle.loads(value) for value in table.column("record").to_pylist()]
     entries = [(entry[0], pack_prepared(entry[1])) if entry[0] == "ok" else entry
-               for entry in _prepare_all(step, records, threads)]
+               for entry in _prepare_all(step, records, threads, remote)]
     return _table([record.id for record in records], [pickle.dumps(entry) for entry in entries])
 
 
@@ -163,7 +188,7 @@ class ModelActor:
     """Model stage (a Ray actor pool): one loaded model per actor; batches come prepared or are prepared here."""
 
     def __init__(self, blob: bytes, device: str | None, prepared_upstream: bool, threads: int,
-                 ledger: Any = None) -> None:
+                 ledger: Any = None, remote: RemoteAccess | None = None) -> None:
         import ray
 
         started = time.perf_counter()
@@ -191,6 +216,7 @@ class ModelActor:
         self.load_s = time.perf_counter() - started
         self.prepared_upstream = prepared_upstream
         self.threads = threads
+        self.remote = remote
         self.runner = LocalExecutor(RunOptions(workers=threads))
         self.calls = 0
         # Ray Data hands an actor MODEL_STAGE_CONCURRENCY batches at once: one unpacks or prepares on a
@@ -216,7 +242,7 @@ class ModelActor:
             entries = [(entry[0], unpack_prepared(entry[1])) if entry[0] == "ok" else entry for entry in entries]
         else:
             records = [pickle.loads(value) for value in table.column("record").to_pylist()]
-            entries = _prepare_all(self.step, records, self.threads)
+            entries = _prepare_all(self.step, records, self.threads, self.remote)
         items = [entry[1] for entry in entries if entry[0] == "ok"]
         summary = RunSummary(field=self.step.field)
         outcomes: list[tuple[bool, Any]] = []
@@ -683,15 +709,18 @@ class RayExecutor(LocalExecutor):
         # Block by block into the object store (spillable), so the driver never holds a second copy of the list.
         dataset = ray.data.from_arrow_refs([
             ray.put(_records_table(records[start:start + per_block])) for start in range(0, len(records), per_block)])
+        remote = RemoteAccess(locations.default_storage_options(), self.options.io_workers) \
+            if any(record.url is not None for record in records) else None
         if apart:
             dataset = dataset.map_batches(
-                decode_batch, fn_args=(blob, max(1, int(self.decode_cpus))), batch_size=batch,
+                decode_batch, fn_args=(blob, max(1, int(self.decode_cpus)), remote), batch_size=batch,
                 batch_format="pyarrow", num_cpus=self.decode_cpus,
                 compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
             )
         model_stage = {
             "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
-                                    max(1, int(self.cpus_per_actor)), ray.remote(num_cpus=0)(StartLedger).remote()),
+                                    max(1, int(self.cpus_per_actor)), ray.remote(num_cpus=0)(StartLedger).remote(),
+                                    remote),
             "batch_size": batch, "batch_format": "pyarrow",
             # no more blocks queued on an actor than it runs at once: a killed actor loses only those
             "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=MODEL_STAGE_CONCURRENCY),

@@ -22,12 +22,14 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+from captionkit.core import locations
 from captionkit.core.errors import SourceError
 from captionkit.core.records import (
     FolderListing,
     FolderSource,
     ManifestSource,
     Record,
+    RemoteFolderSource,
     Source,
     image_extensions,
     row_record,
@@ -42,14 +44,59 @@ def list_records(source: Source, ray: Any) -> tuple[list[Record], dict[str, str 
     """The source's records as the local executor lists them, and their file signatures by path, read on Ray."""
     if isinstance(source, FolderSource) and source.recursive:
         return _folder_records(source, ray)
+    if isinstance(source, RemoteFolderSource):
+        return _remote_folder_records(source, ray)
     from captionkit.core.webdataset import WebDatasetSource
 
     if isinstance(source, WebDatasetSource) and len(source.shards) > 1:
         return _shard_records(source, ray)
-    if isinstance(source, ManifestSource) and not source.text_only \
-            and source.manifest.suffix.lower() in (".jsonl", ".csv", ".tsv", ".parquet"):
+    if isinstance(source, ManifestSource) and not source.text_only and not source.remote \
+            and not locations.is_url(str(source.manifest)) and source.suffix in (".jsonl", ".csv", ".tsv", ".parquet"):
         return _manifest_records(source, ray)
-    return list(source), {}
+    records = list(source)  # a manifest in a bucket: read here (one object), its rows' images by the workers
+    return records, dict(getattr(source, "signatures", {}))
+
+
+# ------------------------------------------------------------------------------------ object storage
+def _list_prefix(url: str, extensions: frozenset[str], recursive: bool,
+                 storage_options: dict[str, Any]) -> list[tuple[str, str]]:
+    """A Ray task: (URL, signature) of every image under one sub-prefix."""
+    return [(found.url, found.signature)
+            for found in locations.list_objects(url, extensions, storage_options, recursive=recursive)]
+
+
+def _remote_folder_records(source: RemoteFolderSource, ray: Any) -> tuple[list[Record], dict[str, str | None]]:
+    """The prefix's top level listed here; each sub-prefix listed by a Ray task; merged in key order.
+
+    The same records, in the same order, as ``list(source)`` (keys sorted); the run's storage options
+    travel as task arguments (memory only).
+    """
+    assert isinstance(source.root, str)
+    extensions = source.extensions or image_extensions()
+    options = locations.default_storage_options()
+    fs, path = locations.filesystem(source.root, options)
+    fs.invalidate_cache(path)
+    protocol = locations.scheme(source.root)
+    entries = locations.with_retries(source.root, lambda: fs.ls(path, detail=True))
+    found: list[tuple[str, str]] = []
+    prefixes: list[str] = []
+    for entry in entries:
+        name = entry["name"].rstrip("/")
+        if name.rsplit("/", 1)[-1].startswith("."):
+            continue  # hidden, as for folders
+        url = f"{protocol}://{name.lstrip('/')}"
+        if entry.get("type") == "directory":
+            if source.recursive:
+                prefixes.append(url)
+        elif Path(name).suffix.lower() in extensions:
+            found.append((url, locations.object_signature(entry)))
+    task = ray.remote(num_cpus=0.25)(_list_prefix)
+    for listed in ray.get([task.remote(url, extensions, True, options) for url in prefixes]):
+        found.extend(listed)
+    found.sort()
+    source.signatures.update(dict(found))
+    records = [Record(id=locations.relative_key(url, source.root), path=None, url=url) for url, _ in found]
+    return records, dict(found)
 
 
 # ------------------------------------------------------------------------------------------- folders

@@ -229,6 +229,10 @@ def inspect_dataset(
     store = StoreView.find(location)
     try:
         records = list(source)
+        remote = next((record.url for record in records if record.url is not None), None)
+        if remote is not None:  # not done (issue 18): refused plainly rather than reported as image-less rows
+            raise CaptionkitError(f"{path}: images in object storage ({remote}) are not inspected yet; copy "
+                                  "them to a local folder (with the caption files of the --output-dir) first.")
         collected = collect(source, records, options.caption_ext, tag_extension, out_dir, store, categories)
     finally:
         if store is not None:

@@ -59,7 +59,8 @@ class CaptionRun:
     include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
     image_column: str | None = _run(None, "Manifest column with the image path.")
     base_dir: Path | None = _run(None, "Folder that relative manifest paths start from.")
-    output_dir: Path | None = _run(None, "Write captions into a mirrored tree here instead of beside the images.")
+    output_dir: str | None = _run(None, "Write captions into a mirrored tree here instead of beside the images (a "
+                                  "folder or a URL; required for remote images and shards).", metavar="PATH")
     ext: str = _run(".txt", "Caption file extension (.txt, .caption, ...).")
     existing: str = _run("skip", "Existing caption files: skip, overwrite, append or fill-empty.", choices=EXISTING)
     on_collision: str = _run("skip", "Two images, one caption file (a.png + a.jpg): skip (write neither) or "
@@ -69,8 +70,9 @@ class CaptionRun:
     max_image_pixels: int = _step(DEFAULT_MAX_PIXELS, "Refuse images with more pixels (decompression bombs).")
     keep_results: bool = _run(False, "Reuse stored captions even if made with other settings.")
     retry_errors: bool = _run(False, "Retry images that failed before even if the file did not change.")
-    export: list[Path] | None = _run(None, "Also write all results to this .jsonl or .parquet (repeatable); a "
-                                     "folder gets sharded Parquet (part-00000.parquet, ...).")
+    export: list[str] | None = _run(None, "Also write all results to this .jsonl or .parquet (repeatable; a path "
+                                    "or a URL); a folder gets sharded Parquet (part-00000.parquet, ...).",
+                                    metavar="PATH")
     write: bool = _run(True, "Write caption files (--no-write: results only in the store and --export; for very "
                        "large runs).", api_name="write_sidecars")
 
@@ -93,7 +95,8 @@ class TagRun:
     include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
     image_column: str | None = _run(None, "Manifest column with the image path.")
     base_dir: Path | None = _run(None, "Folder that relative manifest paths start from.")
-    output_dir: Path | None = _run(None, "Write tag files into a mirrored tree here.")
+    output_dir: str | None = _run(None, "Write tag files into a mirrored tree here (a folder or a URL; required for "
+                                  "remote images and shards).", metavar="PATH")
     ext: str = _run(".txt", "Tag file extension.")
     existing: str = _run("skip", "Existing files: skip, overwrite, append or fill-empty.", choices=EXISTING)
     on_collision: str = _run("skip", "a.png + a.jpg: skip or keep-extension.", choices=COLLISIONS)
@@ -102,8 +105,8 @@ class TagRun:
     max_image_pixels: int = _step(DEFAULT_MAX_PIXELS, "Refuse images with more pixels (decompression bombs).")
     keep_results: bool = _run(False, "Reuse stored scores even if made by another model version.")
     retry_errors: bool = _run(False, "Retry images that failed before even if unchanged.")
-    export: list[Path] | None = _run(None, "Also write all results to .jsonl or .parquet; a folder gets sharded "
-                                     "Parquet.")
+    export: list[str] | None = _run(None, "Also write all results to .jsonl or .parquet (a path or a URL); a "
+                                    "folder gets sharded Parquet.", metavar="PATH")
 
 
 @dataclass
@@ -140,6 +143,18 @@ class ScaleOptions:
                                     "never.", panel=SCALE_PANEL)
     devices: str | None = _run(None, "Several GPUs of this machine without Ray: cuda:0,cuda:1 runs one worker "
                                "process per device over disjoint shards.", panel=SCALE_PANEL)
+
+
+@dataclass
+class RemoteData:
+    """How images in object storage are read (s3://, gs://, az://, hf://); nothing here is ever stored."""
+
+    storage_options: str | None = _run(None, "Object storage (s3://, gs://, az://, hf:// inputs and outputs): JSON of "
+                                       "fsspec filesystem options, e.g. '{\"client_kwargs\": {\"endpoint_url\": "
+                                       "\"http://minio:9000\"}}'. Credentials also come from the environment and "
+                                       "profiles; never stored or logged.", panel=SCALE_PANEL)
+    io_workers: int = _run(16, "Object-store fetches in flight at once (remote images; retried on 5xx and "
+                           "timeouts).", panel=SCALE_PANEL)
 
 
 @dataclass
@@ -280,12 +295,12 @@ CAPTION = Command("caption", [
     Part(ModelOptions, last="seed"), Part(CaptionText, first="sample_choice"),
     Part(CaptionText, first="strip_openers", last="strip_openers"), Part(ModelOptions, first="max_image_side"),
     Part(CaptionRun, last="append_separator"), Part(CaptionText, last="collapse_loops"),
-    Part(CaptionRun, first="background"), Part(ScaleOptions), Part(Reporting),
+    Part(CaptionRun, first="background"), Part(ScaleOptions), Part(RemoteData), Part(Reporting),
 ], builds={ModelOptions: ("options", ModelOptions)})
 
 TAG = Command("tag", [
     Part(TagRun, last="model"), Part(TagOptions), Part(TagRun, first="print_scores"), Part(ScaleOptions),
-    Part(Reporting),
+    Part(RemoteData), Part(Reporting),
 ], builds={TagOptions: ("options", tag_options)})
 
 RENDER = Command("render", [
@@ -352,6 +367,9 @@ class ExportRun:
 
     step: list[str] | None = _cli(None, "Only these fields (caption, tags); default all.", api_name="steps",
                                 keep_none=True)
+    storage_options: str | None = _cli(None, "A URL destination (s3://bucket/out.parquet): JSON of fsspec "
+                                       "filesystem options; credentials also come from the environment and "
+                                       "profiles; never stored or logged.")
 
 
 @dataclass

@@ -139,7 +139,8 @@ class CaptionStep:
         self._target_size = self.captioner.image_size()
 
     def prepare(self, record: Record) -> Prepared:
-        loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
+        loaded = load_image(record.image_source or record.id, self.background, self._target_size, self.max_pixels,
+                            data=record.data)
         payload = self.captioner.preprocess(loaded.image)
         request = CaptionRequest(payload, loaded.original_size, self._prompts.get(record.id, self._static_prompt),
                                  key=record.id)

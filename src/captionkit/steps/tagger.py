@@ -174,7 +174,8 @@ class TagStep:
         self._target_size = (int(width), int(height))
 
     def prepare(self, record: Record) -> Prepared:
-        loaded = load_image(record.path, self.background, self._target_size, self.max_pixels)
+        loaded = load_image(record.image_source or record.id, self.background, self._target_size, self.max_pixels,
+                            data=record.data)
         preprocess = self.tagger.preprocess if self.tagger is not None else self._preprocessing
         return Prepared(record, preprocess(loaded.image), loaded.original_size, loaded.content_hash, loaded.notes)
 
