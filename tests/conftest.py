@@ -109,3 +109,21 @@ def pytest_collection_modifyitems(config, items: list) -> None:
         shares[index].extend(quick[:room])
         quick = quick[room:]
     items[:] = [item for share in shares for item in share]
+
+
+# Captioner training (tests/test_train_captioner.py, tests/test_ui_training.py): one tiny base model and one
+# shapes data set per module.
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    from captionkit.testing import build_tiny_florence2
+
+    return build_tiny_florence2(tmp_path_factory.mktemp("base"), init_std=None)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from captionkit.train.captioner_data import write_shapes_dataset
+
+    folder = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(folder, 24, seed=4)
+    return folder

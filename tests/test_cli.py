@@ -15,6 +15,7 @@ import pytest
 
 from captionkit.core.atomic import TEMP_MARKER
 from tests.images import write_good_images
+from tests.run_state import committed as committed_results
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
 IMAGES = 60  # for the kill/Ctrl-C runs: ~30 batches of 2, far more than the 4-6 committed before the signal
@@ -29,20 +30,9 @@ def _caption_command(folder: Path, model: Path, *extra: str) -> list[str]:
             "--batch-size", "2", "--workers", "2", *extra]
 
 
-def _committed(folder: Path) -> int:
-    database = folder / ".captionkit" / "store.sqlite"
-    if not database.exists():
-        return 0
-    try:
-        with sqlite3.connect(database, timeout=1) as connection:
-            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def _wait_for_progress(process: subprocess.Popen, folder: Path, at_least: int) -> None:
     deadline = time.time() + 180
-    while _committed(folder) < at_least:
+    while committed_results(folder) < at_least:
         assert process.poll() is None, "the run finished before it could be stopped; use more images"
         assert time.time() < deadline, "no progress within 180 s"
         time.sleep(0.02)
@@ -69,7 +59,7 @@ def test_kill_minus_nine_then_rerun_captions_each_image_exactly_once(tmp_path, t
     _wait_for_progress(process, folder, at_least=6)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed(folder)
+    committed = committed_results(folder)
     assert 6 <= committed < IMAGES
     rerun = subprocess.run(_caption_command(folder, tiny_florence, "--progress", "json"), env=_env(),
                            capture_output=True, text=True, timeout=600)
@@ -93,7 +83,7 @@ def test_ctrl_c_stops_after_the_batch_and_a_rerun_finishes(tmp_path, tiny_floren
     assert process.returncode == 130, stderr
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["interrupted"] is True and 0 < summary["processed"] < IMAGES
-    assert summary["processed"] == _committed(folder)
+    assert summary["processed"] == committed_results(folder)
     rerun = subprocess.run(_caption_command(folder, tiny_florence, "-q"), env=_env(), capture_output=True,
                            text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr

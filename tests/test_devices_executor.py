@@ -9,15 +9,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import captionkit
 from captionkit.core.errors import CaptionkitError
-from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
+from captionkit.models.florence2 import GenerationSettings
 from tests.images import write_good_images
-from tests.run_state import copy_of, state
+from tests.run_state import ExitOnce, copy_of, state
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
 
@@ -52,22 +51,6 @@ def test_two_workers_give_the_local_results_and_one_summary(tmp_path, corpus, ti
     assert (summary["processed"], summary["failed"], summary["files_written"]) == (IMAGES, 1, IMAGES)
     assert summary["total"] == IMAGES + 1 and summary["batch_size_final"] == 2
     assert state(folder) == state(local)
-
-
-class ExitOnce(Florence2Captioner):
-    """Its worker process ends (as if killed) in its second batch, once per marker file."""
-
-    def __init__(self, marker: Path, **options) -> None:
-        super().__init__(**options)
-        self.marker = str(marker)
-        self.calls = 0
-
-    def caption_batch(self, requests):
-        self.calls += 1
-        if self.calls == 2 and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os._exit(1)
-        return super().caption_batch(requests)
 
 
 def test_a_dead_worker_is_started_again_and_every_image_saved_once(tmp_path, corpus, tiny_florence):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from captionkit.core.errors import CaptionkitError
 from captionkit.core.store import Store
 from captionkit.testing.s3_server import moto_server
 from tests.images import write_good_images
+from tests.run_state import committed as committed_results
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -118,17 +118,6 @@ def _caption_cli(url: str, model: Path, out: Path, options: dict, *extra: str) -
             *extra]
 
 
-def _committed(out: Path) -> int:
-    database = out / ".captionkit" / "store.sqlite"
-    if not database.exists():
-        return 0
-    try:
-        with sqlite3.connect(database, timeout=1) as connection:
-            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 @pytest.mark.slow
 def test_kill_minus_nine_then_rerun_fetches_and_captions_only_the_unfinished(s3, tiny_florence, tmp_path):
     out = tmp_path / "out"
@@ -136,13 +125,13 @@ def test_kill_minus_nine_then_rerun_fetches_and_captions_only_the_unfinished(s3,
     process = subprocess.Popen([*command, "-q"], env=_cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while _committed(out) < 4:
+    while committed_results(out) < 4:
         assert process.poll() is None, "the run finished before it could be killed; use more images"
         assert time.time() < deadline, "no progress within 180 s"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed(out)
+    committed = committed_results(out)
     assert 4 <= committed < KILL_IMAGES
     rerun = subprocess.run([*command, "--progress", "json"], env=_cli_env(), capture_output=True, text=True,
                            timeout=600)

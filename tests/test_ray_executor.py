@@ -8,7 +8,6 @@ import logging
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -24,7 +23,8 @@ from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
-from tests.run_state import copy_of, state
+from tests.run_state import ExitOnce, copy_of, state
+from tests.run_state import committed as committed_results
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
@@ -113,22 +113,6 @@ def test_a_pipeline_runs_its_model_steps_on_ray(tmp_path, corpus, tiny_florence,
     captions = {Path(row["image"]).stem + ".txt": row["florence"] for row in rows if row["florence"] is not None}
     assert captions == expected
     assert all(row["final"] == f"photo: {row['florence']}" for row in rows if row["florence"])
-
-
-class ExitOnce(Florence2Captioner):
-    """The worker process ends (as if killed) in the middle of its second batch, once per marker file."""
-
-    def __init__(self, marker: Path, **options) -> None:
-        super().__init__(**options)
-        self.marker = str(marker)
-        self.calls = 0
-
-    def caption_batch(self, requests):
-        self.calls += 1
-        if self.calls == 2 and not os.path.exists(self.marker):
-            Path(self.marker).write_text(str(os.getpid()))
-            os._exit(1)
-        return super().caption_batch(requests)
 
 
 def _driver_reruns(caplog) -> list[str]:
@@ -391,14 +375,6 @@ def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path,
     assert state(tmp_path / "ray") == state(tmp_path / "local")
 
 
-def _committed(folder: Path) -> int:
-    try:
-        with sqlite3.connect(folder / ".captionkit" / "store.sqlite", timeout=1) as connection:
-            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
-
-
 def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_address):
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
@@ -408,13 +384,13 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([*command, "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while _committed(folder) < 4:
+    while committed_results(folder) < 4:
         assert driver.poll() is None, "the run ended before it could be killed; use more images"
         assert time.time() < deadline, "no progress within 180 s"
         time.sleep(0.005)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    committed = _committed(folder)
+    committed = committed_results(folder)
     assert 4 <= committed < IMAGES
     rerun = subprocess.run([*command, "--progress", "json"], env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr  # broken.png failed: some failed

@@ -21,23 +21,9 @@ from captionkit.train.captioner import (
     token_losses,
     train_captioner,
 )
-from captionkit.train.captioner_data import AugmentConfig, CaptionCollator, DatasetSpec, write_shapes_dataset
+from captionkit.train.captioner_data import AugmentConfig, CaptionCollator, DatasetSpec
 from captionkit.train.config import ConfigError
 from captionkit.train.lora import LoraSettings, matching_modules
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    from captionkit.testing import build_tiny_florence2
-
-    return build_tiny_florence2(tmp_path_factory.mktemp("base"), init_std=None)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(folder, 24, seed=4)
-    return folder
 
 
 def make_config(base_model: Path, shapes: Path, output: Path, **overrides) -> CaptionerTrainConfig:

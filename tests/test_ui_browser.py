@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.images import write_good_images
+from tests.run_state import committed
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
 
@@ -290,20 +291,6 @@ def test_preview_then_clean_old_captions_after_confirming_the_list(server, brows
     page.close()
 
 
-def committed(folder: Path) -> int:
-    """Results in the folder's store (read while a job writes to it)."""
-    import sqlite3
-
-    database = folder / ".captionkit" / "store.sqlite"
-    if not database.exists():
-        return 0
-    try:
-        with sqlite3.connect(database, timeout=5) as connection:
-            return connection.execute("SELECT COUNT(*) FROM results WHERE step = 'caption'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser, tiny_florence, tmp_path):
     """Closing the server waits for open pages (up to 5 s): the job must stop at the signal, not after that."""
     import signal
@@ -340,17 +327,17 @@ def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser,
         page.locator("#caption-batch-size input").press("Tab")
         page.click("#caption-start")
         page.wait_for_selector('#job-status [data-state="running"]', timeout=90_000)
-        while committed(photos) < 10:
+        while committed(photos, step="caption", status=None) < 10:
             assert time.monotonic() < deadline + 120, "no progress"
             time.sleep(0.02)
         process.send_signal(signal.SIGINT)  # the page stays open
-        at_signal = committed(photos)
+        at_signal = committed(photos, step="caption", status=None)
         assert process.wait(60) == 0, console.read_text()
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    after = committed(photos)
+    after = committed(photos, step="caption", status=None)
     # the batch on the model and the one being saved finish (2 batches of 2); nothing after them starts
     # (before the fix, the job ran on while the server waited for the page: 100+ more images)
     assert at_signal <= after <= at_signal + 2 * 2, (at_signal, after)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from captionkit.train.captioner import CaptionerTrainConfig, train_captioner
-from captionkit.train.captioner_data import DatasetSpec, write_shapes_dataset
+from captionkit.train.captioner_data import DatasetSpec
 from captionkit.train.tagger import load_tagger_config, train_tagger
 from captionkit.ui import tasks
 from captionkit.ui.jobs import JobManager
@@ -27,20 +27,6 @@ class StopAfter:
     def is_set(self) -> bool:
         self.left -= 1
         return self.left < 0
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    from captionkit.testing import build_tiny_florence2
-
-    return build_tiny_florence2(tmp_path_factory.mktemp("base"), init_std=None)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(folder, 24, seed=4)
-    return folder
 
 
 def captioner_config(base_model: Path, shapes: Path, output: Path, **overrides) -> CaptionerTrainConfig:

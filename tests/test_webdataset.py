@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -23,6 +22,7 @@ import pytest
 import captionkit
 from captionkit.core.store import Store
 from tests.images import jpeg_bytes, noise_image
+from tests.run_state import committed as committed_results
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 webdataset = pytest.importorskip("webdataset")
@@ -227,17 +227,6 @@ def test_truncated_shard_and_corrupt_member_cost_only_themselves(corpus, tiny_fl
     assert samples["000000008"]["json"] == b"{broken"  # the bad json member costs only its fields
 
 
-def _committed(output: Path) -> int:
-    database = output / ".captionkit" / "store.sqlite"
-    if not database.exists():
-        return 0
-    try:
-        with sqlite3.connect(database, timeout=1) as connection:
-            return connection.execute("SELECT COUNT(*) FROM results WHERE status = 'ok'").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
 @pytest.mark.slow
 def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_florence):
     per_shard, count = 16, 48
@@ -254,7 +243,7 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    committed = _committed(output)
+    committed = committed_results(output)
     assert per_shard <= committed < count
     finished = (first.stat().st_ino, first.stat().st_mtime_ns)
     written_before = len(list(output.glob("shard-*.tar")))
