@@ -46,3 +46,14 @@ class ExitOnce(Florence2Captioner):
             Path(self.marker).write_text(str(os.getpid()))
             os._exit(1)
         return super().caption_batch(requests)
+
+
+def wait_while_running(process, ready, timeout_s: float = 180, waiting_for: str = "progress") -> None:
+    """Wait until ``ready()`` while ``process`` (a CLI run about to be killed or interrupted) still runs."""
+    import time
+
+    deadline = time.time() + timeout_s
+    while not ready():
+        assert process.poll() is None, "the run finished before it could be stopped; use more images"
+        assert time.time() < deadline, f"no {waiting_for} within {timeout_s:.0f} s"
+        time.sleep(0.01)

@@ -8,7 +8,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from captionkit.core.atomic import TEMP_MARKER
 from tests.images import write_good_images
 from tests.run_state import committed as committed_results
+from tests.run_state import wait_while_running
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
 IMAGES = 60  # for the kill/Ctrl-C runs: ~30 batches of 2, far more than the 4-6 committed before the signal
@@ -31,11 +31,7 @@ def _caption_command(folder: Path, model: Path, *extra: str) -> list[str]:
 
 
 def _wait_for_progress(process: subprocess.Popen, folder: Path, at_least: int) -> None:
-    deadline = time.time() + 180
-    while committed_results(folder) < at_least:
-        assert process.poll() is None, "the run finished before it could be stopped; use more images"
-        assert time.time() < deadline, "no progress within 180 s"
-        time.sleep(0.02)
+    wait_while_running(process, lambda: committed_results(folder) >= at_least)
 
 
 def _check_complete(folder: Path, count: int) -> None:

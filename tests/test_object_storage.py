@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from captionkit.core.store import Store
 from captionkit.testing.s3_server import moto_server
 from tests.images import write_good_images
 from tests.run_state import committed as committed_results
+from tests.run_state import wait_while_running
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
@@ -124,11 +124,7 @@ def test_kill_minus_nine_then_rerun_fetches_and_captions_only_the_unfinished(s3,
     command = _caption_cli(f"s3://{BUCKET}/big", tiny_florence, out, s3.storage_options())
     process = subprocess.Popen([*command, "-q"], env=_cli_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while committed_results(out) < 4:
-        assert process.poll() is None, "the run finished before it could be killed; use more images"
-        assert time.time() < deadline, "no progress within 180 s"
-        time.sleep(0.02)
+    wait_while_running(process, lambda: committed_results(out) >= 4)
     process.send_signal(signal.SIGKILL)
     process.wait()
     committed = committed_results(out)

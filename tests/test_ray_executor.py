@@ -23,7 +23,7 @@ from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
-from tests.run_state import ExitOnce, copy_of, state
+from tests.run_state import ExitOnce, copy_of, state, wait_while_running
 from tests.run_state import committed as committed_results
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
@@ -383,11 +383,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
                "--ray-address", ray_address, "--ray-actors", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     driver = subprocess.Popen([*command, "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while committed_results(folder) < 4:
-        assert driver.poll() is None, "the run ended before it could be killed; use more images"
-        assert time.time() < deadline, "no progress within 180 s"
-        time.sleep(0.005)
+    wait_while_running(driver, lambda: committed_results(folder) >= 4)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     committed = committed_results(folder)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import captionkit
 from captionkit.core.store import Store
 from tests.images import jpeg_bytes, noise_image
 from tests.run_state import committed as committed_results
+from tests.run_state import wait_while_running
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 webdataset = pytest.importorskip("webdataset")
@@ -235,12 +235,8 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
     output = tmp_path / "out"
     process = subprocess.Popen(_command(pattern, output, tiny_florence, "-q"), env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    first = output / "shard-00000.tar"
-    while not first.exists():  # written as soon as its samples are done, while the run goes on
-        assert process.poll() is None, "the run finished before it could be killed; use more images"
-        assert time.time() < deadline, "no finished shard within 300 s"
-        time.sleep(0.02)
+    first = output / "shard-00000.tar"  # written as soon as its samples are done, while the run goes on
+    wait_while_running(process, first.exists, timeout_s=300, waiting_for="finished shard")
     process.send_signal(signal.SIGKILL)
     process.wait()
     committed = committed_results(output)
