@@ -228,3 +228,26 @@ def test_feature_batches_carry_the_prompts_the_processor_makes(base_model):
     for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
         torch.testing.assert_close(cached[key], plain[key])
     assert cached["missing_rows"] == [0, 1] and cached["missing_digests"] == ["a", "b"]
+
+
+def test_cli_sets_the_cache_and_reports_what_it_served(base_model, small_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from captionkit.train.cli import train_app
+
+    file = tmp_path / "captioner.yaml"
+    file.write_text(yaml.safe_dump({
+        "model": str(base_model), "output_dir": str(tmp_path / "out"), "data": [{"path": str(small_data)}],
+        "batch_size": 4, "epochs": 1, "max_target_tokens": 32, "report_to": []}))
+    runner = CliRunner()
+    refused = runner.invoke(train_app, ["captioner", "-c", str(file), "--set", "cache_vision_features=true"])
+    assert refused.exit_code == 2 and "set freeze_vision: true" in refused.output
+    assert not (tmp_path / "out").exists()
+    words = ["captioner", "-c", str(file), "--set", "cache_vision_features=true", "--set", "freeze_vision=true"]
+    first = runner.invoke(train_app, words)
+    assert first.exit_code == 0, first.output
+    assert "vision features: 0 samples from the cache, 8 computed and stored" in first.output
+    again = runner.invoke(train_app, words)
+    assert again.exit_code == 0, again.output
+    assert "vision features: 8 samples from the cache, 0 computed and stored" in again.output
+    assert len(entries(tmp_path / "out" / "vision_features")) == 8
