@@ -44,7 +44,15 @@ from captionkit.train.captioner_data import (
 )
 from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
-from captionkit.train.feature_cache import check_cache_settings
+from captionkit.train.feature_cache import (
+    CachedCaptionDataset,
+    FeatureCollator,
+    FeatureCounts,
+    VisionFeatureCache,
+    check_cache_settings,
+    complete_features,
+    features_as_image_input,
+)
 from captionkit.train.loop import BatchLoss, LoopSettings, Progress, TrainingTask, run_training, to_device
 from captionkit.train.lora import LoraSettings
 
@@ -423,8 +431,6 @@ def token_losses(model: Any, batch: dict[str, Any]) -> Any:
     """Cross-entropy per caption token (0 at pad positions), shape (batch, target length)."""
     import torch.nn.functional as functional
 
-    from captionkit.train.feature_cache import features_as_image_input
-
     labels = batch["labels"]
     config = model.config if hasattr(model, "config") else model.module.config
     features = batch.get("vision_features")  # cache_vision_features: the tower's stored output
@@ -614,14 +620,9 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     )
 
 
-def _vision_cache(config: CaptionerTrainConfig, model: Any, processor: Any) -> Any:
+def _vision_cache(config: CaptionerTrainConfig, model: Any, processor: Any) -> VisionFeatureCache:
     """The feature cache for this model, after checking that nothing in its vision tower trains."""
-    from captionkit.train.feature_cache import (
-        VisionFeatureCache,
-        default_cache_dir,
-        require_frozen_vision,
-        vision_fingerprint,
-    )
+    from captionkit.train.feature_cache import default_cache_dir, require_frozen_vision, vision_fingerprint
 
     require_frozen_vision(model, config.mode)
     root = config.vision_cache_dir or default_cache_dir(config.output_dir)
@@ -634,10 +635,9 @@ class _CaptionerTask(TrainingTask):
     divisor_reads_window = True  # the window's caption tokens divide its loss
 
     def __init__(self, config: CaptionerTrainConfig, accelerator: Any, processor: Any, data: _Data,
-                 train_items: list[CaptionItem], val_items: list[CaptionItem], vision_cache: Any = None) -> None:
+                 train_items: list[CaptionItem], val_items: list[CaptionItem],
+                 vision_cache: VisionFeatureCache | None = None) -> None:
         import torch
-
-        from captionkit.train.feature_cache import CachedCaptionDataset, FeatureCollator, FeatureCounts
 
         self.config, self.accelerator, self.processor, self.data = config, accelerator, processor, data
         self.val_items = val_items
@@ -669,7 +669,7 @@ class _CaptionerTask(TrainingTask):
         if self.vision_cache is not None:
             self.vision_cache.prepare({"model": self.config.model, "revision": self.config.revision,
                                        "mixed_precision": self.config.mixed_precision})
-            digests = self.dataset.digests
+            digests = self.dataset.digests  # a CachedCaptionDataset
             _log.info("vision features: %d of %d images already in %s", self.vision_cache.cached_count(digests),
                       len(set(digests)), self.vision_cache.folder)
 
@@ -687,8 +687,6 @@ class _CaptionerTask(TrainingTask):
 
     def loss(self, model: Any, batch: dict[str, Any]) -> BatchLoss:
         if self.vision_cache is not None:
-            from captionkit.train.feature_cache import complete_features
-
             batch = complete_features(model, batch, self.vision_cache, self.feature_counts)
         loss_sum = token_losses(model, batch).sum()
         return BatchLoss(loss_sum, float(loss_sum.detach()), int((batch["labels"] != -100).sum()),
