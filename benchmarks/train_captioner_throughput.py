@@ -12,8 +12,15 @@ plain loop uses the same autocast, with a gradient scaler for fp16); ``--mode lo
 both in the trainer's LoRA; ``--mode qlora`` (CUDA + bitsandbytes) runs only the trainer,
 since a plain 4-bit loop would be a second QLoRA implementation to keep in step.
 
+``--cache-vision-features`` (mode lora: the vision tower is frozen) adds a third run, the
+trainer with ``cache_vision_features: true`` on the same steps: its first epoch computes and
+stores the features, later epochs read them. Its samples/s covers every epoch, the first
+included; use few images and enough steps for several epochs (``--images 128 --steps 64``:
+8 epochs at batch 16).
+
     .venv/bin/python benchmarks/train_captioner_throughput.py [--steps 60] [--batch-size 16]
     python benchmarks/train_captioner_throughput.py --device cuda --mixed-precision bf16 --mode lora --lr 1e-3
+    python benchmarks/train_captioner_throughput.py --mode lora --cache-vision-features --images 128 --steps 64
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ def plain_loop(model_dir: Path, pairs: list[tuple[Path, str]], steps: int, batch
 
 def ours(model_dir: Path, data_dir: Path, output: Path, steps: int, batch_size: int, device: str = "cpu",
          mixed_precision: str = "no", mode: str = "full", lr: float = 1e-4, log_every: int = 10,
-         losses: list[float] | None = None) -> float:
+         losses: list[float] | None = None, cache_vision_features: bool = False) -> float:
     """``train_captioner`` with the same settings (samples/s); its logged losses go to ``losses``."""
     from captionkit.train.captioner import CaptionerTrainConfig, OptimizerSettings, SchedulerSettings, train_captioner
     from captionkit.train.captioner_data import DatasetSpec
@@ -91,7 +98,7 @@ def ours(model_dir: Path, data_dir: Path, output: Path, steps: int, batch_size: 
         model=str(model_dir), output_dir=output, data=[DatasetSpec(path=data_dir)], batch_size=batch_size,
         max_steps=steps, max_target_tokens=32, optimizer=OptimizerSettings(lr=lr),
         scheduler=SchedulerSettings(name="constant"), report_to=[], log_every_steps=log_every,
-        mode=mode, mixed_precision=mixed_precision, cpu=device == "cpu",
+        mode=mode, mixed_precision=mixed_precision, cpu=device == "cpu", cache_vision_features=cache_vision_features,
     )
     result = train_captioner(config)
     if losses is not None:
@@ -113,7 +120,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=["full", "lora", "qlora"], default="full")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--log-every", type=int, default=10, help="trainer log interval (its loss points)")
+    parser.add_argument("--cache-vision-features", action="store_true",
+                        help="also run the trainer with cache_vision_features (mode lora)")
     args = parser.parse_args()
+    if args.cache_vision_features and args.mode != "lora":
+        raise SystemExit("--cache-vision-features needs --mode lora (a frozen vision tower in both loops)")
 
     import torch
 
@@ -138,6 +149,12 @@ def main() -> None:
         measured = ours(model_dir, root / "data", root / "out", args.steps, args.batch_size, device=device,
                         mixed_precision=args.mixed_precision, mode=args.mode, lr=args.lr,
                         log_every=args.log_every, losses=our_losses)
+        cached_losses: list[float] = []
+        cached = None
+        if args.cache_vision_features:
+            cached = ours(model_dir, root / "data", root / "out-cached", args.steps, args.batch_size, device=device,
+                          mixed_precision=args.mixed_precision, mode=args.mode, lr=args.lr,
+                          log_every=args.log_every, losses=cached_losses, cache_vision_features=True)
     print(f"device: {device}, threads: {torch.get_num_threads()}, steps: {args.steps}, batch size: "
           f"{args.batch_size}, mode: {args.mode}, mixed precision: {args.mixed_precision}, lr: {args.lr}")
     if reference is not None:
@@ -148,6 +165,11 @@ def main() -> None:
     print(f"train_captioner: {measured:8.1f} samples/s  ({trend})")
     if reference is not None:
         print(f"ratio (ours / plain): {measured / reference:.2f}")
+    if cached is not None:
+        epochs = args.steps * args.batch_size / args.images
+        trend = f"loss {cached_losses[0]:.3f} → {cached_losses[-1]:.3f}" if cached_losses else "no loss"
+        print(f"with cache_vision_features: {cached:8.1f} samples/s over {epochs:.1f} epochs ({trend})")
+        print(f"ratio (cached / plain): {cached / reference:.2f}, (cached / ours): {cached / measured:.2f}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -43,6 +44,15 @@ from captionkit.train.captioner_data import (
 )
 from captionkit.train.checkpoints import write_folder_atomically
 from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+from captionkit.train.feature_cache import (
+    CachedCaptionDataset,
+    FeatureCollator,
+    FeatureCounts,
+    VisionFeatureCache,
+    check_cache_settings,
+    complete_features,
+    features_as_image_input,
+)
 from captionkit.train.loop import BatchLoss, LoopSettings, Progress, TrainingTask, run_training, to_device
 from captionkit.train.lora import LoraSettings
 
@@ -113,6 +123,9 @@ class CaptionerTrainConfig:
     freeze_vision: bool = False
     freeze_language: bool = False
     freeze_other: bool = False
+    # Train from stored vision-tower outputs (frozen tower only); see train/feature_cache.py.
+    cache_vision_features: bool = False
+    vision_cache_dir: Path | None = None  # default: output_dir/vision_features
     lora: LoraSettings = field(default_factory=LoraSettings)
     val_data: list[DatasetSpec] = field(default_factory=list)
     val_split: float = 0.0
@@ -180,6 +193,7 @@ class CaptionerTrainConfig:
             raise ValueError("sample_captions and num_workers must be 0 or more")
         if self.wandb_project and "wandb" not in self.report_to:
             raise ValueError("wandb_project is set but report_to does not include 'wandb'")
+        check_cache_settings(self)
 
     @property
     def has_validation(self) -> bool:
@@ -215,6 +229,7 @@ class TrainResult:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files left out
     log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped file
     stopped: bool = False  # ended early by ``stop``: final_path is the checkpoint to resume from
+    vision_features: dict[str, int] = field(default_factory=dict)  # cache_vision_features: from_cache, computed
 
 
 # -- model set-up -------------------------------------------------------------------------
@@ -418,13 +433,15 @@ def token_losses(model: Any, batch: dict[str, Any]) -> Any:
 
     labels = batch["labels"]
     config = model.config if hasattr(model, "config") else model.module.config
-    outputs = model(
-        input_ids=batch["input_ids"],
-        pixel_values=batch["pixel_values"],
-        attention_mask=batch["attention_mask"],
-        decoder_input_ids=decoder_inputs(labels, config),
-        use_cache=False,
-    )
+    features = batch.get("vision_features")  # cache_vision_features: the tower's stored output
+    with features_as_image_input(model) if features is not None else nullcontext():
+        outputs = model(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"] if features is None else features,
+            attention_mask=batch["attention_mask"],
+            decoder_input_ids=decoder_inputs(labels, config),
+            use_cache=False,
+        )
     logits = outputs.logits.float()
     losses = functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
@@ -566,7 +583,8 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     accelerator = new_accelerator(mixed_precision=config.mixed_precision, cpu=config.cpu)
     processor, model = _load_model(config, accelerator, resume_path, offline=offline)
     train_items, val_items, report = _check_lengths(config, processor, data)
-    task = _CaptionerTask(config, accelerator, processor, data, train_items, val_items)
+    vision_cache = _vision_cache(config, model, processor) if config.cache_vision_features else None
+    task = _CaptionerTask(config, accelerator, processor, data, train_items, val_items, vision_cache)
     batches_per_epoch = task.sampler.batches_per_epoch()
     if batches_per_epoch == 0:
         raise ConfigError(f"{len(task.dataset)} training samples make no batch of {config.batch_size} per process")
@@ -598,8 +616,17 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
         train_loss=outcome.train_loss, metrics=outcome.metrics, samples_per_second=outcome.samples_per_second,
         data_report=report, sample_captions=task.samples, images_used=data.images_used,
         skipped={reason: paths for reason, paths in data.skipped().items() if paths}, log_file=outcome.log_file,
-        stopped=outcome.stopped,
+        stopped=outcome.stopped, vision_features=dataclasses.asdict(task.feature_counts) if vision_cache else {},
     )
+
+
+def _vision_cache(config: CaptionerTrainConfig, model: Any, processor: Any) -> VisionFeatureCache:
+    """The feature cache for this model, after checking that nothing in its vision tower trains."""
+    from captionkit.train.feature_cache import default_cache_dir, require_frozen_vision, vision_fingerprint
+
+    require_frozen_vision(model, config.mode)
+    root = config.vision_cache_dir or default_cache_dir(config.output_dir)
+    return VisionFeatureCache(root, vision_fingerprint(model, processor, config.mixed_precision))
 
 
 class _CaptionerTask(TrainingTask):
@@ -608,7 +635,8 @@ class _CaptionerTask(TrainingTask):
     divisor_reads_window = True  # the window's caption tokens divide its loss
 
     def __init__(self, config: CaptionerTrainConfig, accelerator: Any, processor: Any, data: _Data,
-                 train_items: list[CaptionItem], val_items: list[CaptionItem]) -> None:
+                 train_items: list[CaptionItem], val_items: list[CaptionItem],
+                 vision_cache: VisionFeatureCache | None = None) -> None:
         import torch
 
         self.config, self.accelerator, self.processor, self.data = config, accelerator, processor, data
@@ -617,14 +645,19 @@ class _CaptionerTask(TrainingTask):
         self.total_steps = 0
         self.samples = []
         self.collator = CaptionCollator(processor, config.max_target_tokens)
-        self.dataset = CaptionDataset(train_items, config.augment, config.seed)
+        self.vision_cache, self.feature_counts = vision_cache, FeatureCounts()
+        if vision_cache is None:
+            self.dataset, train_collator = CaptionDataset(train_items, config.augment, config.seed), self.collator
+        else:
+            self.dataset = CachedCaptionDataset(train_items, vision_cache, config.augment, config.seed)
+            train_collator = FeatureCollator(processor, config.max_target_tokens)
         self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, config.seed, shuffle=True,
                                          process_index=accelerator.process_index,
                                          num_processes=accelerator.num_processes)
         # A private generator: creating a DataLoader iterator draws a seed, and drawing it from
         # the global RNG would shift dropout masks after a resume.
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler,
-                                                  collate_fn=self.collator, num_workers=config.num_workers,
+                                                  collate_fn=train_collator, num_workers=config.num_workers,
                                                   generator=torch.Generator().manual_seed(config.seed))
 
     def begin(self, log_file: Path) -> None:
@@ -633,6 +666,12 @@ class _CaptionerTask(TrainingTask):
         if self.accelerator.is_main_process:
             save_config(self.config, self.config.output_dir / CONFIG_FILE)
             log_skipped(self.data.images_used, self.data.skipped(), log_file)
+        if self.vision_cache is not None:
+            self.vision_cache.prepare({"model": self.config.model, "revision": self.config.revision,
+                                       "mixed_precision": self.config.mixed_precision})
+            digests = self.dataset.digests  # a CachedCaptionDataset
+            _log.info("vision features: %d of %d images already in %s", self.vision_cache.cached_count(digests),
+                      len(set(digests)), self.vision_cache.folder)
 
     def batches(self, epoch: int, start: int) -> Any:
         self.dataset.set_epoch(epoch)
@@ -647,6 +686,8 @@ class _CaptionerTask(TrainingTask):
         return max(float(all_tokens) / self.accelerator.num_processes, 1.0)
 
     def loss(self, model: Any, batch: dict[str, Any]) -> BatchLoss:
+        if self.vision_cache is not None:
+            batch = complete_features(model, batch, self.vision_cache, self.feature_counts)
         loss_sum = token_losses(model, batch).sum()
         return BatchLoss(loss_sum, float(loss_sum.detach()), int((batch["labels"] != -100).sum()),
                          len(batch["captions"]))

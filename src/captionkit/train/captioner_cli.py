@@ -40,6 +40,9 @@ def captioner_command(
     typer.echo(f"trained {result.global_step} steps ({result.samples_per_second:.1f} samples/s) on "
                f"{result.images_used} images"
                + (f" ({skipped} skipped: see {result.log_file})" if skipped else ""))
+    if result.vision_features:
+        typer.echo(f"vision features: {result.vision_features['from_cache']} samples from the cache, "
+                   f"{result.vision_features['computed']} computed and stored")
     if result.metrics:
         typer.echo("validation: " + ", ".join(f"{key}={value:.4f}" for key, value in result.metrics.items()))
     if result.best_checkpoint is not None:
