@@ -39,11 +39,11 @@ def check_input_exists(path: str | Path) -> None:
     """Fail on a missing input path with the same sentence :func:`open_source` gives, but before any model."""
     from captionkit.core.webdataset import is_shard_pattern, open_shards
 
+    if locations.is_url(str(path)):
+        return  # an object-store URL is checked when it is opened (one request, with the run's credentials)
     if is_shard_pattern(path):  # WebDataset shards: every shard of the pattern must be there
         open_shards(path)
         return
-    if locations.is_url(str(path)):
-        return  # an object-store URL is checked when it is opened (one request, with the run's credentials)
     location = locations.local_path(path)
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")

@@ -145,7 +145,8 @@ def _status_of(error: BaseException) -> int | None:
 def classify(url: str, error: BaseException) -> RemoteError | None:
     """A permanent failure as its one clear error (404, 403, 400-class); None when worth retrying."""
     status = _status_of(error)
-    if isinstance(error, FileNotFoundError) or status == 404:
+    # fsspec's http:// filesystem reports any failed HEAD/GET as FileNotFoundError: a 5xx behind it is transient
+    if status == 404 or (isinstance(error, FileNotFoundError) and (status is None or status < 500)):
         return RemoteError(f"{url}: no such object (404). Check the bucket and key, or the manifest row naming it.")
     if isinstance(error, PermissionError) or status in (401, 403):
         return RemoteError(f"{url}: access denied (403). Check the credentials (environment, profile or "

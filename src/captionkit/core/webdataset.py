@@ -18,12 +18,10 @@ Key grouping, brace patterns and shard writing are the ``webdataset`` library's 
 from __future__ import annotations
 
 import atexit
-import gzip
 import hashlib
 import json
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
 import threading
@@ -127,13 +125,23 @@ def _unpack(shard: Shard) -> tuple[Path, str | None]:
 
     def copy() -> None:
         warning.clear()
-        with open(target, "wb") as output:
-            with _open_plain(shard) as raw, gzip.GzipFile(fileobj=raw) as unpacked:
-                try:
-                    shutil.copyfileobj(unpacked, output, 1 << 20)
-                except (EOFError, zlib.error, gzip.BadGzipFile) as error:
-                    warning.append(f"{shard}: the compressed stream is cut off or corrupt after {output.tell()} "
-                                   f"unpacked bytes ({error}); the samples before that are used. {_RE_DOWNLOAD}")
+        # zlib rather than GzipFile: everything decodable before a cut is kept (GzipFile drops its last read)
+        with open(target, "wb") as output, _open_plain(shard) as raw:
+            decompressor = zlib.decompressobj(wbits=31)
+            try:
+                while chunk := raw.read(1 << 20):
+                    while chunk:
+                        output.write(decompressor.decompress(chunk))
+                        chunk = b""
+                        if decompressor.eof and decompressor.unused_data:  # a multi-member gzip file
+                            chunk = decompressor.unused_data
+                            decompressor = zlib.decompressobj(wbits=31)
+                output.write(decompressor.flush())
+                if not decompressor.eof:
+                    raise EOFError("the file ends before the end-of-stream marker")
+            except (EOFError, zlib.error) as error:
+                warning.append(f"{shard}: the compressed stream is cut off or corrupt after {output.tell()} "
+                               f"unpacked bytes ({error}); the samples before that are used. {_RE_DOWNLOAD}")
     try:
         if is_url(shard):
             locations.with_retries(str(shard), copy)
@@ -330,17 +338,27 @@ def list_shard(path: Shard) -> ShardListing:
         if key is None or key.startswith("__") or not extension:
             continue
         samples.setdefault(key, {}).setdefault(extension, member)
-    with _open_plain(readable) as stream:
-        for key, parts in samples.items():
-            image = next((ext for ext in parts if ext.lower() in images), None)
-            if image is None:
-                listing.warnings.append(f"{path}: key {key} has no image member (members: {', '.join(parts)}); "
-                                        "skipped.")
-                continue
-            fields = _fields(stream, path, key, parts, listing.warnings)
-            member = parts[image]
-            location = ShardMember(str(path), key, member.name, member.offset_data, member.size, signature)
-            listing.records.append(Record(id=f"{shard_name(path)}/{key}", path=location, fields=fields))  # type: ignore[arg-type]
+    found = len(listing.warnings)
+
+    def read_fields() -> None:  # the small text members; a remote shard's pass is retried as a whole
+        del listing.warnings[found:]
+        listing.records.clear()
+        with _open_plain(readable) as stream:
+            for key, parts in samples.items():
+                image = next((ext for ext in parts if ext.lower() in images), None)
+                if image is None:
+                    listing.warnings.append(f"{path}: key {key} has no image member (members: "
+                                            f"{', '.join(parts)}); skipped.")
+                    continue
+                fields = _fields(stream, path, key, parts, listing.warnings)
+                member = parts[image]
+                location = ShardMember(str(path), key, member.name, member.offset_data, member.size, signature)
+                listing.records.append(Record(id=f"{shard_name(path)}/{key}", path=location, fields=fields))  # type: ignore[arg-type]
+
+    if is_url(readable):
+        locations.with_retries(str(readable), read_fields)
+    else:
+        read_fields()
     return listing
 
 
