@@ -196,3 +196,49 @@ def test_5xx_answers_while_listing_and_reading_shards_are_retried(corpus):  # no
             open_shards(f"{base}/gone.tar")
     finally:
         server.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpus, tiny_florence, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    """Local and S3 shards on Ray: the same output shards as a local run; the driver never opens an input shard."""
+    import sys
+
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    root, images, expected = corpus
+    shards = root / "shards"
+    opened: list[str] = []
+    watching = [False]
+
+    def audit(event: str, args: tuple) -> None:  # what this (the driver) process opens
+        if watching[0] and event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).startswith(
+                str(shards)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    ray_options = {"executor": "ray", "ray_actors": 1, "ray_cpus_per_actor": 0.5, "batch_size": 2}
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        watching[0] = True
+        summary = captionkit.caption(str(shards / PATTERN), model=str(tiny_florence), output_dir=tmp_path / "local",
+                                     **ray_options, **FAST)
+        watching[0] = False
+        assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
+        remote = captionkit.caption(f"s3://{BUCKET}/in/{PATTERN}", model=str(tiny_florence),
+                                    output_dir=f"s3://{BUCKET}/ray-out", storage_options=s3.storage_options(),
+                                    **ray_options, **FAST)
+        assert (remote.processed, remote.failed, remote.files_written) == (9, 0, 3)
+    finally:
+        watching[0] = False
+        ray.shutdown()
+        import shutil
+
+        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
+    assert opened == []  # listing, decoding and writing the output shards all read the input shards elsewhere
+    check_output(tmp_path / "local", images, expected)
+    _download(s3, "ray-out/", tmp_path / "from-bucket")
+    check_output(tmp_path / "from-bucket", images, expected)
+    _assert_no_secret(tmp_path / "cache", s3.key, s3.secret)
+    _assert_no_secret(tmp_path / "from-bucket", s3.key, s3.secret)

@@ -337,7 +337,7 @@ def open_source(
     include_hidden: bool = False,
     text_only: bool = False,
 ) -> Source:
-    """A source for a folder, one image, a manifest file, or WebDataset ``.tar``/``.tar.gz`` shards (brace patterns too).
+    """A source for a folder, one image, a manifest file, or WebDataset shards (``.tar``, ``.tar.gz``; brace patterns).
 
     ``path`` may be an object-store URL (``s3://bucket/prefix/``, ``gs://...``, ``hf://...``: a prefix,
     one image or a manifest); ``file://`` URLs are local paths. Credentials: see ``core.locations``.

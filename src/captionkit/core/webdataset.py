@@ -557,7 +557,8 @@ class ShardSink:
 
     def __init__(self, store: Any, output_dir: str | Path, writer: Any = None) -> None:
         self.store = store
-        self.output_dir = output_dir if locations.is_url(str(output_dir)) else Path(output_dir)
+        # absolute: an executor's workers write there from another working directory
+        self.output_dir = output_dir if locations.is_url(str(output_dir)) else Path(output_dir).resolve()
         self.writer = writer or LocalShardWriter()
         self.write_errors: dict[str, str] = {}
         self.report = ShardReport()
