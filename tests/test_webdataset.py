@@ -275,3 +275,37 @@ def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_flore
         shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
     assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
     check_output(tmp_path / "out", images, expected)
+
+
+def test_the_shard_sink_reads_a_shard_from_the_store_once_when_its_last_sample_is_stored(tmp_path):
+    """Not after every batch: a 40-sample shard in batches of 4 costs one read of its 40 results, not ten."""
+    from captionkit.core.records import open_source
+    from captionkit.core.store import Result
+    from captionkit.core.webdataset import ShardSink
+
+    class CountingStore(Store):
+        asked = 0
+
+        def get_many(self, step, record_ids):
+            record_ids = list(record_ids)
+            CountingStore.asked += len(record_ids)
+            return super().get_many(step, record_ids)
+
+    write_shards(tmp_path / "shards", 1, per_shard=40)
+    records = list(open_source(tmp_path / "shards" / "shard-00000.tar"))
+    output = tmp_path / "out"
+    with CountingStore(output) as store:
+        sink = ShardSink(store, output)
+        sink.plan(records)
+        for start in range(0, 40, 4):
+            batch = records[start:start + 4]
+            store.put_results([Result("caption", record.id, str(record.path), None, None, "f", None, "ok", "x",
+                                      f"caption {record.id}", None, [], 0.0) for record in batch])
+            written = sink.write({record.id: f"caption {record.id}" for record in batch})
+            assert written == (1 if start == 36 else 0)
+            assert (output / "shard-00000.tar").exists() == (start == 36)
+        assert CountingStore.asked == 40
+        assert sink.finish().written == [str(output.resolve() / "shard-00000.tar")]
+    samples = read_shards(str(output / "shard-00000.tar"))
+    assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == \
+        {record.path.key: f"caption {record.id}" for record in records}

@@ -242,3 +242,31 @@ def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpu
     check_output(tmp_path / "from-bucket", images, expected)
     _assert_no_secret(tmp_path / "cache", s3.key, s3.secret)
     _assert_no_secret(tmp_path / "from-bucket", s3.key, s3.secret)
+
+
+def test_objects_named_one_by_one_get_their_signatures_from_list_pages_not_a_head_each(s3, corpus):  # noqa: F811
+    """A manifest's 30 URLs under one prefix (and a missing one): one LIST request, the same signatures as HEADs."""
+    from captionkit.core import locations
+
+    root, _, _ = corpus
+    client = s3.client()
+    data = (root / "shards" / "shard-00000.tar").read_bytes()
+    for index in range(30):
+        client.put_object(Bucket=BUCKET, Key=f"rows/{index:03d}.jpg", Body=data[:100 + index])
+    client.put_object(Bucket=BUCKET, Key="rows/sub/zzz.jpg", Body=b"deeper")
+    urls = [f"s3://{BUCKET}/rows/{index:03d}.jpg" for index in range(30)] + [f"s3://{BUCKET}/rows/gone.jpg"]
+    options = s3.storage_options()
+    fs = locations.filesystem(urls[0], options)[0]
+    calls: list[str] = []
+    fs.connect()  # the client whose requests are counted (fsspec hands out this same cached instance)
+    fs.s3.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    found = locations.signatures(urls, 8, options)
+    assert calls == ["ListObjectsV2"]  # was one HeadObject per URL
+    assert found[urls[-1]] is None
+    calls.clear()
+    for url in urls[:-1]:
+        fs.invalidate_cache()
+        assert found[url] == locations.signature(url, options)  # as a HEAD reads it
+    assert set(calls) == {"HeadObject"}
+    with pytest.raises(locations.RemoteError, match=r"access denied \(403\)"):
+        locations.signatures(urls, 8, s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="wrong-secret-x"))

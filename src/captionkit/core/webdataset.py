@@ -411,7 +411,8 @@ class WebDatasetSource(Source):
 def open_shards(pattern: str | Path) -> WebDatasetSource:
     """A source for a shard or a brace pattern; every shard must exist and shard names must be unique."""
     shards = expand_shards(pattern)
-    missing = [str(shard) for shard in shards if _info(shard) is None]
+    remote = locations.signatures([str(shard) for shard in shards if is_url(shard)])  # LIST pages, not a HEAD each
+    missing = [str(shard) for shard in shards if (remote.get(shard) if is_url(shard) else _info(shard)) is None]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise SourceError(f"{pattern}: {len(missing)} of {len(shards)} shard(s) not found ({shown}). "
