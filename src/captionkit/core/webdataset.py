@@ -519,6 +519,41 @@ def write_output_shards(store: Any, records: list[Record], output_dir: str | Pat
     return report
 
 
+def export_shards(records: list[Record], fields: list[str], output_dir: str | Path) -> int:
+    """Records of shards → new shards in ``output_dir``: each sample's originals plus ``KEY.<field>.txt`` per field.
+
+    A pipeline's ``export`` step with ``format: webdataset``: the values are the records' fields (what
+    earlier steps wrote); a value that is not text is written as ``KEY.<field>.json``; a sample without a
+    value for a field (None: its step failed) goes without that member. Samples the pipeline dropped are
+    not in ``records``, so not in the shards. Returns the number of samples written.
+    """
+    require("webdataset", "writing WebDataset shards", extra="webdataset")
+    by_shard: dict[str, list[Record]] = {}
+    for record in records:
+        if isinstance(record.path, ShardMember):
+            by_shard.setdefault(record.path.shard, []).append(record)
+    if not locations.is_url(str(output_dir)):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+    count = 0
+    for shard, members in by_shard.items():
+        texts: dict[str, dict[str, str]] = {}
+        for record in members:
+            values = texts.setdefault(record.path.key, {})  # type: ignore[union-attr]
+            for name in fields:
+                value = record.fields.get(name)
+                if value is None:
+                    continue
+                if isinstance(value, str):
+                    values[name] = value
+                else:
+                    values[f"{name}@json"] = json.dumps(value, ensure_ascii=False, default=str)
+        keys = [record.path.key for record in members]  # type: ignore[union-attr]
+        signature = members[0].path.shard_signature  # type: ignore[union-attr]
+        write_shard(ShardJob(shard, signature, output_target(output_dir, shard), keys, texts, ""))
+        count += len(keys)
+    return count
+
+
 @dataclass
 class _Placed:
     collisions: dict = field(default_factory=dict)  # shards have no file-name collisions (SidecarSink's shape)
@@ -664,8 +699,9 @@ def write_shard(job: ShardJob) -> str:
         writer = webdataset.TarWriter(handle, encoder=False, compress=is_compressed(job.target))
         for key in job.keys:
             sample: dict[str, Any] = {"__key__": key, **parts.get(key, {})}
-            for step, text in job.texts[key].items():
-                sample[f"{step}.txt"] = text.encode("utf-8")
+            for step, text in job.texts[key].items():  # "<field>@json": a value that is not text
+                name = f"{step[:-5]}.json" if step.endswith("@json") else f"{step}.txt"
+                sample[name] = text.encode("utf-8")
             writer.write(sample)
         writer.close()
 
