@@ -28,6 +28,7 @@ import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
@@ -166,6 +167,41 @@ def _unpacked_copy(shard: Shard, signature: str | None) -> tuple[Path, str | Non
         return _unpacked[key]
 
 
+# Remote members are read in aligned blocks (one ranged GET each, retried), kept per process: samples lie one
+# after the other, so the decode threads (or a Ray decode task's block of records) read a block once for all
+# the images in it, not one request per image. BLOCKS_KEPT x BLOCK_BYTES bounds the memory.
+BLOCK_BYTES = 8 << 20
+BLOCKS_KEPT = 8
+_blocks: OrderedDict[tuple[str, str | None, int], Future] = OrderedDict()
+_blocks_lock = threading.Lock()
+
+
+def _block(url: str, signature: str | None, index: int) -> bytes:
+    """Block ``index`` of a remote shard, fetched by the first thread that asks while the others wait for it."""
+    key = (url, signature, index)
+    with _blocks_lock:
+        pending = _blocks.get(key)
+        owner = pending is None
+        if pending is None:
+            pending = _blocks[key] = Future()
+            while len(_blocks) > BLOCKS_KEPT:
+                _blocks.popitem(last=False)
+        else:
+            _blocks.move_to_end(key)
+    if owner:
+        fs, path = locations.filesystem(url)
+        start = index * BLOCK_BYTES
+        try:
+            pending.set_result(locations.with_retries(
+                url, lambda: fs.cat_file(path, start=start, end=start + BLOCK_BYTES)))
+        except BaseException as error:
+            pending.set_exception(error)
+            with _blocks_lock:
+                if _blocks.get(key) is pending:
+                    del _blocks[key]  # the next read tries again
+    return pending.result()
+
+
 @atexit.register
 def _remove_unpacked() -> None:
     for path, _ in _unpacked.values():
@@ -186,13 +222,13 @@ def _readable(shard: Shard, signature: str | None, warnings: list[str] | None = 
 
 
 def _read_range(shard: Shard, signature: str | None, offset: int, size: int) -> bytes:
-    """``size`` bytes at ``offset`` of the (unpacked) shard: one ranged GET for a remote plain shard."""
+    """``size`` bytes at ``offset`` of the (unpacked) shard; a remote plain shard's come from its cached blocks."""
     if is_compressed(shard):
         shard = _unpacked_copy(shard, signature)[0]
     if is_url(shard):
-        url = str(shard)
-        fs, path = locations.filesystem(url)
-        return locations.with_retries(url, lambda: fs.cat_file(path, start=offset, end=offset + size))
+        first, last = offset // BLOCK_BYTES, (offset + max(size, 1) - 1) // BLOCK_BYTES
+        data = b"".join(_block(str(shard), signature, index) for index in range(first, last + 1))
+        return data[offset - first * BLOCK_BYTES:offset - first * BLOCK_BYTES + size]
     with open(shard, "rb") as stream:
         stream.seek(offset)
         return stream.read(size)
