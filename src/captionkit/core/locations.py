@@ -317,8 +317,9 @@ def _list_signatures(prefix: str, urls: list[str], storage_options: dict[str, An
     keys = {url.split("://", 1)[1].partition("/")[2]: url for url in urls}
     first, last = min(keys), max(keys)
     found: dict[str, str | None] = {}
-    arguments = {"Bucket": bucket, "Prefix": key_prefix.rstrip("/") + "/" if key_prefix else "",
-                 "StartAfter": first[:-1], "MaxKeys": LIST_PAGE}
+    arguments = {"Bucket": bucket, "Prefix": key_prefix.rstrip("/") + "/" if key_prefix else "", "MaxKeys": LIST_PAGE}
+    if first[:-1]:
+        arguments["StartAfter"] = first[:-1]  # the key just before the first wanted one, or before it
     pages = 0
     while pages < len(keys) - len(found):  # a page costs what one HEAD costs
         page = with_retries(prefix, lambda: fs.call_s3("list_objects_v2", **arguments))
