@@ -270,3 +270,24 @@ def test_objects_named_one_by_one_get_their_signatures_from_list_pages_not_a_hea
     assert set(calls) == {"HeadObject"}
     with pytest.raises(locations.RemoteError, match=r"access denied \(403\)"):
         locations.signatures(urls, 8, s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="wrong-secret-x"))
+
+
+def test_a_cut_shard_in_the_bucket_fails_only_its_cut_member_as_truncated(s3, corpus, monkeypatch):  # noqa: F811
+    """The cut member's last blocks start past the object's end (S3 answers 416): 'truncated', not 'refused'."""
+    from captionkit.core import locations
+    from captionkit.core import webdataset as shards
+
+    root, images, _ = corpus
+    data = (root / "shards" / "shard-00001.tar").read_bytes()
+    with tarfile.open(root / "shards" / "shard-00001.tar") as archive:
+        last = archive.getmember("000000005.jpg")
+    s3.client().put_object(Bucket=BUCKET, Key="cut/shard-00001.tar", Body=data[:last.offset_data + 100])
+    monkeypatch.setattr(shards, "BLOCK_BYTES", 4096)  # small blocks: the cut image spans several
+    with locations.storage_options_set(s3.storage_options()):
+        listing = shards.list_shard(f"s3://{BUCKET}/cut/shard-00001.tar")
+        assert "truncated" in " ".join(listing.warnings)
+        first, *_, cut = listing.records
+        assert first.path.read_bytes() == images["000000003"]
+        with pytest.raises(captionkit.CaptionkitError, match="key 000000005, member 000000005.jpg: the shard is "
+                                                             "truncated"):
+            cut.path.read_bytes()
