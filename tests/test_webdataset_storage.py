@@ -75,7 +75,7 @@ def test_a_refused_shard_is_one_clear_403_and_a_missing_one_is_named(s3, tiny_fl
                              "--output-dir", str(out), "--storage-options", json.dumps(wrong), "-q"],
                             env=_cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
-    assert f"s3://{BUCKET}/in/shard-00000.tar: access denied (403)" in result.stderr, result.stderr
+    assert f"s3://{BUCKET}/in: access denied (403)" in result.stderr, result.stderr  # the LIST of their prefix
     assert "--storage-options" in result.stderr and "Traceback" not in result.stderr
     assert "not-the-secret-at-all" not in result.stderr + result.stdout
     with pytest.raises(captionkit.CaptionkitError,
