@@ -275,3 +275,101 @@ def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_flore
         shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
     assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
     check_output(tmp_path / "out", images, expected)
+
+
+def test_the_shard_sink_reads_a_shard_from_the_store_once_when_its_last_sample_is_stored(tmp_path):
+    """Not after every batch: a 40-sample shard in batches of 4 costs one read of its 40 results, not ten."""
+    from captionkit.core.records import open_source
+    from captionkit.core.store import Result
+    from captionkit.core.webdataset import ShardSink
+
+    class CountingStore(Store):
+        asked = 0
+
+        def get_many(self, step, record_ids):
+            record_ids = list(record_ids)
+            CountingStore.asked += len(record_ids)
+            return super().get_many(step, record_ids)
+
+    write_shards(tmp_path / "shards", 1, per_shard=40)
+    records = list(open_source(tmp_path / "shards" / "shard-00000.tar"))
+    output = tmp_path / "out"
+    with CountingStore(output) as store:
+        sink = ShardSink(store, output)
+        sink.plan(records)
+        for start in range(0, 40, 4):
+            batch = records[start:start + 4]
+            store.put_results([Result("caption", record.id, str(record.path), None, None, "f", None, "ok", "x",
+                                      f"caption {record.id}", None, [], 0.0) for record in batch])
+            written = sink.write({record.id: f"caption {record.id}" for record in batch})
+            assert written == (1 if start == 36 else 0)
+            assert (output / "shard-00000.tar").exists() == (start == 36)
+        assert CountingStore.asked == 40
+        assert sink.finish().written == [str(output.resolve() / "shard-00000.tar")]
+    samples = read_shards(str(output / "shard-00000.tar"))
+    assert {key: sample["caption.txt"].decode() for key, sample in samples.items()} == \
+        {record.path.key: f"caption {record.id}" for record in records}
+
+
+def test_a_pipeline_over_shards_exports_a_table_keyed_by_shard_and_key_and_new_shards(corpus, tiny_florence,
+                                                                                      tmp_path):
+    import yaml
+
+    from captionkit.pipeline import run_pipeline
+
+    root, images, expected = corpus
+    pipeline = tmp_path / "shards.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "input": str(root / "shards" / "shard-{00000..00002}.tar"), "base_folder": "work", "save_folder": "out",
+        "steps": [{"type": "captioner", "name": "florence",
+                   "config": {"model": str(tiny_florence), "num_beams": 1, "max_new_tokens": 12, "batch_size": 2}},
+                  {"type": "template", "name": "final", "config": {"template": "photo, {florence}"}},
+                  {"type": "export", "name": "table", "config": {"format": "parquet", "fields": ["florence", "url"]}},
+                  {"type": "export", "name": "wds", "config": {"format": "webdataset", "path": "shards",
+                                                               "fields": ["florence", "final"]}}],
+    }, sort_keys=False))
+    report = run_pipeline(pipeline)
+    assert all(not step.errors for step in report.steps)
+    import pyarrow.parquet as parquet
+
+    rows = parquet.read_table(tmp_path / "out" / "export.parquet").to_pylist()
+    assert [(row["shard"], row["key"]) for row in rows] == \
+        [(f"shard-{index // PER_SHARD:05d}.tar", f"{index:09d}") for index in range(9)]
+    assert {row["key"]: row["florence"] for row in rows} == expected
+    assert rows[4]["url"] == "https://x/4.jpg" and "image" not in rows[0]
+    final = _final_rows(report.table)  # the pipeline's own table: one row per sample, the json's fields kept
+    assert [row["image"] for row in final][:2] == ["shard-00000.tar/000000000", "shard-00000.tar/000000001"]
+    assert {row["image"].split("/")[1]: row["florence"] for row in final} == expected
+    templated = {row["image"].split("/")[1]: row["final"] for row in final}
+    assert all(text.startswith("photo") for text in templated.values())
+    samples = read_shards(str(tmp_path / "out" / "shards" / "shard-{00000..00002}.tar"))
+    assert sorted(samples) == sorted(expected)
+    for key, sample in samples.items():  # the originals plus one member per exported field
+        assert sample["florence.txt"].decode() == expected[key]
+        assert sample["final.txt"].decode() == templated[key]
+        assert sample["jpg"] == images[key] and sample["txt"].decode() == f"alt text {int(key)}"
+    again = run_pipeline(pipeline)  # nothing to do, nothing rewritten
+    assert [step.processed for step in again.steps[:2]] == [0, 0]
+
+
+@pytest.mark.parametrize("fmt", ["sidecar", "imagefolder"])
+def test_exports_that_need_image_files_refuse_shard_samples_in_one_sentence(corpus, tmp_path, fmt):
+    from captionkit.core.records import open_source
+    from captionkit.steps.export import build_export
+    from captionkit.steps.registry import StepContext
+
+    root, _, _ = corpus
+    records = list(open_source(root / "shards" / "shard-00000.tar"))
+    step = build_export({"format": fmt, "field": "txt"}, StepContext(0, "e", "e", tmp_path, tmp_path))
+    with pytest.raises(captionkit.CaptionkitError, match=f"format {fmt}: the input is WebDataset shards.*"
+                                                         "Use format webdataset"):
+        step.export(records, None, None)
+    assert not any(tmp_path.iterdir())
+
+
+def _final_rows(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    import pyarrow.parquet as parquet
+
+    return parquet.read_table(path).to_pylist()

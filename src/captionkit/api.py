@@ -39,11 +39,11 @@ def check_input_exists(path: str | Path) -> None:
     """Fail on a missing input path with the same sentence :func:`open_source` gives, but before any model."""
     from captionkit.core.webdataset import is_shard_pattern, open_shards
 
+    if locations.is_url(str(path)):
+        return  # an object-store URL is checked when it is opened (one request, with the run's credentials)
     if is_shard_pattern(path):  # WebDataset shards: every shard of the pattern must be there
         open_shards(path)
         return
-    if locations.is_url(str(path)):
-        return  # an object-store URL is checked when it is opened (one request, with the run's credentials)
     location = locations.local_path(path)
     if not location.exists():
         raise SourceError(f"{location}: no such file or folder. Check the path.")
@@ -318,7 +318,8 @@ def _run_listed(path, make_step, description: str, runner, reporter, *, recursiv
             if shards and write_sidecars:  # new shards in --output-dir, never sidecars beside the input shards
                 from captionkit.core.webdataset import ShardSink
 
-                sink = ShardSink(store, Path(output_dir).expanduser())
+                # a URL --output-dir gets its shards uploaded one by one as they finish, nothing staged
+                sink = ShardSink(store, destination_url if remote_output else Path(output_dir).expanduser())
             elif write_sidecars:
                 sink = SidecarSink(
                     store, step.field, extension=ext,
@@ -329,7 +330,7 @@ def _run_listed(path, make_step, description: str, runner, reporter, *, recursiv
             summary = runner.run(step, records, store, sink)
             if shards and write_sidecars:
                 finish_shards(sink, summary)
-            if remote_output and sink is not None:
+            if remote_output and sink is not None and not shards:
                 uploaded = locations.upload_tree(output_dir, str(destination_url))
                 log.info("uploaded %d caption files to %s", uploaded, destination_url)
             if after is not None:
@@ -358,8 +359,13 @@ def check_shard_output(source: WebDatasetSource, output_dir: str | Path | None) 
         raise CaptionkitError(f"{source.description}: WebDataset shards need --output-dir: new shards with the same "
                               "names and keys (and a caption/tags member per sample) are written there; the input "
                               "shards are never changed.")
-    target = Path(output_dir).expanduser().resolve()
-    if any(isinstance(shard, Path) and shard.parent == target for shard in source.shards):
+    if locations.is_url(str(output_dir)):
+        same = any(isinstance(shard, str) and locations.parent(shard) == str(output_dir).rstrip("/")
+                   for shard in source.shards)
+    else:
+        target = locations.local_path(output_dir).resolve()
+        same = any(isinstance(shard, Path) and shard.parent == target for shard in source.shards)
+    if same:
         raise CaptionkitError(f"--output-dir {output_dir}: the input shards are in this folder and the output shards "
                               "have the same names; choose another folder.")
 
@@ -375,7 +381,7 @@ def finish_shards(sink, summary: RunSummary) -> None:
         log.info("%d shard(s) not written yet (samples without a result; a rerun finishes them): %s",
                  len(report.pending), ", ".join(Path(shard).name for shard in report.pending))
     log.info("output shards: %d written by this run, %d finished before (not rewritten)", len(report.written),
-             len(report.unchanged) - before)
+             len(report.unchanged))
 
 
 def store_has_results(path: Path) -> bool:

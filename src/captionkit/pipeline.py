@@ -31,6 +31,7 @@ import yaml
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import MANIFEST_SUFFIXES, Record, open_source
 from captionkit.core.sinks import TABLE_FORMATS, write_table
+from captionkit.core.webdataset import is_shard_pattern, open_shards
 from captionkit.steps.registry import StepContext, StepType, find_step_type
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,12 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if source is None:
         raise _fail(str(path), "no input: set 'input' (or Dataflow-Gen's 'meta_path') to an image folder or a "
                                "manifest.")
-    if not source.exists():
+    if is_shard_pattern(source):  # WebDataset shards (a brace pattern): each must be there
+        try:
+            open_shards(source)
+        except CaptionkitError as error:
+            raise _fail(str(path), f"input: {error}") from None
+    elif not source.exists():
         raise _fail(str(path), f"input {source} does not exist.")
     output_format = data.get("output_format")
     if output_format is None:
@@ -577,6 +583,11 @@ def _is_text_only(pipeline: Pipeline) -> bool:
 
 
 def _manifest_columns(pipeline: Pipeline) -> list[str]:
+    if is_shard_pattern(pipeline.input):  # a WebDataset sample's fields: its .txt member and .json keys
+        from captionkit.core.webdataset import list_shard
+
+        shards = open_shards(pipeline.input).shards
+        return list(dict.fromkeys(name for record in list_shard(shards[0]).records for name in record.fields))
     if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
         return []
     source = open_source(pipeline.input, image_column=pipeline.image_key, base_dir=pipeline.meta_folder,
@@ -902,6 +913,8 @@ def _image_value(pipeline: Pipeline, record: Record) -> str:
     root = pipeline.meta_folder or (pipeline.input if pipeline.input.is_dir() else pipeline.input.parent)
     if record.path is None:
         return ""
+    if not isinstance(record.path, Path):  # a WebDataset sample: <shard name>/<key>
+        return record.id
     return Path(os.path.relpath(record.path.resolve(), root.resolve())).as_posix()
 
 

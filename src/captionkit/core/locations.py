@@ -145,7 +145,8 @@ def _status_of(error: BaseException) -> int | None:
 def classify(url: str, error: BaseException) -> RemoteError | None:
     """A permanent failure as its one clear error (404, 403, 400-class); None when worth retrying."""
     status = _status_of(error)
-    if isinstance(error, FileNotFoundError) or status == 404:
+    # fsspec's http:// filesystem reports any failed HEAD/GET as FileNotFoundError: a 5xx behind it is transient
+    if status == 404 or (isinstance(error, FileNotFoundError) and (status is None or status < 500)):
         return RemoteError(f"{url}: no such object (404). Check the bucket and key, or the manifest row naming it.")
     if isinstance(error, PermissionError) or status in (401, 403):
         return RemoteError(f"{url}: access denied (403). Check the credentials (environment, profile or "
@@ -256,13 +257,84 @@ def object_signature(info: dict[str, Any]) -> str:
     """What the store compares to decide that an object changed: ETag (or checksum), size, modification time."""
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("blob_id") or ""
     modified = info.get("LastModified") or info.get("last_modified") or info.get("updated") or info.get("mtime")
-    return f"etag:{str(etag or '').strip(chr(34))}:{info.get('size')}:{modified or ''}"
+    if hasattr(modified, "timestamp"):  # whole seconds: a listing gives milliseconds, a HEAD's header does not
+        modified = int(modified.timestamp())
+    size = info.get("size", info.get("Size"))
+    return f"etag:{str(etag or '').strip(chr(34))}:{size}:{modified or ''}"
 
 
 def signature(url: str, storage_options: dict[str, Any] | None = None) -> str:
     """``url``'s :func:`object_signature` from one metadata request (a HEAD on S3)."""
     fs, path = filesystem(url, storage_options)
     return object_signature(with_retries(url, lambda: fs.info(path)))
+
+
+LIST_PAGE = 1000  # keys per S3 LIST request
+
+
+def signatures(urls: list[str], workers: int = 16, storage_options: dict[str, Any] | None = None
+               ) -> dict[str, str | None]:
+    """Each URL's :func:`object_signature` (None: no such object); a refused request (403) raises.
+
+    Objects named one by one (a manifest's rows, shards) mostly share a few prefixes: on S3 each prefix
+    holding several of them is read with LIST requests (1000 keys each, ETags included) from the first
+    wanted key on, instead of one HEAD per object. A listing stops once it has cost as many requests as
+    the HEADs it still saves; what it did not find gets a HEAD (``workers`` at a time).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    found: dict[str, str | None] = {}
+    by_prefix: dict[str, list[str]] = {}
+    for url in dict.fromkeys(urls):
+        if scheme(url) in ("s3", "s3a"):
+            by_prefix.setdefault(parent(url), []).append(url)
+    listed = [(prefix, wanted) for prefix, wanted in by_prefix.items() if len(wanted) > 1]
+    if listed:
+        with ThreadPoolExecutor(max(1, min(workers, len(listed))), thread_name_prefix="captionkit-list") as pool:
+            for result in pool.map(lambda item: _list_signatures(*item, storage_options), listed):
+                found.update(result)
+
+    def head(url: str) -> str | None:
+        try:
+            return signature(url, storage_options)
+        except RemoteError as error:
+            if "(404)" in str(error):
+                return None
+            raise
+
+    rest = [url for url in dict.fromkeys(urls) if url not in found]
+    if rest:
+        with ThreadPoolExecutor(max(1, min(workers, len(rest))), thread_name_prefix="captionkit-head") as pool:
+            found.update(zip(rest, pool.map(head, rest), strict=True))
+    return {url: found[url] for url in urls}
+
+
+def _list_signatures(prefix: str, urls: list[str], storage_options: dict[str, Any] | None
+                     ) -> dict[str, str | None]:
+    """Signatures of ``urls`` (all directly under ``prefix``) from S3 LIST pages, within the request budget."""
+    fs, path = filesystem(prefix, storage_options)
+    bucket, _, key_prefix = path.partition("/")
+    keys = {url.split("://", 1)[1].partition("/")[2]: url for url in urls}
+    first, last = min(keys), max(keys)
+    found: dict[str, str | None] = {}
+    arguments = {"Bucket": bucket, "Prefix": key_prefix.rstrip("/") + "/" if key_prefix else "", "MaxKeys": LIST_PAGE}
+    if first[:-1]:
+        arguments["StartAfter"] = first[:-1]  # the key just before the first wanted one, or before it
+    pages = 0
+    while pages < len(keys) - len(found):  # a page costs what one HEAD costs
+        page = with_retries(prefix, lambda: fs.call_s3("list_objects_v2", **arguments))
+        pages += 1
+        for item in page.get("Contents", []):
+            if item["Key"] in keys:
+                found[keys[item["Key"]]] = object_signature(item)
+        contents = page.get("Contents") or [{}]
+        if not page.get("IsTruncated") or contents[-1].get("Key", last) >= last or len(found) == len(keys):
+            for url in keys.values():  # listed through the last wanted key: the others do not exist
+                found.setdefault(url, None)
+            break
+        arguments["ContinuationToken"] = page["NextContinuationToken"]
+        arguments.pop("StartAfter", None)
+    return found
 
 
 def list_objects(url: str, extensions: frozenset[str], storage_options: dict[str, Any] | None = None,

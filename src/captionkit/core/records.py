@@ -337,15 +337,15 @@ def open_source(
     include_hidden: bool = False,
     text_only: bool = False,
 ) -> Source:
-    """A source for a folder, one image, a manifest file, or WebDataset ``.tar`` shards (brace patterns too).
+    """A source for a folder, one image, a manifest file, or WebDataset shards (``.tar``, ``.tar.gz``; brace patterns).
 
     ``path`` may be an object-store URL (``s3://bucket/prefix/``, ``gs://...``, ``hf://...``: a prefix,
     one image or a manifest); ``file://`` URLs are local paths. Credentials: see ``core.locations``.
     ``text_only``: a manifest whose rows have no image (prompts for image generation).
     """
-    if str(path).lower().endswith(".tar"):  # WebDataset shards, a brace pattern included
-        from captionkit.core.webdataset import open_shards
+    from captionkit.core.webdataset import is_shard_pattern, open_shards
 
+    if is_shard_pattern(path):  # WebDataset shards (.tar, .tar.gz, .tgz), a brace pattern included
         return open_shards(path)
     if locations.is_url(str(path)):
         return _open_remote_source(str(path), recursive, image_column, base_dir, text_only)

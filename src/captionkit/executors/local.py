@@ -234,7 +234,8 @@ class LocalExecutor:
         return records
 
     def _remote_signatures(self, records: list[Record]) -> None:
-        """ETag/size/mtime of remote images not listed from a prefix (manifest rows), ``io_workers`` HEADs at a time.
+        """ETag/size/mtime of remote images not listed from a prefix (manifest rows): LIST pages of the prefixes
+        they share, a HEAD for the rest, ``io_workers`` requests at a time (:func:`locations.signatures`).
 
         A missing object gets no signature (its load fails with a clear 404 error); a refused one (403)
         ends the run here, before any model loads, with one clear error.
@@ -243,20 +244,8 @@ class LocalExecutor:
 
         wanted = [record.url for record in records if record.url is not None
                   and record.url not in self.known_signatures]
-        if not wanted:
-            return
-
-        def head(url: str) -> str | None:
-            try:
-                return locations.signature(url)
-            except locations.RemoteError as error:
-                if "(404)" in str(error):
-                    return None
-                raise
-
-        with ThreadPoolExecutor(max(1, self.options.io_workers), thread_name_prefix="captionkit-head") as pool:
-            for url, signature in zip(wanted, pool.map(head, wanted), strict=True):
-                self.known_signatures[url] = signature
+        if wanted:
+            self.known_signatures.update(locations.signatures(wanted, self.options.io_workers))
 
     def classify(self, step: Step, records: list[Record], store: Store,
                  settings: dict[str, Any] | None = None) -> WorkPlan:

@@ -157,6 +157,65 @@ def decode_batch(table, blob: bytes, threads: int, remote: RemoteAccess | None =
     return _table([record.id for record in records], [pickle.dumps(entry) for entry in entries])
 
 
+def _in_remote_shard(record: Record) -> bool:
+    """A sample of a WebDataset shard in object storage: its workers need the run's storage options."""
+    from captionkit.core.webdataset import ShardMember
+
+    return isinstance(record.path, ShardMember) and locations.is_url(record.path.shard)
+
+
+# ---------------------------------------------------------------------------------------- output shards
+def write_shard_task(job: Any, storage_options: dict[str, Any]) -> str:
+    """A Ray task: one output shard, its input shard read here (see :func:`captionkit.core.webdataset.write_shard`)."""
+    from captionkit.core.webdataset import write_shard
+
+    locations.set_default_storage_options(storage_options)
+    return write_shard(job)
+
+
+class RayShardWriter:
+    """Output shards written by Ray tasks (the :class:`~captionkit.core.webdataset.ShardSink` writer on Ray).
+
+    Each task reads its input shard (local, remote or compressed) and writes the output shard itself, so
+    no image byte passes through the driver: the driver sends each task the kept keys and their texts
+    only. A URL ``--output-dir`` is uploaded to from whichever node runs the task; a local one is the
+    driver's folder, so those tasks run on the driver's node (bytes go from that node's disk or network
+    to its disk, still not through the driver process). Ray Data's ``write_webdataset`` does not fit:
+    it names and cuts files by block, not one output shard per input shard with the same keys.
+    """
+
+    def __init__(self, ray: Any, storage_options: dict[str, Any]) -> None:
+        self.ray = ray
+        self.storage_options = storage_options
+        self.task = ray.remote(num_cpus=0.25, max_retries=2)(write_shard_task)
+        self.node = ray.get_runtime_context().get_node_id()
+        self.pending: dict[Any, Any] = {}
+
+    def submit(self, jobs: list[Any]) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        for job in jobs:
+            task = self.task
+            if not locations.is_url(str(job.target)):
+                task = task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(self.node, soft=False))
+            self.pending[task.remote(job, self.storage_options)] = job
+
+    def collect(self, wait: bool) -> list[tuple[Any, str | None]]:
+        """Tasks finished since the last call (all of them with ``wait``): (job, None) or (job, why it failed)."""
+        if not self.pending:
+            return []
+        ready, _ = self.ray.wait(list(self.pending), num_returns=len(self.pending), timeout=None if wait else 0)
+        done: list[tuple[Any, str | None]] = []
+        for reference in ready:
+            job = self.pending.pop(reference)
+            try:
+                self.ray.get(reference)
+                done.append((job, None))
+            except self.ray.exceptions.RayError as error:
+                done.append((job, str(worker_error(error))))
+        return done
+
+
 # -------------------------------------------------------------------------------------- model stage
 class StartLedger:
     """Counts model actors killed while loading the model, for one run's actors together (a tiny Ray actor).
@@ -525,10 +584,20 @@ class RayExecutor(LocalExecutor):
     def run(self, step: Step, records: list[Record], store: Store, sink: SidecarSink | None) -> RunSummary:
         # Ray prints what its workers report ("(raylet) ... actor died") on stdout, which belongs to
         # --progress json; the progress stream keeps the real stdout it was given.
+        from captionkit.core.webdataset import LocalShardWriter, ShardSink
+
+        shards = isinstance(sink, ShardSink)
         with contextlib.redirect_stdout(sys.stderr):
             try:
-                return super().run(step, records, store, sink)
+                if shards:  # output shards written by Ray tasks, which read the input shards themselves
+                    sink.writer = RayShardWriter(self._ray(), locations.default_storage_options())
+                summary = super().run(step, records, store, sink)
+                if shards:
+                    summary.files_written += sink.flush()  # while Ray is up: the shards whose last samples failed
+                return summary
             finally:
+                if shards:
+                    sink.writer = LocalShardWriter()
                 self._stop_ray()
 
     def _stop_ray(self) -> None:
@@ -710,7 +779,7 @@ class RayExecutor(LocalExecutor):
         dataset = ray.data.from_arrow_refs([
             ray.put(_records_table(records[start:start + per_block])) for start in range(0, len(records), per_block)])
         remote = RemoteAccess(locations.default_storage_options(), self.options.io_workers) \
-            if any(record.url is not None for record in records) else None
+            if any(record.url is not None or _in_remote_shard(record) for record in records) else None
         if apart:
             dataset = dataset.map_batches(
                 decode_batch, fn_args=(blob, max(1, int(self.decode_cpus)), remote), batch_size=batch,

@@ -48,7 +48,7 @@ def list_records(source: Source, ray: Any) -> tuple[list[Record], dict[str, str 
         return _remote_folder_records(source, ray)
     from captionkit.core.webdataset import WebDatasetSource
 
-    if isinstance(source, WebDatasetSource) and len(source.shards) > 1:
+    if isinstance(source, WebDatasetSource):
         return _shard_records(source, ray)
     if isinstance(source, ManifestSource) and not source.text_only and not source.remote \
             and not locations.is_url(str(source.manifest)) and source.suffix in (".jsonl", ".csv", ".tsv", ".parquet"):
@@ -163,12 +163,22 @@ def _folder_records(source: FolderSource, ray: Any) -> tuple[list[Record], dict[
 
 
 # ------------------------------------------------------------------------------------------- shards
-def _shard_records(source: Any, ray: Any) -> tuple[list[Record], dict[str, str | None]]:
-    """WebDataset shards listed by one Ray task each (headers and text members only), merged in shard order."""
+def _list_shard(shard: Any, storage_options: dict[str, Any]) -> Any:
+    """A Ray task: one shard's listing, with the run's storage options (memory only) for a remote shard."""
     from captionkit.core.webdataset import list_shard
 
-    task = ray.remote(num_cpus=0.5)(list_shard)
-    futures = [task.remote(shard) for shard in source.shards]
+    locations.set_default_storage_options(storage_options)
+    return list_shard(shard)
+
+
+def _shard_records(source: Any, ray: Any) -> tuple[list[Record], dict[str, str | None]]:
+    """WebDataset shards listed by one Ray task each (headers and text members only), merged in shard order.
+
+    Even one shard is listed in a task: a compressed shard is unpacked to list it, which is no job for the driver.
+    """
+    task = ray.remote(num_cpus=0.5)(_list_shard)
+    options = locations.default_storage_options()
+    futures = [task.remote(shard, options) for shard in source.shards]
     records: list[Record] = []
     signatures: dict[str, str | None] = {}
     for future in futures:

@@ -1,4 +1,5 @@
-"""The ``export`` step: write the records' fields as sidecar files, a table, or a Hugging Face imagefolder.
+"""The ``export`` step: write the records' fields as sidecar files, a table, a Hugging Face imagefolder, or
+(for WebDataset input) new shards with the fields as members.
 
 It runs no model, so the pipeline calls its ``export`` directly after the earlier steps.
 Sidecars go through the core's sink (skip / overwrite / append / fill-empty, collision
@@ -14,9 +15,10 @@ from typing import Any
 
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import Record
+from captionkit.core.webdataset import ShardMember, export_shards, shard_name
 from captionkit.steps.registry import StepContext, register_step
 
-FORMATS = ("sidecar", "jsonl", "json", "csv", "tsv", "parquet", "imagefolder")
+FORMATS = ("sidecar", "jsonl", "json", "csv", "tsv", "parquet", "imagefolder", "webdataset")
 
 
 class ExportStep:
@@ -29,6 +31,9 @@ class ExportStep:
             raise CaptionkitError(f"format '{fmt}': use one of {', '.join(FORMATS)}.")
         if fmt == "sidecar" and not field:
             raise CaptionkitError("format sidecar needs 'field': the record field to write beside each image.")
+        if fmt == "webdataset" and not (fields or field):
+            raise CaptionkitError("format webdataset needs 'fields' (or 'field'): the record fields to add to each "
+                                  "sample as KEY.<field>.txt members.")
         from captionkit.core.sinks import CollisionPolicy, ExistingPolicy
 
         for key, value, policy in (("existing", existing, ExistingPolicy), ("on_collision", on_collision,
@@ -53,9 +58,21 @@ class ExportStep:
 
     def _row(self, record: Record) -> dict[str, Any]:
         fields = record.fields if self.fields is None else {key: record.fields.get(key) for key in self.fields}
+        if isinstance(record.path, ShardMember):  # a WebDataset sample: keyed by shard and key (no image file)
+            return {"id": record.id, "shard": shard_name(record.path.shard), "key": record.path.key, **fields}
         return {"id": record.id, **({"image": str(record.path)} if record.path else {}), **fields}  # user id wins
 
     def export(self, records: list[Record], store: Any, pipeline: Any) -> int:
+        shards = any(isinstance(record.path, ShardMember) for record in records)
+        if self.format == "webdataset":
+            if not shards:
+                raise CaptionkitError("format webdataset writes new shards beside the input's: the input must be "
+                                      "WebDataset shards. Use jsonl or parquet for a table.")
+            return export_shards(records, self.fields or [str(self.field)], self._destination("shards"))
+        if shards and self.format in ("sidecar", "imagefolder"):
+            raise CaptionkitError(f"format {self.format}: the input is WebDataset shards, whose images are not files "
+                                  "to write beside or link to. Use format webdataset (new shards with the fields as "
+                                  "members) or jsonl/parquet (a table keyed by shard and key).")
         if self.format == "sidecar":
             return self._sidecars(records, store)
         if self.format == "imagefolder":
@@ -120,7 +137,8 @@ class ExportStep:
 
 @register_step(
     "export",
-    description="write fields as sidecar files (core policies), jsonl/json/csv/tsv/parquet, or an HF imagefolder",
+    description="write fields as sidecar files (core policies), jsonl/json/csv/tsv/parquet, an HF imagefolder, or "
+                "new WebDataset shards (webdataset)",
     keys={"format": str, "path": str, "fields": list, "field": str, "ext": str, "existing": str,
           "on_collision": str, "append_separator": str, "copy_images": bool},
     aliases=("Export", "Exporter"),
