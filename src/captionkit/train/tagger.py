@@ -117,8 +117,27 @@ class TaggerModelConfig:
     drop_path_rate: float = 0.0
     drop_rate: float = 0.0
     init_from: Path | None = None  # an exported tagger folder or checkpoint: fine-tune onto this vocabulary
+    #: Train only the classifier (linear probe): the backbone gets no gradient and stays in eval
+    #: mode (BatchNorm statistics frozen) for the whole run.
+    freeze_backbone: bool = False
+    #: Head-only for the first N epochs, then the whole model (linear probe, then fine-tuning).
+    freeze_backbone_epochs: int = 0
+    #: While the backbone is frozen: compute its pooled features once per image, keep them on disk
+    #: and train the head from them (with data.hflip: two views per image, as is and mirrored).
+    cache_features: bool = False
+    feature_cache_dir: Path | None = None  # None: OUTPUT/feature_cache; runs may share one
 
     def __post_init__(self) -> None:
+        if self.freeze_backbone_epochs < 0:
+            raise ValueError(f"model.freeze_backbone_epochs must be 0 or more, got {self.freeze_backbone_epochs}")
+        if self.freeze_backbone and self.freeze_backbone_epochs:
+            raise ValueError("model.freeze_backbone (every epoch) and model.freeze_backbone_epochs (the first N) "
+                             "both freeze the backbone; set only one")
+        if self.cache_features and not (self.freeze_backbone or self.freeze_backbone_epochs):
+            raise ValueError("model.cache_features needs a frozen backbone: set model.freeze_backbone: true or "
+                             "model.freeze_backbone_epochs: N (features change while the backbone trains)")
+        if self.feature_cache_dir is not None and not self.cache_features:
+            raise ValueError("model.feature_cache_dir is only read with model.cache_features: true")
         if self.image_size < 16:
             raise ValueError(f"model.image_size must be at least 16, got {self.image_size}")
         if not 0 <= self.drop_path_rate < 1 or not 0 <= self.drop_rate < 1:
@@ -215,6 +234,14 @@ class TaggerTrainConfig:
             raise ValueError(f"threshold must be between 0 and 1, got {self.threshold}")
         if self.save_every_epochs < 0:
             raise ValueError("save_every_epochs must be 0 (only last/best) or more")
+        if self.model.freeze_backbone_epochs > self.epochs:
+            raise ValueError(f"model.freeze_backbone_epochs ({self.model.freeze_backbone_epochs}) is more than epochs "
+                             f"({self.epochs}); for a head-only run set model.freeze_backbone: true")
+
+    @property
+    def frozen_epochs(self) -> int:
+        """How many epochs (from the first) train only the head."""
+        return self.epochs if self.model.freeze_backbone else self.model.freeze_backbone_epochs
 
 
 def load_tagger_config(path: str | Path | None, overrides: list[str] | None = None) -> TaggerTrainConfig:
@@ -241,6 +268,8 @@ class TaggerTrainResult:
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> images left out
     log_file: Path | None = None  # OUTPUT/train.log: the run's log, with every skipped image
     stopped: bool = False  # ended early by ``stop``: resume from OUTPUT/last (the last finished epoch)
+    #: model.cache_features: entries reused / computed / replaced as unreadable, per data part ("train", "val").
+    feature_cache: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 class TaggerTrainingError(CaptionkitError):
@@ -578,6 +607,12 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
             )
 
     # -- model: available (cached, a file, or the Hub reachable) before it is built --
+    if config.frozen_epochs and accelerator.num_processes > 1:
+        raise TaggerTrainingError(
+            f"model.freeze_backbone{'_epochs' if not config.model.freeze_backbone else ''} trains the head outside "
+            f"the distributed wrapper, so it runs in one process only ({accelerator.num_processes} were launched); "
+            "start the run without accelerate launch, or train the whole model"
+        )
     check_backbone(config.model, init_from=resume_dir is None)
     model, model_args = create_backbone(config.model, num_tags)
     if config.model.init_from is not None and resume_dir is None:
@@ -620,6 +655,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     task.split = (split_path, encoded.paths, train_idx, val_idx, split_method)
     used = len(items) + len(val_items)
     task.skipped = (used, scan.skipped(data_cfg.caption_extension))
+    task.val_labels = val_encoded
 
     tensorboard = config.report_to == "tensorboard"
     settings = LoopSettings(
@@ -652,6 +688,7 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
         skipped={reason: paths for reason, paths in task.skipped[1].items() if paths},
         log_file=outcome.log_file,
         stopped=outcome.stopped,
+        feature_cache=task.cache_stats,
     )
 
 
@@ -671,6 +708,10 @@ class _TaggerTask(TrainingTask):
         self.config, self.accelerator, self.model, self.ema = config, accelerator, model, ema
         self.train_set, self.val_set, self.sampler, self.loss_fn = train_set, val_set, sampler, loss_fn
         self.thresholds: Any = None
+        self.frozen = False  # this epoch trains only the head
+        self.cached_sets: tuple[Any, Any] | None = None  # (train, validation) features, once prepared
+        self.cache_stats: dict[str, dict[str, int]] = {}
+        self.split_checked = False
 
     def begin(self, log_file: Path) -> None:
         output = Path(self.config.output_dir)
@@ -690,17 +731,99 @@ class _TaggerTask(TrainingTask):
         from captionkit.train.tagger_data import collate_skipping_failures
 
         config = self.config
+        frozen = epoch < config.frozen_epochs
+        train_set = self.cached()[0] if frozen and config.model.cache_features else self.train_set
+        self.set_phase(frozen)
         self.sampler.set_epoch(epoch)
         return iter(torch.utils.data.DataLoader(
-            self.train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.data.num_workers,
-            collate_fn=collate_skipping_failures, drop_last=False,
+            train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.data.num_workers,
+            collate_fn=collate_skipping_failures, drop_last=False, pin_memory=self.accelerator.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), persistent_workers=False,
         ))
 
+    def set_phase(self, frozen: bool) -> None:
+        """Head-only: the backbone in eval mode (BatchNorm statistics and dropout off), only the classifier trains.
+
+        The backbone keeps ``requires_grad`` (its forward runs under ``no_grad`` instead), so the
+        optimizer and gradient clipping see it again when a later epoch trains the whole model.
+        """
+        from captionkit.train.tagger_features import check_split, classifier_of
+
+        model = self.accelerator.unwrap_model(self.model)
+        if frozen and not self.frozen:
+            _log.info("training only the classifier (backbone frozen) until epoch %d", self.config.frozen_epochs)
+        elif self.frozen and not frozen:
+            _log.info("backbone unfrozen: training the whole model from here on")
+        self.frozen = frozen
+        if not frozen:
+            model.train()
+            return
+        if not self.config.model.cache_features and not self.split_checked:
+            check_split(model, self.preprocessing.size)
+            self.split_checked = True
+        model.eval()
+        classifier_of(model).train()
+
+    def cached(self) -> tuple[Any, Any]:
+        """The training and validation features from the cache, computing what it lacks (once per run)."""
+        if self.cached_sets is not None:
+            return self.cached_sets
+        from captionkit.train.tagger_features import (
+            CachedFeatureDataset,
+            FeatureCache,
+            backbone_fingerprint,
+            fill_cache,
+        )
+
+        config, model = self.config, self.accelerator.unwrap_model(self.model)
+        preprocessing = self.preprocessing
+        description = {
+            "backbone": config.model.backbone, "model_args": self.model_args,
+            "feature": "forward_head(forward_features(x), pre_logits=True)",
+            "preprocessing": {"size": list(preprocessing.size), "mean": list(preprocessing.mean),
+                              "std": list(preprocessing.std), "scale": preprocessing.scale,
+                              "interpolation": preprocessing.interpolation, "layout": preprocessing.layout,
+                              "channel_order": preprocessing.channel_order},
+            "mixed_precision": config.mixed_precision, "device": self.accelerator.device.type,
+        }
+        root = config.model.feature_cache_dir or Path(config.output_dir) / "feature_cache"
+        cache = FeatureCache(Path(root), backbone_fingerprint(model, description), description)
+        sets = []
+        for part, dataset, views in (("train", self.train_set, 2 if config.data.hflip else 1),
+                                     ("val", self.val_set, 1)):
+            paths = [dataset.data.paths[index] for index in dataset.indices]
+            labels = [dataset.data.labels[index] for index in dataset.indices]
+            entries, stats = fill_cache(cache, model, paths, views, preprocessing, self.accelerator,
+                                        config.eval_batch_size or config.batch_size, config.data.num_workers)
+            self.cache_stats[part] = stats.as_dict()
+            _log.info("feature cache %s (%s): %d reused, %d computed, %d unreadable entries replaced", cache.folder,
+                      part, stats.reused, stats.computed, stats.corrupt)
+            sets.append(CachedFeatureDataset(entries, labels, dataset.num_tags,
+                                             hflip=part == "train" and config.data.hflip))
+        self.cached_sets = (sets[0], sets[1])
+        return self.cached_sets
+
     def loss(self, model: Any, batch: Any) -> BatchLoss:
-        images, targets = batch
-        loss = self.loss_fn(model(images), targets)
-        return BatchLoss(loss, float(loss.detach()) * images.shape[0], images.shape[0], images.shape[0])
+        inputs, targets = batch
+        if self.frozen:
+            import torch
+
+            from captionkit.train.tagger_features import head_logits, pooled_features
+
+            net = self.accelerator.unwrap_model(model)
+            with self.accelerator.autocast():
+                if self.config.model.cache_features:
+                    features = inputs
+                else:
+                    with torch.no_grad():
+                        features = pooled_features(net, inputs).float()
+                logits = head_logits(net, features, self.config.model.drop_rate, training=True)
+        else:
+            logits = model(inputs)
+        loss = self.loss_fn(logits, targets)
+        count = inputs.shape[0]
+        # the total stays on the device: a float() here would wait for every step to finish
+        return BatchLoss(loss, loss.detach() * count, count, count)
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -715,8 +838,14 @@ class _TaggerTask(TrainingTask):
         config, accelerator = self.config, self.accelerator
         eval_model = self.ema.module if self.ema is not None else model
         eval_model.eval()
+        val_set, forward = self.val_set, eval_model
+        if self.frozen and config.model.cache_features:  # the backbone is the frozen one: its features are cached
+            from captionkit.train.tagger_features import head_logits
+
+            head = accelerator.unwrap_model(eval_model)
+            val_set, forward = self.cached()[1], lambda features: head_logits(head, features, 0.0, training=False)
         loader = torch.utils.data.DataLoader(
-            self.val_set, batch_size=config.eval_batch_size or config.batch_size,
+            val_set, batch_size=config.eval_batch_size or config.batch_size,
             sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
                                  accelerator.num_processes),
             num_workers=config.data.num_workers, collate_fn=collate_skipping_failures,
@@ -729,7 +858,7 @@ class _TaggerTask(TrainingTask):
                     continue
                 images, targets = to_device(batch, accelerator.device)
                 with accelerator.autocast():
-                    logits = eval_model(images)
+                    logits = forward(images)
                 # weighted by images, so a short last batch counts for what it holds
                 losses.append(torch.stack([self.loss_fn(logits, targets).float() * targets.shape[0],
                                            torch.tensor(float(targets.shape[0]), device=targets.device)]))
