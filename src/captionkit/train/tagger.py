@@ -793,12 +793,13 @@ class _TaggerTask(TrainingTask):
                                      ("val", self.val_set, 1)):
             paths = [dataset.data.paths[index] for index in dataset.indices]
             labels = [dataset.data.labels[index] for index in dataset.indices]
-            entries, stats = fill_cache(cache, model, paths, views, preprocessing, self.accelerator,
-                                        config.eval_batch_size or config.batch_size, config.data.num_workers)
+            features, available, stats = fill_cache(cache, model, paths, views, preprocessing, self.accelerator,
+                                                    config.eval_batch_size or config.batch_size,
+                                                    config.data.num_workers)
             self.cache_stats[part] = stats.as_dict()
             _log.info("feature cache %s (%s): %d reused, %d computed, %d unreadable entries replaced", cache.folder,
                       part, stats.reused, stats.computed, stats.corrupt)
-            sets.append(CachedFeatureDataset(entries, labels, dataset.num_tags,
+            sets.append(CachedFeatureDataset(features, available, labels, dataset.num_tags,
                                              hflip=part == "train" and config.data.hflip))
         self.cached_sets = (sets[0], sets[1])
         return self.cached_sets
