@@ -708,6 +708,8 @@ class _TaggerTask(TrainingTask):
         self.config, self.accelerator, self.model, self.ema = config, accelerator, model, ema
         self.train_set, self.val_set, self.sampler, self.loss_fn = train_set, val_set, sampler, loss_fn
         self.thresholds: Any = None
+        # unwrapped once: accelerate's unwrap_model walks every module (and probes packages) on each call
+        self.net = accelerator.unwrap_model(model)
         self.frozen = False  # this epoch trains only the head
         self.cached_sets: tuple[Any, Any] | None = None  # (train, validation) features, once prepared
         self.cache_stats: dict[str, dict[str, int]] = {}
@@ -737,7 +739,8 @@ class _TaggerTask(TrainingTask):
         self.sampler.set_epoch(epoch)
         return iter(torch.utils.data.DataLoader(
             train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.data.num_workers,
-            collate_fn=collate_skipping_failures, drop_last=False, pin_memory=self.accelerator.device.type == "cuda",
+            collate_fn=getattr(train_set, "collate", collate_skipping_failures), drop_last=False,
+            pin_memory=self.accelerator.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), persistent_workers=False,
         ))
 
@@ -749,7 +752,7 @@ class _TaggerTask(TrainingTask):
         """
         from captionkit.train.tagger_features import check_split, classifier_of
 
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.net
         if frozen and not self.frozen:
             _log.info("training only the classifier (backbone frozen) until epoch %d", self.config.frozen_epochs)
         elif self.frozen and not frozen:
@@ -775,7 +778,7 @@ class _TaggerTask(TrainingTask):
             fill_cache,
         )
 
-        config, model = self.config, self.accelerator.unwrap_model(self.model)
+        config, model = self.config, self.net
         preprocessing = self.preprocessing
         description = {
             "backbone": config.model.backbone, "model_args": self.model_args,
@@ -811,14 +814,13 @@ class _TaggerTask(TrainingTask):
 
             from captionkit.train.tagger_features import head_logits, pooled_features
 
-            net = self.accelerator.unwrap_model(model)
             with self.accelerator.autocast():
                 if self.config.model.cache_features:
                     features = inputs
                 else:
                     with torch.no_grad():
-                        features = pooled_features(net, inputs).float()
-                logits = head_logits(net, features, self.config.model.drop_rate, training=True)
+                        features = pooled_features(self.net, inputs).float()
+                logits = head_logits(self.net, features, self.config.model.drop_rate, training=True)
         else:
             logits = model(inputs)
         loss = self.loss_fn(logits, targets)
@@ -828,7 +830,7 @@ class _TaggerTask(TrainingTask):
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
-            self.ema.update(self.accelerator.unwrap_model(self.model), step=step)
+            self.ema.update(self.net, step=step)
 
     def evaluate(self, model: Any) -> dict[str, float]:
         import torch
@@ -843,13 +845,13 @@ class _TaggerTask(TrainingTask):
         if self.frozen and config.model.cache_features:  # the backbone is the frozen one: its features are cached
             from captionkit.train.tagger_features import head_logits
 
-            head = accelerator.unwrap_model(eval_model)
+            head = self.ema.module if self.ema is not None else self.net
             val_set, forward = self.cached()[1], lambda features: head_logits(head, features, 0.0, training=False)
         loader = torch.utils.data.DataLoader(
             val_set, batch_size=config.eval_batch_size or config.batch_size,
             sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
                                  accelerator.num_processes),
-            num_workers=config.data.num_workers, collate_fn=collate_skipping_failures,
+            num_workers=config.data.num_workers, collate_fn=getattr(val_set, "collate", collate_skipping_failures),
             generator=torch.Generator().manual_seed(config.seed),
         )
         all_scores, all_targets, losses = [], [], []

@@ -324,10 +324,12 @@ def fill_cache(cache: FeatureCache, model: Any, paths: Sequence[Path], views: in
 
 
 class CachedFeatureDataset:
-    """Cached features → (float32 [width], multi-hot target), drawing the hflip view like the image path.
+    """Cached features → batches of (float32 [batch, width], multi-hot [batch, tags]).
 
-    The coin is the same ``torch.rand(()) < 0.5`` :class:`~captionkit.train.tagger_data.TaggerDataset`
-    tosses, in the same place (after a successful read), so a cached epoch mirrors the same images.
+    An item is only (row, view); :meth:`collate` gathers a batch with one indexing operation
+    instead of building tensors per image. The view is drawn with the same ``torch.rand(()) < 0.5``
+    :class:`~captionkit.train.tagger_data.TaggerDataset` tosses, in the same place (after a
+    successful read), so a cached epoch mirrors the same images as the image path.
     """
 
     def __init__(self, features: Any, available: Sequence[bool], labels: Sequence[np.ndarray], num_tags: int,
@@ -338,12 +340,24 @@ class CachedFeatureDataset:
     def __len__(self) -> int:
         return len(self.available)
 
-    def __getitem__(self, position: int) -> tuple[Any, Any] | None:
+    def __getitem__(self, position: int) -> tuple[int, int] | None:
         import torch
 
         if not self.available[position]:
             return None
-        view = 1 if self.hflip and bool(torch.rand(()) < 0.5) else 0
-        target = torch.zeros(self.num_tags, dtype=torch.float32)
-        target[torch.from_numpy(self.labels[position].astype(np.int64))] = 1.0
-        return self.features[position, view], target
+        return position, 1 if self.hflip and bool(torch.rand(()) < 0.5) else 0
+
+    def collate(self, batch: list[tuple[int, int] | None]) -> tuple[Any, Any] | None:
+        import torch
+
+        kept = [item for item in batch if item is not None]
+        if not kept:
+            return None
+        rows = torch.tensor([row for row, _ in kept])
+        views = torch.tensor([view for _, view in kept])
+        labels = [self.labels[row] for row, _ in kept]
+        targets = torch.zeros(len(kept), self.num_tags, dtype=torch.float32)
+        owners = np.repeat(np.arange(len(kept)), [len(rows_of) for rows_of in labels])
+        tags = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, dtype=np.int64)
+        targets[torch.from_numpy(owners), torch.from_numpy(tags)] = 1.0
+        return self.features[rows, views], targets
