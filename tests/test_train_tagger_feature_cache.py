@@ -125,6 +125,8 @@ def test_resume_with_the_cache_equals_an_uninterrupted_run_and_the_backbone_trai
     resumed = train_tagger(load_tagger_config(None, settings(shapes, tmp_path / "resumed", weights, *common)),
                            resume=full.output_dir / "checkpoints" / "epoch-0001")
     assert resumed.start_epoch == 1 and len(resumed.history) == 2
+    optimizer = torch.load(full.output_dir / "last" / "optimizer.pt", weights_only=False)
+    assert optimizer["param_groups"][0]["fused"] is True  # torch's fused AdamW, not one tensor at a time
     assert resumed.feature_cache["train"] == {"reused": 30, "computed": 0, "corrupt": 0, "unreadable_images": 0}
     for with_resume, uninterrupted in zip(resumed.history, full.history[1:], strict=True):
         for key in ("train_loss", "val_loss", "map"):
