@@ -180,3 +180,37 @@ def test_head_only_settings_that_cannot_work_fail_with_the_fix(tmp_path):
         load_tagger_config(None, [*base, f"model.feature_cache_dir={tmp_path}"])
     config = load_tagger_config(None, [*base, "model.freeze_backbone_epochs=2", "model.cache_features=true"])
     assert config.frozen_epochs == 2 and config.model.cache_features
+
+
+def test_the_ema_updates_like_timms_also_after_loading_a_checkpoint():
+    import timm
+    from timm.utils import ModelEmaV3
+
+    from captionkit.train.tagger import new_ema
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=3)
+    reference, ours = ModelEmaV3(model, decay=0.9), new_ema(model, 0.9)
+
+    def train_a_little() -> None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+            for buffer in model.buffers():
+                buffer.add_(1)
+
+    for step in range(3):
+        train_a_little()
+        reference.update(model, step=step)
+        ours.update(model, step=step)
+    saved = {key: value.clone() for key, value in reference.state_dict().items()}
+    train_a_little()
+    ours.update(model, step=3)
+    ours.load_state_dict(saved)  # a resume copies into the tensors the update already gathered
+    reference.load_state_dict(saved)
+    for step in range(3):
+        train_a_little()
+        reference.update(model, step=step)
+        ours.update(model, step=step)
+    expected = reference.state_dict()
+    assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
