@@ -701,7 +701,6 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     task.split = (split_path, encoded.paths, train_idx, val_idx, split_method)
     used = len(items) + len(val_items)
     task.skipped = (used, scan.skipped(data_cfg.caption_extension))
-    task.val_labels = val_encoded
 
     tensorboard = config.report_to == "tensorboard"
     settings = LoopSettings(
@@ -784,11 +783,19 @@ class _TaggerTask(TrainingTask):
         self.set_phase(frozen)
         self.sampler.set_epoch(epoch)
         return iter(torch.utils.data.DataLoader(
-            train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=config.data.num_workers,
+            train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=self.workers_for(train_set),
             collate_fn=getattr(train_set, "collate", collate_skipping_failures), drop_last=False,
             pin_memory=self.accelerator.device.type == "cuda",
             generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch), persistent_workers=False,
         ))
+
+    def workers_for(self, dataset: Any) -> int:
+        """Loader processes: none for cached features (an index into memory; starting workers would cost
+        more than the epoch), so the mirror coin comes from the main process's RNG, as with
+        ``data.num_workers: 0`` on images."""
+        from captionkit.train.tagger_features import CachedFeatureDataset
+
+        return 0 if isinstance(dataset, CachedFeatureDataset) else self.config.data.num_workers
 
     def set_phase(self, frozen: bool) -> None:
         """Head-only: the backbone in eval mode (BatchNorm statistics and dropout off), only the classifier trains.
@@ -897,7 +904,7 @@ class _TaggerTask(TrainingTask):
             val_set, batch_size=config.eval_batch_size or config.batch_size,
             sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
                                  accelerator.num_processes),
-            num_workers=config.data.num_workers, collate_fn=getattr(val_set, "collate", collate_skipping_failures),
+            num_workers=self.workers_for(val_set), collate_fn=getattr(val_set, "collate", collate_skipping_failures),
             generator=torch.Generator().manual_seed(config.seed),
         )
         all_scores, all_targets, losses = [], [], []

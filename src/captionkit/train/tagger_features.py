@@ -11,7 +11,8 @@ of the timm backbone in eval mode, in float32: exactly what the classifier reads
 dropout timm applies before it (``model.drop_rate``) is applied to the cached features
 while training, as the model would. With ``data.hflip`` each image keeps two views (as is
 and mirrored), and each training step draws one with the same coin the image path tosses,
-so a cached run sees what an uncached one sees.
+so a cached run sees what an uncached one sees (the same draws with ``data.num_workers: 0``;
+a cached epoch loads in the main process, where the image path's workers toss their own).
 
 Training reads the features from memory (loaded once from the entries); the entries are
 what later epochs, resumed runs and other runs on the same data and backbone reuse.
