@@ -214,3 +214,31 @@ def test_the_ema_updates_like_timms_also_after_loading_a_checkpoint():
         ours.update(model, step=step)
     expected = reference.state_dict()
     assert all(torch.equal(value, expected[key]) for key, value in ours.state_dict().items())
+
+
+def test_cli_trains_the_head_from_cached_features_and_reports_the_cache(shapes, weights, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from captionkit.train.tagger_cli import tagger_command
+
+    app = typer.Typer()
+    app.command("tagger")(tagger_command)
+    app.command("other")(lambda: None)
+    config = tmp_path / "tagger.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'out'}\nepochs: 1\nbatch_size: 8\nreport_to: none\n"
+        f"model:\n  backbone: test_resnet\n  image_size: 32\n  pretrained: {weights}\n"
+        f"data:\n  train_dirs: [{shapes}]\n  num_workers: 0\n  val_fraction: 0.25\n", encoding="utf-8")
+    first = CliRunner().invoke(app, ["tagger", "--config", str(config), "--set", "model.freeze_backbone=true",
+                                     "--set", "model.cache_features=true"])
+    assert first.exit_code == 0, first.output
+    assert "feature cache (train): 0 reused, 30 computed, 0 unreadable entries replaced" in first.output
+    assert list((tmp_path / "out" / "feature_cache").rglob("*.safetensors"))
+    again = CliRunner().invoke(app, ["tagger", "--config", str(config), "--set", f"output_dir={tmp_path / 'again'}",
+                                     "--set", "model.freeze_backbone=true", "--set", "model.cache_features=true",
+                                     "--set", f"model.feature_cache_dir={tmp_path / 'out' / 'feature_cache'}"])
+    assert again.exit_code == 0, again.output
+    assert "feature cache (train): 30 reused, 0 computed" in again.output
+    bad = CliRunner().invoke(app, ["tagger", "--config", str(config), "--set", "model.cache_features=true"])
+    assert bad.exit_code == 2 and "cache_features needs a frozen backbone" in bad.output
