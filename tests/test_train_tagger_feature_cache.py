@@ -139,15 +139,18 @@ def test_resume_with_the_cache_equals_an_uninterrupted_run_and_the_backbone_trai
     assert not torch.equal(final["conv1.0.weight"], initial["conv1.0.weight"])  # epoch 3 trained the whole model
 
 
-def test_cached_epochs_never_run_the_backbone(shapes, weights, tmp_path):
+def test_head_only_steps_send_no_gradient_to_the_backbone_and_cached_ones_never_run_it(shapes, weights, tmp_path):
     from torch.nn.modules.module import register_module_forward_hook
 
     cache = tmp_path / "cache"
     stem_calls = []
+    backbone_gradients = []  # backbone layers whose output was recorded for backward
 
     def count(module, inputs, output):
-        if isinstance(module, torch.nn.Conv2d):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
             stem_calls.append(inputs[0].shape[0])
+            if output.requires_grad:
+                backbone_gradients.append(type(module).__name__)
 
     def train(name: str, *extra: str) -> None:
         train_tagger(load_tagger_config(None, settings(shapes, tmp_path / name, weights, "epochs=2",
@@ -155,8 +158,13 @@ def test_cached_epochs_never_run_the_backbone(shapes, weights, tmp_path):
 
     handle = register_module_forward_hook(count)
     try:
+        train("whole", "model.freeze_backbone=false")
+        assert backbone_gradients  # the hook sees the backbone in the autograd graph when it trains
+        backbone_gradients.clear()
+        stem_calls.clear()
         train("uncached")
         assert stem_calls  # the hook sees the backbone when it runs
+        assert backbone_gradients == []  # head-only: no gradient reaches any backbone layer
         stem_calls.clear()
         train("filling", "model.cache_features=true", f"model.feature_cache_dir={cache}")
         images_through_backbone = len(stem_calls)
@@ -164,6 +172,7 @@ def test_cached_epochs_never_run_the_backbone(shapes, weights, tmp_path):
         stem_calls.clear()
         train("cached", "model.cache_features=true", f"model.feature_cache_dir={cache}")
         assert stem_calls == []  # two epochs of training and validation, all from the cache
+        assert backbone_gradients == []
     finally:
         handle.remove()
 
