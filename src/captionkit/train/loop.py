@@ -39,10 +39,11 @@ _log = logging.getLogger(__name__)
 
 class BatchLoss(NamedTuple):
     """One batch's loss: ``loss`` is back-propagated after division by the window's divisor;
-    ``total / count`` is what the logs average (summed over tokens, images ...)."""
+    ``total / count`` is what the logs average (summed over tokens, images ...). ``total`` may be
+    a tensor on the device: the loop sums it there and reads it only when it logs."""
 
     loss: Any
-    total: float
+    total: Any  # a float, or a 0-d tensor on the device
     count: float
     samples: int
 
@@ -274,7 +275,7 @@ class _Loop:
         self.model.train()
         self.metrics, self.evaluated_at = metrics, progress.global_step
         if settings.epoch_rows:
-            row = {**metrics, "train_loss": self.epoch_loss / max(1, self.epoch_count),
+            row = {**metrics, "train_loss": float(self.epoch_loss) / max(1, self.epoch_count),
                    "lr": self.scheduler.get_last_lr()[0], "epoch": progress.epoch,
                    "epoch_seconds": time.perf_counter() - self.epoch_started}
             epochs = -(-settings.total_steps // self.steps_per_epoch)
@@ -383,7 +384,7 @@ class _Loop:
                 if settings.log_every_steps and (progress.global_step % settings.log_every_steps == 0
                                                  or progress.global_step == settings.total_steps):
                     elapsed = max(time.perf_counter() - start_time, 1e-9)
-                    last_train_loss = window_loss / max(window_count, 1)
+                    last_train_loss = float(window_loss) / max(window_count, 1)
                     values = {"train/loss": last_train_loss, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/epoch": progress.epoch + progress.batch_in_epoch / bpe,
                               "train/samples_per_second": (progress.samples_seen - start.samples_seen) / elapsed}
@@ -403,7 +404,7 @@ class _Loop:
             self.require_samples(progress.samples_seen - start.samples_seen,
                                  f"{progress.global_step - start.global_step} steps")
         if last_train_loss is None and window_count:
-            last_train_loss = window_loss / window_count
+            last_train_loss = float(window_loss) / window_count
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         samples_per_second = (progress.samples_seen - start.samples_seen) / elapsed
         if settings.has_validation and self.evaluated_at != progress.global_step:

@@ -54,6 +54,9 @@ def tagger_command(
     best = f"{result.best_metric:.4f}" if result.best_metric is not None else "n/a"
     typer.echo(f"best {result.metric_name}: {best}  ->  {result.best_dir}")
     typer.echo(f"final model: {result.final_dir}")
+    for part, stats in result.feature_cache.items():
+        typer.echo(f"feature cache ({part}): {stats['reused']} reused, {stats['computed']} computed, "
+                   f"{stats['corrupt']} unreadable entries replaced")
 
 
 def prepare_command(
