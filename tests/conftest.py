@@ -49,6 +49,25 @@ def tiny_florence(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One local Ray instance (2 CPUs) per test process, for every test that runs on a Ray it is given; its
+    GCS address. An instance costs seconds of CPU to start and more in the Ray Data helper actors of its first
+    run: started once, not once per module. A module whose test classes run in actors registers itself with
+    ``ray.cloudpickle.register_pickle_by_value``; tests about a Ray that captionkit starts run in a subprocess."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import shutil
+
+    # Ray runs its workers at niceness 15: behind the other xdist worker (and whatever else runs) its actors
+    # waited minutes on a busy machine; at 0 they get their share
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                       _system_config={"worker_niceness": 0})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For training tests: tiny models gain nothing from a second thread, and a parallel

@@ -1,4 +1,4 @@
-"""`--executor ray` on a local Ray instance (2 CPUs) the module starts: parity, a killed actor, a killed driver."""
+"""`--executor ray` on a local Ray instance (2 CPUs, one per test process): parity, a killed actor, a killed driver."""
 
 from __future__ import annotations
 
@@ -35,14 +35,12 @@ RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 repli
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's test classes
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
+def ray_address(shared_ray):
+    """The test process's Ray (tests/conftest.py), with this module's test classes sent to actors by value."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return shared_ray
 
 
 @pytest.fixture(scope="module")
