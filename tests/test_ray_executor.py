@@ -23,6 +23,7 @@ from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.run_state import ExitOnce, copy_of, state, wait_while_running
 from tests.run_state import committed as committed_results
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
@@ -386,7 +387,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
     driver.wait()
     committed = committed_results(folder)
     assert 4 <= committed < IMAGES
-    rerun = subprocess.run([*command, "--progress", "json"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_cli(*command[3:], "--progress", "json", env=env)  # the resume, in this process
     assert rerun.returncode == 1, rerun.stderr  # broken.png failed: some failed
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["event"] == "summary"
