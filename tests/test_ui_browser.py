@@ -343,7 +343,7 @@ def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser,
             time.sleep(0.02)
         process.send_signal(signal.SIGINT)  # the page stays open
         at_signal = committed(photos, step="caption", status=None)
-        assert process.wait(60) == 0, console.read_text()
+        assert process.wait(240) == 0, console.read_text()  # a hang guard: minutes on a busy machine (load 40)
     finally:
         if process.poll() is None:
             process.kill()
