@@ -88,7 +88,7 @@ SLOW_MODULES = {
     "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
     "test_train_tagger_run.py": 25, "test_train_captioner.py": 25, "test_devices_executor.py": 20,
     "test_exit_codes.py": 15, "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13, "test_vlm_lifecycle.py": 12,
-    "test_transformers_serve.py": 70,
+    "test_transformers_serve.py": 50,
 }
 QUICK_MODULE_S = 5
 
