@@ -49,6 +49,25 @@ def tiny_florence(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One local Ray instance (2 CPUs) per test process, for every test that runs on a Ray it is given; its
+    GCS address. An instance costs seconds of CPU to start and more in the Ray Data helper actors of its first
+    run: started once, not once per module. A module whose test classes run in actors registers itself with
+    ``ray.cloudpickle.register_pickle_by_value``; tests about a Ray that captionkit starts run in a subprocess."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import shutil
+
+    # Ray runs its workers at niceness 15: behind the other xdist worker (and whatever else runs) its actors
+    # waited minutes on a busy machine; at 0 they get their share
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                       _system_config={"worker_niceness": 0})
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """For training tests: tiny models gain nothing from a second thread, and a parallel
@@ -62,14 +81,16 @@ def one_torch_thread():
 
 
 # Seconds per test module (sum of its tests, both workers busy, measured on a loaded 2-core machine), for
-# the modules that cost most; every other module is a few seconds. Only the order is drawn from these.
+# the modules that cost most; every other module is a few seconds (QUICK_MODULE_S). Only the order is drawn
+# from these.
 SLOW_MODULES = {
     "test_ray_executor.py": 250, "test_train_captioner_learning.py": 80, "test_examples.py": 40,
     "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
     "test_train_tagger_run.py": 25, "test_train_captioner.py": 25, "test_devices_executor.py": 20,
     "test_exit_codes.py": 15, "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13, "test_vlm_lifecycle.py": 12,
-    "test_transformers_serve.py": 70, "test_train_feature_cache.py": 25, "test_webdataset_storage.py": 40,
+    "test_transformers_serve.py": 50, "test_train_feature_cache.py": 25, "test_webdataset_storage.py": 40,
 }
+QUICK_MODULE_S = 5
 
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the slices are cut from what runs
@@ -82,6 +103,8 @@ def pytest_collection_modifyitems(config, items: list) -> None:
     ended with that worker alone on it. Here the known-slow modules are dealt out to the slices
     longest first (each slice's heaviest first, a module's tests kept together for its module
     fixtures), and the quick tests fill the rest of each slice: the tail that is stolen is quick.
+    The modules with tests on the shared Ray instance (``shared_ray``) go to one slice together: one
+    instance started, not one per worker.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
     if workers < 2 or len(items) < 2 * workers:
@@ -89,21 +112,30 @@ def pytest_collection_modifyitems(config, items: list) -> None:
     modules: dict[str, list] = {}
     for item in items:
         modules.setdefault(item.path.name, []).append(item)
-    slow = sorted((name for name in modules if name in SLOW_MODULES), key=lambda name: -SLOW_MODULES[name])
-    quick = [item for name, group in modules.items() if name not in SLOW_MODULES for item in group]
+    on_ray = sorted((name for name, group in modules.items()
+                     if any("shared_ray" in item.fixturenames for item in group)),
+                    key=lambda name: -SLOW_MODULES.get(name, QUICK_MODULE_S))
+    units: dict[str, tuple[float, list]] = {
+        name: (SLOW_MODULES[name], group) for name, group in modules.items() if name in SLOW_MODULES
+        and name not in on_ray}
+    if on_ray:
+        units["on Ray"] = (sum(SLOW_MODULES.get(name, QUICK_MODULE_S) for name in on_ray),
+                           [item for name in on_ray for item in modules[name]])
+    grouped = set(SLOW_MODULES) | set(on_ray)
+    quick = [item for name, group in modules.items() if name not in grouped for item in group]
     sizes, left = [], len(items)  # the scheduler's slices: len(pending) // workers still to serve
     for remaining in range(workers, 0, -1):
         sizes.append(left // remaining)
         left -= sizes[-1]
     shares: list[list] = [[] for _ in range(workers)]
     loads = [0.0] * workers
-    for name in slow:  # longest processing time first, to the least loaded slice that has room
-        fitting = [index for index in range(workers) if len(shares[index]) + len(modules[name]) <= sizes[index]]
-        if not fitting:
+    for weight, group in sorted(units.values(), key=lambda unit: -unit[0]):  # longest processing time first,
+        fitting = [index for index in range(workers) if len(shares[index]) + len(group) <= sizes[index]]
+        if not fitting:  # to the least loaded slice that has room
             return  # a selection of only slow tests: file order
         target = min(fitting, key=lambda index: loads[index])
-        shares[target].extend(modules[name])
-        loads[target] += SLOW_MODULES[name]
+        shares[target].extend(group)
+        loads[target] += weight
     for index in range(workers):
         room = sizes[index] - len(shares[index])
         shares[index].extend(quick[:room])

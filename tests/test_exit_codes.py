@@ -229,21 +229,17 @@ def test_the_breaker_stops_the_devices_executor_too(tmp_path):
     assert 16 <= summary.failed < 400 and summary.processed == 0
 
 
-def test_the_breaker_stops_the_ray_executor_too(tmp_path):
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+def test_the_breaker_stops_the_ray_executor_too(tmp_path, shared_ray):
+    import ray
+
     from captionkit.executors import make_executor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get the test step
-        runner = make_executor("ray", RunOptions(workers=1), ray_address=ray.get_runtime_context().gcs_address,
-                               ray_actors=1, ray_cpus_per_actor=0.5, ray_decode_cpus=0.5)
-        records = [Record(f"r{index:03d}", None) for index in range(400)]
-        with Store(tmp_path) as store:
-            summary = runner.run(_BrokenModelStep(), records, store, None)
-    finally:
-        ray.shutdown()
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get the test step
+    runner = make_executor("ray", RunOptions(workers=1), ray_address=shared_ray,
+                           ray_actors=1, ray_cpus_per_actor=0.5, ray_decode_cpus=0.5)
+    records = [Record(f"r{index:03d}", None) for index in range(400)]
+    with Store(tmp_path) as store:
+        summary = runner.run(_BrokenModelStep(), records, store, None)
     assert summary.stopped_early and "device-side assert" in summary.stopped_early
     assert 16 <= summary.failed < 400 and summary.processed == 0
 

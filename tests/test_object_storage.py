@@ -191,26 +191,17 @@ def test_a_url_output_dir_gets_the_caption_files_and_the_store_stays_in_a_local_
 
 
 @pytest.mark.slow
-def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_results(s3, tiny_florence, tmp_path):
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_results(s3, tiny_florence, tmp_path,
+                                                                                     shared_ray):
     local = tmp_path / "local"
     url = f"s3://{BUCKET}/tree"
     reference = captionkit.caption(url, model=str(tiny_florence), output_dir=local,
                                    storage_options=s3.storage_options(), batch_size=4, **FAST)
     assert reference.processed == 2 * IMAGES + 1
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        on_ray = tmp_path / "ray"
-        summary = captionkit.caption(url, model=str(tiny_florence), output_dir=on_ray,
-                                     storage_options=s3.storage_options(), batch_size=4, executor="ray",
-                                     ray_address=ray.get_runtime_context().gcs_address, ray_actors=1,
-                                     ray_cpus_per_actor=0.5, **FAST)
-    finally:
-        ray.shutdown()
-        import shutil
-
-        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
+    on_ray = tmp_path / "ray"
+    summary = captionkit.caption(url, model=str(tiny_florence), output_dir=on_ray,
+                                 storage_options=s3.storage_options(), batch_size=4, executor="ray",
+                                 ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
     assert (summary.processed, summary.failed) == (2 * IMAGES + 1, 0)
     with Store(local) as first, Store(on_ray) as second:
         expected = {result.record_id: result.text for result in first.iter_results("caption")}

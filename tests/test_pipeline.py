@@ -18,6 +18,7 @@ import yaml
 from captionkit.core.errors import CaptionkitError
 from captionkit.pipeline import load_pipeline, run_pipeline
 from tests.images import write_good_images
+from tests.in_process import run_cli
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,8 +232,7 @@ def test_kill_minus_nine_mid_step_then_rerun_finishes_only_that_step_and_what_fo
     process.wait()
     done_before = _committed(database, "slow")
     assert 4 <= done_before < 24 and _committed(database, "final") == 0
-    rerun = subprocess.run([*CLI, "run", str(pipeline), "--quiet"], env=env, capture_output=True, text=True,
-                           timeout=300)
+    rerun = run_cli("run", str(pipeline), "--quiet", env=env)  # the resume, in this process: no second start-up
     assert rerun.returncode == 0, rerun.stderr
     lines = [line for line in rerun.stderr.splitlines() if line.startswith("step ")]  # after the paths: line
     assert "0 done, 24 already done" in lines[0]

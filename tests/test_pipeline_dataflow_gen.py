@@ -22,6 +22,7 @@ from PIL import Image
 
 from captionkit.core.errors import CaptionkitError
 from captionkit.pipeline import load_pipeline, run_pipeline
+from tests.in_process import run_cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 EXAMPLE = FIXTURES / "dataflow_gen_image_caption.yaml"  # docs/image.md's example configuration
@@ -356,12 +357,10 @@ def test_run_takes_the_file_as_config_option_as_dataflow_gen_does(tmp_path):
     (tmp_path / "meta.jsonl").write_text(json.dumps({"id": "a", "prompt": "hello"}) + "\n")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump({"meta_path": "meta.jsonl", "steps": [
         {"type": "template", "name": "t", "config": {"template": "{prompt}!"}}]}))
-    ran = subprocess.run([*CLI, "run", "--config", "p.yaml", "-q"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    ran = run_cli("run", "--config", "p.yaml", "-q", cwd=tmp_path)
     assert ran.returncode == 0, ran.stderr
     assert json.loads((tmp_path / "p-output" / "result.jsonl").read_text())["t"] == "hello!"
-    both = subprocess.run([*CLI, "run", "p.yaml", "--config", "other.yaml"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "COLUMNS": "200"})
+    both = run_cli("run", "p.yaml", "--config", "other.yaml", cwd=tmp_path, env={**os.environ, "COLUMNS": "200"})
     assert both.returncode == 2 and "give one" in both.stderr
 
 

@@ -1,4 +1,4 @@
-"""`--executor ray` on a local Ray instance (2 CPUs) the module starts: parity, a killed actor, a killed driver."""
+"""`--executor ray` on a local Ray instance (2 CPUs, one per test process): parity, a killed actor, a killed driver."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.run_state import ExitOnce, copy_of, state, wait_while_running
 from tests.run_state import committed as committed_results
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
@@ -35,14 +36,12 @@ RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 repli
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's test classes
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
+def ray_address(shared_ray):
+    """The test process's Ray (tests/conftest.py), with this module's test classes sent to actors by value."""
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    return shared_ray
 
 
 @pytest.fixture(scope="module")
@@ -388,7 +387,7 @@ def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_
     driver.wait()
     committed = committed_results(folder)
     assert 4 <= committed < IMAGES
-    rerun = subprocess.run([*command, "--progress", "json"], env=env, capture_output=True, text=True, timeout=300)
+    rerun = run_cli(*command[3:], "--progress", "json", env=env)  # the resume, in this process
     assert rerun.returncode == 1, rerun.stderr  # broken.png failed: some failed
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["event"] == "summary"

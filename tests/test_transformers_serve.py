@@ -2,7 +2,8 @@
 
 One ``transformers serve`` (started through tests/transformers_serve.py, which repairs this
 environment's torchvision) serves a tiny random-weight LLaVA for the whole module; every test
-runs the real command line against it. Its log counts the chat-completion requests it got.
+runs the real command line against it (in this process through tests/in_process.py, except the run
+whose server is killed under it). Its log counts the chat-completion requests it got.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.images import write_good_images
+from tests.in_process import run_cli
 
 pytestmark = pytest.mark.slow  # a server start of 10-30 s (more on a busy machine), and a restart
 
@@ -116,7 +118,10 @@ def _caption(folder: Path, url: str, model: Path, *extra: str) -> list[str]:
 
 
 def _run(arguments: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(arguments, env=_env(), capture_output=True, text=True, timeout=300)
+    """The command line ``arguments`` (``CLI`` + its arguments) run in this process: what it does, not a fresh
+    interpreter's imports, is under test."""
+    assert arguments[:len(CLI)] == CLI
+    return run_cli(*arguments[len(CLI):], env=_env())
 
 
 def _summary(stdout: str) -> dict:

@@ -259,20 +259,11 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
 
 
 @pytest.mark.slow
-def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_florence, tmp_path):
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_florence, tmp_path, shared_ray):
     root, images, expected = corpus
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        summary = captionkit.caption(str(root / "shards" / "shard-{00000..00002}.tar"), model=str(tiny_florence),
-                                     batch_size=2, output_dir=tmp_path / "out", executor="ray", ray_actors=1,
-                                     ray_cpus_per_actor=0.5, **FAST)
-    finally:
-        ray.shutdown()
-        import shutil
-
-        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
+    summary = captionkit.caption(str(root / "shards" / "shard-{00000..00002}.tar"), model=str(tiny_florence),
+                                 batch_size=2, output_dir=tmp_path / "out", executor="ray", ray_address=shared_ray,
+                                 ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
     assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
     check_output(tmp_path / "out", images, expected)
 

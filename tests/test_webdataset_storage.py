@@ -200,12 +200,10 @@ def test_5xx_answers_while_listing_and_reading_shards_are_retried(corpus):  # no
 
 @pytest.mark.slow
 def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpus, tiny_florence, tmp_path,  # noqa: F811
-                                                                        monkeypatch):
+                                                                        monkeypatch, shared_ray):
     """Local and S3 shards on Ray: the same output shards as a local run; the driver never opens an input shard."""
     import sys
 
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
     root, images, expected = corpus
     shards = root / "shards"
     opened: list[str] = []
@@ -218,8 +216,8 @@ def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpu
 
     sys.addaudithook(audit)
     monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
-    ray_options = {"executor": "ray", "ray_actors": 1, "ray_cpus_per_actor": 0.5, "batch_size": 2}
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray_options = {"executor": "ray", "ray_address": shared_ray, "ray_actors": 1, "ray_cpus_per_actor": 0.5,
+                   "batch_size": 2}
     try:
         watching[0] = True
         summary = captionkit.caption(str(shards / PATTERN), model=str(tiny_florence), output_dir=tmp_path / "local",
@@ -232,10 +230,6 @@ def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpu
         assert (remote.processed, remote.failed, remote.files_written) == (9, 0, 3)
     finally:
         watching[0] = False
-        ray.shutdown()
-        import shutil
-
-        shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)
     assert opened == []  # listing, decoding and writing the output shards all read the input shards elsewhere
     check_output(tmp_path / "local", images, expected)
     _download(s3, "ray-out/", tmp_path / "from-bucket")
