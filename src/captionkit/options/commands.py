@@ -389,7 +389,13 @@ UI = Command("ui", [Part(UiServe)])
 # The page has no form for these two: its inspection button and pipeline tab pass their own few values.
 INSPECT = Command("inspect", [Part(InspectRun), Part(Reporting, first="quiet")])
 
-RUN = Command("run", [Part(PipelineRun), Part(ScaleOptions, surfaces=CLI_ONLY), Part(Reporting, help={
+_RUN_STORAGE_HELP = {
+    "storage_options": "Object storage (an s3://, gs://, az://, hf:// input or save_folder): JSON of fsspec "
+                       "filesystem options, laid over the file's storage_options. Credentials also come from the "
+                       "environment and profiles; never stored or logged."}
+
+RUN = Command("run", [Part(PipelineRun), Part(ScaleOptions, surfaces=CLI_ONLY),
+                      Part(RemoteData, surfaces=CLI_ONLY, help=_RUN_STORAGE_HELP), Part(Reporting, help={
     "max_failures": "Still exit 0 when at most this many records fail in each step: a number (5) or a percentage "
                     "of the records the step tried (2%). Default 0.",
     "quiet": "No progress bars.", "progress": "bar, json or quiet."})])

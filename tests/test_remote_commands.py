@@ -1,0 +1,109 @@
+"""Object storage for `run`, `inspect` and the trainers (issue 18 item 1) against moto's S3 server over HTTP.
+
+The server and its bucket are test_object_storage's fixture (``set/`` holds IMAGES images).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from captionkit.core.store import Store
+from tests import test_object_storage
+from tests.test_object_storage import BUCKET, IMAGES, _assert_no_secret, _cli_env
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+CLI = [sys.executable, "-m", "captionkit.cli"]
+s3 = test_object_storage.s3  # the module-scoped server fixture (one moto server for this module)
+
+
+def _florence(model: Path) -> dict:
+    return {"type": "captioner", "name": "florence",
+            "config": {"model": str(model), "num_beams": 1, "max_new_tokens": 6}}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _stored(folder: Path, field: str) -> dict[str, str]:
+    with Store(folder) as store:
+        return {result.record_id: result.text for result in store.iter_results(field) if result.status == "ok"}
+
+
+# ---------------------------------------------------------------------------------------------- run
+def test_a_pipeline_over_a_bucket_prefix_writes_like_the_local_folder_and_uploads_its_outputs(
+        s3, tiny_florence, tmp_path, monkeypatch):
+    from captionkit.pipeline import run_pipeline
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    steps = [_florence(tiny_florence),
+             {"type": "template", "name": "final", "config": {"template": "ohwx, {florence}", "cleanup": False}},
+             {"type": "export", "name": "rows", "config": {"format": "jsonl", "path": f"s3://{BUCKET}/exp/rows.jsonl"}}]
+    local = run_pipeline(_write(tmp_path / "local.yaml", {
+        "input": str(s3.local / "set"), "base_folder": "local-work", "save_folder": "local-out", "steps": steps[:2]}))
+    expected = {row["image"]: row["final"] for row in map(json.loads, local.table.read_text().splitlines())}
+    assert len(expected) == IMAGES
+
+    options = s3.storage_options()  # credentials in the file (storage_options:), as the brief allows
+    pipeline = _write(tmp_path / "remote.yaml", {
+        "input": f"s3://{BUCKET}/set/", "base_folder": "work", "save_folder": f"s3://{BUCKET}/pipeline-out",
+        "storage_options": options, "steps": steps})
+    report = run_pipeline(pipeline, io_workers=3)
+    assert [step.failed for step in report.steps] == [0, 0, 0]
+    assert [step.processed for step in report.steps] == [IMAGES, IMAGES, IMAGES]
+    client = s3.client()
+    table = client.get_object(Bucket=BUCKET, Key="pipeline-out/result.jsonl")["Body"].read().decode()
+    assert {row["image"]: row["final"] for row in map(json.loads, table.splitlines())} == expected
+    exported = client.get_object(Bucket=BUCKET, Key="exp/rows.jsonl")["Body"].read().decode()
+    assert {json.loads(line)["image"] for line in exported.splitlines()} == \
+        {f"s3://{BUCKET}/set/{name}" for name in expected}
+    assert _stored(tmp_path / "work", "florence") == _stored(tmp_path / "local-work", "florence")
+    for folder in (tmp_path / "work", tmp_path / "cache"):  # store, run log, step results, staged table
+        _assert_no_secret(folder, s3.key, s3.secret)
+    assert s3.secret not in table + exported
+
+    again = run_pipeline(pipeline)  # resume by ETag: nothing is captioned again
+    assert (again.steps[0].processed, again.steps[0].done) == (0, IMAGES)
+
+
+def test_a_pipeline_over_a_manifest_of_urls_fails_the_missing_key_once_and_runs_the_rest(s3, tiny_florence,
+                                                                                        tmp_path):
+    from captionkit.pipeline import run_pipeline
+
+    manifest = tmp_path / "urls.jsonl"
+    manifest.write_text("".join(json.dumps({"url": url, "source": "web"}) + "\n" for url in
+                                (f"s3://{BUCKET}/set/img000.png", f"s3://{BUCKET}/set/gone.png")))
+    report = run_pipeline(_write(tmp_path / "p.yaml", {
+        "input": str(manifest), "image_key": "url", "base_folder": "work", "save_folder": "out",
+        "steps": [_florence(tiny_florence)]}), storage_options=json.dumps(s3.storage_options()))
+    (step,) = report.steps
+    assert (step.processed, step.failed) == (1, 1)
+    (error,) = step.errors.values()
+    assert "no such object (404)" in error and f"s3://{BUCKET}/set/gone.png" in error
+    rows = [json.loads(line) for line in report.table.read_text().splitlines()]
+    assert [row["url"] for row in rows] == [f"s3://{BUCKET}/set/img000.png", f"s3://{BUCKET}/set/gone.png"]
+    assert rows[0]["florence"] and rows[1]["florence"] is None
+
+
+def test_run_with_wrong_credentials_is_one_clear_403_error(s3, tiny_florence, tmp_path):
+    pipeline = _write(tmp_path / "p.yaml", {
+        "input": f"s3://{BUCKET}/set", "base_folder": "work", "save_folder": "out",
+        "storage_options": {"client_kwargs": s3.storage_options()["client_kwargs"]},
+        "steps": [_florence(tiny_florence)]})
+    wrong = {"key": "AKIAWRONGWRONGWRONG", "secret": "not-the-secret-at-all"}
+    result = subprocess.run([*CLI, "run", str(pipeline), "--storage-options", json.dumps(wrong), "-q"],
+                            env=_cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "access denied (403)" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "not-the-secret-at-all" not in result.stderr + result.stdout
+    assert "not-the-secret-at-all" not in "".join(
+        path.read_text(errors="replace") for path in (tmp_path / "work").rglob("*") if path.is_file())
