@@ -107,3 +107,67 @@ def test_run_with_wrong_credentials_is_one_clear_403_error(s3, tiny_florence, tm
     assert "not-the-secret-at-all" not in result.stderr + result.stdout
     assert "not-the-secret-at-all" not in "".join(
         path.read_text(errors="replace") for path in (tmp_path / "work").rglob("*") if path.is_file())
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def _kohya_folder(folder: Path) -> Path:
+    """Images with caption files beside them; one without a caption, one that is not an image."""
+    from tests.images import write_good_images
+
+    write_good_images(folder, 4)
+    for index in range(3):
+        (folder / f"img00{index}.txt").write_text("ohwx, a photo of a thing" if index else "a photo")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def _comparable(report) -> list[tuple[str, str]]:
+    return sorted((finding.kind, finding.file) for finding in report.findings)
+
+
+def test_inspect_a_bucket_prefix_finds_what_the_local_folder_shows_and_names_the_urls(s3, tmp_path, monkeypatch):
+    from captionkit import api
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    folder = _kohya_folder(tmp_path / "kohya")
+    s3.upload_folder(folder, BUCKET, "kohya")
+    small = {"resolution": "64", "min_bucket": 32, "max_bucket": 128, "bucket_step": 32, "trigger": "ohwx"}
+    local = api.inspect(folder, **small)
+    reports = tmp_path / "reports"
+    remote = api.inspect(f"s3://{BUCKET}/kohya/", storage_options=s3.storage_options(), io_workers=2,
+                         report=reports / "r.html", json_report=reports / "r.json", **small)
+    assert remote.counts == local.counts and remote.counts["with_caption"] == 3
+    assert _comparable(remote) == _comparable(local) and {kind for kind, _ in _comparable(remote)} >= {
+        "caption_missing", "image_unreadable", "trigger_missing"}
+    paths = {finding.path for finding in remote.findings if finding.path}
+    assert paths and all(path.startswith(f"s3://{BUCKET}/kohya/") for path in paths)
+    assert remote.source == "prefix"
+    assert str(tmp_path / "cache" / "objects" / "s3") not in (reports / "r.json").read_text()  # URLs, not copies
+    _assert_no_secret(reports, s3.key, s3.secret)
+    _assert_no_secret(tmp_path / "cache", s3.key, s3.secret)
+
+
+def test_inspect_a_manifest_of_urls_reports_the_missing_key_as_one_unreadable_image(s3, tmp_path, monkeypatch):
+    from captionkit import api
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"url": url, "caption": "a photo"}) + "\n" for url in (
+        f"s3://{BUCKET}/set/img000.png", f"s3://{BUCKET}/set/img001.png", f"s3://{BUCKET}/set/gone.png")))
+    report = api.inspect(manifest, image_column="url", storage_options=json.dumps(s3.storage_options()),
+                         resolution="64", min_bucket=32, max_bucket=128, bucket_step=32)
+    assert (report.counts["images"], report.counts["unreadable_images"], report.counts["with_caption"]) == (3, 1, 3)
+    (unreadable,) = report.by_kind("image_unreadable")
+    assert "no such object (404)" in unreadable.message + json.dumps(unreadable.details)
+    assert unreadable.path == f"s3://{BUCKET}/set/gone.png"
+
+
+def test_inspect_with_wrong_credentials_is_one_clear_403_error(s3, tmp_path):
+    wrong = s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="not-the-secret-at-all")
+    result = subprocess.run([*CLI, "inspect", f"s3://{BUCKET}/set/", "--storage-options", json.dumps(wrong),
+                             "--json", str(tmp_path / "r.json"), "-q"], env=_cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert "access denied (403)" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "not-the-secret-at-all" not in result.stderr + result.stdout
+    assert not (tmp_path / "r.json").exists()
