@@ -171,3 +171,82 @@ def test_inspect_with_wrong_credentials_is_one_clear_403_error(s3, tmp_path):
     assert "access denied (403)" in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert "not-the-secret-at-all" not in result.stderr + result.stdout
     assert not (tmp_path / "r.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def bucket_shapes(s3, tmp_path_factory):
+    """8 shape images with captions, as a local folder and under s3://photos/shapes/."""
+    from captionkit.train.captioner_data import write_shapes_dataset
+
+    folder = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(folder, 8, seed=4, size=32)
+    s3.upload_folder(folder, BUCKET, "shapes")
+    return folder
+
+
+def _captioner_config(base_model: Path, data: str | Path, output: Path, **extra):
+    from captionkit.train.captioner import CaptionerTrainConfig
+    from captionkit.train.captioner_data import DatasetSpec
+
+    return CaptionerTrainConfig(model=str(base_model), output_dir=output, data=[DatasetSpec(path=data)],
+                                batch_size=4, epochs=2, max_target_tokens=32, report_to=[], log_every_steps=1,
+                                cpu=True, **extra)
+
+
+def test_a_captioner_trains_from_a_bucket_prefix_with_the_loss_of_the_local_folder(
+        s3, bucket_shapes, base_model, tmp_path, monkeypatch, caplog):
+    from captionkit.train.captioner import train_captioner
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    local = train_captioner(_captioner_config(base_model, bucket_shapes, tmp_path / "local"))
+    with caplog.at_level("INFO", logger="captionkit.core.object_cache"):
+        remote = train_captioner(_captioner_config(base_model, f"s3://{BUCKET}/shapes/", tmp_path / "remote",
+                                                   storage_options=s3.storage_options(), io_workers=4))
+    assert remote.global_step == local.global_step == 4  # two epochs of two batches
+    assert remote.train_loss == pytest.approx(local.train_loss, rel=1e-5)
+    fetches = [record.getMessage() for record in caplog.records if "object mirror" in record.getMessage()]
+    assert fetches == ["object mirror: 16 fetched, 0 unchanged in the local cache " + str(tmp_path / "cache" /
+                                                                                          "objects")]  # once
+    saved = (tmp_path / "remote" / "train_config.yaml").read_text()
+    assert "storage_options" not in saved and f"s3://{BUCKET}/shapes/" in saved
+    _assert_no_secret(tmp_path / "remote", s3.key, s3.secret)
+    _assert_no_secret(tmp_path / "cache", s3.key, s3.secret)
+
+    from captionkit.core.locations import storage_options_set
+    from captionkit.train.captioner_data import DataReport, DatasetSpec, load_items
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="captionkit.core.object_cache"), storage_options_set(s3.storage_options()):
+        items = load_items(DatasetSpec(path=f"s3://{BUCKET}/shapes"), DataReport())
+    assert "16 unchanged" in caplog.text and "0 fetched" in caplog.text  # the next run fetches nothing either
+    assert all(str(item.image).startswith(str(tmp_path / "cache")) for item in items)
+
+
+def test_a_captioner_manifest_of_urls_and_its_403_and_404(s3, bucket_shapes, tmp_path, monkeypatch):
+    from captionkit.core.locations import storage_options_set
+    from captionkit.train.captioner_data import DataReport, DatasetSpec, load_items
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    manifest = tmp_path / "pairs.parquet"
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    names = sorted(path.name for path in bucket_shapes.glob("*.png"))[:3]
+    parquet.write_table(pa.Table.from_pylist(
+        [{"url": f"s3://{BUCKET}/shapes/{name}", "caption": f"caption {name}"} for name in names]
+        + [{"url": f"s3://{BUCKET}/shapes/gone.png", "caption": "lost"}]), manifest)
+    report = DataReport()
+    with storage_options_set(s3.storage_options()):
+        items = load_items(DatasetSpec(path=manifest), report, io_workers=2)
+    assert [item.caption for item in items] == [f"caption {name}" for name in names]
+    assert [item.image.read_bytes() for item in items] == [(bucket_shapes / name).read_bytes() for name in names]
+    assert report.missing_images == [f"s3://{BUCKET}/shapes/gone.png"]
+
+    missing = r"no such object or prefix \(404\)"
+    with storage_options_set(s3.storage_options()), pytest.raises(ValueError, match=missing):
+        load_items(DatasetSpec(path=f"s3://{BUCKET}/nothing-here/"), DataReport())
+    wrong = s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="not-the-secret-at-all")
+    with storage_options_set(wrong), pytest.raises(ValueError, match=r"access denied \(403\)") as caught:
+        load_items(DatasetSpec(path=f"s3://{BUCKET}/shapes/"), DataReport())
+    assert "not-the-secret-at-all" not in str(caught.value)
