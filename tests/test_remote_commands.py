@@ -250,3 +250,65 @@ def test_a_captioner_manifest_of_urls_and_its_403_and_404(s3, bucket_shapes, tmp
     with storage_options_set(wrong), pytest.raises(ValueError, match=r"access denied \(403\)") as caught:
         load_items(DatasetSpec(path=f"s3://{BUCKET}/shapes/"), DataReport())
     assert "not-the-secret-at-all" not in str(caught.value)
+
+
+def _tagger_settings(data: str, output: Path, *extra: str) -> list[str]:
+    return [f"output_dir={output}", f"data.train_dirs=[{data}]", "model.backbone=test_resnet", "model.image_size=32",
+            "epochs=2", "batch_size=8", "data.num_workers=0", "report_to=none", "data.val_fraction=0.25",
+            "data.split=random", *extra]
+
+
+@pytest.fixture(scope="module")
+def bucket_tagged(s3, tmp_path_factory):
+    """16 tagged shape images (a.png + a.txt), as a local folder and under s3://photos/tagged/."""
+    from captionkit.train.tagger_synthetic import write_shapes_dataset
+
+    folder = write_shapes_dataset(tmp_path_factory.mktemp("tagged"), 16, seed=5, size=(32, 32))
+    s3.upload_folder(folder, BUCKET, "tagged")
+    return folder
+
+
+def test_a_tagger_trains_from_a_bucket_prefix_like_from_the_local_folder(s3, bucket_tagged, tmp_path, monkeypatch,
+                                                                        caplog):
+    from captionkit.train.tagger import load_tagger_config, train_tagger
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    local = train_tagger(load_tagger_config(None, _tagger_settings(str(bucket_tagged), tmp_path / "local")))
+    options = f"data.storage_options={json.dumps(s3.storage_options())}"
+    with caplog.at_level("INFO", logger="captionkit.core.object_cache"):
+        remote = train_tagger(load_tagger_config(None, _tagger_settings(
+            f"s3://{BUCKET}/tagged/", tmp_path / "remote", options, "data.io_workers=4")))
+    assert remote.images_used == local.images_used == 16
+    assert len(remote.history) == len(local.history) == 2
+    for ours, theirs in zip(remote.history, local.history, strict=True):  # same losses and metrics (not seconds)
+        ours.pop("epoch_seconds"), theirs.pop("epoch_seconds")
+        assert ours == pytest.approx(theirs, rel=1e-5) and "train_loss" in ours
+    assert caplog.text.count("object mirror: 32 fetched, 0 unchanged") == 1  # images + tag files, once
+    saved = (remote.output_dir / "config.yaml").read_text()
+    assert "storage_options" not in saved and f"s3://{BUCKET}/tagged/" in saved
+    _assert_no_secret(tmp_path / "remote", s3.key, s3.secret)
+    _assert_no_secret(tmp_path / "cache", s3.key, s3.secret)
+
+
+def test_a_tagger_manifest_of_urls_and_its_403_and_404(s3, bucket_tagged, tmp_path, monkeypatch):
+    from captionkit.core.locations import storage_options_set
+    from captionkit.train.tagger_data import ScanReport, TaggerDataError, scan_tagged_folders
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    names = sorted(path.name for path in bucket_tagged.glob("*.png"))[:3]
+    manifest = tmp_path / "tags.jsonl"
+    manifest.write_text("".join(json.dumps({"url": f"s3://{BUCKET}/tagged/{name}", "tags": ["red", "circle"]}) + "\n"
+                                for name in [*names, "gone.png"]))
+    report = ScanReport()
+    with storage_options_set(s3.storage_options()):
+        items = scan_tagged_folders([manifest], report=report, io_workers=2)
+    assert [item.path.read_bytes() for item in items] == [(bucket_tagged / name).read_bytes() for name in names]
+    assert all(item.tags == ["red", "circle"] for item in items)
+    assert report.missing_images == [f"s3://{BUCKET}/tagged/gone.png"]
+
+    with storage_options_set(s3.storage_options()), pytest.raises(TaggerDataError, match=r"\(404\)"):
+        scan_tagged_folders([f"s3://{BUCKET}/no-such-prefix/"])
+    wrong = s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="not-the-secret-at-all")
+    with storage_options_set(wrong), pytest.raises(TaggerDataError, match=r"access denied \(403\)") as caught:
+        scan_tagged_folders([f"s3://{BUCKET}/tagged/"])
+    assert "not-the-secret-at-all" not in str(caught.value)
