@@ -312,3 +312,27 @@ def test_a_tagger_manifest_of_urls_and_its_403_and_404(s3, bucket_tagged, tmp_pa
     with storage_options_set(wrong), pytest.raises(TaggerDataError, match=r"access denied \(403\)") as caught:
         scan_tagged_folders([f"s3://{BUCKET}/tagged/"])
     assert "not-the-secret-at-all" not in str(caught.value)
+
+
+def test_both_trainers_say_403_and_404_in_one_line_on_the_command_line(s3, base_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from captionkit.train.cli import train_app
+
+    wrong = json.dumps(s3.storage_options(key="AKIAWRONGWRONGWRONG", secret="not-the-secret-at-all"))
+    right = json.dumps(s3.storage_options())
+    captioner = _write(tmp_path / "c.yaml", {
+        "model": str(base_model), "output_dir": str(tmp_path / "c"), "data": [{"path": f"s3://{BUCKET}/set"}],
+        "max_steps": 1, "report_to": [], "cpu": True})
+    tagger = _write(tmp_path / "t.yaml", {
+        "output_dir": str(tmp_path / "t"), "data": {"train_dirs": [f"s3://{BUCKET}/set"]}, "report_to": "none"})
+    runner = CliRunner()
+    for command, key, where in (("captioner", "storage_options", "data.0.path"),
+                                ("tagger", "data.storage_options", "data.train_dirs.0")):
+        config = str(captioner if command == "captioner" else tagger)
+        denied = runner.invoke(train_app, [command, "-c", config, "--set", f"{key}={wrong}"])
+        assert denied.exit_code == 2 and "access denied (403)" in denied.output, denied.output
+        assert "not-the-secret-at-all" not in denied.output and "Traceback" not in denied.output
+        missing = runner.invoke(train_app, [command, "-c", config, "--set", f"{key}={right}",
+                                            "--set", f"{where}=s3://{BUCKET}/gone/"])
+        assert missing.exit_code == 2 and "no such object or prefix (404)" in missing.output, missing.output

@@ -209,7 +209,7 @@ def _remote_items(spec: DatasetSpec, url: str, report: DataReport, io_workers: i
     try:
         found = locations.kind(url)
     except locations.RemoteError as error:
-        raise ValueError(f"{error} Fix 'path' in the data set entry") from error
+        raise ValueError(str(error)) from error  # the URL, the cause (403/404) and the fix
     if found == "directory":
         metadata = url.rstrip("/") + "/metadata.jsonl"
         try:
