@@ -336,3 +336,29 @@ def test_both_trainers_say_403_and_404_in_one_line_on_the_command_line(s3, base_
         missing = runner.invoke(train_app, [command, "-c", config, "--set", f"{key}={right}",
                                             "--set", f"{where}=s3://{BUCKET}/gone/"])
         assert missing.exit_code == 2 and "no such object or prefix (404)" in missing.output, missing.output
+
+
+@pytest.mark.slow  # builds a tiny FLUX pipeline (diffusers import and build: most of its minute here)
+def test_generated_images_go_to_a_url_save_folder_and_the_table_names_their_urls(s3, tmp_path, monkeypatch):
+    pytest.importorskip("diffusers")
+    from captionkit.pipeline import run_pipeline
+    from captionkit.testing.diffusion import build_tiny_flux
+
+    monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": name, "caption": f"a {name}"}) + "\n" for name in ("cat", "dog")))
+    report = run_pipeline(_write(tmp_path / "p.yaml", {
+        "input": str(prompts), "text_key": "caption", "base_folder": "work",
+        "save_folder": f"s3://{BUCKET}/generated-run", "storage_options": s3.storage_options(),
+        "steps": [{"type": "image_generator", "name": "gen", "config": {
+            "model": str(build_tiny_flux(tmp_path / "flux")), "input_field": "caption", "height": 32, "width": 32,
+            "num_inference_steps": 2, "device": "cpu"}}]}))
+    assert report.steps[0].processed == 2
+    client = s3.client()
+    rows = [json.loads(line) for line in client.get_object(
+        Bucket=BUCKET, Key="generated-run/result.jsonl")["Body"].read().decode().splitlines()]
+    for row in rows:
+        assert row["gen"].startswith(f"s3://{BUCKET}/generated-run/generated_images/")
+        key = row["gen"].split(f"s3://{BUCKET}/", 1)[1]
+        assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read()[:4] == b"\x89PNG"
+    _assert_no_secret(tmp_path / "work", s3.key, s3.secret)

@@ -959,4 +959,10 @@ def _image_value(pipeline: Pipeline, record: Record) -> str:
 
 def write_final_table(pipeline: Pipeline, store, base: list[Record]) -> Path:
     target = pipeline.save_folder / f"result.{pipeline.output_format}"
-    return write_table(final_rows(pipeline, store, base), target, pipeline.output_format)
+    rows = final_rows(pipeline, store, base)
+    if pipeline.save_url is not None:  # generated images are named where they are uploaded, not where staged
+        staged = str(pipeline.save_folder) + "/"
+        rows = [{key: pipeline.save_url.rstrip("/") + "/" + value[len(staged):]
+                 if isinstance(value, str) and value.startswith(staged) else value for key, value in row.items()}
+                for row in rows]
+    return write_table(rows, target, pipeline.output_format)
