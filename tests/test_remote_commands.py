@@ -57,6 +57,8 @@ def test_a_pipeline_over_a_bucket_prefix_writes_like_the_local_folder_and_upload
     pipeline = _write(tmp_path / "remote.yaml", {
         "input": f"s3://{BUCKET}/set/", "base_folder": "work", "save_folder": f"s3://{BUCKET}/pipeline-out",
         "storage_options": options, "steps": steps})
+    plan = run_pipeline(pipeline, dry_run=True)
+    assert (plan.steps[0].total, plan.steps[0].todo) == (IMAGES, IMAGES)
     report = run_pipeline(pipeline, io_workers=3)
     assert [step.failed for step in report.steps] == [0, 0, 0]
     assert [step.processed for step in report.steps] == [IMAGES, IMAGES, IMAGES]
@@ -176,11 +178,11 @@ def test_inspect_with_wrong_credentials_is_one_clear_403_error(s3, tmp_path):
 # ---------------------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def bucket_shapes(s3, tmp_path_factory):
-    """8 shape images with captions, as a local folder and under s3://photos/shapes/."""
+    """4 shape images with captions, as a local folder and under s3://photos/shapes/."""
     from captionkit.train.captioner_data import write_shapes_dataset
 
     folder = tmp_path_factory.mktemp("shapes")
-    write_shapes_dataset(folder, 8, seed=4, size=32)
+    write_shapes_dataset(folder, 4, seed=4, size=32)
     s3.upload_folder(folder, BUCKET, "shapes")
     return folder
 
@@ -203,11 +205,10 @@ def test_a_captioner_trains_from_a_bucket_prefix_with_the_loss_of_the_local_fold
     with caplog.at_level("INFO", logger="captionkit.core.object_cache"):
         remote = train_captioner(_captioner_config(base_model, f"s3://{BUCKET}/shapes/", tmp_path / "remote",
                                                    storage_options=s3.storage_options(), io_workers=4))
-    assert remote.global_step == local.global_step == 4  # two epochs of two batches
+    assert remote.global_step == local.global_step == 2  # two epochs of one batch
     assert remote.train_loss == pytest.approx(local.train_loss, rel=1e-5)
     fetches = [record.getMessage() for record in caplog.records if "object mirror" in record.getMessage()]
-    assert fetches == ["object mirror: 16 fetched, 0 unchanged in the local cache " + str(tmp_path / "cache" /
-                                                                                          "objects")]  # once
+    assert fetches == [f"object mirror: 8 fetched, 0 unchanged in the local cache {tmp_path / 'cache' / 'objects'}"]
     saved = (tmp_path / "remote" / "train_config.yaml").read_text()
     assert "storage_options" not in saved and f"s3://{BUCKET}/shapes/" in saved
     _assert_no_secret(tmp_path / "remote", s3.key, s3.secret)
@@ -219,7 +220,7 @@ def test_a_captioner_trains_from_a_bucket_prefix_with_the_loss_of_the_local_fold
     caplog.clear()
     with caplog.at_level("INFO", logger="captionkit.core.object_cache"), storage_options_set(s3.storage_options()):
         items = load_items(DatasetSpec(path=f"s3://{BUCKET}/shapes"), DataReport())
-    assert "16 unchanged" in caplog.text and "0 fetched" in caplog.text  # the next run fetches nothing either
+    assert "8 unchanged" in caplog.text and "0 fetched" in caplog.text  # the next run fetches nothing either
     assert all(str(item.image).startswith(str(tmp_path / "cache")) for item in items)
 
 
@@ -254,16 +255,16 @@ def test_a_captioner_manifest_of_urls_and_its_403_and_404(s3, bucket_shapes, tmp
 
 def _tagger_settings(data: str, output: Path, *extra: str) -> list[str]:
     return [f"output_dir={output}", f"data.train_dirs=[{data}]", "model.backbone=test_resnet", "model.image_size=32",
-            "epochs=2", "batch_size=8", "data.num_workers=0", "report_to=none", "data.val_fraction=0.25",
+            "epochs=1", "batch_size=4", "data.num_workers=0", "report_to=none", "data.val_fraction=0.25",
             "data.split=random", *extra]
 
 
 @pytest.fixture(scope="module")
 def bucket_tagged(s3, tmp_path_factory):
-    """16 tagged shape images (a.png + a.txt), as a local folder and under s3://photos/tagged/."""
+    """8 tagged shape images (a.png + a.txt), as a local folder and under s3://photos/tagged/."""
     from captionkit.train.tagger_synthetic import write_shapes_dataset
 
-    folder = write_shapes_dataset(tmp_path_factory.mktemp("tagged"), 16, seed=5, size=(32, 32))
+    folder = write_shapes_dataset(tmp_path_factory.mktemp("tagged"), 8, seed=5, size=(32, 32))
     s3.upload_folder(folder, BUCKET, "tagged")
     return folder
 
@@ -278,12 +279,12 @@ def test_a_tagger_trains_from_a_bucket_prefix_like_from_the_local_folder(s3, buc
     with caplog.at_level("INFO", logger="captionkit.core.object_cache"):
         remote = train_tagger(load_tagger_config(None, _tagger_settings(
             f"s3://{BUCKET}/tagged/", tmp_path / "remote", options, "data.io_workers=4")))
-    assert remote.images_used == local.images_used == 16
-    assert len(remote.history) == len(local.history) == 2
+    assert remote.images_used == local.images_used == 8
+    assert len(remote.history) == len(local.history) == 1
     for ours, theirs in zip(remote.history, local.history, strict=True):  # same losses and metrics (not seconds)
         ours.pop("epoch_seconds"), theirs.pop("epoch_seconds")
         assert ours == pytest.approx(theirs, rel=1e-5) and "train_loss" in ours
-    assert caplog.text.count("object mirror: 32 fetched, 0 unchanged") == 1  # images + tag files, once
+    assert caplog.text.count("object mirror: 16 fetched, 0 unchanged") == 1  # images + tag files, once
     saved = (remote.output_dir / "config.yaml").read_text()
     assert "storage_options" not in saved and f"s3://{BUCKET}/tagged/" in saved
     _assert_no_secret(tmp_path / "remote", s3.key, s3.secret)
