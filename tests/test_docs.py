@@ -113,8 +113,9 @@ def test_every_documented_command_parses(place, words):
 
 def _why_not_here(words: list[str]) -> str | None:
     joined = " ".join(words)
-    if any(word.startswith(("s3://", "gs://", "az://", "hf://")) for word in words):
-        return "a bucket (tests/test_object_storage.py runs these against a moto S3 server)"
+    if any(scheme in word for word in words for scheme in ("s3://", "gs://", "az://", "hf://")) \
+            or "--storage-options" in words:  # a URL in a --set value, or a pipeline file naming a bucket
+        return "a bucket (tests/test_object_storage.py, test_remote_commands.py run these against a moto S3 server)"
     for marker, why in NOT_HERE.items():
         if (marker.startswith("--") and marker in words) or joined == marker or joined.startswith(marker + " "):
             return why

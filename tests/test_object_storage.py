@@ -213,21 +213,6 @@ def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_r
     _assert_no_secret(on_ray, s3.key, s3.secret)
 
 
-def test_run_and_inspect_refuse_remote_images_in_one_sentence(tmp_path, tiny_florence):
-    """Not done for these two commands: a manifest of URLs is refused plainly, never read as image-less rows."""
-    from captionkit.api import inspect
-
-    manifest = tmp_path / "urls.jsonl"
-    manifest.write_text(json.dumps({"image": f"s3://{BUCKET}/set/img000.png"}) + "\n")
-    with pytest.raises(CaptionkitError, match="not inspected yet"):
-        inspect(manifest)
-    pipeline = tmp_path / "pipeline.yaml"
-    pipeline.write_text(f"input: {manifest}\nsteps:\n  - type: captioner\n    config: {{model: {tiny_florence}}}\n")
-    result = subprocess.run([*CLI, "run", str(pipeline), "--dry-run"], env=_cli_env(), capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode != 0 and "not read by `captionkit run` yet" in result.stderr, result.stderr
-
-
 def test_5xx_answers_are_retried_and_a_404_is_not(tmp_path):
     """A real HTTP server (fsspec's http:// filesystem) answers 503 twice, then the bytes; a missing path 404s."""
     import threading

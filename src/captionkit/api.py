@@ -265,16 +265,9 @@ def _run_step(
 def remote_output_cache(output_url: str) -> Path:
     """The local folder holding the store (and staged sidecars) of a run whose ``--output-dir`` is a URL.
 
-    Keyed by the URL (without credentials: options are never part of it), under
-    ``$CAPTIONKIT_CACHE`` or ``~/.cache/captionkit/remote``; the same URL resumes from the same store.
+    See :func:`captionkit.core.locations.output_cache`; the same URL resumes from the same store.
     """
-    import hashlib
-    import os
-
-    base = Path(os.environ.get("CAPTIONKIT_CACHE") or Path.home() / ".cache" / "captionkit").expanduser()
-    key = hashlib.blake2b(output_url.rstrip("/").encode("utf-8"), digest_size=8).hexdigest()
-    name = "".join(char if char.isalnum() or char in "-_." else "_" for char in output_url.split("://", 1)[-1])
-    return base / "remote" / f"{name[:60]}-{key}"
+    return locations.output_cache(output_url)
 
 
 def _run_listed(path, make_step, description: str, runner, reporter, *, recursive: bool, image_column,

@@ -270,7 +270,7 @@ _INSPECT_EXIT_CODES = ("Exit codes: 0 inspected (findings are in the reports); 1
 @app.command("inspect", epilog=_INSPECT_EXIT_CODES)
 @_declared(INSPECT)
 def inspect_command(
-    dataset: Annotated[Path, typer.Argument(help="Image folder (with sidecar captions/tags) or a manifest (jsonl/json/csv/tsv/parquet).")],
+    dataset: Annotated[str, typer.Argument(help="Image folder (with sidecar captions/tags) or a manifest (jsonl/json/csv/tsv/parquet); local or a URL (s3://bucket/prefix, gs://, az://, hf://).")],
     **values,
 ) -> None:
     """Find what would spoil a training run (captions, images, tags) without changing the data set; HTML and JSON reports."""
@@ -285,10 +285,12 @@ def inspect_command(
     arguments = INSPECT.api_arguments(values)
     result = api.inspect(dataset, progress="quiet" if values["quiet"] else values["progress"], **arguments)
     if not result.counts["images"]:  # as caption and tag say it: one sentence, exit 2
+        from captionkit.core.locations import storage_options_set
         from captionkit.core.records import open_source
 
-        source = open_source(dataset, recursive=arguments["recursive"], image_column=arguments["image_column"],
-                             base_dir=arguments["base_dir"], include_hidden=arguments["include_hidden"])
+        with storage_options_set(arguments.get("storage_options")):
+            source = open_source(dataset, recursive=arguments["recursive"], image_column=arguments["image_column"],
+                                 base_dir=arguments["base_dir"], include_hidden=arguments["include_hidden"])
         raise CaptionkitError(api.no_images_message(source))
     if report is not None:
         result.write_html(report)

@@ -23,11 +23,12 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
 
+from captionkit.core import locations
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import MANIFEST_SUFFIXES, Record, open_source
 from captionkit.core.sinks import TABLE_FORMATS, write_table
@@ -51,6 +52,8 @@ TOP_LEVEL_KEYS = {
     "steps": "the list of steps",
     "name": "a name for the pipeline",
     "recursive": "search sub-folders of an input folder",
+    "storage_options": "object storage (s3://, gs://, az://, hf:// input or save_folder): fsspec filesystem options "
+                       "(endpoint, profile); never stored, logged or exported",
 }
 STEP_KEYS = ("type", "name", "config", "output_field", "image_field", "input_field")
 RELATIVE_TO = ("file", "current_folder")
@@ -95,10 +98,10 @@ class Pipeline:
     """A validated pipeline file."""
 
     path: Path
-    input: Path
-    meta_folder: Path | None
+    input: Path | str  # a URL string for an object-store prefix or manifest (s3://bucket/photos/)
+    meta_folder: Path | str | None
     base_folder: Path
-    save_folder: Path
+    save_folder: Path  # for a URL save_folder: the local folder staged there (see save_url)
     image_key: str | None
     text_key: str | None
     output_format: str
@@ -109,6 +112,9 @@ class Pipeline:
     video_key: str | None = None  # Dataflow-Gen: rows with a video and no image are skipped
     paths_from: Path = Path(".")  # the folder relative paths in the file start from
     path_rule: str = ""  # which rule chose paths_from, in words (shown by --dry-run)
+    save_url: str | None = None  # save_folder given as a URL: files are staged in save_folder, then uploaded
+    # the file's storage_options (credentials among them): memory only, never in the store, logs or tables
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -191,8 +197,13 @@ def _refuse_secrets(where: str, config: dict[str, Any]) -> None:
                                "with 'api_key_env' (default OPENAI_API_KEY).")
 
 
-def load_pipeline(path: str | Path) -> Pipeline:
-    """Read and validate a whole pipeline file before anything runs; errors name the step, the key and the fix."""
+def load_pipeline(path: str | Path, storage_options: dict[str, Any] | str | None = None) -> Pipeline:
+    """Read and validate a whole pipeline file before anything runs; errors name the step, the key and the fix.
+
+    ``storage_options`` (``--storage-options``) are laid over the file's ``storage_options:``; with them
+    an object-store input (a prefix or a manifest, maybe of URLs) is read, and a URL ``save_folder``
+    written (staged locally, then uploaded).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CaptionkitError(f"{path}: no such pipeline file.")
@@ -208,15 +219,27 @@ def load_pipeline(path: str | Path) -> Pipeline:
             raise _fail(str(path), f"unknown key '{key}'.{_did_you_mean(str(key), list(TOP_LEVEL_KEYS))} "
                                    f"Allowed: {', '.join(TOP_LEVEL_KEYS)}.")
     here, path_rule = _paths_from(path, data)
+    file_options = data.get("storage_options")
+    if file_options is not None and not isinstance(file_options, dict):
+        raise _fail(str(path), "'storage_options' must be a mapping of fsspec filesystem options, e.g. "
+                               "{client_kwargs: {endpoint_url: 'http://minio:9000'}}.")
+    given_options = locations.parse_storage_options(storage_options) if isinstance(storage_options, str) \
+        else dict(storage_options or {})
+    options = {**(file_options or {}), **given_options}
 
-    def location(*names: str, default: str | None = None) -> Path | None:
+    def location(*names: str, default: str | None = None, url: bool = True) -> Path | str | None:
         given = [name for name in names if data.get(name) not in (None, "")]
         if len(given) > 1:
             raise _fail(str(path), f"'{given[0]}' and '{given[1]}' mean the same thing; keep one.")
         value = data[given[0]] if given else default
         if value is None:
             return None
-        folder = Path(str(value)).expanduser()
+        if locations.is_url(str(value)):
+            if not url:
+                raise _fail(str(path), f"{given[0]} {value}: this folder holds the store (SQLite), which needs a "
+                                       "local disk; give a local folder (save_folder may be a URL).")
+            return str(value).rstrip("/") if not PurePosixPath(str(value)).suffix else str(value)
+        folder = locations.local_path(str(value))
         return folder if folder.is_absolute() else (here / folder)
 
     source = location("input", "meta_path")
@@ -225,31 +248,38 @@ def load_pipeline(path: str | Path) -> Pipeline:
                                "manifest.")
     if is_shard_pattern(source):  # WebDataset shards (a brace pattern): each must be there
         try:
-            open_shards(source)
+            with locations.storage_options_set(options):
+                open_shards(source)
         except CaptionkitError as error:
             raise _fail(str(path), f"input: {error}") from None
-    elif not source.exists():
+    elif isinstance(source, Path) and not source.exists():
         raise _fail(str(path), f"input {source} does not exist.")
+    suffix = PurePosixPath(str(source)).suffix.lower()
     output_format = data.get("output_format")
     if output_format is None:
-        output_format = source.suffix.lower().lstrip(".") if source.suffix.lower() in MANIFEST_SUFFIXES else "jsonl"
+        output_format = suffix.lstrip(".") if suffix in MANIFEST_SUFFIXES else "jsonl"
     if output_format not in OUTPUT_FORMATS:
         raise _fail(str(path), f"output_format '{output_format}': use one of {', '.join(OUTPUT_FORMATS)}.")
     steps_data = data.get("steps")
     if not isinstance(steps_data, list) or not steps_data:
         raise _fail(str(path), "'steps' must be a non-empty list of steps (each with 'type').")
+    save_folder = location("save_folder", default=f"{path.stem}-output")
+    save_url = save_folder if isinstance(save_folder, str) else None
+    if save_url is not None:  # staged on the local disk, uploaded after each run
+        save_folder = locations.output_cache(save_url) / "files"
+    base_folder = location("base_folder", default=f"{path.stem}-work", url=False)  # per file: two never mix
+    assert isinstance(base_folder, Path) and isinstance(save_folder, Path)
     pipeline = Pipeline(
-        path=path, input=source, meta_folder=location("meta_folder", "base_dir"),
-        base_folder=location("base_folder", default=f"{path.stem}-work"),  # per file: two pipelines never mix
-        save_folder=location("save_folder", default=f"{path.stem}-output"),
-        image_key=data.get("image_key"), text_key=data.get("text_key"), output_format=output_format, steps=[],
-        recursive=bool(data.get("recursive", True)), video_key=data.get("video_key"), paths_from=here,
-        path_rule=path_rule,
+        path=path, input=source, meta_folder=location("meta_folder", "base_dir"), base_folder=base_folder,
+        save_folder=save_folder, image_key=data.get("image_key"), text_key=data.get("text_key"),
+        output_format=output_format, steps=[], recursive=bool(data.get("recursive", True)),
+        video_key=data.get("video_key"), paths_from=here, path_rule=path_rule, save_url=save_url,
+        storage_options=options,
     )
-    pipeline.columns = available = _manifest_columns(pipeline)
+    with locations.storage_options_set(options):  # a manifest in object storage is read now, for its columns
+        pipeline.columns = available = _manifest_columns(pipeline)
     pipeline.text_only = _is_text_only(pipeline)
-    if pipeline.text_key is not None and pipeline.input.suffix.lower() in MANIFEST_SUFFIXES \
-            and pipeline.text_key not in available:
+    if pipeline.text_key is not None and _is_manifest(pipeline) and pipeline.text_key not in available:
         raise _fail(str(path), f"text_key '{pipeline.text_key}' is not a column of {pipeline.input}."
                                f"{_did_you_mean(pipeline.text_key, available)} Columns: {', '.join(available)}.")
     used_names: set[str] = set()
@@ -402,7 +432,7 @@ def _image_column(pipeline: Pipeline, columns: list[str]) -> str | None:
     """The manifest column holding images ('image' for a folder), so no step may overwrite it."""
     if pipeline.text_only:
         return None
-    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+    if not _is_manifest(pipeline):
         return pipeline.image_key or "image"
     if pipeline.image_key:
         return pipeline.image_key
@@ -569,9 +599,16 @@ def _read_step(path: Path, index: int, raw: Any, used_names: set[str], used_fiel
     return PipelineStep(index, unique, step_type, merged, output_field, image_field, dataflow_class)
 
 
+def _is_manifest(pipeline: Pipeline) -> bool:
+    """Whether the input is a manifest file (local or an object), not a folder, a prefix or one image."""
+    if isinstance(pipeline.input, Path) and pipeline.input.is_dir():
+        return False
+    return PurePosixPath(str(pipeline.input)).suffix.lower() in MANIFEST_SUFFIXES
+
+
 def _is_text_only(pipeline: Pipeline) -> bool:
     """A manifest without an image column holds prompts (text-only records)."""
-    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+    if not _is_manifest(pipeline):
         return False
     columns = pipeline.columns
     key = pipeline.image_key
@@ -588,7 +625,7 @@ def _manifest_columns(pipeline: Pipeline) -> list[str]:
 
         shards = open_shards(pipeline.input).shards
         return list(dict.fromkeys(name for record in list_shard(shards[0]).records for name in record.fields))
-    if pipeline.input.is_dir() or pipeline.input.suffix.lower() not in MANIFEST_SUFFIXES:
+    if not _is_manifest(pipeline):
         return []
     source = open_source(pipeline.input, image_column=pipeline.image_key, base_dir=pipeline.meta_folder,
                          text_only=True)
@@ -608,11 +645,6 @@ def _records(pipeline: Pipeline, lister=None) -> list[Record]:
     if isinstance(source, ManifestSource):
         source.video_column = pipeline.video_key
     records = lister.list_records(source) if lister is not None else list(source)
-    remote = next((record.url for record in records if record.url is not None), None)
-    if remote is not None:  # not done (issue 18): refused plainly rather than read as text-only rows
-        raise CaptionkitError(f"{pipeline.input}: images in object storage ({remote}) are not read by "
-                              "`captionkit run` yet; caption or tag them with `captionkit caption/tag "
-                              "--output-dir`, or copy them to a local folder.")
     if not records:
         from captionkit.core.records import no_images_message
 
@@ -630,14 +662,14 @@ def _step_records(step: PipelineStep, base: list[Record], outputs: dict[str, dic
             continue
         fields = dict(record.fields)
         fields.update(outputs.get(record.id, {}))
-        path = record.path
+        path, url = record.path, record.url
         if step.image_field is not None:
             value = fields.get(step.image_field)
             if not value:
                 missing[record.id] = f"{record.id}: no image in '{step.image_field}' (its generation failed?)"
                 continue
-            path = Path(str(value))
-        records.append(Record(record.id, path, fields))
+            path, url = Path(str(value)), None
+        records.append(Record(record.id, path, fields, url=url))
     return records, missing
 
 
@@ -674,20 +706,30 @@ def run_pipeline(
     ray_gpus_per_actor: float | None = None,
     ray_cpus_per_actor: float = 1.0,
     ray_stall_timeout: float | None = None,
+    storage_options: dict[str, Any] | str | None = None,
+    io_workers: int = 16,
 ) -> PipelineReport:
     """Run (or, with ``dry_run``, plan) every step in order; one model is resident at a time.
 
     ``executor="ray"`` (``ray_address``, ``ray_*``) or ``devices`` run the model steps (captioner,
     tagger, text and image generators) on a Ray cluster or on several GPUs; this process commits
     every result, and template, filter and export steps run here.
+
+    Object storage: ``storage_options`` (a dict or ``--storage-options`` JSON) over the file's own;
+    ``io_workers`` remote images fetched at once. A URL ``save_folder`` is uploaded after the run.
     """
     import contextlib
     import sys
 
     from captionkit.executors import make_executor
 
+    if io_workers < 1:
+        raise CaptionkitError("--io-workers must be at least 1.")
+    given = locations.parse_storage_options(storage_options) if isinstance(storage_options, str) \
+        else dict(storage_options or {})
     if not isinstance(pipeline, Pipeline):
-        pipeline = load_pipeline(pipeline)
+        pipeline = load_pipeline(pipeline, given)
+    options = {**pipeline.storage_options, **given}
     scale = {"ray_address": ray_address, "devices": devices, "ray_actors": ray_actors,
              "ray_gpus_per_actor": ray_gpus_per_actor, "ray_cpus_per_actor": ray_cpus_per_actor,
              "ray_stall_timeout": ray_stall_timeout}
@@ -697,10 +739,14 @@ def run_pipeline(
         from captionkit.executors.ray_executor import ray_session
 
         session = ray_session(ray_address)  # one connection for every step
-    with session:
-        return _run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step, progress=progress,
-                             workers=workers, listener=listener, stop=stop, executor=executor, scale=scale,
-                             stream=stream)
+    with session, locations.storage_options_set(options):
+        report = _run_pipeline(pipeline, dry_run=dry_run, from_step=from_step, only_step=only_step,
+                               progress=progress, workers=workers, listener=listener, stop=stop, executor=executor,
+                               scale=scale, stream=stream, io_workers=io_workers)
+        if pipeline.save_url is not None and not dry_run and pipeline.save_folder.is_dir():
+            uploaded = locations.upload_tree(pipeline.save_folder, pipeline.save_url)
+            log.info("pipeline %s: uploaded %d files to %s", pipeline.path, uploaded, pipeline.save_url)
+        return report
 
 
 MODEL_STEP_TYPES = ("captioner", "tagger", "text_generator", "image_generator")  # what --executor/--devices move
@@ -724,7 +770,7 @@ def executor_for(step, executor: str, scale: dict) -> bool:
 
 def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, only_step: str | None,
                   progress: str, workers: int, listener, stop, executor: str, scale: dict,
-                  stream) -> PipelineReport:
+                  stream, io_workers: int = 16) -> PipelineReport:
     from captionkit.core.store import Store, attach_run_log
     from captionkit.executors import make_executor
     from captionkit.executors.local import LocalExecutor, RunOptions
@@ -786,7 +832,8 @@ def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, o
                     return report
                 if listener is not None:
                     listener({"event": "step", "index": step.index + 1, "name": step.name, "total": len(records)})
-                options, reporter = RunOptions(workers=workers, stop=stop), Progress(progress, stream, listener)
+                options = RunOptions(workers=workers, io_workers=io_workers, stop=stop)
+                reporter = Progress(progress, stream, listener)
                 runner = LocalExecutor(options, reporter)
                 if step.step_type.name in MODEL_STEP_TYPES and not dry_run and executor_for(built, executor, scale):
                     runner = make_executor(executor, options, reporter, **scale)
@@ -871,7 +918,7 @@ def _write_step_results(pipeline: Pipeline, step: PipelineStep, store, records: 
         result = stored.get(record.id)
         if result is None:
             continue
-        rows.append({"id": record.id, "path": str(record.path) if record.path else None, **record.fields,
+        rows.append({"id": record.id, "path": record.location, **record.fields,
                      step.output_field: result.text if result.status == "ok" else None,
                      f"{step.output_field}_raw": result.raw, f"{step.output_field}_error": result.error})
     target = folder / "result.jsonl"
@@ -907,17 +954,29 @@ def final_rows(pipeline: Pipeline, store, base: list[Record]) -> list[dict[str, 
 
 
 def _image_value(pipeline: Pipeline, record: Record) -> str:
-    """The image as the user's manifest named it (relative to meta_folder), or relative to the input folder."""
+    """The image as the user's manifest named it (relative to meta_folder), or relative to the input folder.
+
+    A remote image: its key relative to an input prefix, else its URL.
+    """
     import os
 
-    root = pipeline.meta_folder or (pipeline.input if pipeline.input.is_dir() else pipeline.input.parent)
-    if record.path is None:
-        return ""
-    if not isinstance(record.path, Path):  # a WebDataset sample: <shard name>/<key>
+    if record.url is not None:
+        return record.id if not _is_manifest(pipeline) and isinstance(pipeline.input, str) else record.url
+    if record.path is not None and not isinstance(record.path, Path):  # a WebDataset sample: <shard name>/<key>
         return record.id
+    if record.path is None or not isinstance(pipeline.input, Path):
+        return str(record.path or "")
+    meta = pipeline.meta_folder if isinstance(pipeline.meta_folder, Path) else None
+    root = meta or (pipeline.input if pipeline.input.is_dir() else pipeline.input.parent)
     return Path(os.path.relpath(record.path.resolve(), root.resolve())).as_posix()
 
 
 def write_final_table(pipeline: Pipeline, store, base: list[Record]) -> Path:
     target = pipeline.save_folder / f"result.{pipeline.output_format}"
-    return write_table(final_rows(pipeline, store, base), target, pipeline.output_format)
+    rows = final_rows(pipeline, store, base)
+    if pipeline.save_url is not None:  # generated images are named where they are uploaded, not where staged
+        staged = str(pipeline.save_folder) + "/"
+        rows = [{key: pipeline.save_url.rstrip("/") + "/" + value[len(staged):]
+                 if isinstance(value, str) and value.startswith(staged) else value for key, value in row.items()}
+                for row in rows]
+    return write_table(rows, target, pipeline.output_format)

@@ -364,6 +364,22 @@ def kind(url: str, storage_options: dict[str, Any] | None = None) -> str:
     raise RemoteError(f"{url}: no such object or prefix (404). Check the bucket and key.")
 
 
+def output_cache(output_url: str) -> Path:
+    """The local folder standing in for a URL output (``--output-dir s3://...``, a pipeline's ``save_folder``).
+
+    The store (SQLite needs a local disk) and files staged for upload live there. Keyed by the URL
+    (never by options: credentials are not part of it), under ``$CAPTIONKIT_CACHE`` or
+    ``~/.cache/captionkit/remote``; the same URL resumes from the same store.
+    """
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("CAPTIONKIT_CACHE") or Path.home() / ".cache" / "captionkit").expanduser()
+    key = hashlib.blake2b(output_url.rstrip("/").encode("utf-8"), digest_size=8).hexdigest()
+    name = "".join(char if char.isalnum() or char in "-_." else "_" for char in output_url.split("://", 1)[-1])
+    return base / "remote" / f"{name[:60]}-{key}"
+
+
 def join(base: str, relative: str) -> str:
     """``base`` URL (a prefix) joined with a relative key; an absolute URL in ``relative`` wins."""
     if scheme(relative):

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from captionkit.core import locations, object_cache
 from captionkit.core.errors import CaptionkitError, MissingDependencyError
 from captionkit.core.images import DEFAULT_MAX_PIXELS
-from captionkit.core.records import open_source
+from captionkit.core.records import Record, open_source
 from captionkit.executors.progress import Progress
 from captionkit.inspection.buckets import parse_resolution
 from captionkit.inspection.checks import CheckOptions, caption_checks, image_checks, tag_checks, text_file_checks
@@ -196,8 +197,15 @@ def inspect_dataset(
     max_image_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int = 4,
     progress: str = "quiet",
+    storage_options: dict | str | None = None,
+    io_workers: int = 16,
 ) -> InspectionReport:
     """Inspect a data set (folder or manifest); reads only, writes nothing.
+
+    ``path`` may be an object-store URL (a prefix, one image, a manifest) and a manifest's rows may be
+    URLs: images (and the caption files beside them) are read through the local object mirror
+    (:mod:`captionkit.core.object_cache`), ``io_workers`` at a time, with ``storage_options``;
+    findings name the URLs.
 
     ``full`` decodes every image (finds truncated data); without it image checks read
     headers, and ``near_duplicates`` adds a perceptual hash from a reduced decode
@@ -220,23 +228,36 @@ def inspect_dataset(
     if not 0 < common_fraction <= 1:
         raise CaptionkitError(f"--common-fraction {common_fraction}: give a fraction between 0 and 1.")
     tag_extension = _extension(tag_ext) if tag_ext else None
-    source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
-                         include_hidden=include_hidden)
-    out_dir = Path(output_dir).expanduser().resolve() if output_dir else None
-    location = out_dir or source.root
-    notes: list[str] = []
-    categories = read_selected_tags(Path(selected_tags).expanduser()) if selected_tags else {}
-    store = StoreView.find(location)
-    try:
+    with locations.storage_options_set(storage_options):
+        source = open_source(path, recursive=recursive, image_column=image_column, base_dir=base_dir,
+                             include_hidden=include_hidden)
         records = list(source)
-        remote = next((record.url for record in records if record.url is not None), None)
-        if remote is not None:  # not done (issue 18): refused plainly rather than reported as image-less rows
-            raise CaptionkitError(f"{path}: images in object storage ({remote}) are not inspected yet; copy "
-                                  "them to a local folder (with the caption files of the --output-dir) first.")
+    if output_dir is not None and locations.is_url(str(output_dir)):  # a URL --output-dir of caption/tag
+        out_dir: Path | None = locations.output_cache(str(output_dir)) / "files"
+        location: Path | str = locations.output_cache(str(output_dir))
+    else:
+        out_dir = locations.local_path(output_dir).resolve() if output_dir else None
+        location = out_dir or source.root
+    notes: list[str] = []
+    failed_fetches: dict[str, str] = {}
+    remote = any(record.url is not None for record in records)
+    if remote:  # fetched into the local mirror, read from there
+        with locations.storage_options_set(storage_options):
+            records, failed_fetches = mirror_remote_records(source, records, options.caption_ext, tag_extension,
+                                                            out_dir, io_workers)
+        notes.append(f"Images in object storage were read through the local mirror {object_cache.cache_root()} "
+                     "(fetched once; unchanged objects are not fetched again)"
+                     + (", with the caption files beside them." if out_dir is None else "."))
+    categories = read_selected_tags(Path(selected_tags).expanduser()) if selected_tags else {}
+    store = StoreView.find(location) if isinstance(location, Path) else None
+    try:
         collected = collect(source, records, options.caption_ext, tag_extension, out_dir, store, categories)
     finally:
         if store is not None:
             store.close()
+    for entry in collected.entries:
+        if entry.id in failed_fetches:
+            entry.error = failed_fetches[entry.id]
     if collected.store_path is not None:
         notes.append(f"Captions and tags were read from the store ({collected.store_path}) where it has them, "
                      "else from sidecar files; image hashes come from the store where the file is unchanged.")
@@ -248,7 +269,8 @@ def inspect_dataset(
                      f"({options.caption_ext}" + (f", tags {tag_extension}" if tag_extension else "")
                      + ") and manifest columns.")
     if source_kind(source) != "folder":
-        notes.append("Caption files with no image are only looked for in folders, not for manifests.")
+        notes.append("Caption files with no image are only looked for in local folders, not for manifests"
+                     + (" or object-store prefixes." if remote else "."))
     entries = collected.entries
     clip_count = _clip_counter(notes)
     tokenizer, t5_where = load_t5_tokenizer(t5_tokenizer)
@@ -271,7 +293,8 @@ def inspect_dataset(
     failed = 0
     try:
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            scanned = pool.map(lambda entry: safe_scan(entry, perceptual, full, max_image_pixels), images)
+            scanned = pool.map(lambda entry: entry if entry.id in failed_fetches else
+                               safe_scan(entry, perceptual, full, max_image_pixels), images)
             for done, entry in enumerate(scanned, 1):
                 failed += entry.error is not None
                 if clip_count is not None and entry.caption and entry.caption.strip():
@@ -296,7 +319,9 @@ def inspect_dataset(
         "orphan_text_files": len(collected.orphans),
     }
     settings = {
-        "caption_ext": options.caption_ext, "tag_ext": tag_extension, "output_dir": str(out_dir) if out_dir else None,
+        "caption_ext": options.caption_ext, "tag_ext": tag_extension,
+        "output_dir": str(output_dir) if output_dir and locations.is_url(str(output_dir)) else
+        (str(out_dir) if out_dir else None),
         "trigger": trigger, "resolution": f"{resolution_pair[0]}x{resolution_pair[1]}",
         "min_bucket": min_bucket, "max_bucket": max_bucket, "bucket_step": bucket_step,
         "min_side": options.min_side if options.min_side is not None else min_bucket, "max_crop": max_crop,
@@ -308,7 +333,9 @@ def inspect_dataset(
     }
     if not images:
         notes.append("No images found.")
-    return InspectionReport(
+    if remote:  # name the objects, not their copies in the mirror
+        findings = object_cache.as_urls(findings)
+    report = InspectionReport(
         dataset=str(path), source=source_kind(source), root=str(source.root), settings=settings, counts=counts,
         findings=findings,
         stats={"captions": captions.stats, "images": image.stats, "tags": tags.stats},
@@ -318,6 +345,43 @@ def inspect_dataset(
         series={**captions.series, **image.series, "tag_frequency": tags.series.get("frequency", []),
                 "categories": tags.stats.get("categories")},
     )
+    if remote:
+        report.paths = object_cache.as_urls(report.paths)
+    return report
+
+
+def mirror_remote_records(source: Any, records: list[Record], caption_ext: str, tag_ext: str | None,
+                          out_dir: Path | None, io_workers: int) -> tuple[list[Record], dict[str, str]]:
+    """Remote records as local copies in the object mirror (with the caption/tag files beside them in the bucket
+    when there is no ``out_dir``), and the fetch errors by record id (each becomes an unreadable-image finding)."""
+    urls = [record.url for record in records if record.url is not None]
+    signatures = dict(getattr(source, "signatures", {}) or {})
+    texts: list[str] = []
+    if out_dir is None:  # kohya layout in the bucket: a.png + a.txt; one listing per folder, not a request per file
+        extensions = frozenset({caption_ext} | ({tag_ext} if tag_ext else set()))
+        wanted = {locations.parent(url) + "/" + name for url in urls for ext in extensions
+                  for name in (PurePosixPath(url).stem + ext, PurePosixPath(url).name + ext)}
+        for prefix in sorted({locations.parent(url) for url in urls}):
+            try:
+                for found in locations.list_objects(prefix, extensions, recursive=False):
+                    if found.url in wanted:
+                        texts.append(found.url)
+                        signatures[found.url] = found.signature
+            except locations.RemoteError as error:
+                log.warning("%s: caption files not listed (%s)", prefix, error)
+    fetched = object_cache.mirror([*urls, *texts], io_workers, signatures)
+    mirrored: list[Record] = []
+    failed: dict[str, str] = {}
+    for record in records:
+        if record.url is None:
+            mirrored.append(record)
+            continue
+        local = fetched.paths.get(record.url)
+        if local is None:
+            failed[record.id] = str(fetched.errors.get(record.url, f"{record.url}: not fetched."))
+            local = object_cache.mirror_path(record.url)
+        mirrored.append(Record(record.id, local, dict(record.fields)))
+    return mirrored, failed
 
 
 def _extension(value: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from captionkit.core.records import FolderSource, ManifestSource, Record, Source
+from captionkit.core.records import FolderSource, ManifestSource, Record, RemoteFolderSource, Source
 from captionkit.core.store import STORE_FILE, STORE_FOLDER
 
 log = logging.getLogger(__name__)
@@ -354,4 +354,6 @@ def source_kind(source: Source) -> str:
         return "folder"
     if isinstance(source, ManifestSource):
         return "manifest"
+    if isinstance(source, RemoteFolderSource):
+        return "prefix"  # a folder in object storage
     return "image"

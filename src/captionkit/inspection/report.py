@@ -52,6 +52,8 @@ def _esc(value: Any) -> str:
 def _href(path: str | None, folder: Path) -> str | None:
     if not path:
         return None
+    if "://" in path:  # an object in object storage: linked by its URL
+        return path
     try:
         relative = os.path.relpath(path, folder)
     except ValueError:  # another drive (Windows): an absolute file URI

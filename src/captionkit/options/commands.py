@@ -341,7 +341,8 @@ class InspectRun:
                                       "vocabulary is used too).")
     t5_tokenizer: Path | None = _cli(None, "A T5 tokenizer (folder, tokenizer.json or spiece.model) for T5 token "
                                      "counts; default: the hub cache, if it has one.")
-    output_dir: Path | None = _cli(None, "The --output-dir the captions were written to (store and sidecars there).")
+    output_dir: str | None = _cli(None, "The --output-dir the captions were written to (store and sidecars there; a "
+                                  "URL --output-dir is read from its local cache).", metavar="PATH")
     recursive: bool = _cli(True, "Descend into sub-folders.")
     include_hidden: bool = _cli(False, "Also take files and folders whose names start with '.'.")
     image_column: str | None = _cli(None, "Manifest column with the image path.")
@@ -387,9 +388,18 @@ EXPORT = Command("export", [Part(ExportRun)])
 UI = Command("ui", [Part(UiServe)])
 
 # The page has no form for these two: its inspection button and pipeline tab pass their own few values.
-INSPECT = Command("inspect", [Part(InspectRun), Part(Reporting, first="quiet")])
+INSPECT = Command("inspect", [Part(InspectRun), Part(RemoteData, surfaces=CLI_ONLY, help={
+    "storage_options": "Object storage (an s3://, gs://, az://, hf:// data set): JSON of fsspec filesystem options. "
+                       "Credentials also come from the environment and profiles; never stored or logged."}),
+    Part(Reporting, first="quiet")])
 
-RUN = Command("run", [Part(PipelineRun), Part(ScaleOptions, surfaces=CLI_ONLY), Part(Reporting, help={
+_RUN_STORAGE_HELP = {
+    "storage_options": "Object storage (an s3://, gs://, az://, hf:// input or save_folder): JSON of fsspec "
+                       "filesystem options, laid over the file's storage_options. Credentials also come from the "
+                       "environment and profiles; never stored or logged."}
+
+RUN = Command("run", [Part(PipelineRun), Part(ScaleOptions, surfaces=CLI_ONLY),
+                      Part(RemoteData, surfaces=CLI_ONLY, help=_RUN_STORAGE_HELP), Part(Reporting, help={
     "max_failures": "Still exit 0 when at most this many records fail in each step: a number (5) or a percentage "
                     "of the records the step tried (2%). Default 0.",
     "quiet": "No progress bars.", "progress": "bar, json or quiet."})])

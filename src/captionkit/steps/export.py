@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from captionkit.core.errors import CaptionkitError
@@ -51,8 +51,11 @@ class ExportStep:
         self.on_collision = on_collision
         self.append_separator = append_separator
         self.copy_images = copy_images
+        self.staged: Path | None = None
 
     def _destination(self, default: str) -> Path:
+        if self.staged is not None:  # a URL path: written here, then uploaded
+            return self.staged
         target = Path(self.path or default).expanduser()
         return target if target.is_absolute() else self.context.save_folder / target
 
@@ -60,9 +63,30 @@ class ExportStep:
         fields = record.fields if self.fields is None else {key: record.fields.get(key) for key in self.fields}
         if isinstance(record.path, ShardMember):  # a WebDataset sample: keyed by shard and key (no image file)
             return {"id": record.id, "shard": shard_name(record.path.shard), "key": record.path.key, **fields}
-        return {"id": record.id, **({"image": str(record.path)} if record.path else {}), **fields}  # user id wins
+        return {"id": record.id, **({"image": record.location} if record.has_image else {}), **fields}  # user id wins
 
     def export(self, records: list[Record], store: Any, pipeline: Any) -> int:
+        """Write the export; a URL ``path`` (s3://bucket/out.parquet, or a prefix) is written locally, then uploaded."""
+        from captionkit.core import locations
+
+        if not (self.path and locations.is_url(self.path)):
+            return self._export(records, store)
+        import tempfile
+
+        url = self.path.rstrip("/")
+        with tempfile.TemporaryDirectory(prefix="captionkit-export-") as staging:
+            self.staged = Path(staging) / PurePosixPath(url.split("://", 1)[1]).name
+            try:
+                count = self._export(records, store)
+            finally:
+                local, self.staged = self.staged, None
+            if local.is_dir():
+                locations.upload_tree(local, url)
+            elif local.is_file():
+                locations.write_bytes(url, local.read_bytes())
+        return count
+
+    def _export(self, records: list[Record], store: Any) -> int:
         shards = any(isinstance(record.path, ShardMember) for record in records)
         if self.format == "webdataset":
             if not shards:
@@ -88,8 +112,9 @@ class ExportStep:
     def _sidecars(self, records: list[Record], store: Any) -> int:
         from captionkit.core.sinks import CollisionPolicy, ExistingPolicy, SidecarSink
 
-        with_images = [record for record in records if record.path is not None]
-        output_dir = self._destination(self.path).resolve() if self.path else None
+        with_images = [record for record in records if record.has_image]
+        remote = any(record.url is not None for record in with_images)  # nothing can be written beside those
+        output_dir = self._destination(self.path or ".").resolve() if self.path or remote else None
         sink = SidecarSink(store, self.field, extension=self.ext, output_dir=output_dir,
                            existing=ExistingPolicy(self.existing), collisions=CollisionPolicy(self.on_collision),
                            append_separator=self.append_separator)
@@ -108,13 +133,22 @@ class ExportStep:
         remove_stale_temp_files_under(folder)  # half-copied images of a killed run
         rows = []
         for record in records:
-            if record.path is None:
+            if not record.has_image:
                 continue
+            suffix = record.path.suffix if record.path is not None else PurePosixPath(str(record.url)).suffix
             name = Path(record.id).as_posix()
-            if Path(name).suffix.lower() != record.path.suffix.lower():
-                name = f"{name}{record.path.suffix}"
+            if Path(name).suffix.lower() != suffix.lower():
+                name = f"{name}{suffix}"
             name = name.replace("../", "").lstrip("/")  # ids of images outside the data folder
             target = folder / name
+            if record.path is None:  # a remote image: its bytes are copied in (a link cannot point at a bucket)
+                if not target.exists():
+                    from captionkit.core.atomic import atomic_write_bytes
+                    from captionkit.core.locations import read_bytes
+
+                    atomic_write_bytes(target, record.data or read_bytes(str(record.url)), durable=False)
+                rows.append({"file_name": Path(name).as_posix(), **self._folder_row(record)})
+                continue
             linked = os.path.relpath(record.path, folder)
             # `datasets` reads file_name relative to the folder and refuses paths that leave it: copy those.
             copy = self.copy_images or linked.startswith("..")
@@ -122,13 +156,16 @@ class ExportStep:
                 with record.path.open("rb") as source, atomic_open(target, "wb", durable=False) as stream:
                     shutil.copyfileobj(source, stream)
             file_name = name if copy else linked
-            row = self._row(record)
-            row.pop("image", None)
-            if "id" not in record.fields:
-                row.pop("id", None)
-            rows.append({"file_name": Path(file_name).as_posix(), **row})
+            rows.append({"file_name": Path(file_name).as_posix(), **self._folder_row(record)})
         write_table(rows, folder / "metadata.jsonl", "jsonl")
         return len(rows)
+
+    def _folder_row(self, record: Record) -> dict[str, Any]:
+        row = self._row(record)
+        row.pop("image", None)
+        if "id" not in record.fields:
+            row.pop("id", None)
+        return row
 
     # The executor never runs an export step; these satisfy code that inspects steps generically.
     def unload(self) -> None:

@@ -43,7 +43,7 @@ from captionkit.train.captioner_data import (
     split_items,
 )
 from captionkit.train.checkpoints import write_folder_atomically
-from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+from captionkit.train.config import NOT_SAVED, ConfigError, config_to_dict, load_config, save_config
 from captionkit.train.feature_cache import (
     CachedCaptionDataset,
     FeatureCollator,
@@ -154,6 +154,10 @@ class CaptionerTrainConfig:
     log_every_steps: int = 10
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     wandb_project: str | None = None
+    # data in object storage (s3://, gs://, az://, hf:// paths or manifest rows): fsspec filesystem options over
+    # the environment's credentials; never saved with the config or logged
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, metadata={NOT_SAVED: True})
+    io_workers: int = 16  # objects fetched at once into the local object mirror
     # `--set mode=full` leaves a file's lora section out (load_config); the section only serves these modes
     sections_used_by: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {"lora": ("mode", ("lora", "qlora"))}
 
@@ -189,6 +193,8 @@ class CaptionerTrainConfig:
                 raise ValueError(f"{name} must be at least 1 (or null), got {value}")
         if self.epochs is not None and self.max_steps is not None:
             raise ValueError("set epochs or max_steps, not both (max_steps would silently win)")
+        if self.io_workers < 1:
+            raise ValueError(f"io_workers must be at least 1, got {self.io_workers}")
         if self.sample_captions < 0 or self.num_workers < 0:
             raise ValueError("sample_captions and num_workers must be 0 or more")
         if self.wandb_project and "wandb" not in self.report_to:
@@ -499,16 +505,19 @@ def _check_settings(config: CaptionerTrainConfig) -> None:
 
 def _read_data(config: CaptionerTrainConfig) -> _Data:
     """Every data path read into caption pairs (a missing path or an empty source fails here)."""
+    from captionkit.core.locations import storage_options_set
+
     report, val_report = DataReport(), DataReport()
     items: list[CaptionItem] = []
     val: list[CaptionItem] = []
     try:
-        for spec in config.data:
-            items += load_items(spec, report)
-        if config.val_split:
-            items, val = split_items(items, config.val_split, config.seed)
-        for spec in config.val_data:
-            val += load_items(dataclasses.replace(spec, repeats=1), val_report)
+        with storage_options_set(config.storage_options):
+            for spec in config.data:
+                items += load_items(spec, report, config.io_workers)
+            if config.val_split:
+                items, val = split_items(items, config.val_split, config.seed)
+            for spec in config.val_data:
+                val += load_items(dataclasses.replace(spec, repeats=1), val_report, config.io_workers)
     except ValueError as error:
         raise ConfigError(str(error)) from error
     return _Data(items, val, report, val_report)

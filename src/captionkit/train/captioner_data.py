@@ -17,6 +17,11 @@ Sources (:class:`DatasetSpec.path`):
   ``image``, ``image_path``) and a caption column (``caption``, ``text``), such as the
   JSONL/Parquet exports captionkit writes. Relative paths are resolved against the
   manifest's folder.
+
+Each may be in object storage (``s3://bucket/prefix``, ``gs://``, ``az://``, ``hf://``: a prefix
+of images with caption objects beside them, or a manifest object), and a manifest's path column
+may hold URLs. Those images are fetched once into the local object mirror and read from there
+(:mod:`captionkit.train.remote_data`); an item's ``image`` is then the local copy.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ CAPTION_COLUMNS = ("caption", "text")
 class DatasetSpec:
     """One data source and the task prompt its captions answer."""
 
-    path: Path
+    path: Path | str  # a URL string for data in object storage
     task: str = "<CAPTION>"
     caption_extension: str = ".txt"
     recursive: bool = True
@@ -129,7 +134,7 @@ def _open_table(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequence[str], path: Path,
+def _pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequence[str], path: Path | str,
                  what: str, setting: str) -> str:
     columns = list(rows[0]) if rows else []
     if wanted is not None:
@@ -144,34 +149,85 @@ def _pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Seq
                      f"{columns}. Set {setting} in the data set entry")
 
 
-def _items_from_table(spec: DatasetSpec, table: Path, report: DataReport) -> list[CaptionItem]:
-    rows = _open_table(table)
+def _items_from_table(spec: DatasetSpec, table: Path | str, report: DataReport,
+                      io_workers: int = 16) -> list[CaptionItem]:
+    from captionkit.train import remote_data
+
+    rows = remote_data.read_table(table) if remote_data.is_remote(table) else _open_table(Path(table))
     if not rows:
         return []
-    path_column = _pick_column(rows, spec.path_column, PATH_COLUMNS, table, "image path", "path_column")
+    path_column = _pick_column(rows, spec.path_column, PATH_COLUMNS + ("url",), table, "image path", "path_column")
     caption_column = _pick_column(rows, spec.caption_column, CAPTION_COLUMNS, table, "caption", "caption_column")
-    items = []
+    pairs: list[tuple[Path | str, str]] = []
     for row in rows:
         raw_path, caption = row.get(path_column), row.get(caption_column)
         if not raw_path:
             continue
-        image = Path(raw_path)
-        if not image.is_absolute():
-            image = table.parent / image
+        image = remote_data.resolve(str(raw_path), table)
         if caption is None or not str(caption).strip():
             report.missing_captions.append(str(image))
             continue
-        if not image.exists():
+        if isinstance(image, Path) and not image.exists():
             report.missing_images.append(str(image))
             continue
-        items.append(CaptionItem(image=image, caption=str(caption).strip(), task=spec.task))
+        pairs.append((image, str(caption).strip()))
+    urls = [image for image, _ in pairs if isinstance(image, str)]
+    local, failed = remote_data.fetch(urls, io_workers) if urls else ({}, {})
+    report.missing_images.extend(failed)
+    return [CaptionItem(image=local[image] if isinstance(image, str) else image, caption=caption, task=spec.task)
+            for image, caption in pairs if not isinstance(image, str) or image in local]
+
+
+def _items_from_prefix(spec: DatasetSpec, prefix: str, report: DataReport, io_workers: int) -> list[CaptionItem]:
+    """A prefix of images with caption objects beside them (``a.png`` + ``a.txt``), fetched into the mirror."""
+    from captionkit.train import remote_data
+
+    found = remote_data.list_pairs(prefix, spec.caption_extension, frozenset(IMAGE_EXTENSIONS), spec.recursive)
+    for image in found.images:
+        if found.sidecars[image] is None:
+            report.missing_captions.append(image)
+    paired = [image for image in found.images if found.sidecars[image] is not None]
+    wanted = [url for image in paired for url in (image, found.sidecars[image])]
+    local, failed = remote_data.fetch([url for url in wanted if url], io_workers, found.signatures)
+    items = []
+    for image in paired:
+        sidecar = found.sidecars[image]
+        if image not in local or sidecar not in local:
+            report.missing_images.append(image)  # its 403/404/5xx was logged by fetch
+            continue
+        caption = local[str(sidecar)].read_text(encoding="utf-8").strip()
+        if not caption:
+            report.missing_captions.append(image)
+            continue
+        items.append(CaptionItem(image=local[image], caption=caption, task=spec.task))
     return items
 
 
-def _items_from_folder(spec: DatasetSpec, report: DataReport) -> list[CaptionItem]:
+def _remote_items(spec: DatasetSpec, url: str, report: DataReport, io_workers: int) -> list[CaptionItem]:
+    from captionkit.core import locations
+
+    try:
+        found = locations.kind(url)
+    except locations.RemoteError as error:
+        raise ValueError(str(error)) from error  # the URL, the cause (403/404) and the fix
+    if found == "directory":
+        metadata = url.rstrip("/") + "/metadata.jsonl"
+        try:
+            has_metadata = locations.kind(metadata) == "file"
+        except locations.RemoteError:
+            has_metadata = False
+        if has_metadata:
+            return _items_from_table(spec, metadata, report, io_workers)
+        return _items_from_prefix(spec, url.rstrip("/"), report, io_workers)
+    if url.lower().endswith((".jsonl", ".parquet")):
+        return _items_from_table(spec, url, report, io_workers)
+    raise ValueError(f"{url}: unsupported data set object; use a prefix (folder), a .jsonl or a .parquet manifest")
+
+
+def _items_from_folder(spec: DatasetSpec, folder: Path, report: DataReport) -> list[CaptionItem]:
     pattern = "**/*" if spec.recursive else "*"
     items = []
-    for image in sorted(spec.path.glob(pattern)):
+    for image in sorted(folder.glob(pattern)):
         if image.suffix.lower() not in IMAGE_EXTENSIONS or not image.is_file():
             continue
         caption_file = image.with_suffix(spec.caption_extension)
@@ -186,19 +242,20 @@ def _items_from_folder(spec: DatasetSpec, report: DataReport) -> list[CaptionIte
     return items
 
 
-def load_items(spec: DatasetSpec, report: DataReport | None = None) -> list[CaptionItem]:
-    """Read one data source into caption items (repeated ``spec.repeats`` times)."""
+def load_items(spec: DatasetSpec, report: DataReport | None = None, io_workers: int = 16) -> list[CaptionItem]:
+    """Read one data source into caption items (repeated ``spec.repeats`` times).
+
+    ``io_workers``: objects fetched at once when the source (or a manifest's rows) is in object storage.
+    """
+    from captionkit.train import remote_data
+
     report = report if report is not None else DataReport()
-    path = spec.path
-    if not path.exists():
-        raise ValueError(f"{path}: data set path not found; fix 'path' in the data set entry")
-    if path.is_dir():
-        metadata = path / "metadata.jsonl"
-        items = _items_from_table(spec, metadata, report) if metadata.exists() else _items_from_folder(spec, report)
-    elif path.suffix.lower() in (".jsonl", ".parquet"):
-        items = _items_from_table(spec, path, report)
+    if remote_data.is_remote(spec.path):
+        items = _remote_items(spec, str(spec.path), report, io_workers)
+        path: Path | str = str(spec.path)
     else:
-        raise ValueError(f"{path}: unsupported data set file; use a folder, a .jsonl or a .parquet manifest")
+        path = Path(spec.path)
+        items = _local_items(spec, path, report, io_workers)
     if not items:
         raise ValueError(
             f"{path}: no image/caption pairs found (images without captions: {len(report.missing_captions)}, "
@@ -207,6 +264,19 @@ def load_items(spec: DatasetSpec, report: DataReport | None = None) -> list[Capt
     items = items * spec.repeats
     report.items += len(items)
     return items
+
+
+def _local_items(spec: DatasetSpec, path: Path, report: DataReport, io_workers: int) -> list[CaptionItem]:
+    if not path.exists():
+        raise ValueError(f"{path}: data set path not found; fix 'path' in the data set entry")
+    if path.is_dir():
+        metadata = path / "metadata.jsonl"
+        if metadata.exists():
+            return _items_from_table(spec, metadata, report, io_workers)
+        return _items_from_folder(spec, path, report)
+    if path.suffix.lower() in (".jsonl", ".parquet"):
+        return _items_from_table(spec, path, report, io_workers)
+    raise ValueError(f"{path}: unsupported data set file; use a folder, a .jsonl or a .parquet manifest")
 
 
 def split_items(items: list[CaptionItem], ratio: float, seed: int) -> tuple[list[CaptionItem], list[CaptionItem]]:

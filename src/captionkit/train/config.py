@@ -455,8 +455,11 @@ def _coerce(value: Any, annotation: Any, path: tuple[str, ...], file_label: str,
             return value
         raise fail(" (quote it in YAML if it is meant as text)")
     if annotation is Path:
+        if isinstance(value, str) and "://" in value and not value.lower().startswith("file://"):
+            # Path("s3://b/k") would be the local "s3:/b/k"; fields that take URLs are typed `Path | str`
+            raise fail(" (an object-store URL is not read here; give a local path)")
         if isinstance(value, (str, Path)) and str(value):
-            return Path(value)
+            return Path(str(value)[len("file://"):] if str(value).lower().startswith("file://") else value)
         raise fail()
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         try:
@@ -470,10 +473,19 @@ def _coerce(value: Any, annotation: Any, path: tuple[str, ...], file_label: str,
     return value
 
 
+#: a config field's metadata key: the field is never written out (``storage_options``: credentials)
+NOT_SAVED = "not_saved"
+
+
 def config_to_dict(obj: Any) -> Any:
-    """A plain YAML/JSON-safe structure of a config dataclass (Paths become strings)."""
+    """A plain YAML/JSON-safe structure of a config dataclass (Paths become strings).
+
+    Fields marked ``metadata={NOT_SAVED: True}`` are left out: the saved config, the run log and
+    experiment trackers never see them.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {field.name: config_to_dict(getattr(obj, field.name)) for field in dataclasses.fields(obj)}
+        return {field.name: config_to_dict(getattr(obj, field.name)) for field in dataclasses.fields(obj)
+                if not field.metadata.get(NOT_SAVED)}
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, enum.Enum):

@@ -56,7 +56,7 @@ import numpy as np
 from captionkit.core.errors import CaptionkitError
 from captionkit.train.accelerator import new_accelerator
 from captionkit.train.checkpoints import remove_stale_temp_folders as _remove_leftovers  # noqa: F401 (tests)
-from captionkit.train.config import ConfigError, config_to_dict, load_config, save_config
+from captionkit.train.config import NOT_SAVED, ConfigError, config_to_dict, load_config, save_config
 from captionkit.train.loop import (
     BatchLoss,
     LoopSettings,
@@ -83,8 +83,9 @@ METRICS_FILE = "metrics.jsonl"
 class TaggerDataConfig:
     """Where the images and tags are, the vocabulary, and the validation split."""
 
-    train_dirs: list[Path] = field(default_factory=list)
-    val_dirs: list[Path] = field(default_factory=list)  # empty: split off val_fraction of train_dirs
+    # folders, URL prefixes (s3://bucket/tagged/) or manifests (.jsonl/.parquet/.csv, local or URLs)
+    train_dirs: list[Path | str] = field(default_factory=list)
+    val_dirs: list[Path | str] = field(default_factory=list)  # empty: split off val_fraction of train_dirs
     selected_tags: Path | None = None  # None: vocabulary from the training tags
     min_count: int = 1
     separator: str = ","
@@ -95,6 +96,9 @@ class TaggerDataConfig:
     max_stratified_cells: int = 50_000_000
     num_workers: int = 2
     hflip: bool = True
+    # data in object storage: fsspec filesystem options over the environment's credentials; never saved or logged
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False, metadata={NOT_SAVED: True})
+    io_workers: int = 16  # objects fetched at once into the local object mirror
 
     def __post_init__(self) -> None:
         if not self.train_dirs:
@@ -105,6 +109,8 @@ class TaggerDataConfig:
             raise ValueError("data.separator must not be empty")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be 0 or more, got {self.num_workers}")
+        if self.io_workers < 1:
+            raise ValueError(f"data.io_workers must be at least 1, got {self.io_workers}")
 
 
 @dataclass
@@ -623,10 +629,14 @@ def train_tagger(config: TaggerTrainConfig, resume: str | Path | None = None,
     # -- data and vocabulary: the data paths are checked before any model is loaded --
     data_cfg = config.data
     scan = ScanReport()
-    items = scan_tagged_folders(data_cfg.train_dirs, data_cfg.separator, data_cfg.caption_extension,
-                                data_cfg.recursive, report=scan)
-    val_items = (scan_tagged_folders(data_cfg.val_dirs, data_cfg.separator, data_cfg.caption_extension,
-                                     data_cfg.recursive, report=scan) if data_cfg.val_dirs else [])
+    from captionkit.core.locations import storage_options_set
+
+    with storage_options_set(data_cfg.storage_options):
+        items = scan_tagged_folders(data_cfg.train_dirs, data_cfg.separator, data_cfg.caption_extension,
+                                    data_cfg.recursive, report=scan, io_workers=data_cfg.io_workers)
+        val_items = (scan_tagged_folders(data_cfg.val_dirs, data_cfg.separator, data_cfg.caption_extension,
+                                         data_cfg.recursive, report=scan, io_workers=data_cfg.io_workers)
+                     if data_cfg.val_dirs else [])
     if resume_dir is not None:
         vocabulary = Vocabulary.from_csv(resume_dir / "selected_tags.csv")
     elif data_cfg.selected_tags is not None:

@@ -7,6 +7,12 @@ training tags. Tag names are compared with spaces and underscores treated alike,
 ``long hair`` in a caption matches ``long_hair`` in the CSV. Tags outside the
 vocabulary are ignored and counted in the log.
 
+A data entry may also be in object storage (``s3://bucket/prefix``: images with tag objects
+beside them), or a manifest (.jsonl/.parquet/.csv, local or an object) with an image column
+(``path``, ``file_name``, ``image``, ``url`` ...; URLs or paths) and a tags column (``tags``,
+``tag_string``, ``caption``, ``text``: a list or a separator-joined string). Remote images are
+fetched once into the local object mirror and trained from there (see ``train.remote_data``).
+
 Labels are kept as one small index array per image (not a dense matrix) so a million
 images with ten thousand tags fit in memory; only the stratified split builds a dense
 matrix, and the ``auto`` split falls back to a random one when that would be too big.
@@ -171,9 +177,12 @@ class TaggedImage:
     tags: list[str]
 
 
-def read_tag_file(path: Path, separator: str) -> list[str]:
-    """Tags of one sidecar file (empty entries and duplicates dropped, order kept)."""
-    text = path.read_text(encoding="utf-8", errors="replace")
+IMAGE_COLUMNS = ("path", "file_name", "image", "image_path", "file", "url")
+TAG_COLUMNS = ("tags", "tag_string", "caption", "text")
+
+
+def split_tag_text(text: str, separator: str) -> list[str]:
+    """Tags of one text (empty entries and duplicates dropped, order kept)."""
     if separator != "\n":
         text = text.replace("\r", "").replace("\n", separator)
     seen: set[str] = set()
@@ -186,36 +195,51 @@ def read_tag_file(path: Path, separator: str) -> list[str]:
     return tags
 
 
+def read_tag_file(path: Path, separator: str) -> list[str]:
+    """Tags of one sidecar file (empty entries and duplicates dropped, order kept)."""
+    return split_tag_text(path.read_text(encoding="utf-8", errors="replace"), separator)
+
+
 @dataclass
 class ScanReport:
     """Images :func:`scan_tagged_folders` left out, and why."""
 
-    no_tag_file: list[Path] = field(default_factory=list)
-    empty_tags: list[Path] = field(default_factory=list)
+    no_tag_file: list[Path | str] = field(default_factory=list)  # a URL string for an object
+    empty_tags: list[Path | str] = field(default_factory=list)
+    missing_images: list[str] = field(default_factory=list)  # manifest rows / objects that could not be fetched
 
     def skipped(self, caption_extension: str = ".txt") -> dict[str, list[str]]:
         """Left-out images by reason, for :func:`captionkit.train.runlog.log_skipped`."""
-        return {
+        skipped = {
             f"with no {caption_extension} tag file": [str(path) for path in self.no_tag_file],
             f"with an empty {caption_extension} tag file": [str(path) for path in self.empty_tags],
         }
+        if self.missing_images:  # manifests and object storage only
+            skipped["missing or not fetched"] = list(self.missing_images)
+        return skipped
 
 
 def scan_tagged_folders(
     roots: Iterable[str | Path], separator: str = ",", caption_extension: str = ".txt", recursive: bool = True,
-    report: ScanReport | None = None,
+    report: ScanReport | None = None, io_workers: int = 16,
 ) -> list[TaggedImage]:
     """Every image under ``roots`` that has a non-empty tag file, sorted by path (deterministic order).
 
     Images without a tag file, or with one that holds no tag, are left out: recorded in
-    ``report`` when given (the caller reports them), else counted in a log warning.
+    ``report`` when given (the caller reports them), else counted in a log warning. A root may
+    be a URL prefix or a manifest (see the module docstring); ``io_workers`` objects are fetched at once.
     """
     from captionkit.core.records import image_extensions
+    from captionkit.train import remote_data
 
     extensions = image_extensions()
     items: list[TaggedImage] = []
     found = ScanReport()
     for root in roots:
+        if remote_data.is_remote(root) or str(root).lower().endswith(remote_data.TABLE_SUFFIXES):
+            items += _remote_or_manifest_items(root, separator, caption_extension, recursive, extensions, found,
+                                               io_workers)
+            continue
         root = Path(root)
         if not root.is_dir():
             raise TaggerDataError(f"{root}: training folder not found; check data.train_dirs in the config")
@@ -241,12 +265,15 @@ def scan_tagged_folders(
     if report is not None:
         report.no_tag_file += found.no_tag_file
         report.empty_tags += found.empty_tags
+        report.missing_images += found.missing_images
     else:
         if found.no_tag_file:
             _log.warning("%d images have no %s tag file and were skipped", len(found.no_tag_file), caption_extension)
         if found.empty_tags:
             _log.warning("%d images have an empty %s tag file and were skipped", len(found.empty_tags),
                          caption_extension)
+        if found.missing_images:
+            _log.warning("%d images are missing or could not be fetched and were skipped", len(found.missing_images))
     if not items:
         raise TaggerDataError(
             f"no image with a non-empty {caption_extension} tag file under {[str(r) for r in roots]} "
@@ -254,6 +281,71 @@ def scan_tagged_folders(
             "put tags in a file next to each image (a.png + a.txt)"
         )
     return items
+
+
+def _remote_or_manifest_items(root: str | Path, separator: str, caption_extension: str, recursive: bool,
+                              extensions: frozenset[str], found: ScanReport, io_workers: int) -> list[TaggedImage]:
+    """A URL prefix (images + tag objects) or a manifest (local or an object) as tagged images in local files."""
+    from captionkit.core import locations
+    from captionkit.train import remote_data
+
+    name = str(root)
+    if not name.lower().endswith(remote_data.TABLE_SUFFIXES):
+        try:
+            kind = locations.kind(name)
+        except locations.RemoteError as error:
+            raise TaggerDataError(f"{error} Check data.train_dirs / data.val_dirs in the config.") from error
+        if kind != "directory":
+            raise TaggerDataError(f"{name}: not a prefix (folder) or a .jsonl/.parquet/.csv manifest; check "
+                                  "data.train_dirs in the config")
+        try:
+            pairs = remote_data.list_pairs(name.rstrip("/"), caption_extension, extensions, recursive)
+        except ValueError as error:
+            raise TaggerDataError(str(error)) from error
+        tagged = [image for image in pairs.images if pairs.sidecars[image] is not None]
+        found.no_tag_file += [image for image in pairs.images if pairs.sidecars[image] is None]
+        local, failed = remote_data.fetch([url for image in tagged for url in (image, pairs.sidecars[image]) if url],
+                                          io_workers, pairs.signatures)
+        items = []
+        for image in tagged:
+            sidecar = str(pairs.sidecars[image])
+            if image not in local or sidecar not in local:
+                found.missing_images.append(image)
+                continue
+            tags = read_tag_file(local[sidecar], separator)
+            if tags:
+                items.append(TaggedImage(local[image], tags))
+            else:
+                found.empty_tags.append(image)
+        return items
+    try:
+        rows = remote_data.read_table(root if remote_data.is_remote(root) else Path(root))
+    except ValueError as error:
+        raise TaggerDataError(str(error)) from error
+    columns = list(rows[0]) if rows else []
+    image_column = next((column for column in IMAGE_COLUMNS if column in columns), None)
+    tag_column = next((column for column in TAG_COLUMNS if column in columns), None)
+    if image_column is None or tag_column is None:
+        raise TaggerDataError(f"{name}: a tagger manifest needs an image column ({', '.join(IMAGE_COLUMNS)}) and a "
+                              f"tags column ({', '.join(TAG_COLUMNS)}); its columns are {columns}")
+    wanted: list[tuple[str | Path, list[str]]] = []
+    for row in rows:
+        value, text = row.get(image_column), row.get(tag_column)
+        if not value:
+            continue
+        image = remote_data.resolve(str(value), root if remote_data.is_remote(root) else Path(root))
+        tags = [str(tag) for tag in text] if isinstance(text, list) else split_tag_text(str(text or ""), separator)
+        if not tags:
+            found.empty_tags.append(image)
+        elif isinstance(image, Path) and not image.is_file():
+            found.missing_images.append(str(image))
+        else:
+            wanted.append((image, tags))
+    urls = [image for image, _ in wanted if isinstance(image, str)]
+    local, failed = remote_data.fetch(urls, io_workers) if urls else ({}, {})
+    found.missing_images += list(failed)
+    return [TaggedImage(local[image] if isinstance(image, str) else image, tags) for image, tags in wanted
+            if not isinstance(image, str) or image in local]
 
 
 @dataclass
