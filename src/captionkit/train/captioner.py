@@ -636,6 +636,18 @@ def train_captioner(config: CaptionerTrainConfig, resume_from: str | Path | None
     )
 
 
+def training_sampler(config: CaptionerTrainConfig, items: list[CaptionItem], tokenizer: Any,
+                     process_index: int = 0, num_processes: int = 1) -> EpochBatchSampler:
+    """The training batches: shuffled per epoch, and with ``group_by_length`` grouped by each
+    caption's token length (before augmentation, at most ``max_target_tokens``)."""
+    lengths = None
+    if config.group_by_length:
+        tokens = caption_lengths(items, tokenizer)
+        lengths = [min(tokens[item.caption], config.max_target_tokens) for item in items]
+    return EpochBatchSampler(len(items), config.batch_size, config.seed, shuffle=True, process_index=process_index,
+                             num_processes=num_processes, lengths=lengths)
+
+
 class _CaptionerTask(TrainingTask):
     """Caption pairs, the token-summed loss, caption metrics and ``save_pretrained`` folders."""
 
@@ -650,13 +662,8 @@ class _CaptionerTask(TrainingTask):
         self.samples = []
         self.collator = CaptionCollator(processor, config.max_target_tokens)
         self.dataset = CaptionDataset(train_items, config.augment, config.seed)
-        lengths = None
-        if config.group_by_length:
-            tokens = caption_lengths(train_items, processor.tokenizer)
-            lengths = [min(tokens[item.caption], config.max_target_tokens) for item in train_items]
-        self.sampler = EpochBatchSampler(len(self.dataset), config.batch_size, config.seed, shuffle=True,
-                                         process_index=accelerator.process_index,
-                                         num_processes=accelerator.num_processes, lengths=lengths)
+        self.sampler = training_sampler(config, train_items, processor.tokenizer, accelerator.process_index,
+                                        accelerator.num_processes)
         self.workers = data_workers(config.num_workers, accelerator.device, accelerator.num_processes)
         self.loader = self._loader(self.dataset, self.sampler)
 

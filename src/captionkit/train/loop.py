@@ -430,8 +430,10 @@ class _Loop:
         """Training on nothing is no success: every image of the span skipped means no model is written."""
         import torch
 
-        total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
-        if float(total) == 0:
+        total = float(count)
+        if self.accelerator.num_processes > 1:  # one process needs no device round trip
+            total = float(self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "sum"))
+        if total == 0:
             raise NothingSucceededError(
                 f"no training image could be read in {span} (each was skipped; the warnings above name them), "
                 "so no model was written; fix or remove those files")
