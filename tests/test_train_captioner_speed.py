@@ -75,7 +75,7 @@ def test_group_by_length_reaches_the_training_batches(base_model, tmp_path):
     def batches(**settings) -> list[list[int]]:
         config = CaptionerTrainConfig(model=str(base_model), output_dir=tmp_path, data=[DatasetSpec(path=tmp_path)],
                                       batch_size=4, max_target_tokens=24, **settings)
-        return list(training_sampler(config, items, tokenizer))
+        return [[index for epoch, index in batch] for batch in training_sampler(config, items, tokenizer)]
 
     grouped, shuffled = batches(group_by_length=True), batches()
     assert sorted(index for batch in grouped for index in batch) == list(range(96))

@@ -645,7 +645,7 @@ def training_sampler(config: CaptionerTrainConfig, items: list[CaptionItem], tok
         tokens = caption_lengths(items, tokenizer)
         lengths = [min(tokens[item.caption], config.max_target_tokens) for item in items]
     return EpochBatchSampler(len(items), config.batch_size, config.seed, shuffle=True, process_index=process_index,
-                             num_processes=num_processes, lengths=lengths)
+                             num_processes=num_processes, lengths=lengths, with_epoch=True)
 
 
 class _CaptionerTask(TrainingTask):
@@ -665,14 +665,11 @@ class _CaptionerTask(TrainingTask):
         self.sampler = training_sampler(config, train_items, processor.tokenizer, accelerator.process_index,
                                         accelerator.num_processes)
         self.workers = data_workers(config.num_workers, accelerator.device, accelerator.num_processes)
-        self.loader = self._loader(self.dataset, self.sampler)
+        # The training workers stay from epoch to epoch (the sampler's keys carry the epoch).
+        self.loader = self._loader(self.dataset, self.sampler, persistent=True)
 
-    def _loader(self, dataset: Any, sampler: EpochBatchSampler) -> Any:
-        """Batches prepared ahead in ``self.workers`` processes, in page-locked memory for a CUDA device.
-
-        The workers start with each epoch's iterator (they copy the data set, whose epoch
-        seeds the augmentation) and stop at its end.
-        """
+    def _loader(self, dataset: Any, sampler: EpochBatchSampler, persistent: bool = False) -> Any:
+        """Batches prepared ahead in ``self.workers`` processes, in page-locked memory for a CUDA device."""
         import torch
 
         workers = self.workers
@@ -680,6 +677,7 @@ class _CaptionerTask(TrainingTask):
         # the global RNG would shift dropout masks after a resume.
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collator,
                                            num_workers=workers, prefetch_factor=2 if workers else None,
+                                           persistent_workers=persistent and workers > 0,
                                            pin_memory=self.accelerator.device.type == "cuda",
                                            generator=torch.Generator().manual_seed(self.config.seed))
 

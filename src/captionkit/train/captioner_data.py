@@ -264,15 +264,18 @@ class CaptionDataset:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def caption_for(self, index: int) -> str:
+    def caption_for(self, index: int, epoch: int | None = None) -> str:
         item = self.items[index]
         if self.augment is None:
             return item.caption
         # String seeds hash with SHA-512 in ``random``: stable across processes and runs.
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        rng = random.Random(f"{self.seed}/{self.epoch if epoch is None else epoch}/{index}")
         return augment_caption(item.caption, self.augment, rng)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Sample ``key``: an index (augmented for :meth:`set_epoch`'s epoch) or (epoch, index), the
+        form that reaches DataLoader workers kept across epochs with the right epoch."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         item = self.items[index]
         try:
             from PIL import Image, ImageOps
@@ -283,7 +286,7 @@ class CaptionDataset:
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the run
             _log.warning("skipping %s: cannot decode the image (%s)", item.image, error)
             return None
-        return {"image": image, "task": item.task, "caption": self.caption_for(index), "index": index}
+        return {"image": image, "task": item.task, "caption": self.caption_for(index, epoch), "index": index}
 
 
 #: Batches sorted together by :class:`EpochBatchSampler` with ``lengths``: larger groups pad less,
@@ -306,15 +309,20 @@ class EpochBatchSampler:
     longest caption first (an out-of-memory error then shows at the first step). Samples of
     a batch then have similar lengths, so less of the batch is padding; the batches still
     change every epoch and depend only on (seed, epoch).
+
+    ``with_epoch`` yields (epoch, index) pairs instead of indices, for a data set that reads
+    the epoch from its keys (:class:`CaptionDataset`): DataLoader workers kept across epochs
+    hold their own copy of the data set, which :meth:`CaptionDataset.set_epoch` cannot reach.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True,
                  process_index: int = 0, num_processes: int = 1, drop_last: bool = False,
-                 lengths: Sequence[int] | None = None) -> None:
+                 lengths: Sequence[int] | None = None, with_epoch: bool = False) -> None:
         if lengths is not None and len(lengths) != size:
             raise ValueError(f"lengths has {len(lengths)} entries for {size} samples")
         self.size = size
         self.lengths = lengths
+        self.with_epoch = with_epoch
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -360,7 +368,8 @@ class EpochBatchSampler:
         return grouped
 
     def __iter__(self):
-        yield from self._all_batches()[self.start_batch :]
+        for batch in self._all_batches()[self.start_batch :]:
+            yield [(self.epoch, index) for index in batch] if self.with_epoch else batch
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.start_batch)
