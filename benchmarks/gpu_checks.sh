@@ -31,13 +31,15 @@ check() {  # check SECONDS NAME COMMAND...: one bounded check; its exit status i
 if [ "$MODE" = cuda ]; then
     DEV=cuda; DEVICES=cuda:0,cuda:0; SIZE=base; IMAGES=384; REF=128; W=12
     CONFIGS=fp32:32:sdpa:$W,bf16:32:sdpa:$W,bf16:64:sdpa:$W,fp16:32:sdpa:$W,bf16:32:eager:$W,bf16:32:sdpa:4
-    TAG="--images 512 --batch-size 64 --workers $W"; TRAIN="--steps 40 --batch-size 16 --images 512"
+    TAG="--images 512 --batch-size 64 --workers $W"; TRAIN="--steps 40 --batch-size 16 --images 512 --repeats 3"
+    TRAIN_MODES=full,lora,qlora
     PARITY=16; VLM_IMAGES=8; VLM_SIDE=384; SLOW=1
     nvidia-smi
 else
     DEV=cpu; DEVICES=cpu,cpu; SIZE=tiny; IMAGES=12; REF=8; W=2
     CONFIGS=fp32:4:sdpa:$W,bf16:4:eager:$W
     TAG="--images 8 --batch-size 4 --workers $W"; TRAIN="--steps 4 --batch-size 4 --images 32"
+    TRAIN_MODES=full,lora
     PARITY=6; VLM_IMAGES=4; VLM_SIDE=256; SLOW=4
 fi
 check 60 versions "$PY" -c "
@@ -65,15 +67,13 @@ check $((60 * SLOW)) "3 devices" "$PY" "$HERE/gpu_checks.py" devices --work "$WO
     --devices $DEVICES --images $PARITY
 # shellcheck disable=SC2086
 check $((60 * SLOW)) "4 tagger" "$PY" "$HERE/tag_throughput.py" --device $DEV $TAG
-for run in "no full 1e-4" "bf16 full 1e-4" "bf16 lora 1e-3" "bf16 qlora 1e-3"; do
-    read -r precision mode lr <<< "$run"
-    if [ "$mode" = qlora ] && [ "$DEV" = cpu ]; then
-        continue  # 4-bit loading needs CUDA and bitsandbytes
-    fi
-    # shellcheck disable=SC2086
-    check $((45 * SLOW)) "5 train $mode $precision" "$PY" "$HERE/train_captioner_throughput.py" --device $DEV \
-        --mixed-precision "$precision" --mode "$mode" --lr "$lr" --log-every 5 $TRAIN
-done
+# Every mode in one process per precision, plain loop and trainer alternating (qlora: CUDA + bitsandbytes only)
+# shellcheck disable=SC2086
+check $((60 * SLOW)) "5 train fp32" "$PY" "$HERE/train_captioner_throughput.py" --device $DEV \
+    --mixed-precision no --modes full --log-every 5 $TRAIN
+# shellcheck disable=SC2086
+check $((120 * SLOW)) "5 train bf16" "$PY" "$HERE/train_captioner_throughput.py" --device $DEV \
+    --mixed-precision bf16 --modes "$TRAIN_MODES" --log-every 5 $TRAIN
 check $((75 * SLOW)) "6 chat VLMs" "$PY" "$HERE/gpu_checks.py" vlms --work "$WORK" --device $DEV --dtype bf16 \
     --images $VLM_IMAGES --image-side $VLM_SIDE
 [ "$MODE" = cuda ] && nvidia-smi --query-gpu=memory.used,temperature.gpu,clocks.sm --format=csv

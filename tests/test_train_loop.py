@@ -5,6 +5,7 @@ epoch checkpoints that drop an unfinished epoch (the tagger's way)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -54,12 +55,12 @@ class LinearTask(TrainingTask):
         write_folder_atomically(folder, self.save_model)
 
 
-def train(output: Path, stop_after: int | None = None, resume: Path | None = None, **policy):
+def train(output: Path, stop_after: int | None = None, resume: Path | None = None, task_type=LinearTask, **policy):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
     if resume is not None:
         model.load_state_dict(torch.load(resume / "weights.pt"))
-    task = LinearTask(model, stop_after)
+    task = task_type(model, stop_after)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 12)
     accelerator = new_accelerator(cpu=True, mixed_precision="no")
@@ -94,3 +95,51 @@ def test_a_third_task_resumes_bit_for_bit_through_the_shared_loop(tmp_path, poli
     assert all(torch.equal(actual[name], expected[name]) for name in expected)
     assert resumed.metrics == whole.metrics and resumed.progress == whole.progress
     assert whole.metrics["val_loss"] < 0.5 * LinearTask(None).y.var()  # it learned
+
+
+class DeviceTotalTask(LinearTask):
+    """Reports each batch's loss total as a tensor, as the captioner does to spare a host read per
+    batch; ``steps`` keeps, per optimizer step, the (total, count) pairs the logs must average."""
+
+    def __init__(self, model: torch.nn.Module, stop_after: int | None = None) -> None:
+        super().__init__(model, stop_after)
+        self.steps: list[list[tuple[float, int]]] = [[]]
+
+    def loss(self, model, batch) -> BatchLoss:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(model(x).squeeze(-1), y, reduction="sum")
+        self.steps[-1].append((loss.item(), len(y)))
+        return BatchLoss(loss, loss.detach(), len(y), len(y))
+
+    def after_step(self, step: int) -> None:
+        self.steps.append([])
+
+
+@pytest.mark.parametrize("policy", [
+    dict(log_every_steps=5),  # step rows: windows of 5 steps, and the last step's row (12)
+    dict(epoch_rows=True),  # one row per evaluation (the end of each epoch) with the epoch's loss
+], ids=["step-rows", "epoch-rows"])
+def test_losses_summed_on_the_device_log_the_mean_of_their_steps(tmp_path, policy):
+    tasks: list[DeviceTotalTask] = []
+
+    def task_type(model, stop_after):
+        tasks.append(DeviceTotalTask(model, stop_after))
+        return tasks[-1]
+
+    train(tmp_path, task_type=task_type, **policy)
+    steps = tasks[0].steps[:-1]
+    assert len(steps) == 12
+
+    def mean(chosen: list[list[tuple[float, int]]]) -> float:
+        return sum(total for step in chosen for total, _ in step) / sum(count for step in chosen for _, count in step)
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    if "log_every_steps" in policy:
+        logged = [(row["step"], row["train/loss"]) for row in rows if "train/loss" in row]
+        expected = [(5, mean(steps[0:5])), (10, mean(steps[5:10])), (12, mean(steps[10:12]))]
+    else:
+        logged = [(row["epoch"], row["train_loss"]) for row in rows if "train_loss" in row]
+        expected = [(1, mean(steps[0:4])), (2, mean(steps[4:8])), (3, mean(steps[8:12]))]  # 4 steps an epoch
+    assert [step for step, _ in logged] == [step for step, _ in expected]
+    for (_, value), (_, wanted) in zip(logged, expected, strict=True):
+        assert value == pytest.approx(wanted, rel=1e-6)

@@ -334,15 +334,18 @@ class CaptionDataset:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def caption_for(self, index: int) -> str:
+    def caption_for(self, index: int, epoch: int | None = None) -> str:
         item = self.items[index]
         if self.augment is None:
             return item.caption
         # String seeds hash with SHA-512 in ``random``: stable across processes and runs.
-        rng = random.Random(f"{self.seed}/{self.epoch}/{index}")
+        rng = random.Random(f"{self.seed}/{self.epoch if epoch is None else epoch}/{index}")
         return augment_caption(item.caption, self.augment, rng)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Sample ``key``: an index (augmented for :meth:`set_epoch`'s epoch) or (epoch, index), the
+        form that reaches DataLoader workers kept across epochs with the right epoch."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         item = self.items[index]
         try:
             from PIL import Image, ImageOps
@@ -353,7 +356,12 @@ class CaptionDataset:
         except Exception as error:  # noqa: BLE001 - one bad file must not stop the run
             _log.warning("skipping %s: cannot decode the image (%s)", item.image, error)
             return None
-        return {"image": image, "task": item.task, "caption": self.caption_for(index), "index": index}
+        return {"image": image, "task": item.task, "caption": self.caption_for(index, epoch), "index": index}
+
+
+#: Batches sorted together by :class:`EpochBatchSampler` with ``lengths``: larger groups pad less,
+#: smaller ones keep batches more random (transformers' LengthGroupedSampler uses 50).
+LENGTH_GROUP_BATCHES = 50
 
 
 class EpochBatchSampler:
@@ -363,11 +371,28 @@ class EpochBatchSampler:
     batch an uninterrupted run would see next, without decoding the skipped images.
     The order is a permutation seeded by (seed, epoch); each process takes every
     ``num_processes``-th batch.
+
+    With ``lengths`` (each sample's caption length in tokens), batches are grouped by
+    length, as ``group_by_length`` in transformers: the shuffled order is cut into groups of
+    :data:`LENGTH_GROUP_BATCHES` batches, each group is sorted by length (longest first, ties
+    in shuffled order) and cut into batches, and the batches are shuffled, the one with the
+    longest caption first (an out-of-memory error then shows at the first step). Samples of
+    a batch then have similar lengths, so less of the batch is padding; the batches still
+    change every epoch and depend only on (seed, epoch).
+
+    ``with_epoch`` yields (epoch, index) pairs instead of indices, for a data set that reads
+    the epoch from its keys (:class:`CaptionDataset`): DataLoader workers kept across epochs
+    hold their own copy of the data set, which :meth:`CaptionDataset.set_epoch` cannot reach.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int, shuffle: bool = True,
-                 process_index: int = 0, num_processes: int = 1, drop_last: bool = False) -> None:
+                 process_index: int = 0, num_processes: int = 1, drop_last: bool = False,
+                 lengths: Sequence[int] | None = None, with_epoch: bool = False) -> None:
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"lengths has {len(lengths)} entries for {size} samples")
         self.size = size
+        self.lengths = lengths
+        self.with_epoch = with_epoch
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -389,14 +414,32 @@ class EpochBatchSampler:
         order = list(range(self.size))
         if self.shuffle:
             random.Random(f"{self.seed}/order/{self.epoch}").shuffle(order)
+        if self.lengths is not None:
+            order = self._grouped_by_length(order)
         batches = [order[start : start + self.batch_size] for start in range(0, self.size, self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
+        if self.lengths is not None and self.shuffle and batches:
+            lengths = self.lengths
+            random.Random(f"{self.seed}/length-groups/{self.epoch}").shuffle(batches)
+            longest = max(range(len(batches)), key=lambda number: max(lengths[index] for index in batches[number]))
+            batches.insert(0, batches.pop(longest))
         per_process = len(batches) // self.num_processes if self.num_processes > 1 else len(batches)
         return batches[self.process_index :: self.num_processes][:per_process]
 
+    def _grouped_by_length(self, order: list[int]) -> list[int]:
+        """``order`` with each group of :data:`LENGTH_GROUP_BATCHES` batches sorted longest first."""
+        lengths = self.lengths
+        assert lengths is not None
+        group = self.batch_size * LENGTH_GROUP_BATCHES
+        grouped: list[int] = []
+        for start in range(0, len(order), group):
+            grouped += sorted(order[start : start + group], key=lambda index: -lengths[index])
+        return grouped
+
     def __iter__(self):
-        yield from self._all_batches()[self.start_batch :]
+        for batch in self._all_batches()[self.start_batch :]:
+            yield [(self.epoch, index) for index in batch] if self.with_epoch else batch
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.start_batch)
@@ -439,7 +482,15 @@ class CaptionCollator:
             "labels": target,
             "captions": [sample["caption"] for sample in samples],
             "indices": [sample["index"] for sample in samples],
+            # Counted here, on the host: counting on the GPU would make every step wait for it.
+            "target_tokens": int(labels["attention_mask"].sum()),
         }
+
+
+def caption_lengths(items: list[CaptionItem], tokenizer: Any) -> dict[str, int]:
+    """Each distinct caption's length in tokens (each caption tokenized once)."""
+    unique = sorted({item.caption for item in items})
+    return dict(zip(unique, (len(ids) for ids in tokenizer(unique)["input_ids"]), strict=True)) if unique else {}
 
 
 def check_caption_lengths(items: list[CaptionItem], tokenizer: Any, max_target_tokens: int,
@@ -447,8 +498,7 @@ def check_caption_lengths(items: list[CaptionItem], tokenizer: Any, max_target_t
     """Report captions over the token limit, then truncate them (in the collator) or drop them."""
     if not items:
         return items
-    unique = sorted({item.caption for item in items})
-    lengths = dict(zip(unique, (len(ids) for ids in tokenizer(unique)["input_ids"]), strict=True))
+    lengths = caption_lengths(items, tokenizer)
     long = {caption for caption, length in lengths.items() if length > max_target_tokens}
     if not long:
         return items

@@ -277,9 +277,11 @@ class CachedCaptionDataset(CaptionDataset):
         self.cache = cache
         self.digests = image_digests(items)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
+        """Sample ``key``: an index, or (epoch, index) as the training sampler hands it to kept workers."""
+        epoch, index = key if isinstance(key, tuple) else (None, key)
         item = self.items[index]
-        sample = {"task": item.task, "caption": self.caption_for(index), "index": index}
+        sample = {"task": item.task, "caption": self.caption_for(index, epoch), "index": index}
         digest = self.digests[index]
         features = self.cache.load(digest) if digest is not None else None
         if features is not None:

@@ -39,11 +39,14 @@ _log = logging.getLogger(__name__)
 
 class BatchLoss(NamedTuple):
     """One batch's loss: ``loss`` is back-propagated after division by the window's divisor;
-    ``total / count`` is what the logs average (summed over tokens, images ...). ``total`` may be
-    a tensor on the device: the loop sums it there and reads it only when it logs."""
+    ``total / count`` is what the logs average (summed over tokens, images ...).
+
+    ``total`` may be a detached device tensor: the loop sums it on the device and reads it
+    only at logging steps, so a step never waits for the device to report its loss.
+    """
 
     loss: Any
-    total: Any  # a float, or a 0-d tensor on the device
+    total: Any
     count: float
     samples: int
 
@@ -71,8 +74,9 @@ class TrainingTask:
     def loss(self, model: Any, batch: Any) -> BatchLoss:
         raise NotImplementedError
 
-    def loss_divisor(self, window: list[Any]) -> float:
-        """What the window's summed losses are divided by (only with ``divisor_reads_window``)."""
+    def loss_divisor(self, window: list[Any]) -> Any:
+        """What the window's summed losses are divided by (only with ``divisor_reads_window``);
+        a float, or a device tensor that is never read back."""
         return float(len(window))
 
     def after_step(self, step: int) -> None:
@@ -158,13 +162,16 @@ class LoopResult:
     log_file: Path
 
 
-def to_device(batch: Any, device: Any) -> Any:
-    """A batch (dict, tuple or tensor) on ``device``."""
+def to_device(batch: Any, device: Any, non_blocking: bool = False) -> Any:
+    """A batch (dict, tuple or tensor) on ``device``; ``non_blocking`` copies from page-locked
+    memory without waiting (host to device only)."""
     if isinstance(batch, dict):
-        return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+        return {key: value.to(device, non_blocking=non_blocking) if hasattr(value, "to") else value
+                for key, value in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(item.to(device) if hasattr(item, "to") else item for item in batch)
-    return batch.to(device)
+        return type(batch)(item.to(device, non_blocking=non_blocking) if hasattr(item, "to") else item
+                           for item in batch)
+    return batch.to(device, non_blocking=non_blocking)
 
 
 def read_progress(path: Path) -> dict[str, Any]:
@@ -275,7 +282,7 @@ class _Loop:
         self.model.train()
         self.metrics, self.evaluated_at = metrics, progress.global_step
         if settings.epoch_rows:
-            row = {**metrics, "train_loss": float(self.epoch_loss) / max(1, self.epoch_count),
+            row = {**metrics, "train_loss": float(self.epoch_loss) / max(1.0, float(self.epoch_count)),
                    "lr": self.scheduler.get_last_lr()[0], "epoch": progress.epoch,
                    "epoch_seconds": time.perf_counter() - self.epoch_started}
             epochs = -(-settings.total_steps // self.steps_per_epoch)
@@ -331,7 +338,10 @@ class _Loop:
         model.train()
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         start_time = time.perf_counter()
-        window_loss, window_count = 0.0, 0.0
+        # Summed where the task's totals are (a device tensor): read back at logging steps only.
+        window_loss: Any = 0.0
+        window_count = 0.0
+        non_blocking = accelerator.device.type == "cuda"
         last_train_loss: float | None = None
         stopped = False
         bpe = settings.batches_per_epoch
@@ -349,7 +359,8 @@ class _Loop:
                 stream: Any = (next(iterator) for _ in range(wanted))
                 progress.batch_in_epoch += wanted
                 if task.divisor_reads_window:
-                    window = [to_device(batch, accelerator.device) for batch in stream if batch is not None]
+                    window = [to_device(batch, accelerator.device, non_blocking) for batch in stream
+                              if batch is not None]
                     divisor, stream, last_position = task.loss_divisor(window), window, len(window) - 1
                 else:
                     divisor, last_position = wanted, wanted - 1
@@ -357,7 +368,7 @@ class _Loop:
                 for position, batch in enumerate(stream):
                     if batch is None:
                         continue
-                    batch = to_device(batch, accelerator.device)
+                    batch = to_device(batch, accelerator.device, non_blocking)
                     sync = nullcontext() if position == last_position else accelerator.no_sync(model)
                     with sync, accelerator.autocast() if task.loss_in_autocast else nullcontext():
                         result = task.loss(model, batch)
@@ -384,7 +395,7 @@ class _Loop:
                 if settings.log_every_steps and (progress.global_step % settings.log_every_steps == 0
                                                  or progress.global_step == settings.total_steps):
                     elapsed = max(time.perf_counter() - start_time, 1e-9)
-                    last_train_loss = float(window_loss) / max(window_count, 1)
+                    last_train_loss = float(window_loss) / max(float(window_count), 1.0)
                     values = {"train/loss": last_train_loss, "train/lr": self.scheduler.get_last_lr()[0],
                               "train/epoch": progress.epoch + progress.batch_in_epoch / bpe,
                               "train/samples_per_second": (progress.samples_seen - start.samples_seen) / elapsed}
@@ -404,7 +415,7 @@ class _Loop:
             self.require_samples(progress.samples_seen - start.samples_seen,
                                  f"{progress.global_step - start.global_step} steps")
         if last_train_loss is None and window_count:
-            last_train_loss = float(window_loss) / window_count
+            last_train_loss = float(window_loss) / float(window_count)
         elapsed = max(time.perf_counter() - start_time, 1e-9)
         samples_per_second = (progress.samples_seen - start.samples_seen) / elapsed
         if settings.has_validation and self.evaluated_at != progress.global_step:
@@ -419,8 +430,10 @@ class _Loop:
         """Training on nothing is no success: every image of the span skipped means no model is written."""
         import torch
 
-        total = self.accelerator.reduce(torch.tensor(float(count), device=self.accelerator.device), "sum")
-        if float(total) == 0:
+        total = float(count)
+        if self.accelerator.num_processes > 1:  # one process needs no device round trip
+            total = float(self.accelerator.reduce(torch.tensor(total, device=self.accelerator.device), "sum"))
+        if total == 0:
             raise NothingSucceededError(
                 f"no training image could be read in {span} (each was skipped; the warnings above name them), "
                 "so no model was written; fix or remove those files")
