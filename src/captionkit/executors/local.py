@@ -32,6 +32,7 @@ from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Result, Store, file_signature, fingerprint
 from captionkit.core.thread_tuning import FIRST_GUESS, DecodeWorkerTuner, ThreadTuner, decode_worker_limit
+from captionkit.executors.prefetch import DeviceStager, Prefetcher, device_stager
 from captionkit.executors.progress import Progress
 from captionkit.models.base import BACKEND_SCOPE, ITEM_SCOPE, MODEL_SCOPE, ItemFailure
 from captionkit.steps.base import Prepared, Step, is_out_of_memory
@@ -48,6 +49,7 @@ class RunOptions:
     workers_limit: int | None = None  # the most a measured choice may take (default: this process's CPUs)
     io_workers: int = 16  # object-store fetches in flight (remote images only; local files are read by decoders)
     prefetch_batches: int = 4
+    prefetch: bool = True  # the next batch is gathered (and copied to the GPU) on a thread while the model runs
     saves_in_flight: int = 1  # batches whose store commit + sidecar writes may lag behind the model
     keep_results: bool = False  # reuse stored results made with other settings
     retry_errors: bool = False  # errors are retried anyway when the file changed
@@ -177,6 +179,25 @@ class _RunStop(threading.Event):
 
     def is_set(self) -> bool:
         return super().is_set() or (self.caller is not None and self.caller.is_set())
+
+
+@dataclass
+class _Group:
+    """One batch as the model thread takes it: decoded items (staged), the bad files, per-image timings."""
+
+    batch: list[Prepared]
+    failures: list[tuple[Record, Any]]
+    timings: list[tuple[float, int, float]]
+    copied: Any = None  # the CUDA event of its pixels' copy to the device (DeviceStager)
+
+
+def _stage(batch: list[Prepared], failures: list[tuple[Record, Any]], timings: list[tuple[float, int, float]],
+           stager: DeviceStager | None) -> _Group:
+    """A batch made ready for the model (on the prefetch thread); an image whose copy fails is that image's error."""
+    if stager is None or not batch:
+        return _Group(batch, failures, timings)
+    staged, failed, event = stager.stage(batch)
+    return _Group(staged, failures + [(item.record, why) for item, why in failed], timings, event)
 
 
 class _DecodeGate:
@@ -507,9 +528,6 @@ class LocalExecutor:
         ``deliver(items, outcomes, bad)`` runs on one writer thread, at most ``saves_in_flight``
         batches behind the model. Ctrl-C (or the stop event) ends the loop after the current batch.
         """
-        batch: list[Prepared] = []
-        failures: list[tuple[Record, ImageLoadError]] = []
-        timings: list[tuple[float, int, float]] = []  # per image of the batch: decode s, decoded at, waited s
         explicit = self.options.workers
         limit = max(1, explicit) if explicit is not None else \
             max(1, self.options.workers_limit or decode_worker_limit())
@@ -517,12 +535,37 @@ class LocalExecutor:
         workers = DecodeWorkerTuner(limit, gate.set_limit, start=gate.limit) if explicit is None else None
         candidates = step.cpu_thread_candidates() if hasattr(step, "cpu_thread_candidates") else []
         tuner = ThreadTuner(candidates, step.set_cpu_threads if candidates else lambda threads: None)
+        stager = device_stager(step) if self.options.prefetch else None
         last_flush = [time.perf_counter()]
         saving: deque[Future] = deque()
         previous_failed = [False]  # the last batch failed entirely: its save may trip the circuit breaker
 
-        def flush() -> None:
+        def groups(pool: ThreadPoolExecutor, stop: _StopFlag) -> Iterator[_Group]:
+            """Decoded images grouped into batches (on the prefetch thread), each staged for the model."""
+            batch: list[Prepared] = []
+            failures: list[tuple[Record, Any]] = []
+            timings: list[tuple[float, int, float]] = []  # per image: decode s, decoded at (workers), waited s
+            stream = self._prepared(step, records, pool, stop, gate)
+            try:
+                for record, prepared, timing in stream:
+                    if isinstance(prepared, ImageLoadError):
+                        failures.append((record, prepared))
+                    else:
+                        batch.append(prepared)
+                    timings.append(timing)
+                    if len(batch) >= step.batch_size or len(failures) >= step.batch_size or stop.requested:
+                        yield _stage(batch, failures, timings, stager)
+                        batch, failures, timings = [], [], []
+                    if stop.requested:
+                        return
+                if batch or failures:
+                    yield _stage(batch, failures, timings, stager)
+            finally:
+                stream.close()  # cancels decoding that is queued but not started
+
+        def flush(group: _Group, waited_s: float) -> None:
             """Run the model on the batch on this thread; hand saving to the writer thread."""
+            batch, failures, timings = group.batch, group.failures, group.timings
             threads_measured = workers is None or workers.done  # one choice at a time: decode workers first
             if threads_measured:
                 tuner.before_batch()
@@ -531,7 +574,9 @@ class LocalExecutor:
                 while saving:  # let the breaker see that batch before the model runs another
                     saving.popleft().result()
             if self.breaker.tripped:
-                batch.clear()  # not tried: the next run does them
+                batch = []  # not tried: the next run does them
+            if batch and group.copied is not None and stager is not None:
+                stager.wait(group.copied)
             outcomes = self._run_batch(step, batch, summary) if batch else []
             previous_failed[0] = bool(outcomes) and all(
                 not ok or (isinstance(value, ItemFailure) and value.scope != ITEM_SCOPE) for ok, value in outcomes)
@@ -543,34 +588,28 @@ class LocalExecutor:
             decoded = [timing for timing in timings if timing[1] > 0]
             decode_s = sum(timing[0] for timing in decoded)
             if workers is not None and not workers.done:
-                workers.after_batch(len(decoded), now - last_flush[0], model_s, decode_s,
-                                    sum(timing[2] for timing in timings), {timing[1] for timing in decoded})
+                workers.after_batch(len(decoded), now - last_flush[0], model_s, decode_s, waited_s,
+                                    {timing[1] for timing in decoded})
             elif threads_measured:
                 tuner.after_batch(len(batch), now - last_flush[0], model_s,
                                   decode_s / len(decoded) if decoded else 0.0)
             last_flush[0] = now
-            batch.clear()
-            failures.clear()
-            timings.clear()
 
         with _StopFlag(self.options.stop) as stop, ThreadPoolExecutor(limit, thread_name_prefix="captionkit-decode") \
                 as pool, ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
-            stream = self._prepared(step, records, pool, stop, gate)
+            ready: Iterator[_Group]
+            ahead = Prefetcher(groups(pool, stop)) if self.options.prefetch else None
+            ready = iter(ahead) if ahead is not None else groups(pool, stop)
             try:
-                for record, prepared, timing in stream:
-                    if isinstance(prepared, ImageLoadError):
-                        failures.append((record, prepared))
-                    else:
-                        batch.append(prepared)
-                    timings.append(timing)
-                    if len(batch) >= step.batch_size or len(failures) >= step.batch_size:
-                        flush()
+                for group in ready:
+                    flush(group, ahead.waited_s if ahead is not None else 0.0)
                     if stop.requested:
                         break
-                if batch or failures:
-                    flush()
             finally:
-                stream.close()  # cancels decoding that is queued but not started
+                if ahead is not None:
+                    ahead.close()  # the producer ends after the item it is on; its thread is joined
+                else:
+                    ready.close()  # type: ignore[attr-defined]
                 while saving:
                     saving.popleft().result()
             summary.interrupted = stop.requested
