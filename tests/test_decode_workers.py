@@ -85,3 +85,24 @@ def test_an_explicit_worker_count_is_kept_exactly(tmp_path):
     summary = _run(tmp_path, step, RunOptions(workers=3, workers_limit=6))
     assert summary.decode_workers == 3
     assert max(step.peaks) == 3
+
+
+def test_the_command_line_measures_decode_workers_unless_told(tmp_path, tiny_florence):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.images import write_good_images
+
+    def summary(folder: str, *extra: str) -> dict:
+        write_good_images(tmp_path / folder, 6)
+        done = subprocess.run([sys.executable, "-m", "captionkit.cli", "caption", str(tmp_path / folder), "--model",
+                               str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "2",
+                               "--progress", "json", *extra],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines() if '"summary"' in line][-1]
+
+    assert summary("told", "--workers", "3")["decode_workers"] == 3
+    assert 1 <= summary("measured")["decode_workers"] <= len(os.sched_getaffinity(0))  # never above the CPUs
