@@ -566,9 +566,7 @@ class LocalExecutor:
         def flush(group: _Group, waited_s: float) -> None:
             """Run the model on the batch on this thread; hand saving to the writer thread."""
             batch, failures, timings = group.batch, group.failures, group.timings
-            threads_measured = workers is None or workers.done  # one choice at a time: decode workers first
-            if threads_measured:
-                tuner.before_batch()
+            tuner.before_batch()  # one choice at a time: the model's CPU threads (if any) first, then decode workers
             busy_before = summary.model_busy_s
             if previous_failed[0]:
                 while saving:  # let the breaker see that batch before the model runs another
@@ -587,12 +585,12 @@ class LocalExecutor:
             model_s = summary.model_busy_s - busy_before
             decoded = [timing for timing in timings if timing[1] > 0]
             decode_s = sum(timing[0] for timing in decoded)
-            if workers is not None and not workers.done:
-                workers.after_batch(len(decoded), now - last_flush[0], model_s, decode_s, waited_s,
-                                    {timing[1] for timing in decoded})
-            elif threads_measured:
+            if not tuner.done:
                 tuner.after_batch(len(batch), now - last_flush[0], model_s,
                                   decode_s / len(decoded) if decoded else 0.0)
+            elif workers is not None and not workers.done:
+                workers.after_batch(len(decoded), now - last_flush[0], model_s, decode_s, waited_s,
+                                    {timing[1] for timing in decoded})
             last_flush[0] = now
 
         with _StopFlag(self.options.stop) as stop, ThreadPoolExecutor(limit, thread_name_prefix="captionkit-decode") \
