@@ -193,11 +193,11 @@ class _Group:
 
 def _stage(batch: list[Prepared], failures: list[tuple[Record, Any]], timings: list[tuple[float, int, float]],
            stager: DeviceStager | None) -> _Group:
-    """A batch made ready for the model (on the prefetch thread); an image whose copy fails is that image's error."""
+    """A batch made ready for the model (on the prefetch thread): on CUDA, its pixels copied there ahead."""
     if stager is None or not batch:
         return _Group(batch, failures, timings)
-    staged, failed, event = stager.stage(batch)
-    return _Group(staged, failures + [(item.record, why) for item, why in failed], timings, event)
+    staged, event = stager.stage(batch)
+    return _Group(staged, failures, timings, event)
 
 
 class _DecodeGate:

@@ -13,6 +13,7 @@ the thread: a run leaves no thread behind, and a stop ends the producer after th
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 
 from captionkit.executors.transport import _on_pixels
+
+log = logging.getLogger(__name__)
 
 Batch = TypeVar("Batch")
 POLL_S = 0.05  # how often a producer blocked on a full queue looks for close()
@@ -87,9 +90,10 @@ class Prefetcher(Generic[Batch]):
 class DeviceStager:
     """Copies a batch's pixels to a CUDA device ahead of the model: pinned host memory, a stream of its own.
 
-    ``stage(items)`` (on the prefetch thread) returns (staged items, [(item, why)] whose pixels could
-    not be copied, the copy's event); ``wait(event)`` (on the model's thread, before the batch runs)
-    makes the model's stream wait for that copy, without the CPU waiting.
+    ``stage(items)`` (on the prefetch thread) returns (the items, the copy's event); an item whose copy
+    fails (pinned memory exhausted, say) keeps its pixels on the host, where the model copies them as
+    it always did. ``wait(event)`` (on the model's thread, before the batch runs) makes the model's
+    stream wait for that copy, without the CPU waiting.
     """
 
     def __init__(self, device: str) -> None:
@@ -108,20 +112,18 @@ class DeviceStager:
             return moved
         return value
 
-    def stage(self, items: list[Any]) -> tuple[list[Any], list[tuple[Any, str]], Any]:
+    def stage(self, items: list[Any]) -> tuple[list[Any], Any]:
         import torch
 
-        staged: list[Any] = []
-        failed: list[tuple[Any, str]] = []
         with torch.cuda.stream(self.copies):
             for item in items:
                 try:
-                    staged.append(_on_pixels(item, self._to_device))
-                except Exception as error:  # that image's failure, not the batch's
-                    failed.append((item, f"copying its pixels to {self.device} failed ({error!r})"))
+                    _on_pixels(item, self._to_device)
+                except Exception as error:  # noqa: BLE001 - the model copies this one itself, as before
+                    log.debug("pixels of %s stay on the host (%r)", item.record.id, error)
             event = torch.cuda.Event()
             event.record(self.copies)
-        return staged, failed, event
+        return items, event
 
     def wait(self, event: Any) -> None:
         self.consumer.wait_event(event)
