@@ -54,8 +54,7 @@ from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Store
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
-from captionkit.executors.local import LocalExecutor, RunOptions, RunSummary, _Group, _stage, _StopFlag, as_load_error
-from captionkit.executors.prefetch import Prefetcher, device_stager
+from captionkit.executors.local import LocalExecutor, RunOptions, RunSummary, _StopFlag, as_load_error
 from captionkit.executors.progress import Progress
 from captionkit.executors.transport import pack_prepared, unpack_prepared
 from captionkit.steps.base import Prepared, Step
@@ -219,7 +218,6 @@ class ModelActor:
         self.threads = threads
         self.remote = remote
         self.runner = LocalExecutor(RunOptions(workers=threads))
-        self.stager = device_stager(self.step) if self.load_error is None else None  # pixels to the GPU ahead
         self.calls = 0
         # Ray Data hands an actor MODEL_STAGE_CONCURRENCY batches at once: one unpacks or prepares on a
         # thread while another runs the model; the model itself runs one batch at a time.
@@ -233,75 +231,42 @@ class ModelActor:
         """One batch, called directly on an actor of the driver's own (``__call__`` is Ray Data's entry)."""
         return self(table)
 
-    def _groups(self, values: list[bytes]) -> Iterator[tuple[list[tuple], _Group]]:
-        """On the prefetch thread: the block's batches, unpacked (or prepared here) and staged, one at a time.
-
-        Yields (entries that are bad files, the batch); an image whose pixels cannot be unpacked or
-        copied is that image's error.
-        """
-        size = max(1, self.step.batch_size)
-        for start in range(0, len(values), size):
-            chunk = values[start:start + size]
-            if self.prepared_upstream:
-                entries = []
-                for value in chunk:
-                    entry = pickle.loads(value)
-                    if entry[0] == "ok":
-                        try:
-                            entry = ("ok", unpack_prepared(entry[1]))
-                        except Exception as error:  # noqa: BLE001 - that image's failure
-                            entry = ("bad", entry[1].record, f"{entry[1].record.location or entry[1].record.id}: "
-                                     f"unpacking its pixels failed ({error!r})")
-                    entries.append(entry)
-            else:
-                entries = _prepare_all(self.step, [pickle.loads(value) for value in chunk], self.threads,
-                                       self.remote)
-            items = [entry[1] for entry in entries if entry[0] == "ok"]
-            yield [entry for entry in entries if entry[0] != "ok"], _stage(items, [], [], self.stager)
-
     def __call__(self, table):
         import os
 
         ids = table.column("id").to_pylist()
         if self.load_error is not None:
             return _table(ids, [pickle.dumps(("fatal", self.load_error))] * len(ids), [b""] * len(ids))
-        values = table.column("blob" if self.prepared_upstream else "record").to_pylist()
+        if self.prepared_upstream:
+            entries = [pickle.loads(value) for value in table.column("blob").to_pylist()]
+            entries = [(entry[0], unpack_prepared(entry[1])) if entry[0] == "ok" else entry for entry in entries]
+        else:
+            records = [pickle.loads(value) for value in table.column("record").to_pylist()]
+            entries = _prepare_all(self.step, records, self.threads, self.remote)
+        items = [entry[1] for entry in entries if entry[0] == "ok"]
         summary = RunSummary(field=self.step.field)
+        outcomes: list[tuple[bool, Any]] = []
+        with self._model:
+            try:
+                for start in range(0, len(items), max(1, self.step.batch_size)):  # after an OOM, the smaller size
+                    outcomes.extend(self.runner._run_batch(self.step, items[start:start + self.step.batch_size],
+                                                           summary))
+            except Exception as error:  # not the model (that is narrowed per image): never a lost block
+                message = f"the model stage failed ({error!r})"
+                outcomes.extend((False, message) for _ in items[len(outcomes):])
+            first, self.calls = self.calls == 0, self.calls + 1
+        results = iter(outcomes)
         rows: dict[str, bytes] = {}
-        # Batch N+1 is unpacked (and copied to the GPU) on a thread while batch N runs; a second block
-        # Ray Data hands this actor at once does the same and waits for the model.
-        with Prefetcher(self._groups(values), name="captionkit-actor-prefetch") as ahead:
-            with self._model:
-                try:
-                    for bad, group in ahead:
-                        for entry in bad:
-                            rows[entry[1].id] = pickle.dumps(entry)
-                        for record, why in group.failures:
-                            rows[record.id] = pickle.dumps(("bad", record, why))
-                        if group.batch and group.copied is not None and self.stager is not None:
-                            self.stager.wait(group.copied)
-                        outcomes = self.runner._run_batch(self.step, group.batch, summary) if group.batch else []
-                        for item, (ok, value) in zip(group.batch, outcomes, strict=True):
-                            rows[item.record.id] = pickle.dumps(("done", light(item), ok, value))
-                except Exception as error:  # not the model (that is narrowed per image): never a lost block
-                    message = f"the model stage failed ({error!r})"
-                    for record_id, value in zip(ids, values, strict=True):
-                        if record_id not in rows:
-                            rows[record_id] = pickle.dumps(("done", _light_of(value, self.prepared_upstream),
-                                                            False, message))
-                first, self.calls = self.calls == 0, self.calls + 1
+        for entry in entries:
+            if entry[0] == "ok":
+                ok, value = next(results)
+                rows[entry[1].record.id] = pickle.dumps(("done", light(entry[1]), ok, value))
+            else:
+                rows[entry[1].id] = pickle.dumps(entry)
         stats = {"actor": os.getpid(), "busy_s": summary.model_busy_s, "batch_size": self.step.batch_size,
                  "load_s": self.load_s if first else 0.0}
         return _table(ids, [rows[record_id] for record_id in ids],
                       [pickle.dumps(stats)] + [b""] * (len(ids) - 1))
-
-
-def _light_of(value: bytes, prepared_upstream: bool) -> Prepared:
-    """The item a row stands for, without its pixels (to report a failure of the whole block)."""
-    entry = pickle.loads(value)
-    if not prepared_upstream:
-        return Prepared(entry, None, (0, 0), "")
-    return light(entry[1]) if entry[0] == "ok" else Prepared(entry[1], None, (0, 0), "")
 
 
 def probe(blob: bytes, device: str | None, with_meta: bool) -> tuple[dict[str, Any], dict[str, Any]]:
