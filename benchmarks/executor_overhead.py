@@ -5,15 +5,19 @@ time) over the same JPEG folder with a ~0.3M-parameter random Florence-2, writin
 own output folder. The model costs almost nothing, so what is measured is the executors'
 own cost: decode and preprocess, scheduling, moving prepared tensors, committing to the store.
 
-Reported per mode (median of the runs): wall time of the process (imports, Ray start or worker
-spawn, model load, the run), time to the first committed batch, steady images/s (images committed
-after the first commit / time after it), and the ratios to the first mode (the overhead ratio:
-wall this/local, steady this/local). Also measured once, for docs/scaling.md: the CPU time of
+Reported per mode (median of the runs, the modes interleaved round by round so that load from
+other jobs hits them alike): wall time of the process (imports, Ray start or worker spawn, model
+load, the run), time to the first committed batch, steady images/s (images committed after the
+first commit / time after it), the model's busy fraction (model seconds / run seconds, per Ray
+actor or device worker), the decode workers used, and the ratios to the first mode (the overhead
+ratio: wall this/local, steady this/local). Also measured once, for docs/scaling.md: the CPU time of
 ``prepare`` (decode + preprocess) per image at this size and at 1024², and the driver's
 commit cost per image (store transaction + sidecar write), which bounds what one driver feeds.
 
     python benchmarks/executor_overhead.py --images 300 --repeats 3
     python benchmarks/executor_overhead.py --modes local ray --images 100 --repeats 1
+    python benchmarks/executor_overhead.py --size base --device cuda --modes local ray --images 384 \
+        --batch-size 32 --image-size 1024   # on a GPU: Florence-2-base shapes, is the model kept busy?
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ MODES = {  # the first is the reference: one torch thread for the model, as each
     "local": {"env": {}, "options": {}},
     "ray": {"env": {}, "options": {"executor": "ray", "ray_actors": 1, "ray_cpus_per_actor": 1.0}},
     "devices-cpu,cpu": {"env": {}, "options": {"devices": "cpu,cpu"}},
+    "devices-cuda:0": {"env": {}, "options": {"devices": "cuda:0"}},  # one device worker: is its model kept busy?
 }
 
 
@@ -47,7 +52,8 @@ def make_images(folder: Path, count: int, size: int) -> None:
         photo(rng, size).save(folder / f"photo{index:05d}.jpg", quality=90)
 
 
-def one_run(model: str, images: str, output: str, mode: str, batch_size: int, workers: int) -> None:
+def one_run(model: str, images: str, output: str, mode: str, batch_size: int, workers: int | None,
+            device: str = "auto") -> None:
     """In a fresh process: one captioning run; prints its summary as JSON."""
     import captionkit
 
@@ -59,7 +65,7 @@ def one_run(model: str, images: str, output: str, mode: str, batch_size: int, wo
 
     started = time.perf_counter()
     summary = captionkit.caption(images, model=model, output_dir=output, batch_size=batch_size, workers=workers,
-                                 max_new_tokens=12, num_beams=1, progress="quiet", listener=listen,
+                                 max_new_tokens=12, num_beams=1, progress="quiet", listener=listen, device=device,
                                  **MODES[mode]["options"])
     (first, first_done), (last, last_done) = marks[0], marks[-1]
     steady = (last_done - first_done) / (last - first) if last > first else float("nan")
@@ -140,14 +146,17 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="decode workers (default: chosen by measurement)")
+    parser.add_argument("--size", choices=["tiny", "base"], default="tiny",
+                        help="tiny: the executors' own cost; base: Florence-2-base shapes (for a GPU)")
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--modes", nargs="+", default=list(MODES)[:4], choices=list(MODES))
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "IMAGES", "OUTPUT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        one_run(*args.one, batch_size=args.batch_size, workers=args.workers)
+        one_run(*args.one, batch_size=args.batch_size, workers=args.workers, device=args.device)
         return
 
     work = Path(tempfile.mkdtemp(prefix="captionkit-executors-"))
@@ -158,21 +167,28 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace, work: Path) -> None:
-    from captionkit.testing import build_tiny_florence2
+    from captionkit.testing import build_florence2_base_sized, build_tiny_florence2
 
-    model = build_tiny_florence2(work / "tiny-florence2")
+    model = work / f"{args.size}-florence2"
+    if args.size == "base":
+        build_florence2_base_sized(model)
+    else:
+        build_tiny_florence2(model)
     images = work / "images"
     make_images(images, args.images, args.image_size)
     large = work / "large"
     make_images(large, 20, 1024)
     print(f"{args.images} JPEGs of {args.image_size}², batch {args.batch_size}, {os.cpu_count()} CPUs, "
-          f"tiny Florence-2 (12 new tokens, greedy); {args.repeats} runs per mode, medians", flush=True)
-    results: dict[str, dict] = {}
-    for mode in args.modes:
-        runs = []
-        for repeat in range(args.repeats):
+          f"{args.size} Florence-2 (12 new tokens, greedy), device {args.device}, decode workers "
+          f"{args.workers or 'chosen'}; {args.repeats} interleaved rounds, medians", flush=True)
+    runs_of: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+    for repeat in range(args.repeats):
+        shift = repeat % len(args.modes)
+        for mode in args.modes[shift:] + args.modes[:shift]:
+            runs = runs_of[mode]
             output = work / f"out-{mode}-{repeat}"
-            command = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+            command = [sys.executable, __file__, "--batch-size", str(args.batch_size), "--device", args.device,
+                       *(["--workers", str(args.workers)] if args.workers else []),
                        "--one", str(model), str(images), str(output), mode]
             started = time.perf_counter()
             done = subprocess.run(command, env={**os.environ, **MODES[mode]["env"], "HF_HUB_OFFLINE": "1"},
@@ -184,16 +200,23 @@ def measure(args: argparse.Namespace, work: Path) -> None:
             assert summary["processed"] == args.images, summary
             runs.append({"wall_s": wall, "first_result_s": summary["first_result_s"],
                          "steady_images_per_s": summary["steady_images_per_s"],
-                         "end_to_end_images_per_s": args.images / wall})
+                         "end_to_end_images_per_s": args.images / wall,
+                         "model_busy_fraction": summary["model_busy_fraction"],
+                         "decode_workers": summary["decode_workers"] or 0})
+            print(f"  round {repeat + 1} {mode}: steady {summary['steady_images_per_s']:.1f} img/s, model busy "
+                  f"{summary['model_busy_fraction']:.2f}, decode workers {summary['decode_workers']}", flush=True)
+    results: dict[str, dict] = {}
+    for mode, runs in runs_of.items():
         results[mode] = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
         results[mode]["runs"] = runs
     base = next(iter(results.values()))  # the first mode named: the reference
-    print(f"{'mode':18} {'wall s':>7} {'1st result s':>13} {'steady img/s':>13} {'wall: this/local':>17} "
-          f"{'steady: this/local':>19}")
+    print(f"{'mode':18} {'wall s':>7} {'1st result s':>13} {'steady img/s':>13} {'busy':>5} {'wall: this/ref':>15} "
+          f"{'steady: this/ref':>17}")
     for mode, result in results.items():
         print(f"{mode:18} {result['wall_s']:7.1f} {result['first_result_s']:13.1f} "
-              f"{result['steady_images_per_s']:13.1f} {result['wall_s'] / base['wall_s']:16.2f}x "
-              f"{result['steady_images_per_s'] / base['steady_images_per_s']:18.2f}x")
+              f"{result['steady_images_per_s']:13.1f} {result['model_busy_fraction']:5.2f} "
+              f"{result['wall_s'] / base['wall_s']:14.2f}x "
+              f"{result['steady_images_per_s'] / base['steady_images_per_s']:16.2f}x")
     costs = {
         "prepare_ms_per_image": 1000 * prepare_cost(str(model), images),
         "prepare_ms_per_image_1024": 1000 * prepare_cost(str(model), large),

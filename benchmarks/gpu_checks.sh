@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/gpu_checks.sh cuda 2>&1 | tee gpu_log.txt   # full sizes (an H200 takes about 6 minutes)
 #   bash benchmarks/gpu_checks.sh cpu  2>&1 | tee cpu_log.txt   # tiny sizes: proves the script runs
+#   ONLY='busy|decode' bash benchmarks/gpu_checks.sh cuda         # only the checks whose names match
 #
 # PYTHON (default python3) runs the checks; captionkit must be importable (PYTHONPATH=src).
 set -u
@@ -18,9 +19,13 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 START=$(date +%s)
 
+ONLY=${ONLY:-}
 check() {  # check SECONDS NAME COMMAND...: one bounded check; its exit status is printed, never fatal
     local limit=$1 name=$2
     shift 2
+    if [ -n "$ONLY" ] && ! [[ "$name" =~ $ONLY ]]; then
+        return
+    fi
     echo
     echo "===== [$name] start at +$(( $(date +%s) - START ))s (limit ${limit}s)"
     timeout -k 5 "$limit" "$@"
@@ -34,6 +39,8 @@ if [ "$MODE" = cuda ]; then
     TAG="--images 512 --batch-size 64 --workers $W"; TRAIN="--steps 40 --batch-size 16 --images 512 --repeats 3"
     TRAIN_MODES=full,lora,qlora
     PARITY=16; VLM_IMAGES=8; VLM_SIDE=384; SLOW=1
+    BUSY="--size base --images 384 --batch-size 32 --image-size 1024 --repeats 2 --modes local ray devices-cuda:0"
+    DECODE="--size base --images 256 --batch-size 32 --fixed 2 4 8 12 --repeats 2"
     nvidia-smi
 else
     DEV=cpu; DEVICES=cpu,cpu; SIZE=tiny; IMAGES=12; REF=8; W=2
@@ -41,6 +48,8 @@ else
     TAG="--images 8 --batch-size 4 --workers $W"; TRAIN="--steps 4 --batch-size 4 --images 32"
     TRAIN_MODES=full,lora
     PARITY=6; VLM_IMAGES=4; VLM_SIDE=256; SLOW=4
+    BUSY="--size tiny --images 48 --batch-size 4 --repeats 1 --modes local ray devices-cpu,cpu"
+    DECODE="--size tiny --image-size 64 --images 48 --batch-size 4 --fixed 1 2 --repeats 1"
 fi
 check 60 versions "$PY" -c "
 import importlib, importlib.util, os, sys
@@ -62,6 +71,10 @@ for name in ('peft', 'accelerate', 'timm', 'simplejpeg', 'num2words', 'flash_att
 check $((90 * SLOW)) prepare "$PY" "$HERE/gpu_checks.py" prepare --work "$WORK" --size $SIZE --images $IMAGES
 check $((150 * SLOW)) "1 florence throughput" "$PY" "$HERE/gpu_checks.py" florence --work "$WORK" --device $DEV \
     --configs "$CONFIGS" --reference-images $REF --decode-workers $W
+# shellcheck disable=SC2086
+check $((240 * SLOW)) "1b busy: local vs ray vs devices" "$PY" "$HERE/executor_overhead.py" --device $DEV $BUSY
+# shellcheck disable=SC2086
+check $((150 * SLOW)) "1c decode workers: chosen vs fixed" "$PY" "$HERE/decode_workers.py" --device $DEV $DECODE
 check $((45 * SLOW)) "2 parity" "$PY" "$HERE/gpu_checks.py" parity --work "$WORK" --device $DEV --images $PARITY
 check $((60 * SLOW)) "3 devices" "$PY" "$HERE/gpu_checks.py" devices --work "$WORK" --device $DEV \
     --devices $DEVICES --images $PARITY

@@ -1,6 +1,6 @@
 """The CPU-thread tuner: measures before it decides, and only when decoding competes with the model."""
 
-from captionkit.core.thread_tuning import ThreadTuner
+from captionkit.core.thread_tuning import DecodeWorkerTuner, ThreadTuner
 
 
 def _run(tuner: ThreadTuner, seconds_per_image: dict[int, float], decode_share: float, batches: int = 8):
@@ -40,3 +40,43 @@ def test_does_not_experiment_when_decoding_is_negligible():
 def test_nothing_to_tune_off_the_cpu():
     tuner = ThreadTuner([], lambda threads: None)
     assert tuner.done and tuner.chosen is None
+
+
+# decode workers ---------------------------------------------------------------------------------
+def _feed(tuner: DecodeWorkerTuner, decode_s_per_image: float, model_s_per_image: float, batches: int = 40,
+          starved: bool = False) -> list[int]:
+    """Batches of 8 decoded at the tuner's current count (the first after a change still at the old one)."""
+    applied: list[int] = []
+    tuner.apply = applied.append
+    decoded_at = tuner.current
+    for _ in range(batches):
+        wall = 8 * model_s_per_image * (2 if starved else 1)
+        tuner.after_batch(8, wall, 8 * model_s_per_image, 8 * decode_s_per_image, wall / 2 if starved else 0.0,
+                          {decoded_at})
+        decoded_at = tuner.current  # a change shows in the batches decoded after it
+    return applied
+
+
+def test_decode_workers_follow_the_measured_rates():
+    slow_decode = DecodeWorkerTuner(limit=16, apply=lambda workers: None)
+    _feed(slow_decode, decode_s_per_image=0.050, model_s_per_image=0.010)  # 5 workers' worth, with headroom 7
+    assert slow_decode.done and slow_decode.current == 7
+    fast_decode = DecodeWorkerTuner(limit=16, apply=lambda workers: None)
+    applied = _feed(fast_decode, decode_s_per_image=0.002, model_s_per_image=0.050)
+    assert fast_decode.done and fast_decode.current == 1 and applied == [1]
+
+
+def test_decode_workers_stay_within_the_limit_and_grow_when_the_model_waits():
+    capped = DecodeWorkerTuner(limit=2, apply=lambda workers: None)
+    _feed(capped, decode_s_per_image=0.5, model_s_per_image=0.001)
+    assert capped.done and capped.current == 2
+    waiting = DecodeWorkerTuner(limit=16, apply=lambda workers: None, start=3)
+    applied = _feed(waiting, decode_s_per_image=0.010, model_s_per_image=0.010, starved=True, batches=5)
+    assert applied[:1] == [4]  # the formula says 2 (with headroom), but the model waited at 3
+
+
+def test_decode_workers_ignore_batches_decoded_at_another_count():
+    tuner = DecodeWorkerTuner(limit=16, apply=lambda workers: None, start=4)
+    for _ in range(10):
+        tuner.after_batch(8, 1.0, 1.0, 0.001, 0.0, {2, 4})
+    assert not tuner.done and tuner.current == 4

@@ -76,7 +76,7 @@ def caption(
     *,
     options: ModelOptions | None = None,
     batch_size: int | None = None,
-    workers: int = 4,
+    workers: int | None = None,
     recursive: bool = True,
     include_hidden: bool = False,
     image_column: str | None = None,
@@ -202,7 +202,7 @@ def _run_step(
     description: str,
     *,
     batch_size: int,
-    workers: int,
+    workers: int | None,
     recursive: bool,
     include_hidden: bool,
     image_column: str | None,
@@ -249,6 +249,8 @@ def _run_step(
     check_choice("--on-collision", on_collision, [policy.value for policy in CollisionPolicy])
     if io_workers < 1:
         raise CaptionkitError("--io-workers must be at least 1.")
+    if workers is not None and workers < 1:
+        raise CaptionkitError("--workers must be at least 1 (or left out: chosen by measurement).")
     options = RunOptions(workers=workers, io_workers=io_workers, keep_results=keep_results,
                          retry_errors=retry_errors, stop=stop)
     reporter = Progress(progress, listener=listener)
@@ -431,7 +433,7 @@ def tag(
     print_scores: bool = False,
     print_stream=None,
     batch_size: int = 32,
-    workers: int = 4,
+    workers: int | None = None,
     recursive: bool = True,
     include_hidden: bool = False,
     image_column: str | None = None,

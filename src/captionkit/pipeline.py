@@ -696,7 +696,7 @@ def run_pipeline(
     from_step: int | None = None,
     only_step: str | None = None,
     progress: str = "quiet",
-    workers: int = 4,
+    workers: int | None = None,
     listener=None,
     stop=None,
     executor: str = "local",
@@ -769,7 +769,7 @@ def executor_for(step, executor: str, scale: dict) -> bool:
 
 
 def _run_pipeline(pipeline: Pipeline, *, dry_run: bool, from_step: int | None, only_step: str | None,
-                  progress: str, workers: int, listener, stop, executor: str, scale: dict,
+                  progress: str, workers: int | None, listener, stop, executor: str, scale: dict,
                   stream, io_workers: int = 16) -> PipelineReport:
     from captionkit.core.store import Store, attach_run_log
     from captionkit.executors import make_executor

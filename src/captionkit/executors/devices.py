@@ -28,6 +28,7 @@ from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import Record
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Store
+from captionkit.core.thread_tuning import decode_worker_limit
 from captionkit.executors import light, on_device, portable, runs_on_device, use_device
 from captionkit.executors.local import LocalExecutor, RunOptions, RunSummary, _StopFlag
 from captionkit.executors.progress import Progress
@@ -38,8 +39,8 @@ LOST = ("lost: the worker on {device} died {times} times before finishing it; it
         "next run")
 
 
-def _worker_main(blob: bytes, device: str, records: list[Record], connection: Any, stop: Any, workers: int,
-                 torch_threads: int | None) -> None:
+def _worker_main(blob: bytes, device: str, records: list[Record], connection: Any, stop: Any, workers: int | None,
+                 torch_threads: int | None, workers_limit: int | None = None) -> None:
     """In the worker process: load the step on ``device``, run the local loop, send every batch back."""
     import signal
 
@@ -56,15 +57,17 @@ def _worker_main(blob: bytes, device: str, records: list[Record], connection: An
         meta = step.shared_meta() if hasattr(step, "shared_meta") else {}
         connection.send(("loaded", time.perf_counter() - started, meta))
         summary = RunSummary(field=step.field)
-        runner = LocalExecutor(RunOptions(workers=workers, stop=stop))
+        runner = LocalExecutor(RunOptions(workers=workers, workers_limit=workers_limit, stop=stop))
 
         def deliver(items: list[Prepared], outcomes: list[tuple[bool, Any]], bad: list[tuple[Record, Any]]) -> None:
             connection.send(("batch", [light(item) for item in items], outcomes,
                              [(record, str(error)) for record, error in bad]))
 
+        started = time.perf_counter()
         runner._batches(step, records, summary, deliver)
-        connection.send(("done", {"busy_s": summary.model_busy_s, "batch_size": step.batch_size,
-                                  "cpu_threads": summary.model_cpu_threads}))
+        connection.send(("done", {"busy_s": summary.model_busy_s, "wall_s": time.perf_counter() - started,
+                                  "batch_size": step.batch_size, "cpu_threads": summary.model_cpu_threads,
+                                  "decode_workers": summary.decode_workers, "device": device}))
     except BaseException as error:  # noqa: BLE001 - reported to the parent, which decides
         try:
             connection.send(("error", f"{device}: {error}" if isinstance(error, CaptionkitError)
@@ -127,7 +130,11 @@ class DeviceExecutor(LocalExecutor):
         count = len(self.devices)
         on_cpu = sum(device == "cpu" for device in self.devices)
         torch_threads = max(1, (os.cpu_count() or 1) // on_cpu) if on_cpu else None
-        decode_workers = max(1, self.options.workers // count) if on_cpu else self.options.workers
+        if self.options.workers is None:  # measured in each worker, within its share of this machine's CPUs
+            decode_workers, decode_limit = None, max(1, decode_worker_limit() // count)
+        else:
+            decode_workers = max(1, self.options.workers // count) if on_cpu else self.options.workers
+            decode_limit = None
         stop_event = context.Event()
         workers = [_Worker(device, todo[index::count]) for index, device in enumerate(self.devices)]
         workers = [worker for worker in workers if worker.records]
@@ -139,7 +146,7 @@ class DeviceExecutor(LocalExecutor):
             worker.process = context.Process(
                 target=_worker_main, name=f"captionkit-{worker.device}", daemon=True,
                 args=(blob, worker.device, worker.remaining(), send, stop_event, decode_workers,
-                      torch_threads if worker.device == "cpu" else None))
+                      torch_threads if worker.device == "cpu" else None, decode_limit))
             worker.loaded = False
             worker.process.start()
             send.close()  # the child holds the only writer: end of file means it ended
@@ -231,5 +238,9 @@ class DeviceExecutor(LocalExecutor):
             summary.model_busy_s = sum(item["busy_s"] for item in stats) / len(stats)
             summary.batch_size_final = min(item["batch_size"] for item in stats)
             summary.model_cpu_threads = stats[0]["cpu_threads"] or torch_threads
+            summary.decode_workers = stats[0]["decode_workers"]
+            log.info("model busy per device worker: %s", ", ".join(
+                f"{item['device']} {item['busy_s'] / item['wall_s']:.2f}" if item["wall_s"] > 0 else item["device"]
+                for item in stats))
         if failure is not None:
             raise CaptionkitError(failure)

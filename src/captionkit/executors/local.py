@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -31,7 +31,8 @@ from captionkit.core.locations import RemoteError, as_image_error, read_bytes
 from captionkit.core.records import Record, Source
 from captionkit.core.sinks import SidecarSink
 from captionkit.core.store import Result, Store, file_signature, fingerprint
-from captionkit.core.thread_tuning import ThreadTuner
+from captionkit.core.thread_tuning import FIRST_GUESS, DecodeWorkerTuner, ThreadTuner, decode_worker_limit
+from captionkit.executors.prefetch import DeviceStager, Prefetcher, device_stager
 from captionkit.executors.progress import Progress
 from captionkit.models.base import BACKEND_SCOPE, ITEM_SCOPE, MODEL_SCOPE, ItemFailure
 from captionkit.steps.base import Prepared, Step, is_out_of_memory
@@ -44,9 +45,11 @@ MODEL_ERROR = "model-error"
 class RunOptions:
     """How the executor schedules work (not what the model does)."""
 
-    workers: int = 4  # decode/preprocess threads
+    workers: int | None = None  # decode/preprocess threads; None: chosen by measurement (DecodeWorkerTuner)
+    workers_limit: int | None = None  # the most a measured choice may take (default: this process's CPUs)
     io_workers: int = 16  # object-store fetches in flight (remote images only; local files are read by decoders)
     prefetch_batches: int = 4
+    prefetch: bool = True  # the next batch is gathered (and copied to the GPU) on a thread while the model runs
     saves_in_flight: int = 1  # batches whose store commit + sidecar writes may lag behind the model
     keep_results: bool = False  # reuse stored results made with other settings
     retry_errors: bool = False  # errors are retried anyway when the file changed
@@ -95,6 +98,7 @@ class RunSummary:
     write_errors: dict[str, str] = field(default_factory=dict)  # results stored, file not written
     batch_size_final: int = 0
     model_cpu_threads: int | None = None  # chosen by measurement when the model runs on a CPU
+    decode_workers: int | None = None  # decode threads at the end: --workers, or chosen by measurement
 
     @property
     def images_per_s(self) -> float:
@@ -114,6 +118,7 @@ class RunSummary:
             "model_busy_fraction": round(self.model_busy_fraction, 3), "interrupted": self.interrupted,
             "stopped_early": self.stopped_early,
             "batch_size_final": self.batch_size_final, "model_cpu_threads": self.model_cpu_threads,
+            "decode_workers": self.decode_workers,
             "errors": self.errors,
             "skipped_reasons": self.skipped_reasons, "collisions": self.collisions,
             "write_errors": self.write_errors,
@@ -174,6 +179,64 @@ class _RunStop(threading.Event):
 
     def is_set(self) -> bool:
         return super().is_set() or (self.caller is not None and self.caller.is_set())
+
+
+@dataclass
+class _Group:
+    """One batch as the model thread takes it: decoded items (staged), the bad files, per-image timings."""
+
+    batch: list[Prepared]
+    failures: list[tuple[Record, Any]]
+    timings: list[tuple[float, int, float]]
+    copied: Any = None  # the CUDA event of its pixels' copy to the device (DeviceStager)
+
+
+def _stage(batch: list[Prepared], failures: list[tuple[Record, Any]], timings: list[tuple[float, int, float]],
+           stager: DeviceStager | None) -> _Group:
+    """A batch made ready for the model (on the prefetch thread): on CUDA, its pixels copied there ahead."""
+    if stager is None or not batch:
+        return _Group(batch, failures, timings)
+    staged, event = stager.stage(batch)
+    return _Group(staged, failures, timings, event)
+
+
+class _DecodeGate:
+    """How many decode workers run at once: changed while they run (a measured choice), closed at the end.
+
+    The pool holds threads up to the limit a measured choice may take; the gate lets ``limit`` of them
+    decode. A closed gate lets waiting tasks through at once without decoding (the run is over).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.running = 0
+        self.closed = False
+        self._changed = threading.Condition()
+
+    def set_limit(self, limit: int) -> None:
+        with self._changed:
+            self.limit = limit
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    def enter(self) -> int:
+        """Wait for a free slot; the limit it was given under (0: the gate is closed, do not decode)."""
+        with self._changed:
+            while not self.closed and self.running >= self.limit:
+                self._changed.wait()
+            if self.closed:
+                return 0
+            self.running += 1
+            return self.limit
+
+    def leave(self) -> None:
+        with self._changed:
+            self.running -= 1
+            self._changed.notify()
 
 
 class CircuitBreaker:
@@ -371,22 +434,29 @@ class LocalExecutor:
         if sink is not None:
             summary.files_written += sink.write(texts)
 
-    def _prepared(self, step: Step, records: list[Record], pool: ThreadPoolExecutor,
-                  stop: _StopFlag) -> Iterator[tuple[Record, Prepared | ImageLoadError]]:
-        """Decode ahead in the pool, in order, keeping a bounded window of work in flight."""
-        window: deque[tuple[Record, Future]] = deque()
+    def _prepared(self, step: Step, records: list[Record], pool: ThreadPoolExecutor, stop: _StopFlag,
+                  gate: _DecodeGate) -> Iterator[tuple[Record, Prepared | ImageLoadError, tuple[float, int, float]]]:
+        """Decode ahead in the pool, in order, keeping a bounded window of work in flight.
+
+        Each outcome comes with (decode seconds, the worker count it was decoded at, seconds this
+        thread waited for it): what the measured choice of decode workers needs.
+        """
+        window: deque[tuple[Record, Future, list]] = deque()
         upcoming = iter(records)
         ahead = max(1, step.batch_size * self.options.prefetch_batches)
 
         fetcher = ThreadPoolExecutor(max(1, self.options.io_workers), thread_name_prefix="captionkit-fetch") \
             if any(record.url is not None for record in records) else None
 
-        def timed_prepare(record: Record, fetched: Future | None = None) -> Prepared:
+        def timed_prepare(record: Record, fetched: Future | None, info: list) -> Prepared:
             if fetched is not None:  # a remote image: its bytes were requested ahead, io_workers at a time
                 try:
                     record = replace(record, data=fetched.result())
                 except RemoteError as error:
                     raise as_image_error(record.url or record.id, error) from error
+            workers = gate.enter()
+            if workers == 0:
+                raise CancelledError  # the run is over: nobody reads this
             started = time.perf_counter()
             try:
                 prepared = step.prepare(record)
@@ -394,31 +464,35 @@ class LocalExecutor:
                     prepared.record = replace(prepared.record, data=None)  # the bytes are decoded: free them
                 return prepared
             finally:
-                self._decode_seconds.append(time.perf_counter() - started)
+                info[0], info[1] = time.perf_counter() - started, workers
+                gate.leave()
 
-        def submit(record: Record) -> Future:
+        def submit(record: Record) -> tuple[Record, Future, list]:
             fetched = fetcher.submit(read_bytes, record.url) if fetcher is not None and record.url else None
-            return pool.submit(timed_prepare, record, fetched)
+            info = [0.0, 0]
+            return record, pool.submit(timed_prepare, record, fetched, info), info
 
         for record in upcoming:
-            window.append((record, submit(record)))
+            window.append(submit(record))
             if len(window) >= ahead:
                 break
         try:
             while window:
-                record, future = window.popleft()
+                record, future, info = window.popleft()
+                waiting = time.perf_counter()
                 try:
                     outcome: Prepared | ImageLoadError = future.result()
                 except Exception as error:  # a bad file, or a preprocessing bug: never the end of the run
                     outcome = as_load_error(record, error)
-                yield record, outcome
+                yield record, outcome, (info[0], info[1], time.perf_counter() - waiting)
                 if stop.requested:
                     return
                 following = next(upcoming, None)
                 if following is not None:
-                    window.append((following, submit(following)))
+                    window.append(submit(following))
         finally:
-            for _, pending in window:
+            gate.close()  # tasks waiting for a slot end without decoding
+            for _, pending, _ in window:
                 pending.cancel()
             if fetcher is not None:
                 fetcher.shutdown(wait=False, cancel_futures=True)
@@ -443,24 +517,53 @@ class LocalExecutor:
         ``deliver(items, outcomes, bad)`` runs on one writer thread, at most ``saves_in_flight``
         batches behind the model. Ctrl-C (or the stop event) ends the loop after the current batch.
         """
-        batch: list[Prepared] = []
-        failures: list[tuple[Record, ImageLoadError]] = []
-        self._decode_seconds: list[float] = []
+        explicit = self.options.workers
+        limit = max(1, explicit) if explicit is not None else \
+            max(1, self.options.workers_limit or decode_worker_limit())
+        gate = _DecodeGate(limit if explicit is not None else min(FIRST_GUESS, limit))
+        workers = DecodeWorkerTuner(limit, gate.set_limit, start=gate.limit) if explicit is None else None
         candidates = step.cpu_thread_candidates() if hasattr(step, "cpu_thread_candidates") else []
         tuner = ThreadTuner(candidates, step.set_cpu_threads if candidates else lambda threads: None)
+        stager = device_stager(step) if self.options.prefetch else None
         last_flush = [time.perf_counter()]
         saving: deque[Future] = deque()
         previous_failed = [False]  # the last batch failed entirely: its save may trip the circuit breaker
 
-        def flush() -> None:
+        def groups(pool: ThreadPoolExecutor, stop: _StopFlag) -> Iterator[_Group]:
+            """Decoded images grouped into batches (on the prefetch thread), each staged for the model."""
+            batch: list[Prepared] = []
+            failures: list[tuple[Record, Any]] = []
+            timings: list[tuple[float, int, float]] = []  # per image: decode s, decoded at (workers), waited s
+            stream = self._prepared(step, records, pool, stop, gate)
+            try:
+                for record, prepared, timing in stream:
+                    if isinstance(prepared, ImageLoadError):
+                        failures.append((record, prepared))
+                    else:
+                        batch.append(prepared)
+                    timings.append(timing)
+                    if len(batch) >= step.batch_size or len(failures) >= step.batch_size or stop.requested:
+                        yield _stage(batch, failures, timings, stager)
+                        batch, failures, timings = [], [], []
+                    if stop.requested:
+                        return
+                if batch or failures:
+                    yield _stage(batch, failures, timings, stager)
+            finally:
+                stream.close()  # cancels decoding that is queued but not started
+
+        def flush(group: _Group, waited_s: float) -> None:
             """Run the model on the batch on this thread; hand saving to the writer thread."""
-            tuner.before_batch()
+            batch, failures, timings = group.batch, group.failures, group.timings
+            tuner.before_batch()  # one choice at a time: the model's CPU threads (if any) first, then decode workers
             busy_before = summary.model_busy_s
             if previous_failed[0]:
                 while saving:  # let the breaker see that batch before the model runs another
                     saving.popleft().result()
             if self.breaker.tripped:
-                batch.clear()  # not tried: the next run does them
+                batch = []  # not tried: the next run does them
+            if batch and group.copied is not None and stager is not None:
+                stager.wait(group.copied)
             outcomes = self._run_batch(step, batch, summary) if batch else []
             previous_failed[0] = bool(outcomes) and all(
                 not ok or (isinstance(value, ItemFailure) and value.scope != ITEM_SCOPE) for ok, value in outcomes)
@@ -468,35 +571,39 @@ class LocalExecutor:
             while len(saving) > self.options.saves_in_flight or (saving and saving[0].done()):
                 saving.popleft().result()  # bounded: a kill loses at most the batches in flight
             now = time.perf_counter()
-            decoded = self._decode_seconds[-len(batch):] if batch else []
-            tuner.after_batch(len(batch), now - last_flush[0], summary.model_busy_s - busy_before,
-                              sum(decoded) / len(decoded) if decoded else 0.0)
+            model_s = summary.model_busy_s - busy_before
+            decoded = [timing for timing in timings if timing[1] > 0]
+            decode_s = sum(timing[0] for timing in decoded)
+            if not tuner.done:
+                tuner.after_batch(len(batch), now - last_flush[0], model_s,
+                                  decode_s / len(decoded) if decoded else 0.0)
+            elif workers is not None and not workers.done:
+                workers.after_batch(len(decoded), now - last_flush[0], model_s, decode_s, waited_s,
+                                    {timing[1] for timing in decoded})
             last_flush[0] = now
-            batch.clear()
-            failures.clear()
 
-        with _StopFlag(self.options.stop) as stop, ThreadPoolExecutor(max(1, self.options.workers),
-                                                     thread_name_prefix="captionkit-decode") as pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
-            stream = self._prepared(step, records, pool, stop)
+        with _StopFlag(self.options.stop) as stop, ThreadPoolExecutor(limit, thread_name_prefix="captionkit-decode") \
+                as pool, ThreadPoolExecutor(1, thread_name_prefix="captionkit-save") as writer:
+            ready: Iterator[_Group]
+            ahead = Prefetcher(groups(pool, stop)) if self.options.prefetch else None
+            ready = iter(ahead) if ahead is not None else groups(pool, stop)
             try:
-                for record, prepared in stream:
-                    if isinstance(prepared, ImageLoadError):
-                        failures.append((record, prepared))
-                    else:
-                        batch.append(prepared)
-                    if len(batch) >= step.batch_size or len(failures) >= step.batch_size:
-                        flush()
+                for group in ready:
+                    flush(group, ahead.waited_s if ahead is not None else 0.0)
                     if stop.requested:
                         break
-                if batch or failures:
-                    flush()
             finally:
-                stream.close()  # cancels decoding that is queued but not started
+                if ahead is not None:
+                    ahead.close()  # the producer ends after the item it is on; its thread is joined
+                else:
+                    ready.close()  # type: ignore[attr-defined]
                 while saving:
                     saving.popleft().result()
             summary.interrupted = stop.requested
         summary.model_cpu_threads = tuner.chosen
+        summary.decode_workers = gate.limit
+        if workers is not None and not workers.done:
+            log.info("decode workers: %d (the run ended before the measured choice settled)", gate.limit)
         if candidates:
             step.set_cpu_threads(candidates[0])  # leave the process as it was
 

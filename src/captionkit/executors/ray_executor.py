@@ -563,6 +563,7 @@ class RayExecutor(LocalExecutor):
         self.init_options = dict(init_options or {})
         self._started_ray = False
         self._todo = 0
+        self.actor_busy: dict[int, float] = {}  # model seconds per actor (by pid) in the last run
 
     # connection ---------------------------------------------------------------
     def _ray(self):
@@ -680,6 +681,7 @@ class RayExecutor(LocalExecutor):
             log.warning("This Ray (%s) has no no-progress guard for datasets: --ray-stall-timeout watches only "
                         "the rerun of lost images. Ray 2.60 or newer has it.", ray.__version__)
         self._todo = len(todo)
+        self.actor_busy = {}
         self.progress.start(len(todo), step.field)
         started = time.perf_counter()
         free = {name: ray.available_resources().get(name, 0.0) for name in ("CPU", "GPU")}
@@ -718,6 +720,9 @@ class RayExecutor(LocalExecutor):
         summary.processing_s = max(0.0, time.perf_counter() - started - actor_load)
         if seen_actors:  # per actor, so the busy fraction reads as one GPU's (a restarted actor is a new pid)
             summary.model_busy_s /= min(len(seen_actors), actors)
+        if self.actor_busy and summary.processing_s > 0:
+            log.info("model busy per actor (model seconds / run seconds): %s", ", ".join(
+                f"{pid} {busy / summary.processing_s:.2f}" for pid, busy in self.actor_busy.items()))
 
     def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
         """Run records whose block was lost again on one model actor of the driver's own, halving on a crash.
@@ -844,6 +849,7 @@ class RayExecutor(LocalExecutor):
             if stats:
                 numbers = pickle.loads(stats)
                 summary.model_busy_s += numbers["busy_s"]
+                self.actor_busy[numbers["actor"]] = self.actor_busy.get(numbers["actor"], 0.0) + numbers["busy_s"]
                 seen_actors[numbers["actor"]] = max(seen_actors.get(numbers["actor"], 0.0), numbers["load_s"])
                 summary.batch_size_final = min(summary.batch_size_final or numbers["batch_size"],
                                                numbers["batch_size"])

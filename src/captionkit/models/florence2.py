@@ -164,6 +164,8 @@ class GenerationSettings:
 class Florence2Captioner:
     """Batch captioning with Florence-2. ``preprocess`` is thread-safe; ``caption_batch`` is not."""
 
+    takes_device_pixels = True  # caption_batch stacks pixels with .to(device): ones copied there ahead stay put
+
     def __init__(
         self,
         model: str = DEFAULT_MODEL,

@@ -27,6 +27,8 @@ CLI_ONLY = frozenset({"cli"})
 EXISTING = ("skip", "overwrite", "append", "fill-empty")
 COLLISIONS = ("skip", "keep-extension")
 SCALE_PANEL = "Scaling out (a Ray cluster, several GPUs; docs/scaling.md)"
+WORKERS_HELP = ("Parallel decode/preprocess threads (default: as many as keep the model busy, measured during the "
+                "first batches).")
 MAX_FAILURES_HELP = ("Still exit 0 when at most this many images fail: a number (5) or a percentage of the "
                      "images tried (2%). Default 0.")
 
@@ -54,7 +56,7 @@ class CaptionRun:
 
     batch_size: int | None = _step(None, "Images per model call, halved automatically on out-of-memory (default 8; "
                                    "4 x --concurrency for servers).")
-    workers: int = _run(4, "Parallel decode/preprocess workers.")
+    workers: int | None = _run(None, WORKERS_HELP)
     recursive: bool = _run(True, "Descend into sub-folders.")
     include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
     image_column: str | None = _run(None, "Manifest column with the image path.")
@@ -90,7 +92,7 @@ class TagRun:
     device: str = _step("auto", "auto, cpu, cuda or cuda:N (a GPU asked for never falls back to CPU).")
     cache_dir: Path | None = _step(None, "Folder for downloaded models.")
     batch_size: int = _step(32, "Images per model call (halved automatically on out-of-memory).")
-    workers: int = _run(4, "Parallel decode/preprocess workers.")
+    workers: int | None = _run(None, WORKERS_HELP)
     recursive: bool = _run(True, "Descend into sub-folders.")
     include_hidden: bool = _run(False, "Also take files and folders whose names start with '.'.")
     image_column: str | None = _run(None, "Manifest column with the image path.")
@@ -359,7 +361,7 @@ class PipelineRun:
     dry_run: bool = _cli(False, "Validate and show the plan: steps, records, what is already done.")
     from_step: int | None = _cli(None, "Start at this step (1-based); earlier steps' stored results are used.")
     only_step: str | None = _cli(None, "Run only the step with this name.")
-    workers: int = _cli(4, "Parallel decode/preprocess workers.")
+    workers: int | None = _cli(None, WORKERS_HELP)
 
 
 @dataclass

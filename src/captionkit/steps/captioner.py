@@ -146,6 +146,13 @@ class CaptionStep:
                                  key=record.id)
         return Prepared(record, request, loaded.original_size, loaded.content_hash, loaded.notes)
 
+    @property
+    def staging_device(self) -> str | None:
+        """Where executors may copy prepared pixels ahead of ``run_batch`` (the model's device), or None."""
+        if not getattr(self.captioner, "takes_device_pixels", False) or getattr(self.captioner, "model", None) is None:
+            return None
+        return str(self.captioner.device)
+
     def run_batch(self, items: list[Prepared]) -> list[Any]:
         raws = self.captioner.caption_batch([item.payload for item in items])
         return [self._refused(raw) or raw for raw in raws]

@@ -224,7 +224,7 @@ def tag_preview(path: str, run: dict[str, Any], limit: int = 8) -> list[tuple[st
 
 # --- pipelines --------------------------------------------------------------------------------------
 
-def pipeline_plan(path: str, workers: int = 4) -> list[dict[str, Any]]:
+def pipeline_plan(path: str, workers: int | None = None) -> list[dict[str, Any]]:
     """The dry run of a pipeline file: one row per step (records, done, to run, failed before)."""
     from captionkit.pipeline import run_pipeline
 
@@ -236,7 +236,7 @@ def pipeline_plan(path: str, workers: int = 4) -> list[dict[str, Any]]:
              "dropped": step.dropped} for step in report.steps]
 
 
-def submit_pipeline(manager: JobManager, path: str, only_step: str | None = None, workers: int = 4) -> Job:
+def submit_pipeline(manager: JobManager, path: str, only_step: str | None = None, workers: int | None = None) -> Job:
     from captionkit.pipeline import load_pipeline, run_pipeline
 
     if not str(path or "").strip():
