@@ -285,3 +285,31 @@ def test_a_cut_shard_in_the_bucket_fails_only_its_cut_member_as_truncated(s3, co
         with pytest.raises(captionkit.CaptionkitError, match="key 000000005, member 000000005.jpg: the shard is "
                                                              "truncated"):
             cut.path.read_bytes()
+
+
+def test_a_pipeline_over_shards_in_a_bucket_reads_them_with_the_files_storage_options(s3, corpus, tiny_florence,  # noqa: F811
+                                                                                     tmp_path):
+    """``input:`` an s3:// shard pattern, credentials in the file's ``storage_options:``: the captions of a
+    local run, a table keyed by shard and key, and no credential in anything the pipeline wrote."""
+    import pyarrow.parquet as parquet
+    import yaml
+
+    from captionkit.pipeline import run_pipeline
+
+    _, _, expected = corpus
+    pipeline = tmp_path / "shards.yaml"
+    pipeline.write_text(yaml.safe_dump({
+        "input": f"s3://{BUCKET}/in/{PATTERN}", "storage_options": s3.storage_options(),
+        "base_folder": "work", "save_folder": "out",
+        "steps": [{"type": "captioner", "name": "florence",
+                   "config": {"model": str(tiny_florence), "num_beams": 1, "max_new_tokens": 12, "batch_size": 2}},
+                  {"type": "export", "name": "table", "config": {"format": "parquet", "fields": ["florence"]}}],
+    }, sort_keys=False))
+    report = run_pipeline(pipeline)
+    assert all(not step.errors for step in report.steps)
+    rows = parquet.read_table(tmp_path / "out" / "export.parquet").to_pylist()
+    assert [(row["shard"], row["key"]) for row in rows] == \
+        [(f"shard-{index // PER_SHARD:05d}.tar", f"{index:09d}") for index in range(9)]
+    assert {row["key"]: row["florence"] for row in rows} == expected
+    _assert_no_secret(tmp_path / "work", s3.key, s3.secret)
+    _assert_no_secret(tmp_path / "out", s3.key, s3.secret)
