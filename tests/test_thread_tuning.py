@@ -75,6 +75,30 @@ def test_decode_workers_stay_within_the_limit_and_grow_when_the_model_waits():
     assert applied[:1] == [4]  # the formula says 2 (with headroom), but the model waited at 3
 
 
+def _feed_rates(tuner: DecodeWorkerTuner, seconds_per_image: dict[int, float], batches: int = 40) -> list[int]:
+    """Batches whose wall time depends on the worker count they were decoded at (decode 12 ms per image per
+    worker, model 10 ms: the formula asks for 2 workers)."""
+    applied: list[int] = []
+    tuner.apply = applied.append
+    decoded_at = tuner.current
+    for _ in range(batches):
+        tuner.after_batch(8, 8 * seconds_per_image[decoded_at], 8 * 0.010, 8 * 0.012, 0.0, {decoded_at})
+        decoded_at = tuner.current
+    return applied
+
+
+def test_one_decode_worker_fewer_is_measured_and_kept_only_when_faster():
+    shared_cores = DecodeWorkerTuner(limit=2, apply=lambda workers: None)  # a decode thread slows the model
+    applied = _feed_rates(shared_cores, {1: 0.0075, 2: 0.0080})
+    assert shared_cores.done and shared_cores.current == 1 and applied == [1]
+    spare_cores = DecodeWorkerTuner(limit=2, apply=lambda workers: None)  # the second worker pays for itself
+    applied = _feed_rates(spare_cores, {1: 0.0120, 2: 0.0080})
+    assert spare_cores.done and spare_cores.current == 2 and applied == [1, 2]
+    noise = DecodeWorkerTuner(limit=2, apply=lambda workers: None)  # 1% apart: the formula's count stays
+    _feed_rates(noise, {1: 0.00792, 2: 0.0080})
+    assert noise.done and noise.current == 2
+
+
 def test_decode_workers_ignore_batches_decoded_at_another_count():
     tuner = DecodeWorkerTuner(limit=16, apply=lambda workers: None, start=4)
     for _ in range(10):
