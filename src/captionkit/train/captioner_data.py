@@ -26,7 +26,6 @@ may hold URLs. Those images are fetched once into the local object mirror and re
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -112,28 +111,6 @@ class DataReport:
     long_captions_skipped: int = 0
 
 
-def _open_table(path: Path) -> list[dict[str, Any]]:
-    if path.suffix.lower() == ".parquet":
-        try:
-            import pyarrow.parquet as parquet
-        except ImportError as error:  # pragma: no cover - pyarrow is a core dependency
-            raise ValueError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from error
-        return parquet.read_table(path).to_pylist()
-    rows = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error}); fix or remove that line") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: each line must be a JSON object with path and caption fields")
-            rows.append(row)
-    return rows
-
-
 def _pick_column(rows: list[dict[str, Any]], wanted: str | None, candidates: Sequence[str], path: Path | str,
                  what: str, setting: str) -> str:
     columns = list(rows[0]) if rows else []
@@ -153,7 +130,7 @@ def _items_from_table(spec: DatasetSpec, table: Path | str, report: DataReport,
                       io_workers: int = 16) -> list[CaptionItem]:
     from captionkit.train import remote_data
 
-    rows = remote_data.read_table(table) if remote_data.is_remote(table) else _open_table(Path(table))
+    rows = remote_data.read_table(table)  # .jsonl/.parquet/.csv, a local file or an object
     if not rows:
         return []
     path_column = _pick_column(rows, spec.path_column, PATH_COLUMNS + ("url",), table, "image path", "path_column")
