@@ -251,3 +251,22 @@ def test_cli_sets_the_cache_and_reports_what_it_served(base_model, small_data, t
     assert again.exit_code == 0, again.output
     assert "vision features: 8 samples from the cache, 0 computed and stored" in again.output
     assert len(entries(tmp_path / "out" / "vision_features")) == 8
+
+
+def test_a_frozen_tower_with_stochastic_depth_trains_as_its_cached_features(small_data, tmp_path):
+    """A frozen tower runs in eval mode while training: DaViT's stochastic depth (drop_path_rate) would
+    otherwise add noise nothing learns from, and the uncached run would differ from the cached one."""
+    from captionkit.testing import build_tiny_florence2
+
+    # weights at std 0.3: the captions depend on the image strongly enough for dropped paths to show
+    noisy = build_tiny_florence2(tmp_path / "drop-path")
+    config = json.loads((noisy / "config.json").read_text())
+    config["vision_config"]["drop_path_rate"] = 0.5
+    (noisy / "config.json").write_text(json.dumps(config))
+    extra = {"epochs": 2, "mode": "full", "lora": LoraSettings(), "freeze_vision": True,
+             "optimizer": OptimizerSettings(lr=1e-4)}
+    train_captioner(make_config(noisy, small_data, tmp_path / "plain", **extra))
+    train_captioner(make_config(noisy, small_data, tmp_path / "cached", cache_vision_features=True, **extra))
+    expected, actual = logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "cached")
+    assert len(expected) == 4
+    assert actual == pytest.approx(expected, rel=1e-5, abs=1e-6)

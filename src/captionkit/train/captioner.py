@@ -54,6 +54,7 @@ from captionkit.train.feature_cache import (
     check_cache_settings,
     complete_features,
     features_as_image_input,
+    florence_inner,
 )
 from captionkit.train.loop import BatchLoss, LoopSettings, Progress, TrainingTask, run_training, to_device
 from captionkit.train.lora import LoraSettings
@@ -758,6 +759,18 @@ class _CaptionerTask(TrainingTask):
         loss_sum = token_losses(model, batch).sum()
         # The logged total stays a device tensor: the loop sums it there and reads it at logging steps.
         return BatchLoss(loss_sum, loss_sum.detach(), target_tokens(batch), len(batch["captions"]))
+
+    def train_mode(self, model: Any) -> None:
+        """Training mode, with a frozen vision tower (nothing in it trains) in eval mode.
+
+        A frozen tower in training mode would still apply DaViT's stochastic depth
+        (``drop_path_rate``): noise on features nothing learns from, and features that differ
+        from the cached ones (``cache_vision_features`` computes them in eval mode, as at inference).
+        """
+        model.train()
+        tower = florence_inner(model).vision_tower
+        if not any(parameter.requires_grad for parameter in tower.parameters()):
+            tower.eval()
 
     def evaluate(self, model: Any) -> dict[str, float]:
         import torch

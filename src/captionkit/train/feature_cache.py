@@ -23,9 +23,9 @@ file, written atomically, under ``<cache>/<model fingerprint>/<xx>/<image sha256
 
 Image-side randomness: captionkit augments captions only (the cache keeps caption
 augmentation). The one random image-side operation is DaViT's stochastic depth
-(``drop_path_rate``), which a plain run applies even to a frozen tower in training mode; the
-cache computes features with the tower in eval mode (as at inference), so with
-``drop_path_rate > 0`` the cached features are the deterministic ones.
+(``drop_path_rate``); a frozen tower runs in eval mode while training (the trainer's
+``train_mode``) and the cache computes its features in eval mode too, so with
+``drop_path_rate > 0`` both paths give the same, deterministic features.
 """
 
 from __future__ import annotations

@@ -82,6 +82,10 @@ class TrainingTask:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (an EMA update)."""
 
+    def train_mode(self, model: Any) -> None:
+        """Put the model in training mode (after evaluation too); a task with frozen parts keeps them in eval mode."""
+        model.train()
+
     def evaluate(self, model: Any) -> dict[str, float]:
         raise NotImplementedError
 
@@ -279,7 +283,7 @@ class _Loop:
         """Evaluate, log, track the best; returns the metric and whether it improved."""
         settings, progress = self.settings, self.progress
         metrics = self.task.evaluate(self.model)
-        self.model.train()
+        self.task.train_mode(self.model)
         self.metrics, self.evaluated_at = metrics, progress.global_step
         if settings.epoch_rows:
             row = {**metrics, "train_loss": float(self.epoch_loss) / max(1.0, float(self.epoch_count)),
@@ -335,7 +339,7 @@ class _Loop:
         settings, progress, accelerator, task, model = (self.settings, self.progress, self.accelerator, self.task,
                                                          self.model)
         start = dataclasses.replace(progress)
-        model.train()
+        task.train_mode(model)
         parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
         start_time = time.perf_counter()
         # Summed where the task's totals are (a device tensor): read back at logging steps only.
