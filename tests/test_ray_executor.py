@@ -149,7 +149,21 @@ class CrashesOn(Florence2Captioner):
         return super().caption_batch(requests)
 
 
+class CountsLoads(Florence2Captioner):
+    """Each model load leaves a file in ``folder``."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+        super().load()
+
+
 def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, tiny_florence, ray_address):
+    import ray
+
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     settings = {"model": str(tiny_florence), "generation": GenerationSettings(max_new_tokens=12, num_beams=1)}
@@ -157,12 +171,18 @@ def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ti
                                  progress="quiet", workers=2, **RAY)
     assert (summary.processed, summary.failed) == (IMAGES - 1, 2)  # its three batch neighbours were saved
     assert "lost on the cluster" in summary.errors["img005.png"]
+    # every actor of the run is gone, the restarted ones too: nothing holds the CPUs the next dataset needs
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
     expected = state(local)
     got = state(folder)
     assert {key: row for key, row in got["rows"].items() if key != "img005.png"} == {
         key: row for key, row in expected["rows"].items() if key != "img005.png"}
-    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    again = captionkit.caption(folder, captioner=CountsLoads(loads, **settings), batch_size=4, progress="quiet",
+                               workers=2, **RAY)
     assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
+    assert len(list(loads.iterdir())) == 1  # one batch left: one of the two replicas loads the model
     assert state(folder) == expected
 
 

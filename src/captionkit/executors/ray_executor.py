@@ -230,13 +230,20 @@ class StartLedger:
     def __init__(self) -> None:
         self.loading: set[str] = set()
         self.deaths = 0
+        self.handles: dict[str, Any] = {}
 
-    def starting(self, actor_id: str) -> int:
+    def starting(self, actor_id: str, handle: Any = None) -> int:
         """Deaths while loading, in a row, counting the one this start follows (if any)."""
         if actor_id in self.loading:
             self.deaths += 1
         self.loading.add(actor_id)
+        if handle is not None:
+            self.handles[actor_id] = handle
         return self.deaths
+
+    def actors(self) -> list[Any]:
+        """Every model actor that started (handles), for the driver to end them when the dataset is done."""
+        return list(self.handles.values())
 
     def loaded(self, actor_id: str) -> None:
         self.loading.discard(actor_id)
@@ -255,8 +262,9 @@ class ModelActor:
         if device is not None and runs_on_device(self.step):
             use_device(self.step, device)
         self.load_error: str | None = None
-        actor_id = ray.get_runtime_context().get_actor_id()
-        deaths = ray.get(ledger.starting.remote(actor_id)) if ledger is not None else 0
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id()
+        deaths = ray.get(ledger.starting.remote(actor_id, context.current_actor)) if ledger is not None else 0
         if deaths > INIT_DEATHS:
             self.load_error = (f"--executor ray: the model actors died {deaths} times in a row while loading the "
                                "model (killed, out of host or GPU memory, or a crash in native code); nothing "
@@ -352,6 +360,29 @@ def _back(ray: Any, actor: Any) -> bool:
         except ray.exceptions.GetTimeoutError:
             return False
     return False
+
+
+def _halves(group: list[Record]) -> list[list[Record]]:
+    """A group in two (one image stays one)."""
+    half = (len(group) + 1) // 2
+    return [part for part in (group[:half], group[half:]) if part]
+
+
+def _end_actors(ray: Any, ledger: Any) -> None:
+    """Kill a finished dataset's model actors (and their ledger) now.
+
+    Ray Data (2.60) stops the actors of its pool when the dataset ends, but not one that died and was
+    restarted: that one stayed alive, holding its CPUs and GPUs until the driver exited, so the next
+    dataset (the rerun of lost images, the next step, the next run of a process that runs several)
+    waited for resources that never came back.
+    """
+    try:
+        handles = ray.get(ledger.actors.remote(), timeout=RELEASE_WAIT_S)
+    except ray.exceptions.RayError:  # the ledger is gone: nothing to name
+        handles = []
+    for handle in [*handles, ledger]:
+        with contextlib.suppress(ray.exceptions.RayError, ValueError):
+            ray.kill(handle, no_restart=True)
 
 
 def _release(ray: Any, free: dict[str, float]) -> None:
@@ -664,6 +695,7 @@ class RayExecutor(LocalExecutor):
         gpus = self._gpus()
         actors = self.num_actors or (max(1, int(ray.cluster_resources().get("GPU", 0) // gpus)) if gpus else 1)
         batch = max(1, step.batch_size)
+        actors = min(actors, -(-len(todo) // batch))  # no replica loads a model it has no batch for (a resume's rest)
         # Blocks of 1-8 batches, at least 4 per replica when there are enough images: each block costs the
         # scheduler ~10-20 ms (measured here), and a killed driver or actor loses at most the blocks in flight.
         per_block = batch * min(8, max(1, len(todo) // (batch * 4 * (actors + 1))))
@@ -707,7 +739,7 @@ class RayExecutor(LocalExecutor):
                 self._save(step, items, [(False, message)] * len(items), [], store, sink, summary, settings,
                            step_fingerprint, signatures)
         except RayStalledError:
-            stalled = True  # its hung actors hold their resources until the job ends: no next dataset waits
+            stalled = True  # its hung actors were killed (_end_actors): nothing to wait for
             raise
         finally:
             for name, value in saved.items():
@@ -727,10 +759,12 @@ class RayExecutor(LocalExecutor):
     def _isolate(self, ray: Any, step: Step, records: list[Record], gpus: float, commit: tuple) -> None:
         """Run records whose block was lost again on one model actor of the driver's own, halving on a crash.
 
-        A group that kills the actor is split in two and each half tried again (the actor is
-        restarted, which reloads the model), down to single images, which get ``batch_retries``
-        tries: an image that crashes its worker loses only itself. The actor is killed here when it
-        is done.
+        Each lost batch already died with its actor twice in the pool, so it starts here as two halves (a
+        third run of the whole batch would most likely cost one more restart, which reloads the model). A
+        group that kills the actor is split in two and each half tried again, down to single images, which
+        get ``batch_retries`` tries, the later ones after everything else: an image that crashes its
+        worker loses only itself, and the driver does not wait for a restart that nothing is left to use.
+        The actor is killed here when it is done.
         """
         summary = commit[2]
         device = self._device() if runs_on_device(step) else None
@@ -739,7 +773,8 @@ class RayExecutor(LocalExecutor):
         ledger = ray.remote(num_cpus=0)(StartLedger).remote()
         actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)), ledger)
         batch = max(1, step.batch_size)
-        groups = [(records[start:start + batch], 1) for start in range(0, len(records), batch)]
+        groups = [(half, 1) for start in range(0, len(records), batch)
+                  for half in _halves(records[start:start + batch])]
         try:
             if not _back(ray, actor):
                 log.warning("no room on the cluster for a model actor within %d s; the lost images are tried "
@@ -755,16 +790,16 @@ class RayExecutor(LocalExecutor):
                         raise _stalled(summary, self._todo, self.stall_timeout_s,
                                        "a model actor rerunning lost images did not answer") from None
                     except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                        # the actor died on this group: wait until it is back (restarted, model loaded), then split
-                        if not _back(ray, actor):
+                        # the actor died on this group: split it (a single image: try it again last)
+                        if len(group) > 1:
+                            groups[:0] = [(half, 1) for half in _halves(group)]
+                        elif attempt < self.batch_retries:
+                            groups.append((group, attempt + 1))
+                        # wait until it is back (restarted, model loaded) when something is left to run
+                        if groups and not _back(ray, actor):
                             log.warning("the model actor did not come back within %d s; the lost images are tried "
                                         "again on the next run", ISOLATION_WAIT_S)
                             return
-                        if len(group) > 1:
-                            half = len(group) // 2
-                            groups[:0] = [(group[:half], 1), (group[half:], 1)]
-                        elif attempt < self.batch_retries:
-                            groups.insert(0, (group, attempt + 1))
                         continue
                     self._commit(step, table, *commit)
                 summary.interrupted = stop.requested
@@ -773,6 +808,7 @@ class RayExecutor(LocalExecutor):
             raise worker_error(error) from error
         finally:
             ray.kill(actor)
+            _end_actors(ray, ledger)
 
     def _pass(self, ray: Any, step: Step, records: list[Record], actors: int, gpus: float, batch: int,
               per_block: int, commit: tuple) -> None:
@@ -791,10 +827,10 @@ class RayExecutor(LocalExecutor):
                 batch_format="pyarrow", num_cpus=self.decode_cpus,
                 compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
             )
+        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
         model_stage = {
             "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
-                                    max(1, int(self.cpus_per_actor)), ray.remote(num_cpus=0)(StartLedger).remote(),
-                                    remote),
+                                    max(1, int(self.cpus_per_actor)), ledger, remote),
             "batch_size": batch, "batch_format": "pyarrow",
             # no more blocks queued on an actor than it runs at once: a killed actor loses only those
             "compute": ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=MODEL_STAGE_CONCURRENCY),
@@ -835,6 +871,7 @@ class RayExecutor(LocalExecutor):
             finally:
                 if hasattr(blocks, "close"):
                     blocks.close()  # stop the pipeline now (a stop request), not when garbage collected
+                _end_actors(ray, ledger)
             summary.interrupted = stop.requested
 
     def _commit(self, step: Step, table, store: Store, sink: SidecarSink | None, summary: RunSummary,
