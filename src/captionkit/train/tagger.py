@@ -928,8 +928,6 @@ class _TaggerTask(TrainingTask):
                 if batch is None:
                     continue
                 images, targets = to_device(batch, accelerator.device)
-                if self.frozen and images.dim() == 4:  # the frozen backbone's weights are channels-last too
-                    images = images.contiguous(memory_format=torch.channels_last)
                 with accelerator.autocast():
                     logits = forward(images)
                 # weighted by images, so a short last batch counts for what it holds
