@@ -139,6 +139,21 @@ def test_resume_with_the_cache_equals_an_uninterrupted_run_and_the_backbone_trai
     assert not torch.equal(final["conv1.0.weight"], initial["conv1.0.weight"])  # epoch 3 trained the whole model
 
 
+def test_the_ema_follows_the_backbone_once_it_is_unfrozen(shapes, weights, tmp_path):
+    """The frozen backbone's weights move to channels-last and back (new tensors): the EMA must follow
+    the tensors the model trains, not the ones it gathered while the backbone was frozen."""
+    from safetensors.torch import load_file
+
+    run = train_tagger(load_tagger_config(None, settings(shapes, tmp_path / "run", weights, "epochs=2",
+                                                         "model.freeze_backbone_epochs=1", "ema_decay=0.5")))
+    initial = backbone_of(load_file(str(weights)))
+    trained = backbone_of(load_file(str(run.output_dir / "last" / "model.safetensors")))  # the model itself
+    averaged = backbone_of(load_file(str(run.final_dir / "model.safetensors")))  # the EMA's export
+    assert not torch.equal(trained["conv1.0.weight"], initial["conv1.0.weight"])
+    assert not torch.equal(averaged["conv1.0.weight"], initial["conv1.0.weight"])
+    assert all(value.is_contiguous() for value in averaged.values())
+
+
 def test_head_only_steps_send_no_gradient_to_the_backbone_and_cached_ones_never_run_it(shapes, weights, tmp_path):
     from torch.nn.modules.module import register_module_forward_hook
 

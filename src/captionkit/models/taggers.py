@@ -202,14 +202,15 @@ class Preprocessing:
         array = np.asarray(image, dtype=np.float32)
         if self.channel_order == "BGR":
             array = array[:, :, ::-1]
-        array = array * np.float32(self.scale)
+        channels = (3,)
+        if self.layout == "NCHW":  # a view: the first product is written in CHW order, the rest in place
+            array, channels = array.transpose(2, 0, 1), (3, 1, 1)
+        array = np.multiply(array, np.float32(self.scale), out=np.empty(array.shape, dtype=np.float32))
         if self.mean is not None:
-            array = array - np.asarray(self.mean, dtype=np.float32)
+            array -= np.asarray(self.mean, dtype=np.float32).reshape(channels)
         if self.std is not None:
-            array = array / np.asarray(self.std, dtype=np.float32)
-        if self.layout == "NCHW":
-            array = array.transpose(2, 0, 1)
-        return np.ascontiguousarray(array, dtype=np.float32)
+            array /= np.asarray(self.std, dtype=np.float32).reshape(channels)
+        return array
 
 
 def preprocessing_from_pretrained_cfg(cfg: dict[str, Any], channel_order: str) -> Preprocessing:

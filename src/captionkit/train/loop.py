@@ -29,7 +29,6 @@ from typing import Any, Literal, NamedTuple
 from captionkit.core.errors import NothingSucceededError
 from captionkit.train.checkpoints import (
     CheckpointManager,
-    atomic_write_json,
     remove_stale_temp_folders,
     write_folder_atomically,
 )
@@ -269,8 +268,10 @@ class _Loop:
         for name, item in self.task.state_objects().items():
             torch.save(item.state_dict(), state_dir / f"{name}.pt")
         torch.save(_rng_state(), state_dir / "rng.pt")
-        atomic_write_json(folder / self.settings.state_file,
-                          {**dataclasses.asdict(self.progress), **self.task.checkpoint_info(self.last_row)})
+        # a plain write: ``folder`` is a temp folder that appears whole by one rename (no per-file fsync)
+        (folder / self.settings.state_file).write_text(json.dumps(
+            {**dataclasses.asdict(self.progress), **self.task.checkpoint_info(self.last_row)}, indent=2,
+            ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
     def checkpoint_tag(self) -> str:
         if self.settings.checkpoint_names == "epoch":

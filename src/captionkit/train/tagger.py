@@ -769,6 +769,7 @@ class _TaggerTask(TrainingTask):
         self.cached_sets: tuple[Any, Any] | None = None  # (train, validation) features, once prepared
         self.cache_stats: dict[str, dict[str, int]] = {}
         self.split_checked = False
+        self.best_exported_at = -1  # the step of the last export to OUTPUT/best in this process
 
     def begin(self, log_file: Path) -> None:
         output = Path(self.config.output_dir)
@@ -789,8 +790,8 @@ class _TaggerTask(TrainingTask):
 
         config = self.config
         frozen = epoch < config.frozen_epochs
-        train_set = self.cached()[0] if frozen and config.model.cache_features else self.train_set
         self.set_phase(frozen)
+        train_set = self.cached()[0] if frozen and config.model.cache_features else self.train_set
         self.sampler.set_epoch(epoch)
         return iter(torch.utils.data.DataLoader(
             train_set, batch_size=config.batch_size, sampler=self.sampler, num_workers=self.workers_for(train_set),
@@ -812,8 +813,10 @@ class _TaggerTask(TrainingTask):
 
         The backbone keeps ``requires_grad`` (its forward runs under ``no_grad`` instead), so the
         optimizer and gradient clipping see it again when a later epoch trains the whole model.
+        While frozen its weights are laid out channels-last (faster forward-only convolutions),
+        and back when the whole model trains.
         """
-        from captionkit.train.tagger_features import check_split, classifier_of
+        from captionkit.train.tagger_features import check_split, classifier_of, set_channels_last
 
         model = self.net
         if frozen and not self.frozen:
@@ -821,6 +824,8 @@ class _TaggerTask(TrainingTask):
         elif self.frozen and not frozen:
             _log.info("backbone unfrozen: training the whole model from here on")
         self.frozen = frozen
+        if set_channels_last(model, frozen) and self.ema is not None:
+            self.ema.pairs = None  # the moved weights are new tensors: the EMA gathers them again
         if not frozen:
             model.train()
             return
@@ -946,24 +951,55 @@ class _TaggerTask(TrainingTask):
         state = self.accelerator.unwrap_model(self.model).state_dict()
         save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
                   str(folder / "model.safetensors"), metadata={"format": "pt"})
-        self.vocabulary.write_csv(folder / "selected_tags.csv")
-        (folder / SPLIT_FILE).write_bytes(self.split[0].read_bytes())
-        save_config(self.config, folder / "config.yaml")
+        # the run's own copies, as begin() wrote them; plain writes: the folder appears whole by one rename
+        output = Path(self.config.output_dir)
+        for name in ("selected_tags.csv", SPLIT_FILE, "config.yaml"):
+            (folder / name).write_bytes((output / name).read_bytes())
 
     def export(self, folder: Path, metrics: dict[str, float], progress: Progress, final: bool) -> None:
         from captionkit.train.tagger_export import add_onnx_to_folder, export_tagger
 
         config = self.config
         model = self.ema.module if self.ema is not None else self.accelerator.unwrap_model(self.model)
-        export_tagger(model, folder, metrics=metrics, onnx=final and config.export_onnx,
+        best = Path(config.output_dir) / "best"
+        onnx = final and config.export_onnx
+        if final and self.best_exported_at == progress.global_step and best.is_dir():
+            self.final_from_best(folder, best, model, onnx)
+            return
+        export_tagger(model, folder, metrics=metrics, onnx=onnx,
                       architecture=config.model.backbone, model_args=self.model_args, vocabulary=self.vocabulary,
                       preprocessing=self.preprocessing, threshold=config.threshold,
                       per_tag_thresholds=self.thresholds,
                       training={"epoch": progress.epoch, "global_step": progress.global_step,
                                 "config": config_to_dict(config)})
-        best = Path(config.output_dir) / "best"
-        if final and config.export_onnx and best.is_dir():
+        if not final:
+            self.best_exported_at = progress.global_step
+        if onnx and best.is_dir():
             add_onnx_to_folder(best)
+
+    def final_from_best(self, folder: Path, best: Path, model: Any, onnx: bool) -> None:
+        """The last epoch was the best: ``best`` (exported at this very step, same weights, metrics and
+        thresholds) is the final model too, so it is copied, not serialised again, and the ONNX file
+        is exported once for both instead of a second time from the reloaded best folder."""
+        import shutil
+
+        from captionkit.core.atomic import atomic_open
+        from captionkit.models.taggers import ONNX_FILE
+        from captionkit.train.checkpoints import write_folder_atomically
+        from captionkit.train.tagger_export import export_onnx
+
+        def build(temp: Path) -> None:
+            for item in best.iterdir():
+                if item.is_file() and not item.name.startswith("."):
+                    shutil.copyfile(item, temp / item.name)
+            if onnx:
+                export_onnx(model, self.preprocessing, temp / ONNX_FILE)
+
+        write_folder_atomically(folder, build)
+        if onnx:
+            with atomic_open(best / ONNX_FILE, "wb", durable=False) as stream, \
+                    (folder / ONNX_FILE).open("rb") as source:
+                shutil.copyfileobj(source, stream)
 
     def state_objects(self) -> dict[str, Any]:
         return {"ema": self.ema} if self.ema is not None else {}

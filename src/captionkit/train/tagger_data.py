@@ -477,7 +477,7 @@ class TaggerDataset:
             _log.warning("skipping a training image: %s", error)
             return None
         # torch's RNG (not Python's) so worker seeds from the epoch generator make it reproducible.
-        if self.hflip and bool(torch.rand(()) < 0.5):
+        if self.hflip and torch.rand(()).item() < 0.5:  # the same draw as a tensor comparison, without one
             from PIL import Image
 
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
