@@ -6,9 +6,6 @@ Two CPU worker processes stand in for two GPUs (``--devices cpu,cpu``).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -16,11 +13,12 @@ import captionkit
 from captionkit.core.errors import CaptionkitError
 from captionkit.models.florence2 import GenerationSettings
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.run_state import ExitOnce, copy_of, state
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
 
-IMAGES = 16
+IMAGES = 8  # two batches of 2 per worker: the second is where ExitOnce ends its worker
 FAST = {"max_new_tokens": 12, "num_beams": 1, "progress": "quiet", "workers": 2}
 
 
@@ -38,11 +36,9 @@ def corpus(tmp_path_factory, tiny_florence):
 def test_two_workers_give_the_local_results_and_one_summary(tmp_path, corpus, tiny_florence):
     source, local = corpus
     folder = copy_of(source, tmp_path / "images")
-    result = subprocess.run(
-        [sys.executable, "-m", "captionkit.cli", "caption", str(folder), "--model", str(tiny_florence),
-         "--num-beams", "1", "--max-new-tokens", "12", "--batch-size", "2", "--workers", "2",
-         "--devices", "cpu,cpu", "--progress", "json"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    # The command line in this process (the worker processes are what --devices is about, not the parent's)
+    result = run_cli("caption", str(folder), "--model", str(tiny_florence), "--num-beams", "1", "--max-new-tokens",
+                     "12", "--batch-size", "2", "--workers", "2", "--devices", "cpu,cpu", "--progress", "json")
     assert result.returncode == 1, result.stderr  # broken.png failed: some failed
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [event["event"] for event in events].count("summary") == 1

@@ -269,9 +269,11 @@ def test_one_model_resident_at_a_time(tmp_path):
     """A two-model pipeline peaks near its larger step, not at the sum of both models."""
     from captionkit.testing.vlms.llava import build_llava
 
-    # bf16 makes each load a real copy in memory (fp32 weights would stay memory-mapped from the files)
-    first = build_llava(tmp_path / "first", hidden=1024, layers=8, seed=1)
-    second = build_llava(tmp_path / "second", hidden=1024, layers=8, seed=2)
+    # bf16 makes each load a real copy in memory (fp32 weights would stay memory-mapped from the files). Two
+    # models of one shape (~56M parameters, ~110 MB in bf16): one of them alone is the reference, so two fresh
+    # processes prove it (a template-only run and the other model alone would add only their imports).
+    first = build_llava(tmp_path / "first", hidden=1024, layers=4, seed=1)
+    second = build_llava(tmp_path / "second", hidden=1024, layers=4, seed=2)
     write_good_images(tmp_path / "images", 2)
 
     def captioner(name, model):
@@ -282,13 +284,13 @@ def test_one_model_resident_at_a_time(tmp_path):
         return _write(tmp_path / f"{name}.yaml", {"input": "images", "base_folder": f"work-{name}",
                                                    "save_folder": f"out-{name}", "steps": steps})
 
-    no_model = _peak_rss_mb(pipeline("none", [{"type": "template", "name": "t", "config": {"template": "x"}}]))
-    only_first = _peak_rss_mb(pipeline("first", [captioner("a", first)]))
-    only_second = _peak_rss_mb(pipeline("second", [captioner("b", second)]))
+    alone = _peak_rss_mb(pipeline("second", [captioner("b", second)]))
     both = _peak_rss_mb(pipeline("both", [captioner("a", first), captioner("b", second)]))
     bf16_mb = sum(path.stat().st_size for path in second.glob("*.safetensors")) / 2 / 2**20  # one model in bf16
-    # measured here: no model 842 MB, either model alone 1015 MB, both 1021 MB; a model kept resident: 1231 MB
-    assert both < max(only_first, only_second) + 0.5 * bf16_mb, (no_model, only_first, only_second, both, bf16_mb)
+    # measured with 8 layers: either model alone 1015 MB, both 1021 MB; a model kept resident: 1231 MB. With 4
+    # layers (bf16_mb 111): alone 746 MB, both 780 MB, and 829 MB with the first model kept resident (unload()
+    # left out of the pipeline: this assertion fails)
+    assert both < alone + 0.5 * bf16_mb, (alone, both, bf16_mb)
 
 
 def test_the_example_pipeline_runs_on_tiny_models(tmp_path, tiny_florence):
