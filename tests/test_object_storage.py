@@ -16,6 +16,7 @@ from captionkit.core.errors import CaptionkitError
 from captionkit.core.store import Store
 from captionkit.testing.s3_server import moto_server
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.run_state import committed as committed_results
 from tests.run_state import wait_while_running
 
@@ -129,8 +130,7 @@ def test_kill_minus_nine_then_rerun_fetches_and_captions_only_the_unfinished(s3,
     process.wait()
     committed = committed_results(out)
     assert 4 <= committed < KILL_IMAGES
-    rerun = subprocess.run([*command, "--progress", "json"], env=_cli_env(), capture_output=True, text=True,
-                           timeout=600)
+    rerun = run_cli(*command[len(CLI):], "--progress", "json", env=_cli_env())  # the kill is the process's part
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["processed"], summary["reused"]) == (KILL_IMAGES - committed, committed)
