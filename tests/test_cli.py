@@ -22,7 +22,7 @@ from tests.run_state import committed as committed_results
 from tests.run_state import wait_while_running
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
-IMAGES = 60  # for the kill/Ctrl-C runs: ~30 batches of 2, far more than the 4-6 committed before the signal
+IMAGES = 24  # for the kill/Ctrl-C runs: 12 batches of 2, twice the 4-6 committed before the signal
 
 
 def _env() -> dict[str, str]:

@@ -230,7 +230,7 @@ def test_truncated_shard_and_corrupt_member_cost_only_themselves(corpus, tiny_fl
 
 @pytest.mark.slow
 def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_florence):
-    per_shard, count = 16, 48
+    per_shard, count = 8, 24
     images = write_shards(tmp_path / "shards", 3, per_shard=per_shard)
     pattern = str(tmp_path / "shards" / "shard-{00000..00002}.tar")
     output = tmp_path / "out"
