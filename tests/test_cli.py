@@ -1,4 +1,7 @@
-"""The command line, run as users run it: in a subprocess, killed, interrupted, offline."""
+"""The command line, run as users run it: in a subprocess, killed, interrupted, offline.
+
+What needs a process of its own (a kill, Ctrl-C, a clean interpreter) runs in one; reruns and output checks
+call the console entry point in this process (tests/in_process.py), which saves an interpreter start each."""
 
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import pytest
 
 from captionkit.core.atomic import TEMP_MARKER
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.run_state import committed as committed_results
 from tests.run_state import wait_while_running
 
 CLI = [sys.executable, "-m", "captionkit.cli"]
-IMAGES = 60  # for the kill/Ctrl-C runs: ~30 batches of 2, far more than the 4-6 committed before the signal
+IMAGES = 24  # for the kill/Ctrl-C runs: 12 batches of 2, twice the 4-6 committed before the signal
 
 
 def _env() -> dict[str, str]:
@@ -57,8 +61,8 @@ def test_kill_minus_nine_then_rerun_captions_each_image_exactly_once(tmp_path, t
     process.wait()
     committed = committed_results(folder)
     assert 6 <= committed < IMAGES
-    rerun = subprocess.run(_caption_command(folder, tiny_florence, "--progress", "json"), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    # the rerun in this process (the kill is what needs a process of its own)
+    rerun = run_cli(*_caption_command(folder, tiny_florence, "--progress", "json")[len(CLI):], env=_env())
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["event"] == "summary"
@@ -80,8 +84,7 @@ def test_ctrl_c_stops_after_the_batch_and_a_rerun_finishes(tmp_path, tiny_floren
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["interrupted"] is True and 0 < summary["processed"] < IMAGES
     assert summary["processed"] == committed_results(folder)
-    rerun = subprocess.run(_caption_command(folder, tiny_florence, "-q"), env=_env(), capture_output=True,
-                           text=True, timeout=600)
+    rerun = run_cli(*_caption_command(folder, tiny_florence, "-q")[len(CLI):], env=_env())
     assert rerun.returncode == 0, rerun.stderr
     _check_complete(folder, IMAGES)
 
@@ -90,16 +93,14 @@ def test_json_progress_and_human_summary(tmp_path, tiny_florence):
     folder = tmp_path / "images"
     write_good_images(folder, 4)
     (folder / "bad.png").write_bytes(b"")
-    result = subprocess.run(_caption_command(folder, tiny_florence, "--progress", "json"), env=_env(),
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli(*_caption_command(folder, tiny_florence, "--progress", "json")[len(CLI):], env=_env())
     assert result.returncode == 1, result.stderr  # bad.png failed: some failed
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[0]["event"] == "start" and events[0]["total"] == 5
     assert any(e["event"] == "progress" and "images_per_s" in e and "eta_s" in e for e in events)
     assert events[-1]["event"] == "summary" and events[-1]["failed"] == 1
     assert "bad.png" in events[-1]["errors"]
-    human = subprocess.run(_caption_command(folder, tiny_florence, "--existing", "overwrite"), env=_env(),
-                           capture_output=True, text=True, timeout=300)
+    human = run_cli(*_caption_command(folder, tiny_florence, "--existing", "overwrite")[len(CLI):], env=_env())
     assert "failed  bad.png" in human.stderr and "images/s" in human.stderr and "model busy" in human.stderr
     assert "Traceback" not in human.stderr
 

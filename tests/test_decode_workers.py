@@ -90,17 +90,15 @@ def test_an_explicit_worker_count_is_kept_exactly(tmp_path):
 def test_the_command_line_measures_decode_workers_unless_told(tmp_path, tiny_florence):
     import json
     import os
-    import subprocess
-    import sys
 
     from tests.images import write_good_images
+    from tests.in_process import run_cli
 
     def summary(folder: str, *extra: str) -> dict:
         write_good_images(tmp_path / folder, 6)
-        done = subprocess.run([sys.executable, "-m", "captionkit.cli", "caption", str(tmp_path / folder), "--model",
-                               str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "2",
-                               "--progress", "json", *extra],
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+        done = run_cli("caption", str(tmp_path / folder), "--model", str(tiny_florence), "--num-beams", "1",
+                       "--max-new-tokens", "4", "--batch-size", "2", "--progress", "json", *extra,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert done.returncode == 0, done.stderr
         return [json.loads(line) for line in done.stdout.splitlines() if '"summary"' in line][-1]
 

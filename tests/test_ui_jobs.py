@@ -327,7 +327,8 @@ def test_stop_button_eta_and_stop_message_follow_the_job(tmp_path, manager):
     status, _, button, message = app.refresh_status()
     assert "ETA 0:03" in status and button["variant"] == "stop" and button["interactive"] is True
     assert message == ""
-    manager.stop()
+    status, _, button, message = app.stop_job()  # the page's Stop button: the panel it shows at once
+    assert 'data-state="stopping"' in status and "Stopping: caption photos" in message
     status, _, button, message = app.refresh_status()
     assert 'data-state="stopping"' in status and "ETA" not in status
     assert "Stopping: caption photos" in message and button["interactive"] is False and button["variant"] != "stop"
@@ -336,6 +337,7 @@ def test_stop_button_eta_and_stop_message_follow_the_job(tmp_path, manager):
     status, _, button, message = app.refresh_status()
     assert 'data-state="stopped"' in status and "4 / 10 images" in status and "ETA" not in status
     assert message == "" and button["interactive"] is False and button["variant"] != "stop"
+    assert "No job is running" in app.stop_job()[3]
 
 
 def test_the_job_summary_names_why_the_circuit_breaker_stopped_the_run():

@@ -21,6 +21,7 @@ import pytest
 import captionkit
 from captionkit.core.store import Store
 from tests.images import jpeg_bytes, noise_image
+from tests.in_process import run_cli
 from tests.run_state import committed as committed_results
 from tests.run_state import wait_while_running
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
@@ -229,7 +230,7 @@ def test_truncated_shard_and_corrupt_member_cost_only_themselves(corpus, tiny_fl
 
 @pytest.mark.slow
 def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_florence):
-    per_shard, count = 16, 48
+    per_shard, count = 8, 24
     images = write_shards(tmp_path / "shards", 3, per_shard=per_shard)
     pattern = str(tmp_path / "shards" / "shard-{00000..00002}.tar")
     output = tmp_path / "out"
@@ -243,8 +244,7 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
     assert per_shard <= committed < count
     finished = (first.stat().st_ino, first.stat().st_mtime_ns)
     written_before = len(list(output.glob("shard-*.tar")))
-    rerun = subprocess.run(_command(pattern, output, tiny_florence, "--progress", "json"), env=_env(),
-                           capture_output=True, text=True, timeout=600)
+    rerun = run_cli(*_command(pattern, output, tiny_florence, "--progress", "json")[len(CLI):], env=_env())
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert (summary["processed"], summary["reused"]) == (count - committed, committed)

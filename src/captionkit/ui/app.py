@@ -206,6 +206,14 @@ class App:
         log_text = "\n".join(snapshot["log"][-400:]) if snapshot else ""
         return status_html(snapshot, resident, queued), log_text, stop_button(job), stop_message(job)
 
+    def stop_job(self):
+        """The Stop button: the panel redrawn at once (the job shown stopping), not at the next timer tick."""
+        job = self.manager.stop()
+        status, log_text, button, message = self.refresh_status()
+        if job is None:
+            return status, log_text, button, message_md("No job is running.")
+        return status, log_text, button, message
+
     # --- caption ------------------------------------------------------------------------------------
     def _caption_values(self, names: list[str], raw: tuple) -> tuple:
         fields = {field.name: field for field in forms.caption_fields()}
@@ -225,22 +233,15 @@ class App:
                 status = gr.HTML(status_html(None), elem_id="job-status")
             with gr.Row():
                 stop = gr.Button("Stop the running job", elem_id="job-stop", scale=0, **STOP_IDLE)
-                stop_message = gr.Markdown(elem_id="job-stop-message")
+                stop_note = gr.Markdown(elem_id="job-stop-message")
             with gr.Accordion("Log", open=False):
                 log_box = gr.Textbox(label="Job log", lines=12, max_lines=12, interactive=False, elem_id="job-log",
                                      autoscroll=True)
             timer = gr.Timer(1.0)
-            panel = [status, log_box, stop, stop_message]
+            panel = [status, log_box, stop, stop_note]
             timer.tick(self.refresh_status, outputs=panel, show_progress="hidden")
             blocks.load(self.refresh_status, outputs=panel, show_progress="hidden")
-
-            def stop_job():
-                job = self.manager.stop()
-                if job is None:
-                    return message_md("No job is running."), stop_button(None)
-                return stop_message(job), stop_button(job)
-
-            stop.click(stop_job, outputs=[stop_message, stop])
+            stop.click(self.stop_job, outputs=panel, show_progress="hidden")
 
             with gr.Tabs():
                 with gr.Tab("Caption", id="caption"):
