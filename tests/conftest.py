@@ -84,11 +84,12 @@ def one_torch_thread():
 # the modules that cost most; every other module is a few seconds (QUICK_MODULE_S). Only the order is drawn
 # from these.
 SLOW_MODULES = {
-    "test_ray_executor.py": 250, "test_train_captioner_learning.py": 80, "test_examples.py": 40,
-    "test_pipeline.py": 30, "test_docs.py": 30, "test_cli.py": 25, "test_ui_browser.py": 25,
-    "test_train_tagger_run.py": 25, "test_train_captioner.py": 25, "test_devices_executor.py": 20,
+    "test_ray_executor.py": 200, "test_train_captioner_learning.py": 35, "test_examples.py": 40,
+    "test_pipeline.py": 25, "test_docs.py": 25, "test_cli.py": 12, "test_ui_browser.py": 25,
+    "test_train_tagger_run.py": 20, "test_train_captioner.py": 15, "test_devices_executor.py": 12,
     "test_exit_codes.py": 15, "test_ui_jobs.py": 15, "test_pipeline_dataflow_gen.py": 13, "test_vlm_lifecycle.py": 12,
-    "test_transformers_serve.py": 50, "test_train_feature_cache.py": 25, "test_webdataset_storage.py": 40,
+    "test_transformers_serve.py": 40, "test_train_feature_cache.py": 20, "test_webdataset_storage.py": 40,
+    "test_environment.py": 25, "test_webdataset.py": 20, "test_object_storage.py": 20,
 }
 QUICK_MODULE_S = 5
 
