@@ -191,14 +191,35 @@ def stored_texts(settings: dict[str, Any] | None, raw: Any) -> list[str]:
 
 
 def free_accelerator_memory() -> None:
-    """Collect garbage and return cached GPU memory to the driver (after unload or out-of-memory).
+    """Collect garbage, give freed heap memory back to the system and cached GPU memory to the driver
+    (after unload or out-of-memory).
 
-    Only when torch is already imported: a backend that never loaded it has nothing to free.
+    glibc keeps freed blocks in its heap (its mmap threshold grows after large frees, so a model's
+    tensors often come from the heap): without ``malloc_trim`` the next model of a pipeline is loaded
+    beside the dead one's pages, and the process peaks at both. Only when torch is already imported:
+    a backend that never loaded it has nothing on a GPU to free.
     """
     import gc
     import sys
 
     gc.collect()
+    _trim_heap()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _trim_heap() -> None:
+    """``malloc_trim(0)`` where the C library is glibc (Linux); elsewhere nothing."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return
+    trim(0)
