@@ -74,6 +74,18 @@ def image_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def copy_with_scaled_weight(model: Path, folder: Path, part: str) -> Path:
+    """A copy of ``model`` whose first weight matrix under ``part`` is scaled by 1.01."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(key for key in weights if part in key and key.endswith("weight"))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 @pytest.fixture()
 def small_data(tmp_path) -> Path:
     folder = tmp_path / "small"
@@ -125,14 +137,7 @@ def test_changed_image_or_model_recomputes_its_entries(base_model, small_data, t
     assert not torch.allclose(read_entry(new_path), old)
     assert len(entries(cache)) == 9  # the old image's entry is kept under its own content key
 
-    changed_vision = tmp_path / "changed-vision"
-    shutil.copytree(base_model, changed_vision)
-    from safetensors.torch import load_file, save_file
-
-    weights = load_file(changed_vision / "model.safetensors")
-    name = next(key for key in weights if "vision_tower" in key and key.endswith("weight"))
-    weights[name] = weights[name] * 1.01
-    save_file(weights, changed_vision / "model.safetensors", metadata={"format": "pt"})
+    changed_vision = copy_with_scaled_weight(base_model, tmp_path / "changed-vision", "vision_tower")
     assert run("changed-vision", changed_vision) == ({"from_cache": 0, "computed": 8}, 2)
 
     changed_preprocessing = tmp_path / "changed-preprocessing"
@@ -143,12 +148,7 @@ def test_changed_image_or_model_recomputes_its_entries(base_model, small_data, t
     config_file.write_text(json.dumps(settings))
     assert run("changed-preprocessing", changed_preprocessing) == ({"from_cache": 0, "computed": 8}, 2)
 
-    changed_language = tmp_path / "changed-language"
-    shutil.copytree(base_model, changed_language)
-    weights = load_file(changed_language / "model.safetensors")
-    name = next(key for key in weights if "language_model" in key and key.endswith("weight"))
-    weights[name] = weights[name] * 1.01
-    save_file(weights, changed_language / "model.safetensors", metadata={"format": "pt"})
+    changed_language = copy_with_scaled_weight(base_model, tmp_path / "changed-language", "language_model")
     assert run("changed-language", changed_language) == ({"from_cache": 8, "computed": 0}, 0)  # same features
     assert len([folder for folder in cache.iterdir() if folder.is_dir()]) == 3
 

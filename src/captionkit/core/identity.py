@@ -121,6 +121,21 @@ def file_digest(path: Path) -> str:
     return digest
 
 
+def update_with_tensors(digest: Any, named_tensors: Iterable[tuple[str, Any]]) -> None:
+    """Feed each tensor's name, dtype, shape and bytes into ``digest``, in name order.
+
+    Why tensors in memory and not the model's files: a feature cache must follow the weights
+    actually loaded (a resumed fine-tune reads them from a checkpoint folder, not the model folder).
+    """
+    import torch
+
+    for name, tensor in sorted(named_tensors, key=lambda pair: pair[0]):
+        value = tensor.detach().to("cpu").contiguous()
+        digest.update(f"\n{name}:{value.dtype}:{tuple(value.shape)}\n".encode())
+        if value.numel():
+            digest.update(memoryview(value.reshape(-1).view(torch.uint8).numpy()))
+
+
 def model_files(folder: Path, subfolders: Iterable[str] = (), names: Iterable[str] | None = None) -> list[Path]:
     """The files of a model folder that decide its output: top level, plus the named subfolders' top level.
 

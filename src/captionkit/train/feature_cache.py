@@ -113,8 +113,9 @@ def vision_fingerprint(model: Any, processor: Any, mixed_precision: str) -> str:
     Why hash the tensors in memory rather than the model folder (core.identity): a full
     fine-tune resumes from its checkpoint folder, whose vision tower is unchanged.
     """
-    import torch
     import transformers
+
+    from captionkit.core.identity import update_with_tensors
 
     inner = florence_inner(model)
     digest = hashlib.sha256()
@@ -126,10 +127,7 @@ def vision_fingerprint(model: Any, processor: Any, mixed_precision: str) -> str:
         "vision_config": _settings_of(inner.config.vision_config),
     }
     digest.update(json.dumps(described, sort_keys=True, default=str).encode("utf-8"))
-    for name, tensor in sorted(inner.vision_tower.state_dict().items()):
-        digest.update(f"\n{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(memoryview(flat.view(torch.uint8).numpy()))
+    update_with_tensors(digest, inner.vision_tower.state_dict().items())
     return digest.hexdigest()
 
 

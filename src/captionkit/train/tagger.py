@@ -43,6 +43,7 @@ A config (every key but ``output_dir`` and ``data.train_dirs`` has a default)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -867,7 +868,7 @@ class _TaggerTask(TrainingTask):
             features, available, stats = fill_cache(cache, model, paths, views, preprocessing, self.accelerator,
                                                     config.eval_batch_size or config.batch_size,
                                                     config.data.num_workers)
-            self.cache_stats[part] = stats.as_dict()
+            self.cache_stats[part] = dataclasses.asdict(stats)
             _log.info("feature cache %s (%s): %d reused, %d computed, %d unreadable entries replaced", cache.folder,
                       part, stats.reused, stats.computed, stats.corrupt)
             sets.append(CachedFeatureDataset(features, available, labels, dataset.num_tags,

@@ -130,19 +130,13 @@ def check_split(model: Any, size: tuple[int, int]) -> None:
 
 def backbone_fingerprint(model: Any, description: dict[str, Any]) -> str:
     """SHA-256 over ``description`` and every backbone tensor (weights and buffers, not the classifier)."""
-    import torch
-
+    from captionkit.core.identity import update_with_tensors
     from captionkit.train.tagger_export import classifier_name
 
     head = classifier_name(model) + "."
     digest = hashlib.sha256(json.dumps({**description, "version": FEATURE_VERSION}, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        if name.startswith(head):
-            continue
-        value = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{value.dtype}|{tuple(value.shape)}".encode())
-        if value.numel():
-            digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    update_with_tensors(digest, ((name, tensor) for name, tensor in model.state_dict().items()
+                                 if not name.startswith(head)))
     return digest.hexdigest()
 
 
@@ -158,9 +152,6 @@ class CacheStats:
     corrupt: int = 0
     unreadable_images: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {"reused": self.reused, "computed": self.computed, "corrupt": self.corrupt,
-                "unreadable_images": self.unreadable_images}
 
 
 @dataclass
