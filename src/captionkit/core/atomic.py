@@ -103,9 +103,20 @@ def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None
     atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
+def _json_text(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n"
+
+
 def atomic_write_json(path: str | Path, value: Any) -> None:
     """Write JSON atomically (pretty-printed, UTF-8)."""
-    atomic_write_text(path, json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n")
+    atomic_write_text(path, _json_text(value))
+
+
+def write_staged_json(path: str | Path, value: Any) -> None:
+    """JSON as :func:`atomic_write_json` formats it, written plainly, for a file inside a temp folder that
+    appears whole by one rename (an export, a checkpoint): a per-file temp, rename and fsync (a millisecond
+    or more each, every epoch) would protect nothing more."""
+    Path(path).write_text(_json_text(value), encoding="utf-8")
 
 
 def atomic_write_lines(path: str | Path, lines: Iterable[str]) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+from captionkit.core.atomic import write_staged_json
 from captionkit.core.errors import NothingSucceededError
 from captionkit.train.checkpoints import (
     CheckpointManager,
@@ -268,10 +269,8 @@ class _Loop:
         for name, item in self.task.state_objects().items():
             torch.save(item.state_dict(), state_dir / f"{name}.pt")
         torch.save(_rng_state(), state_dir / "rng.pt")
-        # a plain write: ``folder`` is a temp folder that appears whole by one rename (no per-file fsync)
-        (folder / self.settings.state_file).write_text(json.dumps(
-            {**dataclasses.asdict(self.progress), **self.task.checkpoint_info(self.last_row)}, indent=2,
-            ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+        write_staged_json(folder / self.settings.state_file,
+                          {**dataclasses.asdict(self.progress), **self.task.checkpoint_info(self.last_row)})
 
     def checkpoint_tag(self) -> str:
         if self.settings.checkpoint_names == "epoch":

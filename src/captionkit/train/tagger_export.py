@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from captionkit.core.atomic import write_staged_json
 from captionkit.core.tagging import category_name
 from captionkit.models.taggers import (
     CONFIG_FILE,
@@ -149,13 +150,6 @@ def _onnx_export(torch: Any, wrapper: Any, example: Any, temp: Path, batch: Any,
     )
 
 
-def write_json(path: Path, value: Any) -> None:
-    """JSON as ``atomic_write_json`` formats it, written plainly: the files of an export or checkpoint go
-    into a temp folder that appears whole by one rename, so a per-file temp, rename and fsync
-    (a millisecond or more each, every epoch) would protect nothing more."""
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-
-
 def export_tagger(
     model: Any,
     destination: str | Path,
@@ -186,11 +180,11 @@ def export_tagger(
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
         extra = {"metrics": metrics or {}, "training": training or {}}
-        write_json(temp / CONFIG_FILE, model_config(model, architecture, model_args, preprocessing, extra))
+        write_staged_json(temp / CONFIG_FILE, model_config(model, architecture, model_args, preprocessing, extra))
         per_tag = None if per_tag_thresholds is None else [float(v) for v in per_tag_thresholds]
         (temp / TAGS_FILE).write_bytes(vocabulary.to_csv(per_tag).encode("utf-8"))
         categories = sorted({category_name(c) for c in vocabulary.categories} | {"general", "character"})
-        write_json(
+        write_staged_json(
             temp / THRESHOLDS_FILE,
             {
                 "categories": {name: float(threshold) for name in categories},
@@ -198,7 +192,7 @@ def export_tagger(
                 "per_tag_source": "F1-optimal on the validation split" if per_tag is not None else None,
             },
         )
-        write_json(temp / PREPROCESS_FILE, preprocessing.to_dict())
+        write_staged_json(temp / PREPROCESS_FILE, preprocessing.to_dict())
         if onnx:
             export_onnx(model, preprocessing, temp / ONNX_FILE)
 
