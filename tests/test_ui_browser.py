@@ -90,7 +90,15 @@ def open_page(browser, url):
 
 
 def open_accordion(page, title: str) -> None:
-    page.get_by_role("button", name=re.compile(rf"^{re.escape(title)}")).first.click()
+    """Open it and wait until its content is mounted: Gradio renders an accordion's fields on its first opening,
+    and a value typed into a field before its mount has finished is reset to the field's initial value (seen
+    once in a whole-suite run: a typed max_new_tokens read back empty). Two animation frames after the fields
+    exist, the mount has run."""
+    button = page.get_by_role("button", name=re.compile(rf"^{re.escape(title)}")).first
+    button.click()
+    page.wait_for_function("""button => { const box = button.closest('.block') || button.parentElement;
+        return box && box.querySelector('input, textarea, select') !== null }""", arg=button.element_handle())
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
 
 
 def wait_for_next_job(page, previous: str | None, state: str = "done") -> str:
