@@ -68,7 +68,7 @@ def test_decode_workers_follow_the_measured_rates():
 
 def test_decode_workers_stay_within_the_limit_and_grow_when_the_model_waits():
     capped = DecodeWorkerTuner(limit=2, apply=lambda workers: None)
-    _feed(capped, decode_s_per_image=0.5, model_s_per_image=0.001)
+    _feed(capped, decode_s_per_image=0.5, model_s_per_image=0.001, batches=200)
     assert capped.done and capped.current == 2
     waiting = DecodeWorkerTuner(limit=16, apply=lambda workers: None, start=3)
     applied = _feed(waiting, decode_s_per_image=0.010, model_s_per_image=0.010, starved=True, batches=5)
@@ -104,3 +104,12 @@ def test_decode_workers_ignore_batches_decoded_at_another_count():
     for _ in range(10):
         tuner.after_batch(8, 1.0, 1.0, 0.001, 0.0, {2, 4})
     assert not tuner.done and tuner.current == 4
+
+
+def test_a_fast_model_is_measured_for_half_a_second_not_two_batches():
+    """Two batches of a 1 ms-per-image model last 16 ms: too short to tell two worker counts apart."""
+    tuner = DecodeWorkerTuner(limit=16, apply=lambda workers: None, start=4)
+    applied = _feed(tuner, decode_s_per_image=0.010, model_s_per_image=0.001, batches=20)
+    assert applied == []  # 19 measured batches: 0.15 s, still measuring the first setting
+    applied = _feed(tuner, decode_s_per_image=0.010, model_s_per_image=0.001, batches=60)
+    assert applied[:1] == [13]  # then the formula's count: 10 ms / 1 ms x 1.25, capped at the limit

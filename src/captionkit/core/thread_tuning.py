@@ -89,6 +89,7 @@ class ThreadTuner:
 # ------------------------------------------------------------------------------ decode workers
 HEADROOM = 1.25  # decode capacity kept above the model's rate: image sizes vary, cores get preempted
 WINDOW = 2  # measured batches per setting (only batches decoded entirely at that setting count)
+MIN_WINDOW_S = 0.5  # and at least this much wall time: a fast model's two batches (~0.1 s) are mostly noise
 MAX_ROUNDS = 5  # settings tried before the best measured one is kept
 STARVED_SHARE = 0.05  # the model waited this share of the wall time for decoded images: one more worker
 FIRST_GUESS = 4  # until measured: the old fixed default
@@ -121,9 +122,10 @@ class DecodeWorkerTuner:
     Why: too few starve the model; too many take cores and the GIL from the model's own Python
     loop (on an H200, 12 decode threads gave 105.8 img/s where 4 gave 127.8). The count that
     keeps the model fed is ``ceil(decode seconds per image per worker / model seconds per image x
-    HEADROOM)``. Batch 0 warms up; each setting is then measured over ``WINDOW`` batches whose
-    images were all decoded at that setting (the prefetched ones are not), a new count is applied
-    and measured again, until the count stays (or ``MAX_ROUNDS``, then the best measured rate wins).
+    HEADROOM)``. Batch 0 warms up; each setting is then measured over ``WINDOW`` batches (and at least
+    ``MIN_WINDOW_S`` seconds) whose images were all decoded at that setting (the prefetched ones are
+    not), a new count is applied and measured again, until the count stays (or ``MAX_ROUNDS``, then the
+    best measured rate wins).
     A model that waited for decoded images while the formula says enough gets one worker more.
     Once the count stays, one worker fewer is measured too and kept when it is faster by more than
     ``SAME_RATE``: on a CPU the decode threads share cores with the model (measured here at 64 px:
@@ -149,7 +151,7 @@ class DecodeWorkerTuner:
         if self.done or images == 0 or self.batch == 1 or decoded_at != {self.current}:
             return
         self.window.append((images, wall_s, model_s, decode_s, waited_s))
-        if len(self.window) < WINDOW:
+        if len(self.window) < WINDOW or sum(batch[1] for batch in self.window) < MIN_WINDOW_S:
             return
         count, wall, model, decode, waited = (sum(values) for values in zip(*self.window, strict=True))
         self.window = []
