@@ -54,12 +54,50 @@ def hub_cache(tmp_path_factory, tiny_florence) -> Path:
     return base / "hub"
 
 
-def _captionkit(args: list[str], cwd: Path, hub: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`captionkit ARGS` in a fresh interpreter (nothing repaired or imported beforehand), umask 022."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub), "PYTHONPATH": str(ROOT / "src")}
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory, hub_cache) -> dict:
+    """Every shipped example command, run as written by the CLI's own ``main`` in one fresh interpreter (nothing
+    repaired or imported beforehand; umask 022), each in its own folder: the pipeline's --dry-run first, so its
+    filter step's open_clip is the first to import torchvision. One process, as tests/test_docs.py does: the
+    interpreter's start and imports are paid once, not six times. Returns each command's folder and result."""
+    from captionkit.train.tagger_synthetic import write_selected_tags, write_shapes_dataset
+    from tests.test_docs import _DRIVER
+
+    base = tmp_path_factory.mktemp("examples-run")
+    folders = {name: base / name for name in ("pipeline", "captioner", "tagger")}
+    for folder in folders.values():
+        shutil.copytree(EXAMPLES, folder / "examples")
+    write_good_images(folders["pipeline"] / "examples" / "datasets" / "my-images", 3)
+    images = write_good_images(folders["captioner"] / "datasets" / "my-images", 4)  # the config's path, from the
+    for number, image in enumerate(images):  # working folder
+        image.with_suffix(".txt").write_text(f"a photo of thing number {number}")
+    write_shapes_dataset(folders["tagger"] / "datasets" / "danbooru" / "images", 24)
+    write_selected_tags(folders["tagger"] / "datasets" / "danbooru" / "selected_tags.csv")
+    commands = {
+        "pipeline plan": ("pipeline", ["run", "examples/pipeline.yaml", "--dry-run"]),
+        "pipeline run": ("pipeline", ["run", "examples/pipeline.yaml", "--quiet"]),
+        "pipeline rerun": ("pipeline", ["run", "examples/pipeline.yaml", "--quiet"]),
+        "captioner": ("captioner", ["train", "captioner", "--config", "examples/captioner.yaml", "--set",
+                                    "save_every_steps=2"]),
+        "merge": ("captioner", ["merge-lora", "--adapter", "runs/florence-lora/final", "-o", "merged"]),
+        # examples/tagger.yaml with only what needs the hub or hours changed (backbone, image size, epochs)
+        "tagger": ("tagger", ["train", "tagger", "--config", "examples/tagger.yaml",
+                              "--set", "model.backbone=test_convnext", "--set", "model.pretrained=none",
+                              "--set", "model.image_size=32", "--set", "epochs=1", "--set", "batch_size=8"]),
+    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hub_cache), "PYTHONPATH": str(ROOT / "src")}
     env.pop("HF_HOME", None)
-    return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=lambda: os.umask(0o022))
+    jobs = [(str(folders[place]), words) for place, words in commands.values()]
+    done = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(jobs), capture_output=True, text=True,
+                          env=env, timeout=900, preexec_fn=lambda: os.umask(0o022))
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(jobs), done.stderr[-3000:]
+    return {"folders": folders, **dict(zip(commands, results, strict=True))}
+
+
+def _ok(result: dict) -> bool:
+    return result["code"] == 0 and "Traceback" not in result["stderr"]
 
 
 def _modes_not_plain(folder: Path) -> list[str]:
@@ -74,59 +112,42 @@ def _modes_not_plain(folder: Path) -> list[str]:
     return wrong
 
 
-def test_the_example_pipeline_runs_as_written_in_a_fresh_process(tmp_path, hub_cache):
+def test_the_example_pipeline_runs_as_written_in_a_fresh_process(example_runs):
     """examples/pipeline.yaml unchanged (its hub ids served by tiny models): --dry-run, then the run, then a rerun.
 
     A fresh process matters: the filter step imports open_clip, which imports torchvision before anything
     else did; the torchvision repair must cover that path too."""
-    shutil.copytree(EXAMPLES, tmp_path / "examples")
-    write_good_images(tmp_path / "examples" / "datasets" / "my-images", 3)
-    plan = _captionkit(["run", "examples/pipeline.yaml", "--dry-run"], tmp_path, hub_cache)
-    assert plan.returncode == 0 and "Traceback" not in plan.stderr, plan.stderr[-3000:]
-    assert plan.stderr.count("3 records") == 7, plan.stderr
-    first = _captionkit(["run", "examples/pipeline.yaml", "--quiet"], tmp_path, hub_cache)
-    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr[-3000:]
-    assert "0 failed of 3" in first.stderr and " 1 failed" not in first.stderr, first.stderr
-    output = tmp_path / "examples" / "runs" / "pipeline-output"
+    plan, first, again = (example_runs[name] for name in ("pipeline plan", "pipeline run", "pipeline rerun"))
+    assert _ok(plan), plan["stderr"][-3000:]
+    assert plan["stderr"].count("3 records") == 7, plan["stderr"]
+    assert _ok(first), first["stderr"][-3000:]
+    assert "0 failed of 3" in first["stderr"] and " 1 failed" not in first["stderr"], first["stderr"]
+    output = example_runs["folders"]["pipeline"] / "examples" / "runs" / "pipeline-output"
     assert (output / "result.jsonl").is_file() and (output / "imagefolder" / "metadata.jsonl").is_file()
-    again = _captionkit(["run", "examples/pipeline.yaml", "--quiet"], tmp_path, hub_cache)
-    assert again.returncode == 0 and "0 done, 3 already done" in again.stderr, again.stderr
+    assert _ok(again) and "0 done, 3 already done" in again["stderr"], again["stderr"]
 
 
 @pytest.mark.slow
-def test_the_example_captioner_trains_as_written_and_its_files_are_readable(tmp_path, hub_cache):
+def test_the_example_captioner_trains_as_written_and_its_files_are_readable(example_runs):
     """examples/captioner.yaml unchanged (the base model served by a tiny Florence-2): a LoRA run, then
     merge-lora. Every file gets the mode a plain open() gives under umask 022 (safetensors writes 0600)."""
-    shutil.copytree(EXAMPLES, tmp_path / "examples")
-    images = write_good_images(tmp_path / "datasets" / "my-images", 4)  # the config's path, from the working folder
-    for number, image in enumerate(images):
-        image.with_suffix(".txt").write_text(f"a photo of thing number {number}")
-    trained = _captionkit(["train", "captioner", "--config", "examples/captioner.yaml", "--set",
-                           "save_every_steps=2"], tmp_path, hub_cache)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run = tmp_path / "runs" / "florence-lora"
+    trained, merged = example_runs["captioner"], example_runs["merge"]
+    assert _ok(trained), trained["stderr"][-3000:]
+    folder = example_runs["folders"]["captioner"]
+    run = folder / "runs" / "florence-lora"
     assert (run / "final" / "adapter_model.safetensors").is_file() and list((run / "checkpoints").iterdir())
-    merged = _captionkit(["merge-lora", "--adapter", "runs/florence-lora/final", "-o", "merged"], tmp_path, hub_cache)
-    assert merged.returncode == 0, merged.stderr[-3000:]
-    assert list((tmp_path / "merged").glob("*.safetensors"))
-    assert _modes_not_plain(run) == [] and _modes_not_plain(tmp_path / "merged") == []
+    assert _ok(merged), merged["stderr"][-3000:]
+    assert list((folder / "merged").glob("*.safetensors"))
+    assert _modes_not_plain(run) == [] and _modes_not_plain(folder / "merged") == []
 
 
 @pytest.mark.slow
-def test_the_example_tagger_config_trains_with_a_local_backbone(tmp_path, hub_cache):
+def test_the_example_tagger_config_trains_with_a_local_backbone(example_runs):
     """examples/tagger.yaml with only what needs the hub or hours changed (backbone, image size, epochs).
     Its output tree (best/ final/ last/ checkpoints/) is readable like any file the user writes."""
-    from captionkit.train.tagger_synthetic import write_selected_tags, write_shapes_dataset
-
-    shutil.copytree(EXAMPLES, tmp_path / "examples")
-    write_shapes_dataset(tmp_path / "datasets" / "danbooru" / "images", 24)
-    write_selected_tags(tmp_path / "datasets" / "danbooru" / "selected_tags.csv")
-    trained = _captionkit(["train", "tagger", "--config", "examples/tagger.yaml",
-                           "--set", "model.backbone=test_convnext", "--set", "model.pretrained=none",
-                           "--set", "model.image_size=32", "--set", "epochs=2",
-                           "--set", "batch_size=8"], tmp_path, hub_cache)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run = tmp_path / "runs" / "tagger"
+    trained = example_runs["tagger"]
+    assert _ok(trained), trained["stderr"][-3000:]
+    run = example_runs["folders"]["tagger"] / "runs" / "tagger"
     assert {"best", "final", "last", "checkpoints"} <= {path.name for path in run.iterdir()}
     assert (run / "best" / "model.safetensors").is_file() and (run / "best" / "model.onnx").is_file()
     assert _modes_not_plain(run) == []
