@@ -6,12 +6,15 @@ Two CPU worker processes stand in for two GPUs (``--devices cpu,cpu``).
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
 
 import pytest
 
 import captionkit
 from captionkit.core.errors import CaptionkitError
-from captionkit.models.florence2 import GenerationSettings
+from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
 from tests.in_process import run_cli
 from tests.run_state import ExitOnce, copy_of, state
@@ -62,6 +65,33 @@ def test_a_dead_worker_is_started_again_and_every_image_saved_once(tmp_path, cor
     assert (summary.processed, summary.failed) == (IMAGES, 1)
     assert [event for event in events if event["event"] == "progress"][-1]["done"] == IMAGES
     assert state(folder) == state(local)
+
+
+class NotesImports(Florence2Captioner):
+    """Each worker writes which heavy packages its process had imported when its model load began."""
+
+    def __init__(self, folder: Path, **options) -> None:
+        super().__init__(**options)
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        imported = [name for name in ("torch", "transformers", "torchvision") if name in sys.modules]
+        Path(self.folder, str(os.getpid())).write_text(json.dumps(imported))
+        super().load()
+
+
+def test_workers_start_at_the_model_load_not_at_import_torch(tmp_path, tiny_florence):
+    """Workers are forked from a server that imported torch, transformers and torchvision once; a spawned worker
+    imports them itself (3-4 s of CPU each, again for every restart)."""
+    write_good_images(tmp_path / "images", 4)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    captioner = NotesImports(notes, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=4,
+                                                                                            num_beams=1))
+    summary = captionkit.caption(tmp_path / "images", captioner=captioner, batch_size=2, devices=["cpu", "cpu"],
+                                 workers=1, progress="quiet")
+    assert summary.processed == 4
+    assert [json.loads(path.read_text()) for path in notes.iterdir()] == [["torch", "transformers", "torchvision"]] * 2
 
 
 def test_device_options_are_checked_before_anything_runs(tmp_path, tiny_florence):

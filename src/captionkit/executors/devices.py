@@ -1,6 +1,7 @@
 """``--devices cuda:0,cuda:1``: every GPU of one machine, without Ray.
 
-One worker process per device (started with ``spawn``, so each initialises its own CUDA)
+One worker process per device (forked from a server process that imported torch and transformers
+once, see :func:`worker_context`; never forked from this process, so each initialises its own CUDA)
 runs the local executor's loop (decode threads → batches → out-of-memory halving and
 bisecting of failing batches) over its own shard of the records, and sends each batch's
 raw results back through a pipe. This process is the only writer: it commits each batch
@@ -37,6 +38,27 @@ from captionkit.steps.base import Prepared, Step
 log = logging.getLogger(__name__)
 LOST = ("lost: the worker on {device} died {times} times before finishing it; it is tried again on the "
         "next run")
+
+
+PRELOAD = "captionkit.executors.worker_preload"
+
+
+def worker_context() -> Any:
+    """``forkserver`` with :mod:`~captionkit.executors.worker_preload` where the platform has it, else ``spawn``.
+
+    A forked CUDA process cannot use the GPU, so workers are never forked from this process; the
+    server is a fresh interpreter that imports the heavy packages once (without touching CUDA) and
+    forks each worker from there: a worker, or a restarted one, starts at its model load instead of
+    at ``import torch``. The server is started on the first run and serves every later one of this
+    process (it keeps the environment variables of that moment, as a spawned worker keeps its own).
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows; macOS has it
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([PRELOAD])  # read when the server starts; once it runs, a no-op
+    return context
 
 
 def _worker_main(blob: bytes, device: str, records: list[Record], connection: Any, stop: Any, workers: int | None,
@@ -123,9 +145,7 @@ class DeviceExecutor(LocalExecutor):
     def _execute(self, step: Step, todo: list[Record], store: Store, sink: SidecarSink | None,
                  summary: RunSummary, settings: dict, step_fingerprint: str,
                  signatures: dict[str, str | None]) -> None:
-        import multiprocessing
-
-        context = multiprocessing.get_context("spawn")  # CUDA cannot be forked; each worker starts clean
+        context = worker_context()
         blob = portable(step)  # after classify: the per-image prompts it filled travel with it
         count = len(self.devices)
         on_cpu = sum(device == "cpu" for device in self.devices)
@@ -189,7 +209,7 @@ class DeviceExecutor(LocalExecutor):
                                 failure = (f"the worker process for {worker.device} exited (code "
                                            f"{worker.process.exitcode}) before its model loaded; its own "
                                            "error is above. From a Python script, start the run under "
-                                           "`if __name__ == \"__main__\":` (workers are started with spawn).")
+                                           "`if __name__ == \"__main__\":` (workers are started in fresh processes).")
                             if stop_event.is_set() or failure is not None:
                                 worker.finished = True
                             elif worker.deaths <= self.restarts and worker.remaining():
