@@ -323,7 +323,8 @@ def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser,
     console = tmp_path / "console.txt"
     with console.open("w") as stream:  # started first: the images are written while it imports Gradio
         process = subprocess.Popen([sys.executable, "-m", "captionkit.cli", "ui", "--port", str(port)],
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"},
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                                        "PYTHONFAULTHANDLER": "1"},
                                    stdout=stream, stderr=subprocess.STDOUT)
     try:
         photos = tmp_path / "many-photos"
@@ -351,7 +352,13 @@ def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser,
             time.sleep(0.02)
         process.send_signal(signal.SIGINT)  # the page stays open
         at_signal = committed(photos, step="caption", status=None)
-        assert process.wait(240) == 0, console.read_text()  # a hang guard: minutes on a busy machine (load 40)
+        try:
+            code = process.wait(240)  # a hang guard: minutes on a busy machine (load 40)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)  # PYTHONFAULTHANDLER: every thread's stack into the console
+            process.wait(30)
+            pytest.fail("the UI did not exit within 240 s of Ctrl-C:\n" + console.read_text()[-6000:])
+        assert code == 0, console.read_text()
     finally:
         if process.poll() is None:
             process.kill()
