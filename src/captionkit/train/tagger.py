@@ -768,6 +768,9 @@ class _TaggerTask(TrainingTask):
         self.net = accelerator.unwrap_model(model)
         self.frozen = False  # this epoch trains only the head
         self.cached_sets: tuple[Any, Any] | None = None  # (train, validation) features, once prepared
+        #: (the module that computed them, [(pooled features, targets) per batch]) of the validation images
+        #: while the backbone is frozen; dropped when it is unfrozen
+        self.frozen_validation: tuple[Any, list[tuple[Any, Any]]] | None = None
         self.cache_stats: dict[str, dict[str, int]] = {}
         self.split_checked = False
         self.best_exported_at = -1  # the step of the last export to OUTPUT/best in this process
@@ -825,6 +828,8 @@ class _TaggerTask(TrainingTask):
         elif self.frozen and not frozen:
             _log.info("backbone unfrozen: training the whole model from here on")
         self.frozen = frozen
+        if not frozen:
+            self.frozen_validation = None  # the backbone trains from here on: its features change
         if set_channels_last(model, frozen) and self.ema is not None:
             self.ema.pairs = None  # the moved weights are new tensors: the EMA gathers them again
         if not frozen:
@@ -911,11 +916,13 @@ class _TaggerTask(TrainingTask):
         eval_model = self.ema.module if self.ema is not None else model
         eval_model.eval()
         val_set, forward = self.val_set, eval_model
-        if self.frozen and config.model.cache_features:  # the backbone is the frozen one: its features are cached
+        head = self.ema.module if self.ema is not None else self.net
+        if self.frozen:  # only the classifier changes: the frozen backbone's features are cached or kept
             from captionkit.train.tagger_features import head_logits
 
-            head = self.ema.module if self.ema is not None else self.net
-            val_set, forward = self.cached()[1], lambda features: head_logits(head, features, 0.0, training=False)
+            forward = lambda features: head_logits(head, features, 0.0, training=False).float()  # noqa: E731
+            if config.model.cache_features:
+                val_set = self.cached()[1]
         loader = torch.utils.data.DataLoader(
             val_set, batch_size=config.eval_batch_size or config.batch_size,
             sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
@@ -923,9 +930,11 @@ class _TaggerTask(TrainingTask):
             num_workers=self.workers_for(val_set), collate_fn=getattr(val_set, "collate", collate_skipping_failures),
             generator=torch.Generator().manual_seed(config.seed),
         )
+        uncached = self.frozen and not config.model.cache_features
+        batches = self.validation_features(head, loader) if uncached else loader
         all_scores, all_targets, losses = [], [], []
         with torch.inference_mode():
-            for batch in loader:
+            for batch in batches:
                 if batch is None:
                     continue
                 images, targets = to_device(batch, accelerator.device)
@@ -945,6 +954,34 @@ class _TaggerTask(TrainingTask):
         totals = accelerator.gather(torch.stack(losses)).reshape(-1, 2).sum(dim=0)
         values["val_loss"] = float((totals[0] / totals[1]).item())
         return values
+
+    def validation_features(self, module: Any, loader: Any) -> list[tuple[Any, Any]]:
+        """The frozen backbone's pooled features of the validation batches, with their targets.
+
+        Why: while the backbone is frozen (in eval mode) these are the same at every evaluation;
+        only the classifier changes. They are computed at the first evaluation of the frozen
+        phase, kept in memory on the device (validation images × feature width), and later
+        evaluations run only the classifier on them: the same batches and the same operations
+        as the whole model's forward, so the same logits, without decoding the images and
+        running the backbone again every epoch. ``model.cache_features`` keeps features on
+        disk instead (and for the training images too).
+        """
+        import torch
+
+        from captionkit.train.tagger_features import pooled_features
+
+        if self.frozen_validation is not None and self.frozen_validation[0] is module:
+            return self.frozen_validation[1]
+        accelerator, kept = self.accelerator, []
+        with torch.inference_mode():
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, targets = to_device(batch, accelerator.device)
+                with accelerator.autocast():
+                    kept.append((pooled_features(module, images), targets))
+        self.frozen_validation = (module, kept)
+        return kept
 
     def save_model(self, folder: Path) -> None:
         from safetensors.torch import save_file
