@@ -774,6 +774,8 @@ class _TaggerTask(TrainingTask):
         self.cache_stats: dict[str, dict[str, int]] = {}
         self.split_checked = False
         self.best_exported_at = -1  # the step of the last export to OUTPUT/best in this process
+        self.step = 0  # the optimizer steps taken so far
+        self.saved_at = -1  # the step of the last checkpoint's weights written in this process
 
     def begin(self, log_file: Path) -> None:
         output = Path(self.config.output_dir)
@@ -903,6 +905,7 @@ class _TaggerTask(TrainingTask):
         return BatchLoss(loss, loss.detach() * count, count, count)
 
     def after_step(self, step: int) -> None:
+        self.step = step
         if self.ema is not None:
             self.ema.update(self.net, step=step)
 
@@ -986,9 +989,17 @@ class _TaggerTask(TrainingTask):
     def save_model(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        state = self.accelerator.unwrap_model(self.model).state_dict()
-        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        from captionkit.train.checkpoints import link_or_copy
+
+        best = Path(self.config.output_dir) / "best" / "model.safetensors"
+        if self.ema is None and self.best_exported_at == self.step and best.is_file():
+            # exported as the best a moment ago, from these very weights: the same bytes, linked
+            link_or_copy(best, folder / "model.safetensors")
+        else:
+            state = self.accelerator.unwrap_model(self.model).state_dict()
+            save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+        self.saved_at = self.step
         # the run's own copies, as begin() wrote them; plain writes: the folder appears whole by one rename
         output = Path(self.config.output_dir)
         for name in ("selected_tags.csv", SPLIT_FILE, "config.yaml"):
@@ -1004,7 +1015,13 @@ class _TaggerTask(TrainingTask):
         if final and self.best_exported_at == progress.global_step and best.is_dir():
             self.final_from_best(folder, best, model, onnx)
             return
+        last = Path(config.output_dir) / LAST_DIR
+        # the final model without an EMA is the model OUTPUT/last was saved from at this very step
+        same_as_last = (final and self.ema is None and self.saved_at == progress.global_step
+                        and (last / STATE_FILE).is_file()
+                        and read_progress(last / STATE_FILE).get("global_step") == progress.global_step)
         export_tagger(model, folder, metrics=metrics, onnx=onnx,
+                      weights_from=last / "model.safetensors" if same_as_last else None,
                       architecture=config.model.backbone, model_args=self.model_args, vocabulary=self.vocabulary,
                       preprocessing=self.preprocessing, threshold=config.threshold,
                       per_tag_thresholds=self.thresholds,
@@ -1017,19 +1034,19 @@ class _TaggerTask(TrainingTask):
 
     def final_from_best(self, folder: Path, best: Path, model: Any, onnx: bool) -> None:
         """The last epoch was the best: ``best`` (exported at this very step, same weights, metrics and
-        thresholds) is the final model too, so it is copied, not serialised again, and the ONNX file
+        thresholds) is the final model too, so its files are linked, not serialised again, and the ONNX file
         is exported once for both instead of a second time from the reloaded best folder."""
         import shutil
 
         from captionkit.core.atomic import atomic_open
         from captionkit.models.taggers import ONNX_FILE
-        from captionkit.train.checkpoints import write_folder_atomically
+        from captionkit.train.checkpoints import link_or_copy, write_folder_atomically
         from captionkit.train.tagger_export import export_onnx
 
         def build(temp: Path) -> None:
             for item in best.iterdir():
                 if item.is_file() and not item.name.startswith("."):
-                    shutil.copyfile(item, temp / item.name)
+                    link_or_copy(item, temp / item.name)
             if onnx:
                 export_onnx(model, self.preprocessing, temp / ONNX_FILE)
 
