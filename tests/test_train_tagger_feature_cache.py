@@ -329,3 +329,11 @@ def test_uncached_head_only_validation_runs_the_backbone_once_per_frozen_phase_w
         for key in ("val_loss", "map", "micro_f1", "tuned_macro_f1"):
             assert row[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), (epoch, key)
     assert run.history[0]["val_loss"] != pytest.approx(run.history[1]["val_loss"], rel=1e-3)  # the head learned
+
+
+def test_head_only_training_runs_in_mixed_precision(shapes, weights, tmp_path):
+    """The split check compares float32 with float32, though accelerate wraps the model's forward in bf16 autocast."""
+    run = train_tagger(load_tagger_config(None, settings(shapes, tmp_path / "run", weights, "epochs=1",
+                                                         "model.freeze_backbone=true", "mixed_precision=bf16",
+                                                         "model.image_size=16")))
+    assert len(run.history) == 1 and run.history[0]["val_loss"] > 0
