@@ -11,6 +11,11 @@ plumbing costs and what the cache saves. Modes:
   filling pass is in the time) against the same plain head-only loop, which, like the
   scripts in the field, computes the features again every epoch.
 
+The trainer's per-epoch work the plain loop skips stays in its time; what it saves is work
+the plain loop repeats: without the cache, a frozen backbone's validation features are kept for
+the frozen epochs (only the classifier runs again), and the weights of one step are written
+once (OUTPUT/last links the best export made at that step). The load average is printed too.
+
 Both loops decode the same generated PNGs with the same batch size, epochs, AdamW settings,
 BCE loss, gradient clipping, threads and device, and both run a validation pass over the
 same number of images every epoch. The time is the whole call, model build included, so the
@@ -29,6 +34,7 @@ loops here) that is the work each loop does, which neighbours disturb far less t
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import tempfile
@@ -174,6 +180,7 @@ def main() -> None:
 
     logging.disable(logging.INFO)
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     modes = [mode for mode in args.modes.split(",") if mode]
     times: dict[tuple[str, str], list[float]] = {}
@@ -192,7 +199,10 @@ def main() -> None:
                 print(f"round {round_index + 1} {mode:10s} plain {times[(mode, 'plain')][-1]:8.1f}  train_tagger "
                       f"{times[(mode, 'ours')][-1]:8.1f} samples/s  ratio "
                       f"{times[(mode, 'ours')][-1] / times[(mode, 'plain')][-1]:.2f}", flush=True)
-    print(f"\nclock: {args.clock}, device: {device}, torch threads: {torch.get_num_threads()}, "
+    load_after = os.getloadavg()
+    print(f"\nload average (1 min) {load_before[0]:.1f} at the start, {load_after[0]:.1f} at the end "
+          f"({os.cpu_count()} CPUs); the other jobs on this machine disturb the wall clock far more than --clock cpu")
+    print(f"clock: {args.clock}, device: {device}, torch threads: {torch.get_num_threads()}, "
           f"backbone: {args.backbone} at "
           f"{args.image_size}px, {args.images} images (80% train), {args.epochs} epochs, batch {args.batch_size}, "
           f"{args.rounds} interleaved rounds; medians:")

@@ -97,6 +97,30 @@ def test_a_third_task_resumes_bit_for_bit_through_the_shared_loop(tmp_path, poli
     assert whole.metrics["val_loss"] < 0.5 * LinearTask(None).y.var()  # it learned
 
 
+def test_an_epoch_checkpoint_saved_with_last_shares_its_files_and_resumes_after_last_moved_on(tmp_path):
+    """At the end of an epoch ``last`` and ``checkpoints/epoch-N`` hold the same state: the second is
+    made of hard links to the first's files instead of being serialised again. Replacing ``last`` in
+    later epochs must leave the epoch checkpoint whole: resuming from it ends bit for bit like the
+    uninterrupted run."""
+    import os
+
+    policy = dict(save_every_epochs=1, checkpoint_names="epoch", last_dir="last", best_dir="best", stop_saves=False,
+                  epoch_rows=True)
+    whole = train(tmp_path / "whole", **policy)
+    last, third = tmp_path / "whole" / "last", tmp_path / "whole" / "checkpoints" / "epoch-0003"
+    files = sorted(path.relative_to(last) for path in last.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(third) for path in third.rglob("*") if path.is_file())
+    assert all(os.path.samefile(last / name, third / name) for name in files)  # the same bytes, not a copy
+    first = tmp_path / "whole" / "checkpoints" / "epoch-0001"  # linked to last at step 4, which moved on twice
+    assert json.loads((first / "training_state.json").read_text())["global_step"] == 4
+    resumed = train(tmp_path / "resumed", resume=first, **policy)
+    assert resumed.start.global_step == 4
+    expected = torch.load(whole.final_path / "weights.pt")
+    actual = torch.load(resumed.final_path / "weights.pt")
+    assert all(torch.equal(actual[name], expected[name]) for name in expected)
+    assert resumed.metrics == whole.metrics and resumed.progress == whole.progress
+
+
 class DeviceTotalTask(LinearTask):
     """Reports each batch's loss total as a tensor, as the captioner does to spare a host read per
     batch; ``steps`` keeps, per optimizer step, the (total, count) pairs the logs must average."""

@@ -266,3 +266,74 @@ def test_cli_trains_the_head_from_cached_features_and_reports_the_cache(shapes, 
     assert "feature cache (train): 30 reused, 0 computed" in again.output
     bad = CliRunner().invoke(app, ["tagger", "--config", str(config), "--set", "model.cache_features=true"])
     assert bad.exit_code == 2 and "cache_features needs a frozen backbone" in bad.output
+
+
+def whole_model_validation(run_dir: Path, data: Path, checkpoint: Path) -> dict[str, float]:
+    """A checkpoint's metrics from the whole model's forward on the run's validation images (no trainer code path)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from captionkit.train.tagger import _read_split, preprocessing_for
+    from captionkit.train.tagger_data import (
+        TaggerDataset,
+        Vocabulary,
+        collate_skipping_failures,
+        encode,
+        scan_tagged_folders,
+    )
+    from captionkit.train.tagger_metrics import compute_metrics
+
+    vocabulary = Vocabulary.from_csv(run_dir / "selected_tags.csv")
+    encoded = encode(scan_tagged_folders([data], ",", ".txt", True), vocabulary)
+    _, val_idx, _ = _read_split(run_dir / "split.json", encoded.paths)
+    model = timm.create_model("test_resnet", num_classes=len(vocabulary))
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+    model.eval()
+    dataset = TaggerDataset(encoded, val_idx, len(vocabulary), preprocessing_for(model, 32))
+    logits, targets = [], []
+    with torch.inference_mode():
+        for start in range(0, len(dataset), 8):
+            images, batch_targets = collate_skipping_failures([dataset[i] for i in range(start, start + 8)
+                                                               if i < len(dataset)])
+            logits.append(model(images))
+            targets.append(batch_targets)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    metrics = compute_metrics(torch.sigmoid(logits).numpy(), targets.numpy()).as_dict()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(targets)
+    return {**metrics, "val_loss": float(loss)}
+
+
+def test_uncached_head_only_validation_runs_the_backbone_once_per_frozen_phase_with_the_whole_models_metrics(
+        shapes, weights, tmp_path):
+    """Without the feature cache, the frozen backbone's validation features are kept in memory for the frozen
+    phase (each evaluation then runs only the classifier) and dropped when the backbone trains; every epoch's
+    metrics still equal the whole model's forward on that epoch's checkpoint."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    validation_images = []  # images through the backbone's stem during evaluation (inference mode)
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3 and torch.is_inference_mode_enabled():
+            validation_images.append(inputs[0].shape[0])
+
+    handle = register_module_forward_hook(count)
+    try:
+        run = train_tagger(load_tagger_config(None, settings(shapes, tmp_path / "run", weights,
+                                                             "model.freeze_backbone_epochs=2")))
+    finally:
+        handle.remove()
+    assert sum(validation_images) == 10 + 10  # 10 validation images: frozen epochs 1-2 once, unfrozen epoch 3
+    assert len(run.history) == 3
+    for epoch, row in enumerate(run.history, start=1):
+        whole = whole_model_validation(run.output_dir, shapes, run.output_dir / "checkpoints" / f"epoch-{epoch:04d}")
+        for key in ("val_loss", "map", "micro_f1", "tuned_macro_f1"):
+            assert row[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-6), (epoch, key)
+    assert run.history[0]["val_loss"] != pytest.approx(run.history[1]["val_loss"], rel=1e-3)  # the head learned
+
+
+def test_head_only_training_runs_in_mixed_precision(shapes, weights, tmp_path):
+    """The split check compares float32 with float32, though accelerate wraps the model's forward in bf16 autocast."""
+    run = train_tagger(load_tagger_config(None, settings(shapes, tmp_path / "run", weights, "epochs=1",
+                                                         "model.freeze_backbone=true", "mixed_precision=bf16",
+                                                         "model.image_size=16")))
+    assert len(run.history) == 1 and run.history[0]["val_loss"] > 0

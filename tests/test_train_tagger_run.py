@@ -197,6 +197,31 @@ def test_resume_restores_ema_accumulation_and_dropout_state(small_shapes, tmp_pa
         assert resumed.final_metrics[key] == pytest.approx(full.final_metrics[key], abs=1e-4), key
 
 
+def test_weights_of_one_step_are_written_once_and_linked_and_a_resume_from_them_ends_the_same(small_shapes, tmp_path):
+    """At an epoch's end the best export, last, the epoch checkpoint and (after the last epoch) final hold
+    the same weights (no EMA): serialised once, the others hard links. Folders replaced later keep
+    what they share: a resume from epoch 1 (best then, best and last moved on since) ends the same."""
+    import os
+
+    from safetensors.torch import load_file
+
+    settings = tiny_settings(small_shapes, tmp_path / "full", "epochs=3", "save_total_limit=null")
+    full = train_tagger(load_tagger_config(None, settings))
+    out, weights = full.output_dir, "model.safetensors"
+    assert os.path.samefile(out / "last" / weights, out / "checkpoints" / "epoch-0003" / weights)
+    assert os.path.samefile(out / "final" / weights, out / "last" / weights)  # from best or from last
+    best_epoch = json.loads((out / "best" / "config.json").read_text())["captionkit"]["training"]["epoch"]
+    assert os.path.samefile(out / "best" / weights, out / "last" / weights) == (best_epoch == 3)
+    first = out / "checkpoints" / "epoch-0001"  # the first evaluation is always the best so far
+    assert not os.path.samefile(first / weights, out / "last" / weights)
+    resumed = train_tagger(load_tagger_config(None, [*settings, f"output_dir={tmp_path / 'resumed'}"]), resume=first)
+    assert resumed.start_epoch == 1
+    expected, actual = load_file(str(full.final_dir / weights)), load_file(str(resumed.final_dir / weights))
+    assert all(torch.equal(actual[key], expected[key]) for key in expected)
+    assert {key: value for key, value in resumed.final_metrics.items() if key != "epoch_seconds"} == {
+        key: value for key, value in full.final_metrics.items() if key != "epoch_seconds"}
+
+
 def test_rotation_keeps_the_best_and_the_newest_checkpoint(small_shapes, tmp_path):
     # bf16 here also checks that a second run in one process may change the precision.
     result = train_tagger(load_tagger_config(None, tiny_settings(

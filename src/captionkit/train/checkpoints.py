@@ -197,6 +197,31 @@ def write_folder_atomically(path: str | Path, write_fn: Callable[[Path], None]) 
     return path
 
 
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` as another name of the finished file ``source``: a hard link, or a copy where the file
+    system has none.
+
+    Why: the same bytes (a checkpoint saved as ``last`` and as ``checkpoints/epoch-N`` at the same
+    step, the weights of an export made then) need not be serialised and written again. Safe because
+    nothing here changes a file in place: folders are replaced whole by :func:`write_folder_atomically`
+    and replacing or rotating one folder only removes its names, never the bytes another folder shares.
+    """
+    try:
+        os.link(source, target)
+    except OSError:  # no hard links here (another device, a file system without them)
+        shutil.copyfile(source, target)
+
+
+def link_folder(source: Path, target: Path) -> None:
+    """Fill the new, empty folder ``target`` with the files of the finished folder ``source`` (linked)."""
+    for item in sorted(Path(source).rglob("*")):
+        destination = target / item.relative_to(source)
+        if item.is_dir():
+            destination.mkdir(exist_ok=True)
+        else:
+            link_or_copy(item, destination)
+
+
 def remove_stale_temp_folders(folder: str | Path) -> None:
     """Remove what a crashed save left in ``folder``: half-built and replaced folders (checkpoint-sized)."""
     for child in Path(folder).iterdir():

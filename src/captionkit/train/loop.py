@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -30,6 +31,7 @@ from captionkit.core.atomic import write_staged_json
 from captionkit.core.errors import NothingSucceededError
 from captionkit.train.checkpoints import (
     CheckpointManager,
+    link_folder,
     remove_stale_temp_folders,
     write_folder_atomically,
 )
@@ -330,7 +332,9 @@ class _Loop:
                 if last:
                     write_folder_atomically(self.output / settings.last_dir, self.write_checkpoint)
                 if save:
-                    self.manager.save(self.checkpoint_tag(), self.write_checkpoint, metric=metric)
+                    # saved as last a moment ago, nothing changed since: the same files, linked, not written again
+                    write = partial(link_folder, self.output / settings.last_dir) if last else self.write_checkpoint
+                    self.manager.save(self.checkpoint_tag(), write, metric=metric)
             self.accelerator.wait_for_everyone()
 
     # -- the steps ----------------------------------------------------------------------------

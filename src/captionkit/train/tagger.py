@@ -768,9 +768,14 @@ class _TaggerTask(TrainingTask):
         self.net = accelerator.unwrap_model(model)
         self.frozen = False  # this epoch trains only the head
         self.cached_sets: tuple[Any, Any] | None = None  # (train, validation) features, once prepared
+        #: (the module that computed them, [(pooled features, targets) per batch]) of the validation images
+        #: while the backbone is frozen; dropped when it is unfrozen
+        self.frozen_validation: tuple[Any, list[tuple[Any, Any]]] | None = None
         self.cache_stats: dict[str, dict[str, int]] = {}
         self.split_checked = False
         self.best_exported_at = -1  # the step of the last export to OUTPUT/best in this process
+        self.step = 0  # the optimizer steps taken so far
+        self.saved_at = -1  # the step of the last checkpoint's weights written in this process
 
     def begin(self, log_file: Path) -> None:
         output = Path(self.config.output_dir)
@@ -825,6 +830,8 @@ class _TaggerTask(TrainingTask):
         elif self.frozen and not frozen:
             _log.info("backbone unfrozen: training the whole model from here on")
         self.frozen = frozen
+        if not frozen:
+            self.frozen_validation = None  # the backbone trains from here on: its features change
         if set_channels_last(model, frozen) and self.ema is not None:
             self.ema.pairs = None  # the moved weights are new tensors: the EMA gathers them again
         if not frozen:
@@ -898,6 +905,7 @@ class _TaggerTask(TrainingTask):
         return BatchLoss(loss, loss.detach() * count, count, count)
 
     def after_step(self, step: int) -> None:
+        self.step = step
         if self.ema is not None:
             self.ema.update(self.net, step=step)
 
@@ -911,11 +919,13 @@ class _TaggerTask(TrainingTask):
         eval_model = self.ema.module if self.ema is not None else model
         eval_model.eval()
         val_set, forward = self.val_set, eval_model
-        if self.frozen and config.model.cache_features:  # the backbone is the frozen one: its features are cached
+        head = self.ema.module if self.ema is not None else self.net
+        if self.frozen:  # only the classifier changes: the frozen backbone's features are cached or kept
             from captionkit.train.tagger_features import head_logits
 
-            head = self.ema.module if self.ema is not None else self.net
-            val_set, forward = self.cached()[1], lambda features: head_logits(head, features, 0.0, training=False)
+            forward = lambda features: head_logits(head, features, 0.0, training=False).float()  # noqa: E731
+            if config.model.cache_features:
+                val_set = self.cached()[1]
         loader = torch.utils.data.DataLoader(
             val_set, batch_size=config.eval_batch_size or config.batch_size,
             sampler=EpochSampler(len(self.val_set), config.seed, False, accelerator.process_index,
@@ -923,9 +933,11 @@ class _TaggerTask(TrainingTask):
             num_workers=self.workers_for(val_set), collate_fn=getattr(val_set, "collate", collate_skipping_failures),
             generator=torch.Generator().manual_seed(config.seed),
         )
+        uncached = self.frozen and not config.model.cache_features
+        batches = self.validation_features(head, loader) if uncached else loader
         all_scores, all_targets, losses = [], [], []
         with torch.inference_mode():
-            for batch in loader:
+            for batch in batches:
                 if batch is None:
                     continue
                 images, targets = to_device(batch, accelerator.device)
@@ -946,12 +958,48 @@ class _TaggerTask(TrainingTask):
         values["val_loss"] = float((totals[0] / totals[1]).item())
         return values
 
+    def validation_features(self, module: Any, loader: Any) -> list[tuple[Any, Any]]:
+        """The frozen backbone's pooled features of the validation batches, with their targets.
+
+        Why: while the backbone is frozen (in eval mode) these are the same at every evaluation;
+        only the classifier changes. They are computed at the first evaluation of the frozen
+        phase, kept in memory on the device (validation images × feature width), and later
+        evaluations run only the classifier on them: the same batches and the same operations
+        as the whole model's forward, so the same logits, without decoding the images and
+        running the backbone again every epoch. ``model.cache_features`` keeps features on
+        disk instead (and for the training images too).
+        """
+        import torch
+
+        from captionkit.train.tagger_features import pooled_features
+
+        if self.frozen_validation is not None and self.frozen_validation[0] is module:
+            return self.frozen_validation[1]
+        accelerator, kept = self.accelerator, []
+        with torch.inference_mode():
+            for batch in loader:
+                if batch is None:
+                    continue
+                images, targets = to_device(batch, accelerator.device)
+                with accelerator.autocast():
+                    kept.append((pooled_features(module, images), targets))
+        self.frozen_validation = (module, kept)
+        return kept
+
     def save_model(self, folder: Path) -> None:
         from safetensors.torch import save_file
 
-        state = self.accelerator.unwrap_model(self.model).state_dict()
-        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        from captionkit.train.checkpoints import link_or_copy
+
+        best = Path(self.config.output_dir) / "best" / "model.safetensors"
+        if self.ema is None and self.best_exported_at == self.step and best.is_file():
+            # exported as the best a moment ago, from these very weights: the same bytes, linked
+            link_or_copy(best, folder / "model.safetensors")
+        else:
+            state = self.accelerator.unwrap_model(self.model).state_dict()
+            save_file({key: value.detach().cpu().contiguous() for key, value in state.items()},
+                      str(folder / "model.safetensors"), metadata={"format": "pt"})
+        self.saved_at = self.step
         # the run's own copies, as begin() wrote them; plain writes: the folder appears whole by one rename
         output = Path(self.config.output_dir)
         for name in ("selected_tags.csv", SPLIT_FILE, "config.yaml"):
@@ -967,7 +1015,13 @@ class _TaggerTask(TrainingTask):
         if final and self.best_exported_at == progress.global_step and best.is_dir():
             self.final_from_best(folder, best, model, onnx)
             return
+        last = Path(config.output_dir) / LAST_DIR
+        # the final model without an EMA is the model OUTPUT/last was saved from at this very step
+        same_as_last = (final and self.ema is None and self.saved_at == progress.global_step
+                        and (last / STATE_FILE).is_file()
+                        and read_progress(last / STATE_FILE).get("global_step") == progress.global_step)
         export_tagger(model, folder, metrics=metrics, onnx=onnx,
+                      weights_from=last / "model.safetensors" if same_as_last else None,
                       architecture=config.model.backbone, model_args=self.model_args, vocabulary=self.vocabulary,
                       preprocessing=self.preprocessing, threshold=config.threshold,
                       per_tag_thresholds=self.thresholds,
@@ -980,19 +1034,19 @@ class _TaggerTask(TrainingTask):
 
     def final_from_best(self, folder: Path, best: Path, model: Any, onnx: bool) -> None:
         """The last epoch was the best: ``best`` (exported at this very step, same weights, metrics and
-        thresholds) is the final model too, so it is copied, not serialised again, and the ONNX file
+        thresholds) is the final model too, so its files are linked, not serialised again, and the ONNX file
         is exported once for both instead of a second time from the reloaded best folder."""
         import shutil
 
         from captionkit.core.atomic import atomic_open
         from captionkit.models.taggers import ONNX_FILE
-        from captionkit.train.checkpoints import write_folder_atomically
+        from captionkit.train.checkpoints import link_or_copy, write_folder_atomically
         from captionkit.train.tagger_export import export_onnx
 
         def build(temp: Path) -> None:
             for item in best.iterdir():
                 if item.is_file() and not item.name.startswith("."):
-                    shutil.copyfile(item, temp / item.name)
+                    link_or_copy(item, temp / item.name)
             if onnx:
                 export_onnx(model, self.preprocessing, temp / ONNX_FILE)
 

@@ -40,7 +40,7 @@ from captionkit.models.taggers import (
     THRESHOLDS_FILE,
     Preprocessing,
 )
-from captionkit.train.checkpoints import write_folder_atomically
+from captionkit.train.checkpoints import link_or_copy, write_folder_atomically
 from captionkit.train.tagger_data import Vocabulary
 
 EXPORT_VERSION = 1
@@ -163,11 +163,14 @@ def export_tagger(
     metrics: dict[str, float] | None = None,
     training: dict[str, Any] | None = None,
     onnx: bool = False,
+    weights_from: Path | None = None,
 ) -> Path:
     """Write the model folder described in the module docstring; returns the folder.
 
     ``threshold`` becomes every category's default; ``per_tag_thresholds`` (tuned on
     validation) ship in ``thresholds.json`` and the CSV's ``best_threshold`` column.
+    ``weights_from``: a finished ``model.safetensors`` of these very weights (a checkpoint saved
+    at the same step), linked instead of serialised again.
     """
     from safetensors.torch import save_file
 
@@ -177,8 +180,11 @@ def export_tagger(
         raise ValueError(f"the model has {model.num_classes} outputs but the vocabulary {len(vocabulary)} tags")
 
     def build(temp: Path) -> None:
-        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-        save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
+        if weights_from is not None:
+            link_or_copy(weights_from, temp / "model.safetensors")
+        else:
+            state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
+            save_file(state, str(temp / "model.safetensors"), metadata={"format": "pt"})
         extra = {"metrics": metrics or {}, "training": training or {}}
         write_staged_json(temp / CONFIG_FILE, model_config(model, architecture, model_args, preprocessing, extra))
         per_tag = None if per_tag_thresholds is None else [float(v) for v in per_tag_thresholds]

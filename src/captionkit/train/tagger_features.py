@@ -111,7 +111,9 @@ def check_split(model: Any, size: tuple[int, int]) -> None:
         with torch.no_grad():
             probe = torch.randn(1, 3, size[0], size[1], generator=torch.Generator().manual_seed(0))
             probe = probe.to(next(model.parameters()).device)
-            whole = model(probe).float()
+            # the class's forward: accelerate wraps the instance's in autocast with mixed precision, which
+            # would compare a bf16 forward with a float32 split
+            whole = type(model).forward(model, probe).float()
             split = head_logits(model, pooled_features(model, probe), 0.0, False).float()
     except Exception as error:  # noqa: BLE001 - any failure of the timm API means the same thing here
         raise FeatureCacheError(
