@@ -161,14 +161,22 @@ class CountsLoads(Florence2Captioner):
         super().load()
 
 
+def _ledgers(ray) -> dict[str, str]:
+    """This driver's StartLedger actors in the cluster's actor table, dead ones too: actor id → state."""
+    job = ray.get_runtime_context().get_job_id()
+    return {actor_id: actor["State"] for actor_id, actor in ray._private.state.actors().items()
+            if actor["ActorClassName"] == "StartLedger" and actor["JobID"] == job}
+
+
 def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, tiny_florence, ray_address):
     import ray
 
     source, local, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     settings = {"model": str(tiny_florence), "generation": GenerationSettings(max_new_tokens=12, num_beams=1)}
+    ledgers = _ledgers(ray)
     summary = captionkit.caption(folder, captioner=CrashesOn("img005.png", **settings), batch_size=4,
-                                 progress="quiet", workers=2, **RAY)
+                                 progress="quiet", workers=2, **{**RAY, "ray_actors": 1})
     assert (summary.processed, summary.failed) == (IMAGES - 1, 2)  # its three batch neighbours were saved
     assert "lost on the cluster" in summary.errors["img005.png"]
     # every actor of the run is gone, the restarted ones too: nothing holds the CPUs the next dataset needs
@@ -184,6 +192,39 @@ def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ti
     assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
     assert len(list(loads.iterdir())) == 1  # one batch left: one of the two replicas loads the model
     assert state(folder) == expected
+    # the pool, the rerun of the lost images and the second run shared one ledger (a process start each before)
+    started = {actor_id: alive for actor_id, alive in _ledgers(ray).items() if actor_id not in ledgers}
+    assert len(started) <= 1 and list(_ledgers(ray).values()).count("ALIVE") == 1
+
+
+def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_address):
+    """One ledger for every pass of a driver; a killed one is replaced, and so is one whose Ray instance went away
+    (a process that starts its own Ray for each run, as the API does, or a second pipeline in the UI)."""
+    import tempfile
+
+    script = """if True:
+        import sys
+
+        import ray
+        from captionkit.executors.ray_executor import _open_pass, ray_session
+
+        with ray_session(sys.argv[1]):  # the test process's Ray
+            first = _open_pass(ray).actor
+            assert _open_pass(ray).actor._actor_id == first._actor_id  # every pass of the driver: one ledger
+            ray.kill(first)
+            assert _open_pass(ray).actor._actor_id != first._actor_id
+        with ray_session(num_cpus=1):  # a Ray instance of its own: the ledger of the last one cannot answer
+            again = _open_pass(ray)
+            assert ray.get(again.actor.close.remote(again.token)) == []
+    """
+    ray_temp = Path(tempfile.mkdtemp(prefix="ckray", dir="/tmp"))  # short: Ray's socket paths must fit
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    try:
+        run = subprocess.run([sys.executable, "-c", script, ray_address], env={**env, "RAY_TMPDIR": str(ray_temp)},
+                             capture_output=True, text=True, timeout=RUN_LIMIT_S)
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ processes killed by hand (SIGKILL)
