@@ -204,6 +204,7 @@ def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_ad
 
     script = """if True:
         import sys
+        import time
 
         import ray
         from captionkit.executors.ray_executor import _open_pass, ray_session
@@ -212,7 +213,10 @@ def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_ad
             first = _open_pass(ray).actor
             assert _open_pass(ray).actor._actor_id == first._actor_id  # every pass of the driver: one ledger
             ray.kill(first)
+            while ray._private.state.actors(first._actor_id.hex())["State"] != "DEAD":
+                time.sleep(0.05)
             assert _open_pass(ray).actor._actor_id != first._actor_id
+        ray.shutdown()  # joined, so left up by ray_session
         with ray_session(num_cpus=1):  # a Ray instance of its own: the ledger of the last one cannot answer
             again = _open_pass(ray)
             assert ray.get(again.actor.close.remote(again.token)) == []
