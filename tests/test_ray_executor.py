@@ -231,6 +231,26 @@ def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_ad
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
+def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp_path, tiny_florence, ray_address):
+    """An actor Ray restarts after the driver closed its pass (the run is over) ends for good, without loading."""
+    import ray
+
+    from captionkit.executors import portable
+    from captionkit.executors.ray_executor import ModelActor, _dumps, _open_pass
+    from captionkit.steps.captioner import CaptionStep
+
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    ledger = _open_pass(ray)
+    ray.get(ledger.actor.close.remote(ledger.token))  # the pass is over
+    blob = portable(CaptionStep(CountsLoads(loads, model=str(tiny_florence))), _dumps)
+    actor = ray.remote(num_cpus=0.5, max_restarts=-1)(ModelActor).remote(blob, "cpu", False, 1, ledger)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.ready.remote(), timeout=RUN_LIMIT_S)
+    assert ray._private.state.actors(actor._actor_id.hex())["NumRestarts"] == 0  # not restarted either
+    assert not list(loads.iterdir())
+
+
 # ------------------------------------------------------------------ processes killed by hand (SIGKILL)
 RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
 
