@@ -24,8 +24,8 @@ from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
 from tests.in_process import run_cli
-from tests.run_state import ExitOnce, copy_of, state, wait_while_running
 from tests.run_state import committed as committed_results
+from tests.run_state import copy_of, state, wait_while_running
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
@@ -118,13 +118,13 @@ def _driver_reruns(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if "lost with a failing batch" in record.getMessage()]
 
 
-def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address, caplog):
+def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, digests, ray_address, caplog):
     caplog.set_level(logging.WARNING, logger="captionkit")
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
-    captioner = ExitOnce(marker, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
-                                                                                         num_beams=1))
+    captioner = ExitsOnce(marker)
     events = []
     summary = captionkit.caption(folder, captioner=captioner, batch_size=4, listener=events.append,
                                  progress="quiet", workers=2, **RAY)
@@ -175,6 +175,30 @@ class PixelDigest:
     def recover_from_oom(self) -> None: ...
 
 
+class ExitsOnce(PixelDigest):
+    """The worker process ends (as if killed) in its second batch, once per marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker, self.calls = str(marker), 0
+
+    def caption_batch(self, requests) -> list[str]:
+        self.calls += 1
+        if self.calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
+            os._exit(1)
+        return super().caption_batch(requests)
+
+
+@pytest.fixture(scope="module")
+def digests(tmp_path_factory, corpus) -> Path:
+    """The corpus captioned by :class:`PixelDigest` with the local executor (the reference)."""
+    folder = copy_of(corpus[0], tmp_path_factory.mktemp("digests") / "images")
+    summary = captionkit.caption(folder, captioner=PixelDigest(), batch_size=4, progress="quiet", workers=2)
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    return folder
+
+
 class CountsLoads(Florence2Captioner):
     """Each model load leaves a file in ``folder``."""
 
@@ -194,14 +218,11 @@ def _ledgers(ray) -> dict[str, str]:
             if actor["ActorClassName"] == "StartLedger" and actor["JobID"] == job}
 
 
-def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ray_address):
+def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, digests, ray_address):
     import ray
 
     source, _, _ = corpus
     folder = copy_of(source, tmp_path / "images")
-    local = copy_of(source, tmp_path / "local")
-    reference = captionkit.caption(local, captioner=PixelDigest(), batch_size=4, progress="quiet", workers=2)
-    assert (reference.processed, reference.failed) == (IMAGES, 1)
     ledgers = _ledgers(ray)
     summary = captionkit.caption(folder, captioner=PixelDigest(poison="img005.png"), batch_size=4,
                                  progress="quiet", workers=2, **{**RAY, "ray_actors": 1})
@@ -209,7 +230,7 @@ def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, ra
     assert "lost on the cluster" in summary.errors["img005.png"]
     # every actor of the run is gone, the restarted ones too: nothing holds the CPUs the next dataset needs
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
-    expected = state(local)
+    expected = state(digests)
     got = state(folder)
     assert {key: row for key, row in got["rows"].items() if key != "img005.png"} == {
         key: row for key, row in expected["rows"].items() if key != "img005.png"}
@@ -283,6 +304,28 @@ def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp
 RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
 
 
+def _wait_once(marker: str) -> None:
+    """Once per marker file: write this process's pid there and wait (to be killed, or for good as a hung model)."""
+    if os.path.exists(marker):
+        return
+    Path(marker + ".tmp").write_text(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+
+
+class HangsOn(PixelDigest):
+    """Once per marker file, the model actor whose batch holds the image ``when`` writes its pid there and waits."""
+
+    def __init__(self, marker: Path, when: str) -> None:
+        super().__init__()
+        self.marker, self.when = str(marker), when
+
+    def caption_batch(self, requests) -> list[str]:
+        if any(request.key == self.when for request in requests):
+            _wait_once(self.marker)
+        return super().caption_batch(requests)
+
+
 class WaitsToBeKilled(Florence2Captioner):
     """Once per marker file, a model actor writes its pid there and waits (to be killed, or for good as a hung
     model would): while loading (``when="load"``) or in the batch that holds the image ``when``."""
@@ -292,11 +335,7 @@ class WaitsToBeKilled(Florence2Captioner):
         self.marker, self.when = str(marker), when
 
     def _wait_here(self) -> None:
-        if os.path.exists(self.marker):
-            return
-        Path(self.marker + ".tmp").write_text(str(os.getpid()))
-        os.replace(self.marker + ".tmp", self.marker)
-        time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+        _wait_once(self.marker)
 
     def load(self) -> None:
         if self.when == "load" and self.model is None:
@@ -348,14 +387,15 @@ def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKille
                            generation=GenerationSettings(max_new_tokens=12, num_beams=1))
 
 
-def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address, caplog):
+def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, digests, ray_address, caplog):
     """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
     caplog.set_level(logging.WARNING, logger="captionkit")
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
     _kill_when_waiting(marker)
-    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")
+    captioner = HangsOn(marker, "img012.png")
     summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
                                                workers=2, executor="ray"))
     assert marker.exists()  # the actor really was killed
@@ -422,15 +462,15 @@ def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_p
     assert len(list(pids.glob("*.pid"))) == 4  # the first start and three restarts, each killed
 
 
-def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, tiny_florence,
-                                                                      ray_address):
+def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, digests, ray_address):
     """A hung model (a stuck GPU call, say) is not killed: the stall watchdog ends the run, the store keeps the rest."""
     from captionkit.executors.ray_executor import RayStalledError
 
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "hung"
-    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")  # nobody kills it
+    captioner = HangsOn(marker, "img012.png")  # nobody kills it
     try:
         with pytest.raises(RayStalledError, match=r"no progress for 15 s .*--ray-stall-timeout") as stalled:
             _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
