@@ -199,18 +199,6 @@ def digests(tmp_path_factory, corpus) -> Path:
     return folder
 
 
-class CountsLoads(Florence2Captioner):
-    """Each model load leaves a file in ``folder``."""
-
-    def __init__(self, folder: Path, **options) -> None:
-        super().__init__(**options)
-        self.folder = str(folder)
-
-    def load(self) -> None:
-        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
-        super().load()
-
-
 def _ledgers(ray) -> dict[str, str]:
     """This driver's StartLedger actors in the cluster's actor table, dead ones too: actor id → state."""
     job = ray.get_runtime_context().get_job_id()
@@ -280,7 +268,7 @@ def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_ad
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
-def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp_path, tiny_florence, ray_address):
+def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp_path, ray_address):
     """An actor Ray restarts after the driver closed its pass (the run is over) ends for good, without loading."""
     import ray
 
@@ -292,7 +280,7 @@ def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp
     loads.mkdir()
     ledger = _open_pass(ray)
     ray.get(ledger.actor.close.remote(ledger.token))  # the pass is over
-    blob = portable(CaptionStep(CountsLoads(loads, model=str(tiny_florence))), _dumps)
+    blob = portable(CaptionStep(PixelDigest(loads=loads)), _dumps)
     actor = ray.remote(num_cpus=0.5, max_restarts=-1)(ModelActor).remote(blob, "cpu", False, 1, ledger)
     with pytest.raises(ray.exceptions.RayActorError):
         ray.get(actor.ready.remote(), timeout=RUN_LIMIT_S)
