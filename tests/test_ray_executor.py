@@ -24,8 +24,8 @@ from captionkit.core.store import Store
 from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
 from tests.in_process import run_cli
-from tests.run_state import ExitOnce, copy_of, state, wait_while_running
 from tests.run_state import committed as committed_results
+from tests.run_state import copy_of, state, wait_while_running
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.slow  # left out of the quick subset (-m 'not slow')
@@ -118,13 +118,13 @@ def _driver_reruns(caplog) -> list[str]:
     return [record.getMessage() for record in caplog.records if "lost with a failing batch" in record.getMessage()]
 
 
-def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, tiny_florence, ray_address, caplog):
+def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, digests, ray_address, caplog):
     caplog.set_level(logging.WARNING, logger="captionkit")
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
-    captioner = ExitOnce(marker, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
-                                                                                         num_beams=1))
+    captioner = ExitsOnce(marker)
     events = []
     summary = captionkit.caption(folder, captioner=captioner, batch_size=4, listener=events.append,
                                  progress="quiet", workers=2, **RAY)
@@ -136,58 +136,182 @@ def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, t
     assert not _driver_reruns(caplog)  # its blocks ran again in the pool (restarted actor or the other one)
 
 
-class CrashesOn(Florence2Captioner):
-    """The worker process dies whenever its batch holds one image: a file that crashes the decoder, say."""
+class PixelDigest:
+    """A model stand-in without torch, for what is about the executor, not the model (its actors start in about a
+    second, a Florence-2 one in about four): the caption is a digest of the decoded pixels. Its worker process
+    ends whenever a batch holds the image ``poison`` (a file that crashes the decoder, say); each load leaves a file
+    in ``loads``. Pixels are decoded in the CPU stage, as Florence-2's are."""
 
-    def __init__(self, poison: str, **options) -> None:
-        super().__init__(**options)
-        self.poison = poison
+    def __init__(self, poison: str | None = None, loads: Path | None = None) -> None:
+        self.poison, self.loads = poison, str(loads) if loads else None
 
-    def caption_batch(self, requests):
+    def fingerprint(self) -> dict:
+        return {"backend": "pixel-digest"}  # the same model with or without poison: a rerun reuses results
+
+    def load(self) -> None:
+        if self.loads:
+            Path(self.loads, f"{os.getpid()}-{time.monotonic_ns()}").touch()
+
+    def load_processor(self) -> None: ...
+
+    def unload(self) -> None: ...
+
+    def image_size(self) -> None:
+        return None
+
+    def preprocess(self, image) -> str:
+        import hashlib
+
+        return hashlib.sha1(image.tobytes()).hexdigest()[:16]
+
+    def caption_batch(self, requests) -> list[str]:
         if any(request.key == self.poison for request in requests):
+            os._exit(1)
+        return [f"pixels {request.payload}" for request in requests]
+
+    def render_texts(self, raw: str) -> list[str]:
+        return [raw]
+
+    def recover_from_oom(self) -> None: ...
+
+
+class ExitsOnce(PixelDigest):
+    """The worker process ends (as if killed) in its second batch, once per marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker, self.calls = str(marker), 0
+
+    def caption_batch(self, requests) -> list[str]:
+        self.calls += 1
+        if self.calls == 2 and not os.path.exists(self.marker):
+            Path(self.marker).write_text(str(os.getpid()))
             os._exit(1)
         return super().caption_batch(requests)
 
 
-class CountsLoads(Florence2Captioner):
-    """Each model load leaves a file in ``folder``."""
-
-    def __init__(self, folder: Path, **options) -> None:
-        super().__init__(**options)
-        self.folder = str(folder)
-
-    def load(self) -> None:
-        Path(self.folder, f"{os.getpid()}-{time.monotonic_ns()}").touch()
-        super().load()
+@pytest.fixture(scope="module")
+def digests(tmp_path_factory, corpus) -> Path:
+    """The corpus captioned by :class:`PixelDigest` with the local executor (the reference)."""
+    folder = copy_of(corpus[0], tmp_path_factory.mktemp("digests") / "images")
+    summary = captionkit.caption(folder, captioner=PixelDigest(), batch_size=4, progress="quiet", workers=2)
+    assert (summary.processed, summary.failed) == (IMAGES, 1)
+    return folder
 
 
-def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, tiny_florence, ray_address):
+def _ledgers(ray) -> dict[str, str]:
+    """This driver's StartLedger actors in the cluster's actor table, dead ones too: actor id → state."""
+    job = ray.get_runtime_context().get_job_id()
+    return {actor_id: actor["State"] for actor_id, actor in ray._private.state.actors().items()
+            if actor["ActorClassName"] == "StartLedger" and actor["JobID"] == job}
+
+
+def test_an_image_that_crashes_its_worker_loses_only_itself(tmp_path, corpus, digests, ray_address):
     import ray
 
-    source, local, _ = corpus
+    source, _, _ = corpus
     folder = copy_of(source, tmp_path / "images")
-    settings = {"model": str(tiny_florence), "generation": GenerationSettings(max_new_tokens=12, num_beams=1)}
-    summary = captionkit.caption(folder, captioner=CrashesOn("img005.png", **settings), batch_size=4,
-                                 progress="quiet", workers=2, **RAY)
+    ledgers = _ledgers(ray)
+    summary = captionkit.caption(folder, captioner=PixelDigest(poison="img005.png"), batch_size=4,
+                                 progress="quiet", workers=2, **{**RAY, "ray_actors": 1})
     assert (summary.processed, summary.failed) == (IMAGES - 1, 2)  # its three batch neighbours were saved
     assert "lost on the cluster" in summary.errors["img005.png"]
     # every actor of the run is gone, the restarted ones too: nothing holds the CPUs the next dataset needs
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
-    expected = state(local)
+    expected = state(digests)
     got = state(folder)
     assert {key: row for key, row in got["rows"].items() if key != "img005.png"} == {
         key: row for key, row in expected["rows"].items() if key != "img005.png"}
     loads = tmp_path / "loads"
     loads.mkdir()
-    again = captionkit.caption(folder, captioner=CountsLoads(loads, **settings), batch_size=4, progress="quiet",
+    again = captionkit.caption(folder, captioner=PixelDigest(loads=loads), batch_size=4, progress="quiet",
                                workers=2, **RAY)
     assert (again.processed, again.reused) == (1, IMAGES - 1)  # a lost image is tried again on the next run
     assert len(list(loads.iterdir())) == 1  # one batch left: one of the two replicas loads the model
     assert state(folder) == expected
+    # the pool, the rerun of the lost images and the second run shared one ledger (a process start each before)
+    started = {actor_id: alive for actor_id, alive in _ledgers(ray).items() if actor_id not in ledgers}
+    assert len(started) <= 1 and list(_ledgers(ray).values()).count("ALIVE") == 1
+
+
+def test_the_start_ledger_is_replaced_with_the_ray_instance_it_belongs_to(ray_address):
+    """One ledger for every pass of a driver; a killed one is replaced, and so is one whose Ray instance went away
+    (a process that starts its own Ray for each run, as the API does, or a second pipeline in the UI)."""
+    import tempfile
+
+    script = """if True:
+        import sys
+        import time
+
+        import ray
+        from captionkit.executors.ray_executor import _open_pass, ray_session
+
+        with ray_session(sys.argv[1]):  # the test process's Ray
+            first = _open_pass(ray).actor
+            assert _open_pass(ray).actor._actor_id == first._actor_id  # every pass of the driver: one ledger
+            ray.kill(first)
+            while ray._private.state.actors(first._actor_id.hex())["State"] != "DEAD":
+                time.sleep(0.05)
+            assert _open_pass(ray).actor._actor_id != first._actor_id
+        ray.shutdown()  # joined, so left up by ray_session
+        with ray_session(num_cpus=1):  # a Ray instance of its own: the ledger of the last one cannot answer
+            again = _open_pass(ray)
+            assert ray.get(again.actor.close.remote(again.token)) == []
+    """
+    ray_temp = Path(tempfile.mkdtemp(prefix="ckray", dir="/tmp"))  # short: Ray's socket paths must fit
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    try:
+        run = subprocess.run([sys.executable, "-c", script, ray_address], env={**env, "RAY_TMPDIR": str(ray_temp)},
+                             capture_output=True, text=True, timeout=RUN_LIMIT_S)
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp_path, ray_address):
+    """An actor Ray restarts after the driver closed its pass (the run is over) ends for good, without loading."""
+    import ray
+
+    from captionkit.executors import portable
+    from captionkit.executors.ray_executor import ModelActor, _dumps, _open_pass
+    from captionkit.steps.captioner import CaptionStep
+
+    loads = tmp_path / "loads"
+    loads.mkdir()
+    ledger = _open_pass(ray)
+    ray.get(ledger.actor.close.remote(ledger.token))  # the pass is over
+    blob = portable(CaptionStep(PixelDigest(loads=loads)), _dumps)
+    actor = ray.remote(num_cpus=0.5, max_restarts=-1)(ModelActor).remote(blob, "cpu", False, 1, ledger)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actor.ready.remote(), timeout=RUN_LIMIT_S)
+    assert ray._private.state.actors(actor._actor_id.hex())["NumRestarts"] == 0  # not restarted either
+    assert not list(loads.iterdir())
 
 
 # ------------------------------------------------------------------ processes killed by hand (SIGKILL)
 RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
+
+
+def _wait_once(marker: str) -> None:
+    """Once per marker file: write this process's pid there and wait (to be killed, or for good as a hung model)."""
+    if os.path.exists(marker):
+        return
+    Path(marker + ".tmp").write_text(str(os.getpid()))
+    os.replace(marker + ".tmp", marker)
+    time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+
+
+class HangsOn(PixelDigest):
+    """Once per marker file, the model actor whose batch holds the image ``when`` writes its pid there and waits."""
+
+    def __init__(self, marker: Path, when: str) -> None:
+        super().__init__()
+        self.marker, self.when = str(marker), when
+
+    def caption_batch(self, requests) -> list[str]:
+        if any(request.key == self.when for request in requests):
+            _wait_once(self.marker)
+        return super().caption_batch(requests)
 
 
 class WaitsToBeKilled(Florence2Captioner):
@@ -199,11 +323,7 @@ class WaitsToBeKilled(Florence2Captioner):
         self.marker, self.when = str(marker), when
 
     def _wait_here(self) -> None:
-        if os.path.exists(self.marker):
-            return
-        Path(self.marker + ".tmp").write_text(str(os.getpid()))
-        os.replace(self.marker + ".tmp", self.marker)
-        time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
+        _wait_once(self.marker)
 
     def load(self) -> None:
         if self.when == "load" and self.model is None:
@@ -255,14 +375,15 @@ def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKille
                            generation=GenerationSettings(max_new_tokens=12, num_beams=1))
 
 
-def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, tiny_florence, ray_address, caplog):
+def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, digests, ray_address, caplog):
     """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
     caplog.set_level(logging.WARNING, logger="captionkit")
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
     _kill_when_waiting(marker)
-    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")
+    captioner = HangsOn(marker, "img012.png")
     summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
                                                workers=2, executor="ray"))
     assert marker.exists()  # the actor really was killed
@@ -329,15 +450,15 @@ def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_p
     assert len(list(pids.glob("*.pid"))) == 4  # the first start and three restarts, each killed
 
 
-def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, tiny_florence,
-                                                                      ray_address):
+def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path, corpus, digests, ray_address):
     """A hung model (a stuck GPU call, say) is not killed: the stall watchdog ends the run, the store keeps the rest."""
     from captionkit.executors.ray_executor import RayStalledError
 
-    source, local, _ = corpus
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "hung"
-    captioner = _waiting_captioner(tiny_florence, marker, "img012.png")  # nobody kills it
+    captioner = HangsOn(marker, "img012.png")  # nobody kills it
     try:
         with pytest.raises(RayStalledError, match=r"no progress for 15 s .*--ray-stall-timeout") as stalled:
             _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",

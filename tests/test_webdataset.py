@@ -260,11 +260,28 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
 
 @pytest.mark.slow
 def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_florence, tmp_path, shared_ray):
+    """The same output shards as a local run; the driver never opens an input shard (Ray tasks list, decode
+    and write them). Shards in a bucket: tests/test_webdataset_storage.py."""
     root, images, expected = corpus
-    summary = captionkit.caption(str(root / "shards" / "shard-{00000..00002}.tar"), model=str(tiny_florence),
-                                 batch_size=2, output_dir=tmp_path / "out", executor="ray", ray_address=shared_ray,
-                                 ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
+    shards = root / "shards"
+    opened: list[str] = []
+    watching = [False]
+
+    def audit(event: str, args: tuple) -> None:  # what this (the driver) process opens
+        if watching[0] and event == "open" and isinstance(args[0], (str, Path)) and str(args[0]).startswith(
+                str(shards)):
+            opened.append(str(args[0]))
+
+    sys.addaudithook(audit)
+    try:
+        watching[0] = True
+        summary = captionkit.caption(str(shards / "shard-{00000..00002}.tar"), model=str(tiny_florence),
+                                     batch_size=2, output_dir=tmp_path / "out", executor="ray",
+                                     ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
+    finally:
+        watching[0] = False
     assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)
+    assert opened == []  # listing, decoding and writing the output shards all read the input shards elsewhere
     check_output(tmp_path / "out", images, expected)
 
 

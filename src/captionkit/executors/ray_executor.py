@@ -41,10 +41,11 @@ import shutil
 import sys
 import threading
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,53 +219,120 @@ class RayShardWriter:
 
 # -------------------------------------------------------------------------------------- model stage
 class StartLedger:
-    """Counts model actors killed while loading the model, for one run's actors together (a tiny Ray actor).
+    """Counts model actors killed while loading the model, per pass (a tiny Ray actor: one per driver and cluster).
 
     Ray restarts a killed model actor whatever it was doing (``max_restarts=-1``), which would retry a
     load that is killed every time (the out-of-memory killer, say) forever. Each actor reports the start
     and the end of its load; a start of an actor whose last load never ended is a death while loading.
     After ``INIT_DEATHS`` of those in a row (no load finished in between), the next actor does not load
     and every batch it gets answers with the reason, which stops the run.
+
+    Every pass (a Ray Data run, a rerun of lost images) of the driver uses the same ledger under a token
+    of its own (:func:`_open_pass`), forgotten when the pass ends: a ledger per pass cost a worker process
+    start (~1 s of CPU) each time, per run and per pipeline step.
     """
 
     def __init__(self) -> None:
-        self.loading: set[str] = set()
-        self.deaths = 0
-        self.handles: dict[str, Any] = {}
+        self.passes: dict[str, _PassStarts] = {}
 
-    def starting(self, actor_id: str, handle: Any = None) -> int:
-        """Deaths while loading, in a row, counting the one this start follows (if any)."""
-        if actor_id in self.loading:
-            self.deaths += 1
-        self.loading.add(actor_id)
+    def open(self, token: str) -> bool:
+        """A pass begins (answers once the ledger is up, so the driver knows it is alive)."""
+        self.passes[token] = _PassStarts()
+        return True
+
+    def starting(self, token: str, actor_id: str, handle: Any = None) -> int | None:
+        """Deaths while loading in a row in this pass, counting the one this start follows (if any);
+        ``None`` when the pass has ended (an actor restarted after it: it has nothing to do)."""
+        starts = self.passes.get(token)
+        if starts is None:
+            return None
+        if actor_id in starts.loading:
+            starts.deaths += 1
+        starts.loading.add(actor_id)
         if handle is not None:
-            self.handles[actor_id] = handle
-        return self.deaths
+            starts.handles[actor_id] = handle
+        return starts.deaths
 
-    def actors(self) -> list[Any]:
-        """Every model actor that started (handles), for the driver to end them when the dataset is done."""
-        return list(self.handles.values())
+    def loaded(self, token: str, actor_id: str) -> None:
+        starts = self.passes.get(token)
+        if starts is not None:
+            starts.loading.discard(actor_id)
+            starts.deaths = 0
 
-    def loaded(self, actor_id: str) -> None:
-        self.loading.discard(actor_id)
-        self.deaths = 0
+    def close(self, token: str) -> list[Any]:
+        """The pass has ended: forget it; every model actor that started in it (handles), for the driver to end."""
+        starts = self.passes.pop(token, None)
+        return list(starts.handles.values()) if starts is not None else []
+
+
+@dataclass
+class _PassStarts:
+    """One pass's model actor starts, in the :class:`StartLedger`."""
+
+    loading: set[str] = field(default_factory=set)
+    deaths: int = 0
+    handles: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassLedger:
+    """What a pass's model actors report their starts to: the driver's ledger and the pass's token."""
+
+    actor: Any
+    token: str
+
+
+_LEDGER: dict[str, Any] = {}  # this driver's StartLedger: {"cluster": the connection it belongs to, "actor": handle}
+_LEDGER_LOCK = threading.Lock()
+
+
+def _connection(ray: Any) -> tuple[str, ...]:
+    """This driver's connection: a new ``ray.init`` (another job, or a new local instance) is another one."""
+    context = ray.get_runtime_context()
+    return (str(getattr(context, "gcs_address", "")), str(context.get_job_id()), str(context.get_node_id()))
+
+
+def _open_pass(ray: Any) -> PassLedger:
+    """A token for one pass in this driver's :class:`StartLedger`, started on first use.
+
+    The ledger is an actor of this driver's job: it ends with the connection (``ray.shutdown``), so one
+    kept from an earlier connection, or one that died, is replaced, not reused.
+    """
+    token = uuid.uuid4().hex
+    with _LEDGER_LOCK:
+        connection = _connection(ray)
+        ledger = _LEDGER.get("actor") if _LEDGER.get("cluster") == connection else None
+        if ledger is not None:
+            try:
+                ray.get(ledger.open.remote(token))
+                return PassLedger(ledger, token)
+            except ray.exceptions.RayActorError:  # killed: a new one
+                pass
+        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
+        ray.get(ledger.open.remote(token))
+        _LEDGER.update(cluster=connection, actor=ledger)
+        return PassLedger(ledger, token)
 
 
 class ModelActor:
     """Model stage (a Ray actor pool): one loaded model per actor; batches come prepared or are prepared here."""
 
     def __init__(self, blob: bytes, device: str | None, prepared_upstream: bool, threads: int,
-                 ledger: Any = None, remote: RemoteAccess | None = None) -> None:
+                 ledger: PassLedger | None = None, remote: RemoteAccess | None = None) -> None:
         import ray
 
         started = time.perf_counter()
+        context = ray.get_runtime_context()
+        actor_id = context.get_actor_id()
+        deaths = 0
+        if ledger is not None:
+            deaths = ray.get(ledger.actor.starting.remote(ledger.token, actor_id, context.current_actor))
+            if deaths is None:  # restarted after its pass ended: end for good instead of loading a model
+                ray.actor.exit_actor()
         self.step = pickle.loads(blob)
         if device is not None and runs_on_device(self.step):
             use_device(self.step, device)
         self.load_error: str | None = None
-        context = ray.get_runtime_context()
-        actor_id = context.get_actor_id()
-        deaths = ray.get(ledger.starting.remote(actor_id, context.current_actor)) if ledger is not None else 0
         if deaths > INIT_DEATHS:
             self.load_error = (f"--executor ray: the model actors died {deaths} times in a row while loading the "
                                "model (killed, out of host or GPU memory, or a crash in native code); nothing "
@@ -274,7 +342,7 @@ class ModelActor:
             try:
                 self.step.load()
                 if ledger is not None:
-                    ray.get(ledger.loaded.remote(actor_id))
+                    ray.get(ledger.actor.loaded.remote(ledger.token, actor_id))
             except Exception as error:  # every batch answers with it and the driver stops the run: an actor
                 # that died here would be restarted and the same error paid for again
                 log.exception("the model did not load")
@@ -368,19 +436,20 @@ def _halves(group: list[Record]) -> list[list[Record]]:
     return [part for part in (group[:half], group[half:]) if part]
 
 
-def _end_actors(ray: Any, ledger: Any) -> None:
-    """Kill a finished dataset's model actors (and their ledger) now.
+def _end_actors(ray: Any, ledger: PassLedger) -> None:
+    """Close the pass in the ledger and kill a finished dataset's model actors now.
 
     Ray Data (2.60) stops the actors of its pool when the dataset ends, but not one that died and was
     restarted: that one stayed alive, holding its CPUs and GPUs until the driver exited, so the next
     dataset (the rerun of lost images, the next step, the next run of a process that runs several)
-    waited for resources that never came back.
+    waited for resources that never came back. One that restarts after this ends itself (the ledger
+    no longer knows its pass).
     """
     try:
-        handles = ray.get(ledger.actors.remote(), timeout=RELEASE_WAIT_S)
+        handles = ray.get(ledger.actor.close.remote(ledger.token), timeout=RELEASE_WAIT_S)
     except ray.exceptions.RayError:  # the ledger is gone: nothing to name
         handles = []
-    for handle in [*handles, ledger]:
+    for handle in handles:
         with contextlib.suppress(ray.exceptions.RayError, ValueError):
             ray.kill(handle, no_restart=True)
 
@@ -770,7 +839,7 @@ class RayExecutor(LocalExecutor):
         device = self._device() if runs_on_device(step) else None
         actor_class = ray.remote(num_cpus=self.cpus_per_actor, num_gpus=gpus or None, max_restarts=-1,
                                  max_task_retries=0)(ModelActor)
-        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
+        ledger = _open_pass(ray)
         actor = actor_class.remote(portable(step, _dumps), device, False, max(1, int(self.cpus_per_actor)), ledger)
         batch = max(1, step.batch_size)
         groups = [(half, 1) for start in range(0, len(records), batch)
@@ -827,7 +896,7 @@ class RayExecutor(LocalExecutor):
                 batch_format="pyarrow", num_cpus=self.decode_cpus,
                 compute=ray.data.TaskPoolStrategy(size=self.decode_tasks) if self.decode_tasks else None,
             )
-        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
+        ledger = _open_pass(ray)
         model_stage = {
             "fn_constructor_args": (blob, self._device() if runs_on_device(step) else None, apart,
                                     max(1, int(self.cpus_per_actor)), ledger, remote),
