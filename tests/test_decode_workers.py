@@ -104,3 +104,19 @@ def test_the_command_line_measures_decode_workers_unless_told(tmp_path, tiny_flo
 
     assert summary("told", "--workers", "3")["decode_workers"] == 3
     assert 1 <= summary("measured")["decode_workers"] <= len(os.sched_getaffinity(0))  # never above the CPUs
+
+
+class _CpuTimedStep(_TimedStep):
+    """The same, as a model on this machine's CPU with threads of its own (it shares the cores with decoding)."""
+
+    def cpu_thread_candidates(self) -> list[int]:
+        return [2, 1]
+
+    def set_cpu_threads(self, count: int) -> None: ...
+
+
+def test_a_model_on_the_cpu_starts_at_one_decode_worker(tmp_path):
+    step = _CpuTimedStep(decode_s=0.001, model_s_per_image=0.01)
+    summary = _run(tmp_path, step, RunOptions(workers_limit=6))
+    assert summary.decode_workers == 1
+    assert max(step.peaks) <= 1  # from the first batch on: no decode thread took a core from the model

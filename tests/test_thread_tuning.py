@@ -113,3 +113,14 @@ def test_a_fast_model_is_measured_for_half_a_second_not_two_batches():
     assert applied == []  # 19 measured batches: 0.15 s, still measuring the first setting
     applied = _feed(tuner, decode_s_per_image=0.010, model_s_per_image=0.001, batches=60)
     assert applied[:1] == [13]  # then the formula's count: 10 ms / 1 ms x 1.25, capped at the limit
+
+
+def test_started_at_one_worker_a_second_is_kept_only_when_measured_faster():
+    """A model on the CPU starts at one decode worker; where the formula asks for two, two are measured and kept
+    only when faster than the one already measured."""
+    shared_cores = DecodeWorkerTuner(limit=2, apply=lambda workers: None, start=1)
+    applied = _feed_rates(shared_cores, {1: 0.0075, 2: 0.0080})
+    assert shared_cores.done and shared_cores.current == 1 and applied == [2, 1]
+    spare_cores = DecodeWorkerTuner(limit=2, apply=lambda workers: None, start=1)
+    applied = _feed_rates(spare_cores, {1: 0.0120, 2: 0.0080})
+    assert spare_cores.done and spare_cores.current == 2 and applied == [2]

@@ -176,7 +176,7 @@ class DecodeWorkerTuner:
             self.current = fewer
             self.apply(fewer)
             return
-        if needed != self.current:  # tried before (or out of rounds): keep the best measured
+        if needed != self.current or fewer in self.tried:  # tried before (or out of rounds): the best measured
             best = max(self.tried, key=lambda workers: self.tried[workers].rate)
             if needed in self.tried and self.tried[needed].rate * (1 + SAME_RATE) >= self.tried[best].rate:
                 best = needed  # within the noise of the best: the formula's count
