@@ -322,10 +322,13 @@ def test_ctrl_c_with_a_page_open_stops_the_job_before_the_server_closes(browser,
     port = free_port()
     console = tmp_path / "console.txt"
     with console.open("w") as stream:  # started first: the images are written while it imports Gradio
+        # with SIGINT ignored, as a shell starts a background job (`captionkit ui &`): the UI must still stop on
+        # it (before the fix it ignored it and this test hung whenever the suite itself ran in the background)
         process = subprocess.Popen([sys.executable, "-m", "captionkit.cli", "ui", "--port", str(port)],
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                                         "PYTHONFAULTHANDLER": "1"},
-                                   stdout=stream, stderr=subprocess.STDOUT)
+                                   stdout=stream, stderr=subprocess.STDOUT,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         photos = tmp_path / "many-photos"
         write_good_images(photos, 400)

@@ -88,6 +88,13 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
               " — Ctrl-C stops it; a running job stops after its current batch.", file=sys.stderr)
     if not block:
         return blocks, app, url
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C (or `kill -INT`) stops it even when it was started with SIGINT ignored, as a shell does for a
+        # background job and some CI runners for their children; `captionkit caption` installs its own too
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         while blocks.is_running:
             time.sleep(0.1)
