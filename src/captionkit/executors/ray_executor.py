@@ -305,12 +305,12 @@ def _open_pass(ray: Any) -> PassLedger:
         if ledger is not None:
             try:
                 ray.get(ledger.open.remote(token))
-                return PassLedger(ledger, token)
             except ray.exceptions.RayActorError:  # killed: a new one
-                pass
-        ledger = ray.remote(num_cpus=0)(StartLedger).remote()
-        ray.get(ledger.open.remote(token))
-        _LEDGER.update(cluster=connection, actor=ledger)
+                ledger = None
+        if ledger is None:
+            ledger = ray.remote(num_cpus=0)(StartLedger).remote()
+            ray.get(ledger.open.remote(token))
+            _LEDGER.update(cluster=connection, actor=ledger)
         return PassLedger(ledger, token)
 
 

@@ -6,6 +6,7 @@ A model is named by a hub id or a local folder; its family is read from its
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -211,15 +212,21 @@ def free_accelerator_memory() -> None:
 
 def _trim_heap() -> None:
     """``malloc_trim(0)`` where the C library is glibc (Linux); elsewhere nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, looked up once (``find_library`` runs ``ldconfig``); None without it."""
     import ctypes
     import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
-        return
-    trim(0)
+        return None
