@@ -162,16 +162,23 @@ def shapes(tmp_path_factory) -> Path:
     return folder
 
 
-def pytest_collection_finish(session) -> None:
-    """Move everything the collection created (torch, transformers, Gradio, every test module: about half a million
-    objects) out of the garbage collector's sight before the first test runs.
+
+_frozen_for: list = [None]  # the test module whose start last froze the heap
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """At the start of each test module, move every object alive then out of the garbage collector's sight.
 
     captionkit calls ``gc.collect()`` on every model unload (``free_accelerator_memory``), and a full collection
     walks every tracked object of the process: in a test process that has imported everything, 0.3-0.5 s each,
     hundreds of times (a profile of the in-process tests put 13% of their time there). Frozen objects are never
-    collected, so only what exists now is frozen: modules, classes and functions that live until the process
-    ends anyway. Models, images and fixtures made by tests are created later and collected as before."""
+    collected, so only what lives across modules is frozen, after a collection: modules, classes, functions and
+    session fixtures. The previous module's fixtures are torn down by then; what the module's tests create is
+    collected as before."""
     import gc
 
-    gc.collect()
-    gc.freeze()
+    if item.path != _frozen_for[0]:
+        _frozen_for[0] = item.path
+        gc.collect()
+        gc.freeze()
