@@ -300,7 +300,8 @@ class Florence2Captioner:
 
     def unload(self) -> None:
         """Free the model (and GPU memory)."""
-        release(self, "model", "_prompt_inputs")
+        self._prompt_inputs = None  # a few prompt tensors in a plain dict (not weakly referenceable)
+        release(self, "model")
 
     def recover_from_oom(self) -> None:
         import torch
