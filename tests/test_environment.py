@@ -1,11 +1,13 @@
 """Problems named for what they are: a broken environment, a taken port, a missing input, a full disk.
 
-Each test runs the real console entry point in a fresh interpreter, the way a user meets it.
+Each test runs the real console entry point, in a fresh interpreter the way a user meets it where the
+interpreter is part of the problem (a package that fails to import, a server that cannot start).
 """
 
 from __future__ import annotations
 
 import errno
+import importlib.util
 import os
 import socket
 import stat
@@ -66,13 +68,17 @@ def test_a_package_that_fails_to_import_is_named_not_the_model_folder_or_the_dis
 
 
 def test_a_taken_port_is_one_sentence_and_exit_2(tmp_path):
-    """`captionkit ui --port TAKEN`: the port is in use, pick another; no Gradio internals, no disk hint."""
-    pytest.importorskip("gradio")
+    """`captionkit ui --port TAKEN`: the port is in use, pick another; no Gradio internals, no disk hint. Said
+    before Gradio is imported (seconds of imports and building the app): a gradio that fails to import is
+    first on the path here, and never reached."""
+    if importlib.util.find_spec("gradio") is None:  # importorskip would import it here: seconds
+        pytest.skip("gradio is not installed")
+    broken = _broken_package(tmp_path / "site", "gradio", 'raise ImportError("gradio was imported")')
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = _captionkit(["ui", "--port", str(port)], tmp_path)
+        done = _captionkit(["ui", "--port", str(port)], tmp_path, first_on_path=broken)
     assert done.returncode == 2, done.stderr[-3000:]
     assert done.stderr.strip() == f"error: Port {port} on 127.0.0.1 is in use: pick another with --port.", done.stderr
 
@@ -112,11 +118,22 @@ def test_the_disk_hint_is_given_only_for_errors_about_writing(number, hint):
         assert text.endswith(hint)
 
 
-def test_a_caption_run_writes_files_with_plain_modes(tmp_path, tiny_florence):
-    """Sidecars, the store, the run log and exports get what open() gives under umask 022 (0644; folders 0755)."""
+def test_a_caption_run_writes_files_with_plain_modes(tmp_path, tiny_florence, monkeypatch):
+    """Sidecars, the store, the run log and exports get what open() gives under umask 022 (0644; folders 0755).
+
+    The console entry point in this process (a fresh interpreter's imports cost seconds): the umask is set
+    for the run, and captionkit's copy of it, read once per process, is read again."""
+    from captionkit.core import atomic
+    from tests.in_process import run_cli
+
     write_good_images(tmp_path / "photos", 2)
-    done = _captionkit(["caption", "photos", "--model", str(tiny_florence), "--num-beams", "1", "--max-new-tokens", "4",
-                        "--export", "all.jsonl", "--export", "parts/", "--quiet"], tmp_path)  # modes, not text
+    monkeypatch.setattr(atomic, "_umask", None)
+    previous = os.umask(0o022)
+    try:
+        done = run_cli("caption", "photos", "--model", str(tiny_florence), "--num-beams", "1", "--max-new-tokens",
+                       "4", "--export", "all.jsonl", "--export", "parts/", "--quiet", cwd=tmp_path)  # modes, not text
+    finally:
+        os.umask(previous)
     assert done.returncode == 0, done.stderr[-3000:]
     written = [path for path in tmp_path.rglob("*") if path.name != "photos" and not path.name.startswith("img0")
                or path.suffix == ".txt"]

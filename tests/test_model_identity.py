@@ -11,8 +11,6 @@ import json
 import os
 import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import pytest
 import captionkit
 from captionkit.core.store import SCHEMA_VERSION, Store, fingerprint
 from tests.images import write_good_images
+from tests.in_process import run_cli
 
 FAST = {"max_new_tokens": 8, "num_beams": 1, "progress": "quiet", "workers": 2}
 
@@ -52,23 +51,17 @@ def _change_one_tensor(weights: Path) -> None:
     assert weights.stat().st_size == size
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(Path(captionkit.__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "captionkit.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
 def test_a_copied_florence_folder_reuses_the_captions_and_a_changed_tensor_does_not(tmp_path, tiny_florence):
     images = tmp_path / "images"
     write_good_images(images, 3)
     model = _copy(tiny_florence, tmp_path / "models" / "florence")
     args = ("caption", str(images), "--max-new-tokens", "8", "--num-beams", "1", "--progress", "quiet")
-    first = _cli(*args, "--model", str(model))
+    first = run_cli(*args, "--model", str(model))  # the console entry point, in this process
     assert first.returncode == 0 and "3 done" in first.stderr, first.stderr
     captions = {path.name: path.read_text() for path in images.glob("*.txt")}
 
     elsewhere = _copy(model, tmp_path / "somewhere" / "else" / "florence-copy")
-    again = _cli(*args, "--model", str(elsewhere))
+    again = run_cli(*args, "--model", str(elsewhere))
     assert again.returncode == 0 and "0 done, 3 already done" in again.stderr, again.stderr
     assert {path.name: path.read_text() for path in images.glob("*.txt")} == captions
 

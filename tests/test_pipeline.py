@@ -253,15 +253,42 @@ def test_the_example_pipeline_offline_fails_at_validation_in_one_sentence(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def _peak_rss_mb(pipeline: Path) -> float:
-    """Run a pipeline in a fresh process and return its peak resident memory."""
-    code = ("import resource, sys; from captionkit.pipeline import run_pipeline; "
-            "report = run_pipeline(sys.argv[1]); assert all(not step.failed for step in report.steps); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
-    done = subprocess.run([sys.executable, "-c", code, str(pipeline)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+# One interpreter pays the imports once, then forks a child per pipeline: a child's peak resident memory
+# (ru_maxrss) starts at what it shares with the parent when forked, as a fresh process's starts at its imports.
+_PEAK_RSS_CODE = """
+import json, os, resource, sys
+from captionkit._torchvision_compat import ensure_torchvision
+from captionkit.models import chat_vlm
+from captionkit.pipeline import run_pipeline
+ensure_torchvision()
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+peaks = []
+for pipeline in sys.argv[1:]:
+    reading, writing = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(reading)
+        report = run_pipeline(pipeline)
+        failed = [step.errors for step in report.steps if step.failed]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        os.write(writing, json.dumps({"failed": repr(failed) if failed else None, "peak": peak}).encode())
+        os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as stream:
+        result = json.loads(stream.read() or '{"failed": "the child wrote nothing", "peak": 0}')
+    _, status = os.waitpid(child, 0)
+    assert status == 0 and result["failed"] is None, (pipeline, status, result)
+    peaks.append(result["peak"])
+print(json.dumps(peaks))
+"""
+
+
+def _peak_rss_mb(*pipelines: Path) -> list[float]:
+    """Each pipeline's peak resident memory, each run in a fresh process (forked after the imports)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_CODE, *map(str, pipelines)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
-    return float(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
@@ -284,11 +311,13 @@ def test_one_model_resident_at_a_time(tmp_path):
         return _write(tmp_path / f"{name}.yaml", {"input": "images", "base_folder": f"work-{name}",
                                                    "save_folder": f"out-{name}", "steps": steps})
 
-    alone = _peak_rss_mb(pipeline("second", [captioner("b", second)]))
-    both = _peak_rss_mb(pipeline("both", [captioner("a", first), captioner("b", second)]))
+    alone, both = _peak_rss_mb(pipeline("second", [captioner("b", second)]),
+                               pipeline("both", [captioner("a", first), captioner("b", second)]))
     bf16_mb = sum(path.stat().st_size for path in second.glob("*.safetensors")) / 2 / 2**20  # one model in bf16
     # measured with 4 layers (bf16_mb 111, threshold alone + 55): alone 746 MB, both 775-784 MB in 4 runs, and
     # 835-840 MB with the first model kept resident (unload() left out of the pipeline: this assertion fails).
+    # Forked after the imports (one interpreter instead of two): alone 665-666 MB, both 702-707 MB, and 766 MB
+    # with unload() left out.
     # Before unload() trimmed the heap (malloc_trim), "both" was 778-824 MB: glibc kept the first model's pages.
     assert both < alone + 0.5 * bf16_mb, (alone, both, bf16_mb)
 

@@ -185,13 +185,13 @@ def example_with_added_step(fix_indentation: bool = False, drop: tuple[str, ...]
 @pytest.mark.slow
 def test_the_documented_example_runs_as_written_from_the_repository_root(tmp_path, tiny_llava):
     root = repository_root(tmp_path, tiny_llava)
-    planned = subprocess.run([*CLI, "run", "--config", "configs/ImageCaption.yaml", "--dry-run"], cwd=root,
-                             capture_output=True, text=True, timeout=300)
+    # the console entry point in this process, from the repository root: the command as written, without a
+    # fresh interpreter's imports (the run below checks that the hub is never asked in a fresh process)
+    planned = run_cli("run", "--config", "configs/ImageCaption.yaml", "--dry-run", cwd=root)
     assert planned.returncode == 0, planned.stderr
     assert f"paths: relative paths start from the current folder {root}" in planned.stderr
     assert "step 1 LLaVACaptioner (captioner -> llava_captioner): 2 records" in planned.stderr
-    result = subprocess.run([*CLI, "run", "--config", "configs/ImageCaption.yaml", "-q"], cwd=root,
-                            capture_output=True, text=True, timeout=600)
+    result = run_cli("run", "--config", "configs/ImageCaption.yaml", "-q", cwd=root)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING")]
     assert len([line for line in warnings if "video" in line]) == 1  # one warning for the video rows

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,6 +15,7 @@ from captionkit.core.tagging import TagOptions, render_tags, select_tags
 from captionkit.models.taggers import load_tagger
 from captionkit.steps.tagger import decode_scores
 from tests.images import write_good_images
+from tests.in_process import run_cli
 from tests.test_taggers_formats import SIZE, TAG_ROWS, tiny_model, write_tags_csv
 
 
@@ -113,10 +112,9 @@ def test_tags_append_to_captions_from_another_step(tmp_path, tagger_folder, tiny
 def test_cli_tag_print_no_write(tmp_path, tagger_folder):
     folder = tmp_path / "images"
     write_good_images(folder, 2)
-    result = subprocess.run(
-        [sys.executable, "-m", "captionkit.cli", "tag", str(folder), "--model", str(tagger_folder), "--print",
-         "--no-write", "--general-threshold", "0", "--threshold", "character=0", "--replace", "long_hair=hair",
-         "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    result = run_cli("tag", str(folder), "--model", str(tagger_folder), "--print", "--no-write",  # in this process
+                     "--general-threshold", "0", "--threshold", "character=0", "--replace", "long_hair=hair",
+                     "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "img000.png: hair: " in result.stdout
     assert not list(folder.glob("*.txt"))

@@ -18,7 +18,7 @@ from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.identity import model_identity
 from captionkit.core.images import fit_within
-from captionkit.models import free_accelerator_memory
+from captionkit.models import free_accelerator_memory, release
 from captionkit.models.base import CaptionRequest, ChatSettings, ItemFailure, render_chat_texts, sample_seed
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,7 @@ class ChatVLMCaptioner:
 
     def unload(self) -> None:
         """Free the model, the processor and cached accelerator memory."""
-        self.model = None
-        self.processor = None
-        free_accelerator_memory()
+        release(self, "model", "processor")
 
     def recover_from_oom(self) -> None:
         free_accelerator_memory()

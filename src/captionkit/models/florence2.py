@@ -16,7 +16,7 @@ from typing import Any
 
 from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.core.errors import CaptionkitError, MissingDependencyError
-from captionkit.models import free_accelerator_memory, is_local, model_unavailable, register_backend
+from captionkit.models import is_local, model_unavailable, register_backend, release
 from captionkit.models.base import CaptionRequest
 
 log = logging.getLogger(__name__)
@@ -300,9 +300,8 @@ class Florence2Captioner:
 
     def unload(self) -> None:
         """Free the model (and GPU memory)."""
-        self.model = None
-        self._prompt_inputs = None
-        free_accelerator_memory()
+        self._prompt_inputs = None  # a few prompt tensors in a plain dict (not weakly referenceable)
+        release(self, "model")
 
     def recover_from_oom(self) -> None:
         import torch

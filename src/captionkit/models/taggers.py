@@ -24,7 +24,6 @@ and touches no shared state; :meth:`TaggerModel.predict` runs the batch.
 from __future__ import annotations
 
 import csv
-import gc
 import json
 import logging
 import threading
@@ -300,15 +299,9 @@ class TaggerModel:
 
     def unload(self) -> None:
         """Free the weights (and accelerator memory); :meth:`predict` fails afterwards."""
-        self._runner = None
-        gc.collect()
-        try:
-            import torch
+        from captionkit.models import release
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is a dependency
-            pass
+        release(self, "_runner")
 
 
 # -- runners --------------------------------------------------------------------------------

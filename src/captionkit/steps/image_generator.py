@@ -29,7 +29,7 @@ from typing import Any
 from captionkit.core.atomic import atomic_write_bytes
 from captionkit.core.errors import CaptionkitError, require
 from captionkit.core.records import Record
-from captionkit.models import free_accelerator_memory
+from captionkit.models import free_accelerator_memory, release
 from captionkit.models.base import ItemFailure
 from captionkit.steps.base import Prepared
 from captionkit.steps.captioner import prompt_fields
@@ -368,8 +368,7 @@ class ImageGeneratorStep:
 
     def unload(self) -> None:
         """Free the pipeline and its accelerator memory; ``load`` may be called again later."""
-        self.pipeline = None
-        free_accelerator_memory()
+        release(self, "pipeline")
 
     def recover_from_oom(self) -> None:
         free_accelerator_memory()

@@ -16,7 +16,6 @@ as the caption backend). Records need no image: ``path`` may be None.
 from __future__ import annotations
 
 import difflib
-import gc
 import hashlib
 import logging
 from typing import Any
@@ -25,7 +24,7 @@ from captionkit._torchvision_compat import ensure_torchvision
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.records import Record
 from captionkit.core.text import is_refusal
-from captionkit.models import free_accelerator_memory
+from captionkit.models import free_accelerator_memory, release
 from captionkit.models.base import ChatSettings, ItemFailure, render_chat_texts
 from captionkit.steps.base import Prepared
 from captionkit.steps.captioner import CaptionText, prompt_fields
@@ -130,10 +129,7 @@ class TransformersTextModel:
         self.model = model.to(self.device).eval()
 
     def unload(self) -> None:
-        self.model = None
-        self.tokenizer = None
-        gc.collect()
-        self.recover_from_oom()
+        release(self, "model", "tokenizer")
 
     def recover_from_oom(self) -> None:
         free_accelerator_memory()

@@ -56,6 +56,30 @@ def exposure_warning(host: str, auth, share: bool) -> str | None:
     return None
 
 
+def port_taken(host: str, port: int) -> bool:
+    """True when something listens on ``host:port`` already (a bind fails with "address in use").
+
+    Why: checked before Gradio is imported and the app built (seconds), so a taken --port is said at once;
+    Gradio's own check stays behind it for a port taken in between. SO_REUSEADDR as the server sets it: a
+    port only in TIME_WAIT after a previous run is free to it, only a listening one is not."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return False  # a host it cannot resolve: the server's own start says so
+    for family, kind, protocol, _, address in infos:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = None, share: bool = False,
            block: bool = True, manager=None, quiet: bool = False):
     """Start the web UI; returns ``(blocks, app, url)`` when ``block`` is False (tests, notebooks)."""
@@ -63,6 +87,8 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
 
     from captionkit.core.errors import require
 
+    if port and port_taken(host, port):
+        raise CaptionkitError(f"Port {port} on {host} is in use: pick another with --port.")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require("gradio", "captionkit ui", extra="ui")
     from captionkit.ui.app import build_app, launch_options
@@ -108,4 +134,4 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     return blocks, app, url
 
 
-__all__ = ["exposure_warning", "launch", "parse_auth"]
+__all__ = ["exposure_warning", "launch", "parse_auth", "port_taken"]

@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 import traceback
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -256,8 +257,9 @@ class ResidentModel:
         try:
             backend.unload()
         finally:
+            alive = weakref.ref(backend)
             del backend
-            free_accelerator_memory()
+            free_accelerator_memory(collect=alive() is not None)  # a full collection only for a cycle left
             self.unloads += 1
             if job is not None:
                 job.log(f"unloaded model {label}")
