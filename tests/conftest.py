@@ -80,20 +80,6 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
-@pytest.fixture
-def frozen_gc():
-    """For tests that unload models many times: every unload runs ``gc.collect()``, which walks every object
-    of the process (0.2-0.3 s each with torch, transformers and the suite imported). Freezing what exists
-    before the test leaves only the objects made since to walk; it can only keep more alive, never free
-    more, so a leak still shows."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
-
-
 # Seconds per test module (sum of its tests, both workers busy, measured on a loaded 2-core machine), for
 # the modules that cost most; every other module is a few seconds (QUICK_MODULE_S). Only the order is drawn
 # from these.

@@ -189,7 +189,7 @@ def _rss_bytes() -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_switching_models_unloads_the_previous_one_and_frees_its_memory(tmp_path, frozen_gc):
+def test_switching_models_unloads_the_previous_one_and_frees_its_memory(tmp_path):
     from captionkit.testing.vlms.llava import build_llava
 
     folder = tmp_path / "photos"

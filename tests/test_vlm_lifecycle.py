@@ -69,7 +69,7 @@ def test_trust_remote_code_is_recorded_in_the_fingerprint(tiny_llava):
 
 
 @pytest.mark.slow
-def test_ten_loads_and_unloads_leave_memory_where_it_was(tmp_path, frozen_gc):
+def test_ten_loads_and_unloads_leave_memory_where_it_was(tmp_path):
     from captionkit.testing.vlms.llava import build_llava
 
     model = build_llava(tmp_path / "bigger-llava", hidden=512, layers=4)  # ~40 MB of weights: a leak would show
