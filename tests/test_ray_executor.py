@@ -472,6 +472,27 @@ def test_a_ray_instance_the_cli_starts_leaves_no_session_folder(tmp_path, tiny_f
         shutil.rmtree(ray_temp, ignore_errors=True)
 
 
+def test_the_driver_fingerprints_a_model_for_cpu_workers_without_importing_torch(tiny_florence):
+    """The driver computes the fingerprint the workers will see (``worker_settings``) but never runs the model: on
+    CPU workers it does not import torch for it (~2 s of a CLI run's start), and the label is torch's."""
+    script = """if True:
+        import sys
+
+        from captionkit.executors import on_device
+        from captionkit.executors.ray_executor import _dumps
+        from captionkit.steps.captioner import CaptionStep
+        from captionkit.models.florence2 import Florence2Captioner
+
+        for dtype, label in (("auto", "float32"), ("fp16", "float16"), ("bfloat16", "bfloat16")):
+            step = CaptionStep(Florence2Captioner(model=sys.argv[1], dtype=dtype))
+            assert on_device(step, "cpu", _dumps).fingerprint()["dtype"] == label
+        assert "torch" not in sys.modules, "torch was imported"
+    """
+    run = subprocess.run([sys.executable, "-c", script, str(tiny_florence)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, monkeypatch):
     write_good_images(tmp_path, 1)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
