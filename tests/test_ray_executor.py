@@ -55,15 +55,17 @@ def corpus(tmp_path_factory, tiny_florence):
 
 
 def test_same_results_as_the_local_executor(tmp_path, corpus, tiny_florence, ray_address):
+    """Florence-2 on one model actor (each costs a process that imports torch and transformers, ~7 s of CPU): a
+    pool of two, blocks committed from both, is test_a_killed_actor_still_saves_every_image_exactly_once."""
     source, local, reference = corpus
     folder = copy_of(source, tmp_path / "images")
-    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **{**RAY, "ray_actors": 1})
     assert (summary.processed, summary.failed, summary.files_written) == (IMAGES, 1, IMAGES)
     assert "broken.png" in summary.errors and summary.interrupted is False
     got, expected = state(folder), state(local)
     assert got == expected and len(got["sidecars"]) == IMAGES
     assert len({text for _, text, *_ in got["rows"].values()}) > 1  # the tiny model says different things
-    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **{**RAY, "ray_actors": 1})
     assert (again.processed, again.reused, again.failed_earlier) == (0, IMAGES, 1)  # the store's fingerprints
     with Store(folder) as store:  # sharded Parquet for very large runs: every row once, in id order
         assert export_parquet_shards(store, tmp_path / "shards", ["caption"], rows_per_shard=10) == IMAGES + 1
