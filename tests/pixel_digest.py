@@ -89,3 +89,18 @@ class HangsOn(PixelDigest):
         if any(request.key == self.when for request in requests):
             _wait_once(self.marker)
         return super().caption_batch(requests)
+
+
+class HangsInBatch(PixelDigest):
+    """Once per marker file, a model actor writes its pid there in its ``number``-th batch and waits: the batches
+    before it were returned (so the driver commits them), whatever order the blocks reached the actor in."""
+
+    def __init__(self, marker: Path, number: int) -> None:
+        super().__init__()
+        self.marker, self.number, self.calls = str(marker), number, 0
+
+    def caption_batch(self, requests) -> list[str]:
+        self.calls += 1
+        if self.calls == self.number:
+            _wait_once(self.marker)
+        return super().caption_batch(requests)
