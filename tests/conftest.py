@@ -60,11 +60,9 @@ def shared_ray():
     import shutil
 
     # Ray runs its workers at niceness 15: behind the other xdist worker (and whatever else runs) its actors
-    # waited minutes on a busy machine; at 0 they get their share. An idle task worker is ended after 1 s while
-    # more workers than CPUs run (actors count, Ray Data's helpers too), and the next test's decode task paid a
-    # new process that imports torch and transformers again (~3.5 s of CPU): idle ones are kept for a minute.
+    # waited minutes on a busy machine; at 0 they get their share
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       _system_config={"worker_niceness": 0, "idle_worker_killing_time_threshold_ms": 60_000})
+                       _system_config={"worker_niceness": 0})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
     shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
