@@ -191,17 +191,22 @@ def test_a_url_output_dir_gets_the_caption_files_and_the_store_stays_in_a_local_
 
 
 @pytest.mark.slow
-def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_results(s3, tiny_florence, tmp_path,
-                                                                                     shared_ray):
+def test_ray_lists_sub_prefixes_in_tasks_and_fetches_on_workers_with_the_local_results(s3, tmp_path, shared_ray):
+    """The model is the torch-free :class:`~tests.pixel_digest.PixelDigest`: a caption is a digest of the pixels a
+    worker decoded from what it fetched."""
+    from tests.pixel_digest import PixelDigest, send_by_value
+
+    send_by_value()
     local = tmp_path / "local"
     url = f"s3://{BUCKET}/tree"
-    reference = captionkit.caption(url, model=str(tiny_florence), output_dir=local,
-                                   storage_options=s3.storage_options(), batch_size=4, **FAST)
+    quiet = {"progress": "quiet", "workers": 2}
+    reference = captionkit.caption(url, captioner=PixelDigest(), output_dir=local,
+                                   storage_options=s3.storage_options(), batch_size=4, **quiet)
     assert reference.processed == 2 * IMAGES + 1
     on_ray = tmp_path / "ray"
-    summary = captionkit.caption(url, model=str(tiny_florence), output_dir=on_ray,
+    summary = captionkit.caption(url, captioner=PixelDigest(), output_dir=on_ray,
                                  storage_options=s3.storage_options(), batch_size=4, executor="ray",
-                                 ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
+                                 ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5, **quiet)
     assert (summary.processed, summary.failed) == (2 * IMAGES + 1, 0)
     with Store(local) as first, Store(on_ray) as second:
         expected = {result.record_id: result.text for result in first.iter_results("caption")}

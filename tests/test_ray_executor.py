@@ -21,9 +21,8 @@ import captionkit
 from captionkit.core.errors import CaptionkitError
 from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
-from captionkit.models.florence2 import Florence2Captioner, GenerationSettings
 from tests.images import write_good_images
-from tests.in_process import run_cli
+from tests.pixel_digest import RUN_LIMIT_S, HangsOn, PixelDigest, send_by_value
 from tests.run_state import committed as committed_results
 from tests.run_state import copy_of, state, wait_while_running
 from tests.test_tag_pipeline import tagger_folder  # noqa: F401 - a fixture
@@ -38,9 +37,7 @@ RAY = {"executor": "ray", "ray_actors": 2, "ray_cpus_per_actor": 0.5}  # 2 repli
 @pytest.fixture(scope="module")
 def ray_address(shared_ray):
     """The test process's Ray (tests/conftest.py), with this module's test classes sent to actors by value."""
-    import ray
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    send_by_value(__name__)
     return shared_ray
 
 
@@ -58,15 +55,17 @@ def corpus(tmp_path_factory, tiny_florence):
 
 
 def test_same_results_as_the_local_executor(tmp_path, corpus, tiny_florence, ray_address):
+    """Florence-2 on one model actor (each costs a process that imports torch and transformers, ~7 s of CPU): a
+    pool of two, blocks committed from both, is test_a_killed_actor_still_saves_every_image_exactly_once."""
     source, local, reference = corpus
     folder = copy_of(source, tmp_path / "images")
-    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    summary = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **{**RAY, "ray_actors": 1})
     assert (summary.processed, summary.failed, summary.files_written) == (IMAGES, 1, IMAGES)
     assert "broken.png" in summary.errors and summary.interrupted is False
     got, expected = state(folder), state(local)
     assert got == expected and len(got["sidecars"]) == IMAGES
     assert len({text for _, text, *_ in got["rows"].values()}) > 1  # the tiny model says different things
-    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **RAY)
+    again = captionkit.caption(folder, model=str(tiny_florence), batch_size=4, **FAST, **{**RAY, "ray_actors": 1})
     assert (again.processed, again.reused, again.failed_earlier) == (0, IMAGES, 1)  # the store's fingerprints
     with Store(folder) as store:  # sharded Parquet for very large runs: every row once, in id order
         assert export_parquet_shards(store, tmp_path / "shards", ["caption"], rows_per_shard=10) == IMAGES + 1
@@ -134,45 +133,6 @@ def test_a_killed_actor_still_saves_every_image_exactly_once(tmp_path, corpus, d
     assert progress[-1]["done"] == IMAGES  # counted once each
     assert state(folder) == state(local)  # every image once, same text, no partial or temporary file
     assert not _driver_reruns(caplog)  # its blocks ran again in the pool (restarted actor or the other one)
-
-
-class PixelDigest:
-    """A model stand-in without torch, for what is about the executor, not the model (its actors start in about a
-    second, a Florence-2 one in about four): the caption is a digest of the decoded pixels. Its worker process
-    ends whenever a batch holds the image ``poison`` (a file that crashes the decoder, say); each load leaves a file
-    in ``loads``. Pixels are decoded in the CPU stage, as Florence-2's are."""
-
-    def __init__(self, poison: str | None = None, loads: Path | None = None) -> None:
-        self.poison, self.loads = poison, str(loads) if loads else None
-
-    def fingerprint(self) -> dict:
-        return {"backend": "pixel-digest"}  # the same model with or without poison: a rerun reuses results
-
-    def load(self) -> None:
-        if self.loads:
-            Path(self.loads, f"{os.getpid()}-{time.monotonic_ns()}").touch()
-
-    def load_processor(self) -> None: ...
-
-    def unload(self) -> None: ...
-
-    def image_size(self) -> None:
-        return None
-
-    def preprocess(self, image) -> str:
-        import hashlib
-
-        return hashlib.sha1(image.tobytes()).hexdigest()[:16]
-
-    def caption_batch(self, requests) -> list[str]:
-        if any(request.key == self.poison for request in requests):
-            os._exit(1)
-        return [f"pixels {request.payload}" for request in requests]
-
-    def render_texts(self, raw: str) -> list[str]:
-        return [raw]
-
-    def recover_from_oom(self) -> None: ...
 
 
 class ExitsOnce(PixelDigest):
@@ -289,53 +249,6 @@ def test_a_model_actor_that_starts_after_its_pass_ended_ends_without_loading(tmp
 
 
 # ------------------------------------------------------------------ processes killed by hand (SIGKILL)
-RUN_LIMIT_S = 240  # a run that has not ended by then hangs (a fixed run takes seconds)
-
-
-def _wait_once(marker: str) -> None:
-    """Once per marker file: write this process's pid there and wait (to be killed, or for good as a hung model)."""
-    if os.path.exists(marker):
-        return
-    Path(marker + ".tmp").write_text(str(os.getpid()))
-    os.replace(marker + ".tmp", marker)
-    time.sleep(RUN_LIMIT_S + 60)  # killed long before this (a hung one is killed by the test at its end)
-
-
-class HangsOn(PixelDigest):
-    """Once per marker file, the model actor whose batch holds the image ``when`` writes its pid there and waits."""
-
-    def __init__(self, marker: Path, when: str) -> None:
-        super().__init__()
-        self.marker, self.when = str(marker), when
-
-    def caption_batch(self, requests) -> list[str]:
-        if any(request.key == self.when for request in requests):
-            _wait_once(self.marker)
-        return super().caption_batch(requests)
-
-
-class WaitsToBeKilled(Florence2Captioner):
-    """Once per marker file, a model actor writes its pid there and waits (to be killed, or for good as a hung
-    model would): while loading (``when="load"``) or in the batch that holds the image ``when``."""
-
-    def __init__(self, marker: Path, when: str, **options) -> None:
-        super().__init__(**options)
-        self.marker, self.when = str(marker), when
-
-    def _wait_here(self) -> None:
-        _wait_once(self.marker)
-
-    def load(self) -> None:
-        if self.when == "load" and self.model is None:
-            self._wait_here()
-        super().load()
-
-    def caption_batch(self, requests):
-        if any(request.key == self.when for request in requests):
-            self._wait_here()
-        return super().caption_batch(requests)
-
-
 def _kill_when_waiting(marker: Path) -> threading.Thread:
     """SIGKILL the process whose pid appears in ``marker`` (from another thread, as a user's ``kill -9``)."""
 
@@ -370,11 +283,6 @@ def _ends(call, limit_s: float = RUN_LIMIT_S):
     return outcome["value"]
 
 
-def _waiting_captioner(tiny_florence, marker: Path, when: str) -> WaitsToBeKilled:
-    return WaitsToBeKilled(marker, when, model=str(tiny_florence),
-                           generation=GenerationSettings(max_new_tokens=12, num_beams=1))
-
-
 def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, digests, ray_address, caplog):
     """The default pool on a CPU machine has one model actor: SIGKILL it in the middle of the run."""
     caplog.set_level(logging.WARNING, logger="captionkit")
@@ -392,12 +300,13 @@ def test_a_killed_actor_of_a_one_actor_pool_is_replaced(tmp_path, corpus, digest
     assert not _driver_reruns(caplog)  # the killed batch ran again in the pool, not on the driver's own actor
 
 
-def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, tiny_florence, ray_address):
-    source, local, _ = corpus
+def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, digests, ray_address):
+    source, _, _ = corpus
+    local = digests
     folder = copy_of(source, tmp_path / "images")
     marker = tmp_path / "killed"
     _kill_when_waiting(marker)
-    captioner = _waiting_captioner(tiny_florence, marker, "load")
+    captioner = HangsOn(marker, "load")
     summary = _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
                                                workers=2, executor="ray"))
     assert marker.exists()
@@ -405,23 +314,20 @@ def test_an_actor_killed_while_loading_the_model_is_replaced(tmp_path, corpus, t
     assert state(folder) == state(local)
 
 
-class KilledEveryLoad(Florence2Captioner):
+class KilledEveryLoad(PixelDigest):
     """Every model actor writes its pid into ``folder`` while loading and waits to be killed."""
 
-    def __init__(self, folder: Path, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
         self.folder = str(folder)
 
     def load(self) -> None:
-        if self.model is None:
-            Path(self.folder, f"{os.getpid()}.tmp").write_text(str(os.getpid()))
-            os.replace(Path(self.folder, f"{os.getpid()}.tmp"), Path(self.folder, f"{os.getpid()}.pid"))
-            time.sleep(RUN_LIMIT_S + 60)
-        super().load()
+        Path(self.folder, f"{os.getpid()}.tmp").write_text(str(os.getpid()))
+        os.replace(Path(self.folder, f"{os.getpid()}.tmp"), Path(self.folder, f"{os.getpid()}.pid"))
+        time.sleep(RUN_LIMIT_S + 60)
 
 
-def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_path, corpus, tiny_florence,
-                                                                          ray_address):
+def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_path, corpus, ray_address):
     source, _, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     pids = tmp_path / "pids"
@@ -439,8 +345,7 @@ def test_actors_killed_every_time_they_load_end_the_run_with_a_clear_error(tmp_p
             time.sleep(0.05)
 
     threading.Thread(target=kill_each, daemon=True).start()
-    captioner = KilledEveryLoad(pids, model=str(tiny_florence), generation=GenerationSettings(max_new_tokens=12,
-                                                                                             num_beams=1))
+    captioner = KilledEveryLoad(pids)
     try:
         with pytest.raises(CaptionkitError, match="died 4 times in a row while loading the model"):
             _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
@@ -475,11 +380,11 @@ def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path,
     assert saved == {key: row for key, row in state(local)["rows"].items() if key in saved}
 
 
-class CannotLoad(Florence2Captioner):
+class CannotLoad(PixelDigest):
     """Loading fails on every worker (a missing package there, say), counted in ``folder``."""
 
-    def __init__(self, folder: Path, **options) -> None:
-        super().__init__(**options)
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
         self.folder = str(folder)
 
     def load(self) -> None:
@@ -487,13 +392,12 @@ class CannotLoad(Florence2Captioner):
         raise ImportError("No module named 'flash_attn'")
 
 
-def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path, corpus, tiny_florence,
-                                                                       ray_address):
+def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path, corpus, ray_address):
     source, _, _ = corpus
     folder = copy_of(source, tmp_path / "images")
     tries = tmp_path / "tries"
     tries.mkdir()
-    captioner = CannotLoad(tries, model=str(tiny_florence))
+    captioner = CannotLoad(tries)
     with pytest.raises(CaptionkitError, match="could not load the model: ImportError: No module named 'flash_attn'"):
         _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
                                          executor="ray"))
@@ -516,25 +420,39 @@ def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path,
     assert state(tmp_path / "ray") == state(tmp_path / "local")
 
 
-def test_resume_after_the_driver_is_killed(tmp_path, corpus, tiny_florence, ray_address):
-    source, local, _ = corpus
+def test_resume_after_the_driver_is_killed(tmp_path, corpus, digests, ray_address):
+    """A driver (a process of its own, a job of its own on the cluster) is killed with a block in flight; the next
+    run skips what the store has and ends as a clean run would."""
+    source, _, _ = corpus
     folder = copy_of(source, tmp_path / "images")
-    command = [sys.executable, "-m", "captionkit.cli", "caption", str(folder), "--model", str(tiny_florence),
-               "--num-beams", "1", "--max-new-tokens", "12", "--batch-size", "1", "--executor", "ray",
-               "--ray-address", ray_address, "--ray-actors", "1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen([*command, "-q"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_while_running(driver, lambda: committed_results(folder) >= 4)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    marker = tmp_path / "hung"
+    script = """if True:
+        import sys
+
+        sys.path.insert(0, sys.argv[1])
+        import captionkit
+        from tests.pixel_digest import HangsInBatch, send_by_value
+
+        send_by_value()
+        captionkit.caption(sys.argv[2], captioner=HangsInBatch(sys.argv[3], 5), batch_size=4, progress="quiet",
+                           workers=2, executor="ray", ray_address=sys.argv[4], ray_actors=1)
+    """
+    root = Path(__file__).resolve().parents[1]
+    driver = subprocess.Popen([sys.executable, "-c", script, str(root), str(folder), str(marker), ray_address],
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:  # the model hangs in its fifth batch (a block of its own); blocks before it are committed, all but the
+        # last one or two, which Ray Data may still hold: they are lost with the driver, and run again below
+        wait_while_running(driver, lambda: marker.exists() and committed_results(folder) >= 4)
+    finally:
+        driver.send_signal(signal.SIGKILL)  # its job ends: Ray ends its actors, the hung one too
+        driver.wait()
     committed = committed_results(folder)
     assert 4 <= committed < IMAGES
-    rerun = run_cli(*command[3:], "--progress", "json", env=env)  # the resume, in this process
-    assert rerun.returncode == 1, rerun.stderr  # broken.png failed: some failed
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert summary["event"] == "summary"
-    assert (summary["reused"], summary["processed"]) == (committed, IMAGES - committed)  # finished ones skipped
-    assert state(folder) == state(local)  # as a clean run: every image once, no partial or temporary file
+    rerun = captionkit.caption(folder, captioner=PixelDigest(), batch_size=4, progress="quiet", workers=2,
+                               executor="ray", ray_actors=1)
+    assert (rerun.reused, rerun.processed, rerun.failed) == (committed, IMAGES - committed, 1)  # finished ones skipped
+    assert state(folder) == state(digests)  # as a clean run: every image once, no partial or temporary file
 
 
 def test_a_ray_instance_the_cli_starts_leaves_no_session_folder(tmp_path, tiny_florence):
@@ -555,6 +473,27 @@ def test_a_ray_instance_the_cli_starts_leaves_no_session_folder(tmp_path, tiny_f
         assert not [path.name for path in ray_root.iterdir() if path.name.startswith("session")]
     finally:
         shutil.rmtree(ray_temp, ignore_errors=True)
+
+
+def test_the_driver_fingerprints_a_model_for_cpu_workers_without_importing_torch(tiny_florence):
+    """The driver computes the fingerprint the workers will see (``worker_settings``) but never runs the model: on
+    CPU workers it does not import torch for it (~2 s of a CLI run's start), and the label is torch's."""
+    script = """if True:
+        import sys
+
+        from captionkit.executors import on_device
+        from captionkit.executors.ray_executor import _dumps
+        from captionkit.steps.captioner import CaptionStep
+        from captionkit.models.florence2 import Florence2Captioner
+
+        for dtype, label in (("auto", "float32"), ("fp16", "float16"), ("bfloat16", "bfloat16")):
+            step = CaptionStep(Florence2Captioner(model=sys.argv[1], dtype=dtype))
+            assert on_device(step, "cpu", _dumps).fingerprint()["dtype"] == label
+        assert "torch" not in sys.modules, "torch was imported"
+    """
+    run = subprocess.run([sys.executable, "-c", script, str(tiny_florence)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
 
 
 def test_without_ray_the_error_says_how_to_install_it(tmp_path, tiny_florence, monkeypatch):

@@ -62,6 +62,20 @@ def folder_captions(folder: Path, tiny_florence: Path) -> dict[str, str]:
         return {result.record_id.removesuffix(".jpg"): result.text for result in store.iter_results("caption")}
 
 
+def digest_captions(folder: Path, target: Path) -> dict[str, str]:
+    """key → caption of :class:`~tests.pixel_digest.PixelDigest` on a copy of a plain folder, for tests about where
+    shards are read and written (on Ray), not about a model."""
+    from tests.pixel_digest import PixelDigest
+    from tests.run_state import copy_of
+
+    copy = copy_of(folder, target)
+    summary = captionkit.caption(copy, captioner=PixelDigest(), batch_size=2, write_sidecars=False,
+                                 progress="quiet", workers=2)
+    assert summary.failed == 0
+    with Store(copy) as store:
+        return {result.record_id.removesuffix(".jpg"): result.text for result in store.iter_results("caption")}
+
+
 def read_shards(pattern: str) -> dict[str, dict]:
     """key → sample, read with the webdataset library (no decoding: bytes per member)."""
     samples = {}
@@ -259,10 +273,15 @@ def test_kill_minus_nine_then_rerun_does_only_the_unfinished(tmp_path, tiny_flor
 
 
 @pytest.mark.slow
-def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_florence, tmp_path, shared_ray):
+def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tmp_path, shared_ray):
     """The same output shards as a local run; the driver never opens an input shard (Ray tasks list, decode
-    and write them). Shards in a bucket: tests/test_webdataset_storage.py."""
-    root, images, expected = corpus
+    and write them). Shards in a bucket: tests/test_webdataset_storage.py. The model is the torch-free
+    :class:`~tests.pixel_digest.PixelDigest`: a caption is a digest of the pixels its worker decoded."""
+    from tests.pixel_digest import PixelDigest, send_by_value
+
+    send_by_value()
+    root, images, _ = corpus
+    expected = digest_captions(root / "plain", tmp_path / "plain")
     shards = root / "shards"
     opened: list[str] = []
     watching = [False]
@@ -275,9 +294,10 @@ def test_ray_executor_writes_the_same_shards_as_the_local_one(corpus, tiny_flore
     sys.addaudithook(audit)
     try:
         watching[0] = True
-        summary = captionkit.caption(str(shards / "shard-{00000..00002}.tar"), model=str(tiny_florence),
+        summary = captionkit.caption(str(shards / "shard-{00000..00002}.tar"), captioner=PixelDigest(),
                                      batch_size=2, output_dir=tmp_path / "out", executor="ray",
-                                     ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5, **FAST)
+                                     ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5,
+                                     progress="quiet", workers=2)
     finally:
         watching[0] = False
     assert (summary.processed, summary.failed, summary.files_written) == (9, 0, 3)

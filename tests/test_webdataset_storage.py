@@ -20,7 +20,15 @@ import pytest
 import captionkit
 from captionkit.testing.s3_server import moto_server
 from tests.test_object_storage import _assert_no_secret, _cli_env
-from tests.test_webdataset import CLI, FAST, PER_SHARD, check_output, corpus, read_shards  # noqa: F401 - a fixture
+from tests.test_webdataset import (  # noqa: F401 - a fixture
+    CLI,
+    FAST,
+    PER_SHARD,
+    check_output,
+    corpus,
+    digest_captions,
+    read_shards,
+)
 
 webdataset = pytest.importorskip("webdataset")
 BUCKET = "shards"
@@ -199,17 +207,22 @@ def test_5xx_answers_while_listing_and_reading_shards_are_retried(corpus):  # no
 
 
 @pytest.mark.slow
-def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpus, tiny_florence, tmp_path,  # noqa: F811
+def test_ray_reads_and_writes_shards_on_workers_with_the_local_results(s3, corpus, tmp_path,  # noqa: F811
                                                                         monkeypatch, shared_ray):
     """Shards in a bucket on Ray, written back to the bucket: the same output shards as a local run, and no
     credential in the store, its log or the shards (local shards on Ray, and that the driver never opens one:
-    tests/test_webdataset.py)."""
-    root, images, expected = corpus
+    tests/test_webdataset.py). The model is the torch-free :class:`~tests.pixel_digest.PixelDigest`: a caption
+    is a digest of the pixels its worker decoded from what it fetched."""
+    from tests.pixel_digest import PixelDigest, send_by_value
+
+    send_by_value()
+    root, images, _ = corpus
+    expected = digest_captions(root / "plain", tmp_path / "plain")
     monkeypatch.setenv("CAPTIONKIT_CACHE", str(tmp_path / "cache"))
-    remote = captionkit.caption(f"s3://{BUCKET}/in/{PATTERN}", model=str(tiny_florence),
+    remote = captionkit.caption(f"s3://{BUCKET}/in/{PATTERN}", captioner=PixelDigest(),
                                 output_dir=f"s3://{BUCKET}/ray-out", storage_options=s3.storage_options(),
                                 executor="ray", ray_address=shared_ray, ray_actors=1, ray_cpus_per_actor=0.5,
-                                batch_size=2, **FAST)
+                                batch_size=2, progress="quiet", workers=2)
     assert (remote.processed, remote.failed, remote.files_written) == (9, 0, 3)
     _download(s3, "ray-out/", tmp_path / "from-bucket")
     check_output(tmp_path / "from-bucket", images, expected)

@@ -92,8 +92,18 @@ def resolve_dtype(dtype: str, device: str, warn: bool = True):
     return names[dtype]
 
 
+# the precisions a dtype name means off a GPU, as fingerprints name them (torch's names, without "torch.")
+CPU_DTYPE_LABELS = {"auto": "float32", "fp32": "float32", "float32": "float32", "fp16": "float16",
+                    "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
 def dtype_label(dtype: str, device: str) -> str:
-    """The precision a run will use, for fingerprints ('auto' on a CPU is 'float32'): it changes the output."""
+    """The precision a run will use, for fingerprints ('auto' on a CPU is 'float32'): it changes the output.
+
+    On a CPU (or mps) without torch: a Ray driver computes the fingerprint its workers will see and never
+    runs the model itself, so it does not pay torch's import (~2 s) for it."""
+    if device in ("cpu", "mps") and dtype in CPU_DTYPE_LABELS:
+        return CPU_DTYPE_LABELS[dtype]
     return str(resolve_dtype(dtype, resolve_device(device), warn=False)).removeprefix("torch.")
 
 
