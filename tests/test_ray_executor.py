@@ -365,9 +365,9 @@ def test_a_run_in_which_nothing_moves_is_ended_with_what_finished_kept(tmp_path,
     marker = tmp_path / "hung"
     captioner = HangsOn(marker, "img012.png")  # nobody kills it
     try:
-        with pytest.raises(RayStalledError, match=r"no progress for 15 s .*--ray-stall-timeout") as stalled:
+        with pytest.raises(RayStalledError, match=r"no progress for 8 s .*--ray-stall-timeout") as stalled:
             _ends(lambda: captionkit.caption(folder, captioner=captioner, batch_size=4, progress="quiet",
-                                             workers=2, executor="ray", ray_stall_timeout=15))
+                                             workers=2, executor="ray", ray_stall_timeout=8))
     finally:
         if marker.exists():
             with contextlib.suppress(ProcessLookupError):
