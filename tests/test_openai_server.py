@@ -348,6 +348,26 @@ def test_dns_and_tls_failures_are_not_retried(server):
     assert "TLS (https) handshake" in result.message and "http://" in result.message
 
 
+def test_after_that_many_dns_failures_in_a_row_no_more_lookups_are_made(monkeypatch):
+    """A host that does not resolve: once UNREACHABLE_STREAK requests in a row failed so, the rest of the batch
+    ends with the same error at once instead of each asking the resolver again (a resolver that drops queries
+    makes every lookup wait its timeout, 5 s by default)."""
+    import socket
+
+    lookups: list[str] = []
+
+    def no_such_host(host, *arguments, **options):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    backend = make_backend("http://captionkit-no-such-host.invalid:8000/v1", [], max_retries=5, concurrency=1)
+    results = backend.caption_batch(requests_for(backend, ["p"] * (UNREACHABLE_STREAK + 20)))
+    assert len(lookups) == UNREACHABLE_STREAK  # one request at a time: exactly the streak asked
+    assert all(isinstance(item, ItemFailure) and item.scope == BACKEND_SCOPE for item in results)
+    assert all("cannot resolve the host name 'captionkit-no-such-host.invalid'" in item.message for item in results)
+
+
 def test_failures_say_what_they_mean_for_the_rest_of_the_run(server):
     server.script["gone"] = [("status", 404, {}, {"message": "model not found"})]
     server.script["busy"] = [("status", 503, {}, {"message": "overloaded"})] * 3

@@ -20,6 +20,7 @@ leaves the client: it is not in the fingerprint, raw results, logs nor error mes
 from __future__ import annotations
 
 import base64
+import dataclasses
 import email.utils
 import io
 import logging
@@ -203,6 +204,7 @@ class OpenAICaptioner:
         self._auth_warned = threading.Event()
         self._unreachable_lock = threading.Lock()
         self._unreachable_streak = 0  # requests in a row that ended unable to reach the server
+        self._unreachable_last: _Attempt | None = None  # how the last of them ended
 
     # identity ------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -352,6 +354,12 @@ class OpenAICaptioner:
     # requests ------------------------------------------------------------------------
     def _request(self, messages: list[dict[str, Any]], sample: int) -> _Attempt:
         """One request with retries; never raises for server or network trouble."""
+        with self._unreachable_lock:
+            known = self._unreachable_last if self._unreachable_streak >= UNREACHABLE_STREAK else None
+        if known is not None and not known.retry:
+            # DNS or TLS failed for this many requests in a row: the next one would only fail the same way, after
+            # another lookup (which can wait seconds for a resolver's timeout); the run is stopped early anyway
+            return dataclasses.replace(known)
         options = self.request_options(sample)
         attempts = self.max_retries + 1
         result = _Attempt(error="no request was made")
@@ -378,6 +386,7 @@ class OpenAICaptioner:
                 self._unreachable_streak = 0
             elif result.scope == BACKEND_SCOPE:
                 self._unreachable_streak += 1
+                self._unreachable_last = result
         if result.error is not None and result.retry and not result.refused:
             tries = "1 attempt" if made == 1 else f"{made} attempts"
             result.error = f"{result.error} (gave up after {tries}; see --max-retries)"
