@@ -299,6 +299,9 @@ def test_preview_then_clean_old_captions_after_confirming_the_list(server, brows
     assert page.locator("#caption-preview-gallery img").count() >= 3
     assert not list(photos.glob("img001.txt"))  # a preview writes nothing beside the images
     previous = server["app"].manager.latest().id
+    # the job panel shows the preview job before the next one starts: until it does, it may still show an older job
+    # (the module's previous test's), which wait_for_next_job would take for the new one, done before it began
+    page.wait_for_selector(f'#job-status [data-job="{previous}"]')
     page.check("#caption-clean input")
     page.click("#caption-start")
     page.wait_for_selector("#caption-confirm-list :text('2 caption files will be deleted')")
