@@ -80,6 +80,12 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
+def _port_in_use(host: str, port: int | None) -> CaptionkitError:
+    """One sentence for a taken port, whether the early check or Gradio's own start found it."""
+    taken = f"Port {port} on {host} is in use" if port else f"Ports 7860-7959 on {host} are all in use"
+    return CaptionkitError(f"{taken}: pick another with --port.")
+
+
 def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = None, share: bool = False,
            block: bool = True, manager=None, quiet: bool = False):
     """Start the web UI; returns ``(blocks, app, url)`` when ``block`` is False (tests, notebooks)."""
@@ -88,7 +94,7 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     from captionkit.core.errors import require
 
     if port and port_taken(host, port):
-        raise CaptionkitError(f"Port {port} on {host} is in use: pick another with --port.")
+        raise _port_in_use(host, port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     require("gradio", "captionkit ui", extra="ui")
     from captionkit.ui.app import build_app, launch_options
@@ -106,8 +112,7 @@ def launch(host: str = "127.0.0.1", port: int | None = None, auth: str | None = 
     except OSError as error:
         if "Cannot find empty port" not in str(error):
             raise
-        taken = f"Port {port} on {host} is in use" if port else f"Ports 7860-7959 on {host} are all in use"
-        raise CaptionkitError(f"{taken}: pick another with --port.") from error
+        raise _port_in_use(host, port) from error
     if not quiet:
         shown = url.replace("0.0.0.0", "127.0.0.1") if url else url
         print(f"captionkit ui: {shown}" + (f" (public link: {share_url})" if share_url else "") +

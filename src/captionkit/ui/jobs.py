@@ -27,14 +27,13 @@ import logging
 import threading
 import time
 import traceback
-import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from captionkit.core.errors import CaptionkitError
-from captionkit.models import free_accelerator_memory
+from captionkit.models import release as free_attributes
 
 log = logging.getLogger("captionkit.ui")
 
@@ -251,15 +250,14 @@ class ResidentModel:
     def release(self, job: Job | None = None) -> None:
         """Unload the resident backend and free its memory (host and GPU)."""
         backend, label = self.backend, self.label
-        self.backend = self.key = self.label = None
+        self.key = self.label = None
         if backend is None:
             return
         try:
             backend.unload()
         finally:
-            alive = weakref.ref(backend)
             del backend
-            free_accelerator_memory(collect=alive() is not None)  # a full collection only for a cycle left
+            free_attributes(self, "backend")  # the last reference; a full collection only for a cycle left
             self.unloads += 1
             if job is not None:
                 job.log(f"unloaded model {label}")
