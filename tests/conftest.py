@@ -162,7 +162,6 @@ def shapes(tmp_path_factory) -> Path:
     return folder
 
 
-
 _frozen_for: list = [None]  # the test module whose start last froze the heap
 
 
@@ -170,9 +169,10 @@ _frozen_for: list = [None]  # the test module whose start last froze the heap
 def pytest_runtest_setup(item) -> None:
     """At the start of each test module, move every object alive then out of the garbage collector's sight.
 
-    captionkit calls ``gc.collect()`` on every model unload (``free_accelerator_memory``), and a full collection
-    walks every tracked object of the process: in a test process that has imported everything, 0.3-0.5 s each,
-    hundreds of times (a profile of the in-process tests put 13% of their time there). Frozen objects are never
+    captionkit runs ``gc.collect()`` after unloads that leave a reference cycle, at the end of every UI job and on
+    out-of-memory recovery (``free_accelerator_memory``), and tests run their own; a full collection walks every
+    tracked object of the process: in a test process that has imported everything, 0.3-0.5 s each, hundreds of
+    times (a profile of the in-process tests put 13% of their time there). Frozen objects are never
     collected, so only what lives across modules is frozen, after a collection: modules, classes, functions and
     session fixtures. The previous module's fixtures are torn down by then; what the module's tests create is
     collected as before."""
