@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
 import weakref
 from pathlib import Path
 
@@ -127,6 +130,39 @@ def test_unload_frees_by_reference_counting_and_collects_only_for_a_cycle(tiny_l
     finally:
         gc.callbacks.remove(count)
         gc.enable()
+
+
+_FRAGMENTED_HEAP_CODE = """
+import ctypes, json
+from captionkit.models import free_accelerator_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def anon_mb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:")) / 1024
+chunks = [libc.malloc(64 * 1024) for _ in range(3200)]  # 200 MB below the mmap threshold: from the heap
+for chunk in chunks:
+    ctypes.memset(chunk, 1, 64 * 1024)
+libc.malloc(64 * 1024)  # above them all, so the heap's top cannot simply shrink
+for index, chunk in enumerate(chunks):
+    if index % 10:  # every tenth stays: 180 MB freed in holes between live blocks
+        libc.free(chunk)
+freed = anon_mb()
+free_accelerator_memory(collect=False)
+print(json.dumps([freed, anon_mb()]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_freeing_gives_heap_holes_back_to_the_system():
+    """glibc keeps what a model freed in its heap, and a pipeline's next model would be loaded beside those
+    pages: unload trims them. Measured: 220 MB before, 41 MB after; 220 MB after with the trim left out."""
+    done = subprocess.run([sys.executable, "-c", _FRAGMENTED_HEAP_CODE], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    freed, trimmed = json.loads(done.stdout.splitlines()[-1])
+    assert freed - trimmed > 150, (freed, trimmed)
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(tmp_path, tiny_llava):
