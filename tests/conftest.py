@@ -49,23 +49,47 @@ def tiny_florence(tmp_path_factory) -> Path:
     return folder
 
 
+class _SharedRay:
+    """The shared instance of this test process (None when not running) and the last test that uses it."""
+
+    context = None
+    last_user: str | None = None
+
+
 @pytest.fixture(scope="session")
 def shared_ray():
     """One local Ray instance (2 CPUs) per test process, for every test that runs on a Ray it is given; its
     GCS address. An instance costs seconds of CPU to start and more in the Ray Data helper actors of its first
-    run: started once, not once per module. A module whose test classes run in actors registers itself with
+    run: started once, not once per module, and shut down right after the last test of this process's order
+    that uses it (``pytest_runtest_teardown``): idle, it keeps ~8% of a core busy, and the tests after the
+    Ray ones ran for a minute and a half. A module whose test classes run in actors registers itself with
     ``ray.cloudpickle.register_pickle_by_value``; tests about a Ray that captionkit starts run in a subprocess."""
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    import shutil
-
     # Ray runs its workers at niceness 15: behind the other xdist worker (and whatever else runs) its actors
     # waited minutes on a busy machine; at 0 they get their share
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                       _system_config={"worker_niceness": 0})
+    _SharedRay.context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                                  _system_config={"worker_niceness": 0})
     yield ray.get_runtime_context().gcs_address
+    if _SharedRay.context is not None:
+        _stop_shared_ray()
+
+
+def _stop_shared_ray() -> None:
+    import shutil
+
+    import ray
+
+    context, _SharedRay.context = _SharedRay.context, None
     ray.shutdown()
     shutil.rmtree(context.address_info["session_dir"], ignore_errors=True)  # its logs, sockets: 0.2-0.7 MB
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has torn down that test's fixtures
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """The shared Ray instance ends with the last test of the collection's order that uses it."""
+    if _SharedRay.context is not None and item.nodeid == _SharedRay.last_user:
+        _stop_shared_ray()
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +120,13 @@ QUICK_MODULE_S = 5
 
 @pytest.hookimpl(trylast=True)  # after -m / -k have deselected: the slices are cut from what runs
 def pytest_collection_modifyitems(config, items: list) -> None:
+    """Deal the tests out to the xdist workers (``_deal_out``), then note the last one that uses the shared Ray."""
+    _deal_out(items)
+    users = [item.nodeid for item in items if "shared_ray" in getattr(item, "fixturenames", ())]
+    _SharedRay.last_user = users[-1] if users else None
+
+
+def _deal_out(items: list) -> None:
     """Under pytest-xdist, start each worker's share with its costliest modules.
 
     ``--dist worksteal`` hands worker k the k-th contiguous slice of the collection (as evenly as it
