@@ -556,6 +556,27 @@ def _note_session(ray: Any, context: Any) -> None:
         _Session.folder, _Session.keep = Path(folder), False
 
 
+class _TokenAuthNotice(logging.Filter):
+    """Ray's notice that it turned token authentication on for the instance it starts (its default)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+@contextlib.contextmanager
+def _no_token_auth_notice() -> Iterator[None]:
+    """Leave out Ray's notice that token authentication is on while Ray starts (the default, secure: nothing to
+    act on; it landed amid the progress bar of every ``--executor ray`` run). Its warning that authentication
+    is off is kept."""
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    notice = _TokenAuthNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _is_stall(error: BaseException) -> bool:
     """Ray Data's no-progress guard ended the dataset (``ExecutionTimeoutError``, Ray 2.60 and newer)."""
     try:
@@ -672,7 +693,8 @@ class RayExecutor(LocalExecutor):
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING,
                        **self.init_options}
             try:
-                context = ray.init(address=self.address, **options)
+                with _no_token_auth_notice():
+                    context = ray.init(address=self.address, **options)
             except (ConnectionError, RuntimeError, ValueError) as error:
                 raise CaptionkitError(f"--ray-address {self.address or '(local)'}: cannot start or reach Ray "
                                       f"({error}). Start a cluster with `ray start --head` or `ray up`, or "
