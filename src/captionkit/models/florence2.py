@@ -72,29 +72,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# --dtype's names for a precision, and torch's name for it (the attribute of torch, as fingerprints name it)
+DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+               "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
 def resolve_dtype(dtype: str, device: str, warn: bool = True):
     """'auto' → bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU."""
     import torch
 
-    names = {
-        "fp32": torch.float32, "float32": torch.float32,
-        "fp16": torch.float16, "float16": torch.float16,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    }
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if dtype not in names:
+    if dtype not in DTYPE_NAMES:
         raise CaptionkitError(f"--dtype {dtype}: use auto, fp32, fp16 or bf16.")
-    if warn and device == "cpu" and names[dtype] is not torch.float32:
+    if warn and device == "cpu" and DTYPE_NAMES[dtype] != "float32":
         log.warning("--dtype %s on CPU is usually slower than fp32 (most CPUs lack half-precision units).", dtype)
-    return names[dtype]
-
-
-# the precisions a dtype name means off a GPU, as fingerprints name them (torch's names, without "torch.")
-CPU_DTYPE_LABELS = {"auto": "float32", "fp32": "float32", "float32": "float32", "fp16": "float16",
-                    "float16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def dtype_label(dtype: str, device: str) -> str:
@@ -102,8 +97,8 @@ def dtype_label(dtype: str, device: str) -> str:
 
     On a CPU (or mps) without torch: a Ray driver computes the fingerprint its workers will see and never
     runs the model itself, so it does not pay torch's import (~2 s) for it."""
-    if device in ("cpu", "mps") and dtype in CPU_DTYPE_LABELS:
-        return CPU_DTYPE_LABELS[dtype]
+    if device in ("cpu", "mps") and (dtype == "auto" or dtype in DTYPE_NAMES):
+        return "float32" if dtype == "auto" else DTYPE_NAMES[dtype]
     return str(resolve_dtype(dtype, resolve_device(device), warn=False)).removeprefix("torch.")
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from captionkit.core.errors import CaptionkitError, ModelNotAvailableError
+from captionkit.models import release
 
 _log = logging.getLogger(__name__)
 
@@ -299,8 +300,6 @@ class TaggerModel:
 
     def unload(self) -> None:
         """Free the weights (and accelerator memory); :meth:`predict` fails afterwards."""
-        from captionkit.models import release
-
         release(self, "_runner")
 
 
