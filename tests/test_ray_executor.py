@@ -406,6 +406,56 @@ def test_a_model_that_cannot_load_on_the_workers_stops_the_run_at_once(tmp_path,
         assert not store.get_many("caption", ["img000.png"])  # no image recorded as failed for it
 
 
+class HangsAtExit(PixelDigest):
+    """Its worker process gets a C exit handler that never returns, as Ray 2.60's own sometimes does (a deadlock in
+    ``~CoreWorkerProcessImpl``, seen here with gdb: a Florence-2 actor alive, 600 MB resident, 15 minutes after its
+    pool ended). Each process that loads it leaves its pid in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = str(folder)
+
+    def load(self) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        register = getattr(libc, "__cxa_atexit")  # noqa: B009 - a plain attribute is name-mangled in a class
+        register(ctypes.cast(libc.pause, ctypes.c_void_p), None, None)  # pause(): until a signal comes
+        Path(self.folder, str(os.getpid())).touch()
+
+
+def test_a_model_actor_process_ends_when_its_pool_does_even_if_an_exit_handler_hangs(tmp_path, corpus, digests,
+                                                                                      ray_address):
+    """A model actor whose pool ended leaves before the C exit handlers run: one that hangs there (Ray's own, now
+    and then) would otherwise keep the process, and the loaded model's memory (a GPU's on a cluster), for good,
+    while Ray counts its CPUs and GPUs free again."""
+    source, _, _ = corpus
+    folder = copy_of(source, tmp_path / "images")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    summary = _ends(lambda: captionkit.caption(folder, captioner=HangsAtExit(pids), batch_size=4, progress="quiet",
+                                               workers=2, executor="ray", ray_actors=1))
+    assert (summary.processed, summary.failed) == (IMAGES, 1) and state(folder) == state(digests)
+    started = [int(path.name) for path in pids.iterdir()]
+    assert started
+    deadline = time.monotonic() + 30
+    alive = started
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in started if _running(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    assert not alive, "the actor process outlived its pool"
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie waits only for its parent to collect its exit status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):
     from captionkit.testing.vlms.llava import build_llava
 

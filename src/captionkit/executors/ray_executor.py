@@ -314,6 +314,39 @@ def _open_pass(ray: Any) -> PassLedger:
         return PassLedger(ledger, token)
 
 
+def _leave_before_exit_handlers() -> None:
+    """Make this worker process leave with ``os._exit(0)`` once its task loop has ended cleanly.
+
+    Why: Ray 2.60's worker runs its C++ exit handler after that (``~CoreWorkerProcessImpl``), and now and
+    then it deadlocks there (gdb: the scheduler's mutex taken twice while a pub-sub publisher is destroyed).
+    The process then stays for good, with the loaded model's memory (a GPU's on a cluster), while Ray counts
+    its CPUs and GPUs free for the next actor. By then the core worker has shut down, told the raylet and
+    killed its children, so nothing is lost by leaving at once. Only the clean end is handled
+    (``Worker.main_loop`` calls ``sys.exit(0)`` when the task loop returns); any other exit runs as Ray
+    intends. The handler is registered at that ``sys.exit`` call, so it runs before every other one.
+    """
+    import atexit
+
+    real_exit = sys.exit
+    if getattr(real_exit, "captionkit_leaves", False):
+        return
+
+    def leave() -> None:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+
+    def exit(status: object = None) -> None:
+        if status in (0, None):
+            atexit.register(leave)
+        real_exit(status)
+
+    exit.captionkit_leaves = True  # type: ignore[attr-defined]
+    sys.exit = exit
+
+
 class ModelActor:
     """Model stage (a Ray actor pool): one loaded model per actor; batches come prepared or are prepared here."""
 
@@ -322,6 +355,7 @@ class ModelActor:
         import ray
 
         started = time.perf_counter()
+        _leave_before_exit_handlers()
         context = ray.get_runtime_context()
         actor_id = context.get_actor_id()
         deaths = 0
