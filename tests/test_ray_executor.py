@@ -448,6 +448,15 @@ def test_a_model_actor_process_ends_when_its_pool_does_even_if_an_exit_handler_h
     assert not alive, "the actor process outlived its pool"
 
 
+def test_a_driver_keeps_its_own_exit(ray_address):
+    """Leaving at once is for actor processes: a driver (this test process) still runs its exit handlers."""
+    from captionkit.executors.ray_executor import _leave_before_exit_handlers
+
+    before = sys.exit
+    _leave_before_exit_handlers()
+    assert sys.exit is before
+
+
 def _running(pid: int) -> bool:
     """The process exists and is not a zombie (a zombie waits only for its parent to collect its exit status)."""
     try:

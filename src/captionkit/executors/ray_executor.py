@@ -233,6 +233,7 @@ class StartLedger:
     """
 
     def __init__(self) -> None:
+        _leave_before_exit_handlers()
         self.passes: dict[str, _PassStarts] = {}
 
     def open(self, token: str) -> bool:
@@ -323,12 +324,15 @@ def _leave_before_exit_handlers() -> None:
     its CPUs and GPUs free for the next actor. By then the core worker has shut down, told the raylet and
     killed its children, so nothing is lost by leaving at once. Only the clean end is handled
     (``Worker.main_loop`` calls ``sys.exit(0)`` when the task loop returns); any other exit runs as Ray
-    intends. The handler is registered at that ``sys.exit`` call, so it runs before every other one.
+    intends. The handler is registered at that ``sys.exit`` call, so it runs before every other one. Only
+    in an actor's own process (never a driver's).
     """
     import atexit
 
+    import ray
+
     real_exit = sys.exit
-    if getattr(real_exit, "captionkit_leaves", False):
+    if getattr(real_exit, "captionkit_leaves", False) or ray.get_runtime_context().get_actor_id() is None:
         return
 
     def leave() -> None:
