@@ -28,6 +28,31 @@ if XDIST_WORKER:
     torch.set_num_threads(1)
 
 
+def pytest_configure(config) -> None:
+    """Mark this run's environment (tests/leftovers.py): every process a test starts inherits the mark."""
+    if not XDIST_WORKER:
+        import uuid
+
+        from tests.leftovers import RUN_MARKER
+
+        os.environ[RUN_MARKER] = uuid.uuid4().hex
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Name and end the processes this run started that outlived it (a green run would hide them)."""
+    from tests.leftovers import RUN_MARKER, end, outlived
+
+    run = os.environ.get(RUN_MARKER)
+    if XDIST_WORKER or not run or not Path("/proc").is_dir():
+        return
+    left = outlived(run, exclude={os.getpid()})
+    if left:
+        terminalreporter.section("processes this run left running (now killed)", yellow=True)
+        for pid, command in sorted(left.items()):
+            terminalreporter.line(f"{pid}: {command}")
+        end(list(left))
+
+
 @pytest.fixture(scope="session")
 def tiny_florence(tmp_path_factory) -> Path:
     """A complete random-weight Florence-2 folder (model + processor + BPE tokenizer), 64 px input.
