@@ -23,6 +23,14 @@ def _environment(pid: int) -> dict[str, str]:
     return {key.decode(errors="replace"): value.decode(errors="replace") for key, value in pairs}
 
 
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie holds nothing but its exit status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def processes_of_run(run: str, exclude: set[int]) -> dict[int, str]:
     """``{pid: command line}`` of the live processes whose environment carries ``RUN_MARKER=run``."""
     found = {}
@@ -31,9 +39,7 @@ def processes_of_run(run: str, exclude: set[int]) -> dict[int, str]:
             continue
         pid = int(entry.name)
         try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                continue  # a zombie holds nothing but its exit status
-            if _environment(pid).get(RUN_MARKER) != run:
+            if not alive(pid) or _environment(pid).get(RUN_MARKER) != run:
                 continue
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -42,14 +48,24 @@ def processes_of_run(run: str, exclude: set[int]) -> dict[int, str]:
     return found
 
 
-def outlived(run: str, exclude: set[int], grace_s: float = 15.0) -> dict[int, str]:
-    """The run's processes still alive after ``grace_s`` (a server or a fork server may take seconds to go)."""
+def _waited(find, grace_s: float):
+    """``find()`` until it finds nothing or ``grace_s`` has passed (a server or a fork server may take seconds)."""
     deadline = time.monotonic() + grace_s
     while True:
-        left = processes_of_run(run, exclude)
+        left = find()
         if not left or time.monotonic() >= deadline:
             return left
-        time.sleep(0.25)
+        time.sleep(0.1)
+
+
+def outlived(run: str, exclude: set[int], grace_s: float = 15.0) -> dict[int, str]:
+    """The run's processes still alive after ``grace_s``."""
+    return _waited(lambda: processes_of_run(run, exclude), grace_s)
+
+
+def survivors(pids: list[int], grace_s: float) -> list[int]:
+    """Those of ``pids`` still alive after ``grace_s``."""
+    return _waited(lambda: [pid for pid in pids if alive(pid)], grace_s)
 
 
 def end(pids: list[int]) -> None:

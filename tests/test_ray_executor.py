@@ -22,6 +22,7 @@ from captionkit.core.errors import CaptionkitError
 from captionkit.core.sinks import export_parquet_shards
 from captionkit.core.store import Store
 from tests.images import write_good_images
+from tests.leftovers import end, survivors
 from tests.pixel_digest import RUN_LIMIT_S, HangsOn, PixelDigest, send_by_value
 from tests.run_state import committed as committed_results
 from tests.run_state import copy_of, state, wait_while_running
@@ -438,14 +439,9 @@ def test_a_model_actor_process_ends_when_its_pool_does_even_if_an_exit_handler_h
     assert (summary.processed, summary.failed) == (IMAGES, 1) and state(folder) == state(digests)
     started = [int(path.name) for path in pids.iterdir()]
     assert started
-    deadline = time.monotonic() + 30
-    alive = started
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in started if _running(pid)]
-    for pid in alive:
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, "the actor process outlived its pool"
+    left = survivors(started, grace_s=30)
+    end(left)
+    assert not left, "the actor process outlived its pool"
 
 
 def test_a_driver_keeps_its_own_exit(ray_address):
@@ -455,14 +451,6 @@ def test_a_driver_keeps_its_own_exit(ray_address):
     before = sys.exit
     _leave_before_exit_handlers()
     assert sys.exit is before
-
-
-def _running(pid: int) -> bool:
-    """The process exists and is not a zombie (a zombie waits only for its parent to collect its exit status)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def test_a_chat_model_prepares_on_the_cpu_stage_with_the_local_results(tmp_path, ray_address):

@@ -97,8 +97,9 @@ def dtype_label(dtype: str, device: str) -> str:
 
     On a CPU (or mps) without torch: a Ray driver computes the fingerprint its workers will see and never
     runs the model itself, so it does not pay torch's import (~2 s) for it."""
-    if device in ("cpu", "mps") and (dtype == "auto" or dtype in DTYPE_NAMES):
-        return "float32" if dtype == "auto" else DTYPE_NAMES[dtype]
+    label = "float32" if dtype == "auto" else DTYPE_NAMES.get(dtype)
+    if device in ("cpu", "mps") and label is not None:
+        return label
     return str(resolve_dtype(dtype, resolve_device(device), warn=False)).removeprefix("torch.")
 
 
